@@ -1,0 +1,43 @@
+// Self-registration for the _cuda module: each .cu file in csrc/cuda/ defines
+//   static alignfuse::CudaRegistrar reg([](pybind11::module_& m) { m.def(...); });
+// so kernels of different op families live in their own files with no shared list to edit.
+//
+// Conventions of every entry point (see kernels/*/cuda.py for the Python side):
+// - tensors arrive as raw device pointers (uintptr_t from tensor.data_ptr()), with sizes and
+//   strides as plain integers, and the stream as a raw cudaStream_t handle
+//   (torch.cuda.current_stream().cuda_stream). The module never links libtorch, so it does
+//   not depend on the torch ABI.
+// - dtype codes: see DType below; the Python side checks dtypes and contiguity.
+// - errors from the launch are raised as Python RuntimeError by check_launch().
+#pragma once
+#include <cuda_runtime.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace alignfuse {
+
+struct CudaRegistrar {
+  using Fn = void (*)(pybind11::module_&);
+  static std::vector<Fn>& all();
+  explicit CudaRegistrar(Fn fn) { all().push_back(fn); }
+};
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3, kInt32 = 4, kInt64 = 5 };
+
+inline cudaStream_t as_stream(std::uintptr_t handle) { return reinterpret_cast<cudaStream_t>(handle); }
+
+template <typename T>
+inline T* as_ptr(std::uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+inline void check_launch(const char* what) {
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
+  }
+}
+
+}  // namespace alignfuse

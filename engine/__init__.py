@@ -1,0 +1,6 @@
+"""alignfuse.engine: the thin engine on top of alignfuse.kernels.
+
+Packing, the packed model forward, rollouts (vLLM / HF), one algorithm object per method
+(SFT, RewardModel, DPO, KTO, PPO, GRPO) with `step(batch)` for the caller's own loop, and
+a ready loop behind the `alignfuse` command.
+"""

@@ -1,0 +1,57 @@
+"""Test setup shared by every test.
+
+- On a machine without CUDA, Triton kernels run under the interpreter: TRITON_INTERPRET=1 is
+  set here, before anything imports triton (triton reads it when a kernel is decorated).
+- `backend` parametrizes a test over every backend that can run on this machine: torch and
+  triton always (triton under the interpreter on CPU), cuda where the module and a GPU exist.
+- `device` is cuda when a GPU is present, else cpu.
+- The `gpu` marker skips tests that need CUDA on CPU-only machines.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def runnable_backends() -> list[str]:
+    from alignfuse.kernels.backends import cuda_module
+
+    names = ["torch", "triton"]
+    if HAS_CUDA and cuda_module() is not None:
+        names.append("cuda")
+    return names
+
+
+@pytest.fixture(params=runnable_backends())
+def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_env(monkeypatch):
+    # Fresh random inputs on every run, but reproducible within a run when re-seeded by a test.
+    monkeypatch.delenv("ALIGNFUSE_BACKEND", raising=False)
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on a lent GPU: bench/gpu_session.sh)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

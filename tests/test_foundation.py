@@ -1,0 +1,150 @@
+"""The package, its compiled modules and the backend dispatch."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignfuse.kernels import BackendUnavailable, backends, resolve, segment_mean, segment_sum
+from helpers import assert_rel_close
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_version_answers():
+    assert importlib.metadata.version("alignfuse")
+
+
+def test_no_bare_top_level_packages(tmp_path):
+    # `kernels` is an existing PyPI package that transformers integrates with: never shadow it.
+    code = ("import importlib.util as u, alignfuse.kernels, alignfuse.engine;"
+            "print(u.find_spec('kernels') is None, u.find_spec('engine') is None)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out == ["True", "True"]
+
+
+@pytest.mark.slow
+def test_pip_install_dot_layout(tmp_path):
+    """`pip install .` (not editable) installs alignfuse/{kernels,engine} and nothing bare."""
+    target = tmp_path / "site"
+    env = {**os.environ, "ALIGNFUSE_BUILD_CUDA": "0"}  # the CUDA build is checked elsewhere
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                    "--no-build-isolation", "--target", str(target), str(ROOT)],
+                   env=env, check=True, capture_output=True)
+    tops = {p.name for p in target.iterdir() if not p.name.endswith(".dist-info")}
+    assert "alignfuse" in tops and not tops & {"kernels", "engine"}, tops
+    assert not (target / "alignfuse" / "__init__.py").exists()  # a namespace package
+    code = ("import alignfuse.kernels, alignfuse.engine, alignfuse.engine._host, "
+            "importlib.metadata as m; print(m.version('alignfuse'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(target)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0.1.0"
+
+
+def test_host_module_imports():
+    host = importlib.import_module("alignfuse.engine._host")
+    assert "compiler" in host.build_info()
+
+
+NVCC = shutil.which("nvcc")
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
+def test_cuda_module_was_built_and_imports():
+    # nvcc is on every machine of this project: the install must have built the module.
+    mod = backends.cuda_module()
+    assert mod is not None, "nvcc is present but alignfuse.kernels._cuda was not built"
+    assert "90a" in mod.build_info()["archs"]
+    if not torch.cuda.is_available():
+        assert mod.device_count() == 0
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
+@pytest.mark.parametrize("source", sorted(p.name for p in (ROOT / "csrc" / "cuda").glob("*.cu")))
+def test_cuda_source_compiles(source, tmp_path):
+    """Each CUDA source compiles for sm_90a with warnings as errors (object only: fast)."""
+    import pybind11
+    import sysconfig
+
+    cmd = [NVCC, "-c", "-std=c++17", "-O1", "-Xcompiler", "-fPIC", "-Werror", "all-warnings",
+           "-arch=sm_90a", "-I", pybind11.get_include(), "-I", sysconfig.get_paths()["include"],
+           "-I", str(ROOT / "csrc" / "cuda"), str(ROOT / "csrc" / "cuda" / source),
+           "-o", str(tmp_path / "k.o")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def test_backend_names_are_checked():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve("segment_sum", "cudnn", "cpu")
+
+
+def test_auto_is_torch_on_cpu():
+    assert resolve("segment_sum", "auto", "cpu")[0] == "torch"
+
+
+def test_env_overrides_auto(monkeypatch):
+    monkeypatch.setenv("ALIGNFUSE_BACKEND", "triton")
+    assert resolve("segment_sum", "auto", "cpu")[0] == "triton"
+    # an explicit backend= still wins over the environment
+    assert resolve("segment_sum", "torch", "cpu")[0] == "torch"
+    monkeypatch.setenv("ALIGNFUSE_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="ALIGNFUSE_BACKEND"):
+        resolve("segment_sum", "auto", "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+def test_unavailable_backend_says_why():
+    with pytest.raises(BackendUnavailable, match="cuda backend for segment_sum: .*(needs CUDA tensors|not built)"):
+        segment_sum(torch.randn(5), torch.tensor([0, 5], dtype=torch.int32), backend="cuda")
+
+
+def test_triton_needs_interpreter_on_cpu(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET=1"):
+        resolve("segment_sum", "triton", "cpu")
+
+
+def test_op_without_backend_says_so():
+    backends.register("_test_only_op", "torch")(lambda x: x)
+    with pytest.raises(BackendUnavailable, match="has no triton implementation"):
+        resolve("_test_only_op", "triton", "cpu")
+
+
+@pytest.mark.parametrize("lengths", [[37], [1, 0, 5, 1030, 3], [0, 0]])
+def test_segment_sum_and_mean(backend, device, lengths):
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    values = torch.randn(sum(lengths), dtype=torch.float64, device=device, requires_grad=True)
+    expected = torch.stack([values[a:b].sum() for a, b in zip(cu[:-1], cu[1:])])
+    got = segment_sum(values, cu, backend=backend)
+    assert got.dtype in (torch.float32, torch.float64)
+    assert_rel_close(got, expected, 1e-6, "segment_sum")
+    weights = torch.randn(len(lengths), device=device, dtype=torch.float64)
+    (g_got,) = torch.autograd.grad((got * weights).sum(), values)
+    (g_exp,) = torch.autograd.grad((expected * weights).sum(), values)
+    assert_rel_close(g_got, g_exp, 1e-6, "segment_sum grad")
+    lens = torch.tensor(lengths, dtype=torch.float64, device=device).clamp(min=1)
+    assert_rel_close(segment_mean(values, cu, backend=backend), expected / lens, 1e-6, "segment_mean")
+
+
+def test_segment_sum_gradcheck():
+    cu = torch.tensor([0, 3, 3, 7], dtype=torch.int32)
+    values = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: segment_sum(v, cu, backend="torch"), (values,))
+
+
+def test_segment_bad_input():
+    with pytest.raises(ValueError, match="cu_seqlens must end at the number of tokens 5"):
+        segment_sum(torch.randn(5), torch.tensor([0, 4], dtype=torch.int32))
+    with pytest.raises(TypeError, match="values must have dtype"):
+        segment_sum(torch.arange(5), torch.tensor([0, 5], dtype=torch.int32))
