@@ -1,0 +1,138 @@
+"""Per-token log-probs (and entropy) of the target tokens, without the [N, V] logits.
+
+    linear_logprobs(hidden, weight, targets, ...)    # from the LM head's input
+    logprobs_from_logits(logits, targets, ...)       # for callers that already hold logits
+
+Backends (`backend=`): "torch" (`reference.py`: the specification, and the chunked CPU path),
+"triton" (`triton_forward.py`, `triton_backward.py`), "cuda" (`cuda.py`, logits only).
+This module holds the argument checks and the Triton autograd Functions; kernels live in
+their own files.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import checks
+from ..backends import dispatch, register
+from . import cuda as _cuda  # noqa: F401  (registers the cuda backend)
+from .reference import linear_logprobs_torch, logprobs_from_logits_torch
+
+__all__ = ["linear_logprobs", "logprobs_from_logits"]
+
+register("linear_logprobs", "torch")(linear_logprobs_torch)
+register("logprobs_from_logits", "torch")(logprobs_from_logits_torch)
+
+
+def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                    bias: torch.Tensor | None = None, temperature: float = 1.0,
+                    ignore_index: int = -100, return_entropy: bool = False,
+                    backend: str = "auto"):
+    """Log-prob of each target token under `softmax((hidden @ weight.T + bias) / temperature)`.
+
+    hidden: `[..., H]` float16/bfloat16/float32 (float64 for gradcheck).
+    weight: `[V, H]`, the LM head, same dtype and device as hidden.
+    targets: `[...]` integer token ids in `[0, V)`, or `ignore_index`.
+    bias: optional `[V]`.
+    Returns logps `[...]` float32 (float64 for float64 input), 0 where the target is
+    `ignore_index`; with `return_entropy=True` the pair `(logps, entropy)`, entropy `[...]`
+    also 0 at ignored positions. Gradients flow to hidden, weight and bias from both outputs.
+    No backend holds the `[N, V]` logits: torch works in memory-budgeted chunks, triton in
+    tiles.
+    """
+    checks.floating("hidden", hidden)
+    if hidden.dim() < 1:
+        raise ValueError("hidden must be [..., H], got a 0-D tensor")
+    H = hidden.shape[-1]
+    checks.floating("weight", weight, ndim=2)
+    checks.same_device("weight", weight, "hidden", hidden)
+    _same_dtype("weight", weight, "hidden", hidden)
+    if weight.shape[1] != H:
+        raise ValueError(f"weight must be [V, H] with H={H} (the last dim of hidden), "
+                         f"got shape {tuple(weight.shape)}")
+    V = weight.shape[0]
+    if V == 0:
+        raise ValueError("weight must have at least one row (V >= 1), got shape "
+                         f"{tuple(weight.shape)}")
+    if bias is not None:
+        checks.floating("bias", bias, ndim=1)
+        checks.same_device("bias", bias, "hidden", hidden)
+        _same_dtype("bias", bias, "hidden", hidden)
+        if bias.shape[0] != V:
+            raise ValueError(f"bias must be [V] with V={V} (rows of weight), "
+                             f"got shape {tuple(bias.shape)}")
+    flat_targets = _check_targets(targets, hidden.shape[:-1], "hidden[..., H]", hidden, V,
+                                  ignore_index)
+    temperature = _check_temperature(temperature)
+    logps, entropy = dispatch("linear_logprobs", backend, hidden.device,
+                              hidden.reshape(-1, H), weight, bias, flat_targets,
+                              temperature, ignore_index, bool(return_entropy))
+    return _unflatten(logps, entropy, targets.shape, return_entropy)
+
+
+def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, *,
+                         temperature: float = 1.0, ignore_index: int = -100,
+                         return_entropy: bool = False, backend: str = "auto"):
+    """Log-prob of each target token under `softmax(logits / temperature)`.
+
+    logits: `[..., V]` float16/bfloat16/float32 (float64 for gradcheck).
+    targets: `[...]` integer token ids in `[0, V)`, or `ignore_index`.
+    Returns logps `[...]` float32 (float64 for float64 input), 0 where the target is
+    `ignore_index`; with `return_entropy=True` the pair `(logps, entropy)`. Differentiable
+    with respect to logits through both outputs.
+    """
+    checks.floating("logits", logits)
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must be [..., V] with V >= 1, got shape {tuple(logits.shape)}")
+    V = logits.shape[-1]
+    flat_targets = _check_targets(targets, logits.shape[:-1], "logits[..., V]", logits, V,
+                                  ignore_index)
+    temperature = _check_temperature(temperature)
+    logps, entropy = dispatch("logprobs_from_logits", backend, logits.device,
+                              logits.reshape(-1, V), flat_targets, temperature, ignore_index,
+                              bool(return_entropy))
+    return _unflatten(logps, entropy, targets.shape, return_entropy)
+
+
+# ---------------------------------------------------------------------------------------
+# argument checks
+
+
+def _same_dtype(name: str, value: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if value.dtype != ref.dtype:
+        raise ValueError(f"{name} must have the same dtype as {ref_name} ({ref.dtype}), "
+                         f"got {value.dtype}")
+
+
+def _check_targets(targets, token_shape: torch.Size, source: str, like: torch.Tensor, V: int,
+                   ignore_index: int) -> torch.Tensor:
+    checks.integer("targets", targets)
+    checks.same_device("targets", targets, source.split("[")[0], like)
+    if targets.shape != token_shape:
+        raise ValueError(f"targets must have the token shape {tuple(token_shape)} of {source}, "
+                         f"got {tuple(targets.shape)}")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    flat = targets.reshape(-1).to(torch.int64)
+    bad = ((flat < 0) | (flat >= V)) & (flat != ignore_index)
+    if flat.numel() and bool(bad.any()):
+        first = int(flat[bad][0])
+        raise ValueError(f"targets must be token ids in [0, {V}) or ignore_index={ignore_index}; "
+                         f"got {int(bad.sum())} out-of-range value(s), e.g. {first}")
+    return flat
+
+
+def _check_temperature(temperature) -> float:
+    value = checks.positive("temperature", temperature)
+    if not math.isfinite(value):
+        raise ValueError(f"temperature must be finite, got {temperature!r}")
+    return value
+
+
+def _unflatten(logps, entropy, shape, return_entropy):
+    logps = logps.reshape(shape)
+    if return_entropy:
+        return logps, entropy.reshape(shape)
+    return logps
