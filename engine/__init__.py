@@ -4,3 +4,5 @@ Packing, the packed model forward, rollouts (vLLM / HF), one algorithm object pe
 (SFT, RewardModel, DPO, KTO, PPO, GRPO) with `step(batch)` for the caller's own loop, and
 a ready loop behind the `alignfuse` command.
 """
+
+from .packing import PackedBatch, pack, padding_efficiency, plan_micro_batches  # noqa: E402,F401

@@ -1,0 +1,498 @@
+"""Sequence packing: variable-length sequences into token-budgeted micro-batches.
+
+`pack(sequences, max_tokens=...)` returns the micro-batches of one data-parallel rank as
+`PackedBatch`es: the sequences of a micro-batch are concatenated into one row `[N]` with
+`cu_seqlens` (flash-attn varlen layout), positions restarting at 0 per document, and
+next-token `targets` with `ignore_index` where no loss is taken.
+
+How micro-batches are formed (`plan_micro_batches`):
+1. Units. A unit is one sequence, or all sequences of one group (a DPO chosen/rejected pair,
+   the n GRPO samples of a prompt): a unit is never split across micro-batches, so the loss
+   that needs all its members can be formed inside one micro-batch.
+2. Best-fit decreasing (BFD). Units in decreasing token count (ties: lower unit index first)
+   each go to the open bin with the least room that still fits (ties: the bin opened first),
+   else to a new bin. No bin exceeds `max_tokens`.
+3. Equal counts across ranks. Under DDP/FSDP every rank must run the same number of
+   gradient-accumulation steps, so the bin count is raised to a multiple of `num_ranks` by
+   splitting bins: the costliest bin holding two or more units (ties: lower bin id) is split
+   in two, its units dealt greedily (in placement order) to the cheaper half. If there are
+   too few units to give every rank the same count, `pack` raises a ValueError.
+4. Karmarkar-Karp balancing. Bins are partitioned into `num_ranks` sets of equal size by the
+   largest-differencing method (Karmarkar & Karp 1982; the equal-cardinality variant of
+   verl's seqlen balancing), using a workload model per sequence
+   `cost(L) = linear_cost * L + attention_cost * L**2` (matmuls are linear in tokens,
+   attention within a document is quadratic).
+5. Each rank's micro-batches are ordered by decreasing cost, so that the k-th micro-batches
+   of all ranks (which run in lock-step under FSDP) have similar cost.
+
+The C++ path (`csrc/host/packing.cpp`, `alignfuse.engine._host.plan_bins`) and the Python
+path (`_plan_bins_python`) implement steps 2-5 identically, tie-breaking included; tests
+check that they give identical plans. Both compute with the same float64 additions in the
+same order, so float ties resolve the same way.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+# A 4k-hidden transformer: matmuls cost ~24*H^2 FLOPs per token per layer, attention
+# ~4*H*L per token, so the quadratic-to-linear ratio is about 1 / (6 * H).
+DEFAULT_ATTENTION_COST = 1.0 / (6 * 4096)
+
+
+# ---------------------------------------------------------------------------------------
+# The packed micro-batch
+
+
+@dataclass
+class PackedBatch:
+    """One micro-batch of S sequences (N tokens) packed into a single row.
+
+    Token fields are `[N]`; sequence fields are `[S]`. `targets[i]` is the next token of the
+    same document, or `ignore_index` at each document's last token and where the next token
+    is excluded from the loss (prompt tokens in SFT/DPO). `loss_mask` is `targets !=
+    ignore_index`, aligned with `targets`: sum per sequence with `cu_seqlens` to get a
+    sequence log-prob. Members of a group are contiguous and in their original order, so a
+    DPO batch packed from `[chosen0, rejected0, chosen1, ...]` with groups `[0, 0, 1, ...]`
+    has chosen at even and rejected at odd positions.
+    """
+
+    input_ids: torch.Tensor     # [N] int64
+    position_ids: torch.Tensor  # [N] int64, restarting at 0 per document
+    cu_seqlens: torch.Tensor    # [S+1] int32
+    max_seqlen: int
+    targets: torch.Tensor       # [N] int64, ignore_index where no loss
+    loss_mask: torch.Tensor     # [N] bool, targets != ignore_index
+    seq_index: torch.Tensor     # [S] int64, index of each sequence in the input to `pack`
+    group_index: torch.Tensor   # [S] int64, the group id of each sequence (seq_index if none)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # per-sequence [S] values
+    ignore_index: int = -100
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.numel()
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_index.numel()
+
+    @property
+    def seq_lengths(self) -> torch.Tensor:
+        """`[S]` int64 token count of each sequence."""
+        return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).to(torch.int64)
+
+    def unpack(self, values: torch.Tensor) -> list[torch.Tensor]:
+        """Split per-token `values [N, ...]` into one tensor per sequence (`[L_s, ...]`)."""
+        if values.dim() == 0 or values.shape[0] != self.num_tokens:
+            raise ValueError(f"values must have {self.num_tokens} rows (one per packed token), "
+                             f"got shape {tuple(values.shape)}")
+        return list(torch.split(values, self.seq_lengths.tolist()))
+
+    def to_padded(self, values: torch.Tensor, pad_value: float = 0) -> torch.Tensor:
+        """Per-token `values [N, ...]` to right-padded `[S, max_seqlen, ...]`."""
+        if values.dim() == 0 or values.shape[0] != self.num_tokens:
+            raise ValueError(f"values must have {self.num_tokens} rows (one per packed token), "
+                             f"got shape {tuple(values.shape)}")
+        out = values.new_full((self.num_seqs, self.max_seqlen, *values.shape[1:]), pad_value)
+        seq = torch.repeat_interleave(torch.arange(self.num_seqs, device=values.device),
+                                      self.seq_lengths.to(values.device))
+        out[seq, self.position_ids.to(values.device)] = values
+        return out
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "PackedBatch":
+        """A copy with every tensor on `device`."""
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=non_blocking)
+
+        return PackedBatch(
+            input_ids=move(self.input_ids), position_ids=move(self.position_ids),
+            cu_seqlens=move(self.cu_seqlens), max_seqlen=self.max_seqlen,
+            targets=move(self.targets), loss_mask=move(self.loss_mask),
+            seq_index=move(self.seq_index), group_index=move(self.group_index),
+            extras={k: move(v) for k, v in self.extras.items()}, ignore_index=self.ignore_index)
+
+
+# ---------------------------------------------------------------------------------------
+# Planning: which sequences go to which micro-batch of which rank
+
+
+def _as_int_array(name: str, values, length: int | None = None) -> np.ndarray:
+    array = np.asarray(values.cpu() if isinstance(values, torch.Tensor) else values)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {array.shape}")
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(f"{name} must hold integers, got dtype {array.dtype}")
+    if length is not None and array.size != length:
+        raise ValueError(f"{name} must have one entry per sequence ({length}), got {array.size}")
+    return array.astype(np.int64, copy=False)
+
+
+def _units(num_seqs: int, groups) -> tuple[np.ndarray, np.ndarray]:
+    """Unit (group) of each sequence, numbered by first appearance; and sequences by unit.
+
+    Returns `unit_of_seq [num_seqs]` and `seq_order [num_seqs]`: sequences sorted by unit,
+    and by original index within a unit.
+    """
+    if groups is None:
+        ids = np.arange(num_seqs, dtype=np.int64)
+        return ids, ids
+    group_ids = _as_int_array("groups", groups, num_seqs)
+    _, first, inverse = np.unique(group_ids, return_index=True, return_inverse=True)
+    # np.unique numbers groups by value; renumber by first appearance (the documented order).
+    rank_by_first = np.empty(first.size, dtype=np.int64)
+    rank_by_first[np.argsort(first, kind="stable")] = np.arange(first.size)
+    unit_of_seq = rank_by_first[inverse.reshape(-1)]
+    return unit_of_seq, np.argsort(unit_of_seq, kind="stable")
+
+
+def plan_micro_batches(lengths, *, max_tokens: int, groups=None, num_ranks: int = 1,
+                       linear_cost: float = 1.0, attention_cost: float = DEFAULT_ATTENTION_COST,
+                       backend: str = "auto") -> list[list[np.ndarray]]:
+    """Assign sequences to micro-batches and ranks (steps 1-5 of the module docstring).
+
+    Args:
+        lengths: `[num_seqs]` token count of each sequence (>= 1).
+        max_tokens: token budget of one micro-batch.
+        groups: optional `[num_seqs]` group id per sequence; a group is packed as one unit.
+        num_ranks: number of data-parallel ranks; every rank gets the same number of
+            micro-batches.
+        linear_cost, attention_cost: workload model `linear_cost*L + attention_cost*L**2`.
+        backend: "auto" (C++ when built), "cpp" or "python" (identical results).
+
+    Returns:
+        `plan[rank][micro_batch]`: int64 arrays of sequence indices. Within a micro-batch,
+        groups are contiguous, ordered by first appearance, members in original order.
+    """
+    lengths = _as_int_array("lengths", lengths)
+    if not isinstance(max_tokens, (int, np.integer)) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+    if not isinstance(num_ranks, (int, np.integer)) or isinstance(num_ranks, bool) or num_ranks < 1:
+        raise ValueError(f"num_ranks must be a positive int, got {num_ranks!r}")
+    if not (math.isfinite(linear_cost) and linear_cost > 0):
+        raise ValueError(f"linear_cost must be finite and > 0, got {linear_cost!r}")
+    if not (math.isfinite(attention_cost) and attention_cost >= 0):
+        raise ValueError(f"attention_cost must be finite and >= 0, got {attention_cost!r}")
+    if lengths.size == 0:
+        raise ValueError("lengths must hold at least one sequence")
+    if lengths.min() < 1:
+        bad = int(np.argmin(lengths))
+        raise ValueError(f"every sequence needs at least 1 token; sequence {bad} has "
+                         f"{int(lengths[bad])}")
+
+    unit_of_seq, seq_order = _units(lengths.size, groups)
+    num_units = int(unit_of_seq.max()) + 1
+    unit_tokens = np.bincount(unit_of_seq, weights=lengths, minlength=num_units).astype(np.int64)
+    # Costs are computed once here and passed to both paths, so both sum identical doubles.
+    seq_cost = linear_cost * lengths.astype(np.float64) + attention_cost * lengths.astype(np.float64) ** 2
+    unit_cost = np.zeros(num_units, dtype=np.float64)
+    np.add.at(unit_cost, unit_of_seq[seq_order], seq_cost[seq_order])
+    too_big = np.flatnonzero(unit_tokens > max_tokens)
+    if too_big.size:
+        u = int(too_big[0])
+        first_member = int(np.argmax(unit_of_seq == u))
+        what = (f"groups: group {np.asarray(groups)[first_member]!r}" if groups is not None
+                else f"sequences[{first_member}]")
+        raise ValueError(f"{what} has {int(unit_tokens[u])} tokens, more than max_tokens="
+                         f"{max_tokens}; raise max_tokens or pass truncate=True to pack")
+
+    bin_of_unit, schedule = _plan_bins(unit_tokens, unit_cost, int(max_tokens), int(num_ranks),
+                                       backend)
+    num_bins = schedule.size
+    # Sequences grouped by bin; within a bin by unit (first appearance), then original index.
+    seq_bin = bin_of_unit[unit_of_seq[seq_order]]
+    by_bin = seq_order[np.argsort(seq_bin, kind="stable")]
+    bin_starts = np.searchsorted(np.sort(seq_bin, kind="stable"), np.arange(num_bins + 1))
+    per_rank = num_bins // num_ranks
+    return [[by_bin[bin_starts[b]:bin_starts[b + 1]] for b in schedule[r * per_rank:(r + 1) * per_rank]]
+            for r in range(num_ranks)]
+
+
+def _plan_bins(unit_tokens: np.ndarray, unit_cost: np.ndarray, max_tokens: int, num_ranks: int,
+               backend: str) -> tuple[np.ndarray, np.ndarray]:
+    """Steps 2-5 on units: returns `bin_of_unit [U]` and `schedule [num_ranks * M]` (bin ids,
+    rank-major: rank r runs bins `schedule[r*M:(r+1)*M]` in order)."""
+    if backend not in ("auto", "cpp", "python"):
+        raise ValueError(f"backend must be 'auto', 'cpp' or 'python', got {backend!r}")
+    host = _host_module() if backend != "python" else None
+    if backend == "cpp" and host is None:
+        raise RuntimeError("backend='cpp' but alignfuse.engine._host has no plan_bins; rebuild "
+                           "with: ALIGNFUSE_BUILD_CUDA=0 python setup.py build_ext --inplace")
+    if host is not None:
+        try:
+            bin_of_unit, schedule = host.plan_bins(unit_tokens, unit_cost, max_tokens, num_ranks)
+        except RuntimeError as err:  # the C++ side reports "too few units" as runtime_error
+            raise ValueError(str(err)) from None
+        return np.asarray(bin_of_unit), np.asarray(schedule)
+    return _plan_bins_python(unit_tokens.tolist(), unit_cost.tolist(), max_tokens, num_ranks)
+
+
+def _host_module():
+    try:
+        from . import _host
+    except ImportError:
+        return None
+    return _host if hasattr(_host, "plan_bins") else None
+
+
+def _plan_bins_python(tokens: list[int], cost: list[float], max_tokens: int,
+                      num_ranks: int) -> tuple[np.ndarray, np.ndarray]:
+    """The readable reference of `_host.plan_bins` (keep the two in step)."""
+    # Step 2: best-fit decreasing. `open_bins` is sorted (room left, bin id), so bisect finds
+    # the least room that still fits, and among equal room the bin opened first.
+    order = sorted(range(len(tokens)), key=lambda u: (-tokens[u], u))
+    bins: list[list[int]] = []        # units of each bin, in placement order
+    bin_cost: list[float] = []
+    open_bins: list[tuple[int, int]] = []
+    for u in order:
+        i = bisect.bisect_left(open_bins, (tokens[u], -1))
+        if i < len(open_bins):
+            room, b = open_bins.pop(i)
+        else:
+            room, b = max_tokens, len(bins)
+            bins.append([])
+            bin_cost.append(0.0)
+        bins[b].append(u)
+        bin_cost[b] += cost[u]
+        if room - tokens[u] > 0:  # a full bin can take nothing more (every unit has >= 1 token)
+            bisect.insort(open_bins, (room - tokens[u], b))
+
+    # Step 3: split bins until every rank can get the same number.
+    target = num_ranks * -(-len(bins) // num_ranks)
+    while len(bins) < target:
+        splittable = [b for b in range(len(bins)) if len(bins[b]) >= 2]
+        if not splittable:
+            raise ValueError(_too_few_units_message(len(tokens), num_ranks, target))
+        b = max(splittable, key=lambda b: (bin_cost[b], -b))
+        halves: list[list[int]] = [[], []]
+        half_cost = [0.0, 0.0]
+        for u in bins[b]:
+            h = 0 if half_cost[0] <= half_cost[1] else 1
+            halves[h].append(u)
+            half_cost[h] += cost[u]
+        bins[b], bin_cost[b] = halves[0], half_cost[0]
+        bins.append(halves[1])
+        bin_cost.append(half_cost[1])
+
+    # Step 4: equal-size Karmarkar-Karp. A state is num_ranks subsets, each (sum, bins), kept
+    # sorted by (sum desc, first bin asc); the state with the largest spread is merged first.
+    by_cost = sorted(range(len(bins)), key=lambda b: (-bin_cost[b], b))
+    heap: list[tuple[float, int, list[tuple[float, list[int]]]]] = []
+    for k in range(0, len(by_cost), num_ranks):
+        state = [(bin_cost[b], [b]) for b in by_cost[k:k + num_ranks]]
+        heap.append((-(state[0][0] - state[-1][0]), len(heap), state))
+    heapq.heapify(heap)
+    next_id = len(heap)
+    while len(heap) > 1:
+        _, _, a = heapq.heappop(heap)
+        _, _, b = heapq.heappop(heap)
+        # Largest sums of `a` with smallest of `b` (b is sorted desc, so reverse it).
+        merged = [(sa + sb, ba + bb) for (sa, ba), (sb, bb) in zip(a, reversed(b))]
+        merged.sort(key=lambda s: (-s[0], s[1][0]))
+        heapq.heappush(heap, (-(merged[0][0] - merged[-1][0]), next_id, merged))
+        next_id += 1
+    ranks = heap[0][2]
+
+    # Step 5: each rank's bins by decreasing cost (ties: lower bin id).
+    schedule = [b for _, rank_bins in ranks
+                for b in sorted(rank_bins, key=lambda b: (-bin_cost[b], b))]
+    bin_of_unit = np.empty(len(tokens), dtype=np.int64)
+    for b, units in enumerate(bins):
+        bin_of_unit[units] = b
+    return bin_of_unit, np.asarray(schedule, dtype=np.int64)
+
+
+def _too_few_units_message(num_units: int, num_ranks: int, target: int) -> str:
+    return (f"cannot give num_ranks={num_ranks} ranks the same number of micro-batches: "
+            f"{target} micro-batches are needed but there are only {num_units} "
+            f"sequences/groups; pass more sequences per step or fewer ranks")
+
+
+# ---------------------------------------------------------------------------------------
+# pack
+
+
+def _sequence_array(i: int, seq) -> np.ndarray:
+    array = np.asarray(seq.cpu() if isinstance(seq, torch.Tensor) else seq)
+    if array.ndim != 1:
+        raise ValueError(f"sequences[{i}] must be a 1-D sequence of token ids, "
+                         f"got shape {array.shape}")
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(f"sequences[{i}] must hold integer token ids, got dtype {array.dtype}")
+    return array.astype(np.int64, copy=False)
+
+
+def pack(sequences: Sequence, *, max_tokens: int, prompt_lengths=None,
+         loss_masks: Sequence | None = None, groups=None,
+         extras: dict[str, object] | None = None, num_ranks: int = 1, rank: int = 0,
+         linear_cost: float = 1.0, attention_cost: float = DEFAULT_ATTENTION_COST,
+         truncate: bool = False, ignore_index: int = -100,
+         backend: str = "auto") -> list[PackedBatch]:
+    """Pack token sequences into micro-batches of at most `max_tokens` tokens.
+
+    Every rank calls `pack` with the same arguments and gets its own share (the plan is
+    deterministic); all ranks get the same number of micro-batches.
+
+    Args:
+        sequences: num_seqs sequences of token ids (lists, 1-D arrays or tensors).
+        max_tokens: token budget of one micro-batch.
+        prompt_lengths: optional `[num_seqs]`; the first `prompt_lengths[s]` tokens of
+            sequence s are prompt and are never predicted (their targets are ignore_index).
+        loss_masks: optional per-sequence per-token 0/1 masks, the general form of
+            `prompt_lengths` (multi-turn): token j is predicted only where mask[j] is 1.
+        groups: optional `[num_seqs]` group ids; sequences sharing an id (a chosen/rejected
+            pair, a GRPO group) always land in the same micro-batch, contiguously.
+        extras: optional per-sequence values (`name -> [num_seqs]`) carried into each
+            batch's `extras` in its sequence order (e.g. KTO labels, scores).
+        num_ranks, rank: data-parallel world size and this rank.
+        linear_cost, attention_cost: the workload model used to balance ranks.
+        truncate: cut sequences longer than `max_tokens` to their first `max_tokens` tokens
+            instead of raising.
+        ignore_index: the target value where no loss is taken.
+        backend: "auto", "cpp" or "python" planner (identical results).
+
+    Returns:
+        This rank's micro-batches, `list[PackedBatch]`.
+    """
+    if isinstance(sequences, (str, bytes, torch.Tensor)) or not hasattr(sequences, "__len__"):
+        raise TypeError("sequences must be a list of token-id sequences")
+    if not isinstance(rank, (int, np.integer)) or not 0 <= rank < num_ranks:
+        raise ValueError(f"rank must be an int in [0, num_ranks={num_ranks}), got {rank!r}")
+    if prompt_lengths is not None and loss_masks is not None:
+        raise ValueError("pass prompt_lengths or loss_masks, not both")
+    num_seqs = len(sequences)
+    arrays = [_sequence_array(i, s) for i, s in enumerate(sequences)]
+    masks = None
+    if loss_masks is not None:
+        if len(loss_masks) != num_seqs:
+            raise ValueError(f"loss_masks must have one mask per sequence ({num_seqs}), "
+                             f"got {len(loss_masks)}")
+        masks = []
+        for i, (m, a) in enumerate(zip(loss_masks, arrays)):
+            m = np.asarray(m.cpu() if isinstance(m, torch.Tensor) else m)
+            if m.shape != a.shape:
+                raise ValueError(f"loss_masks[{i}] must have the shape of sequences[{i}] "
+                                 f"{a.shape}, got {m.shape}")
+            if m.size and not np.isin(m, (0, 1)).all():
+                raise ValueError(f"loss_masks[{i}] must be bool or 0/1")
+            masks.append(m.astype(bool))
+    prompts = None
+    if prompt_lengths is not None:
+        prompts = _as_int_array("prompt_lengths", prompt_lengths, num_seqs)
+        if prompts.size and prompts.min() < 0:
+            raise ValueError("prompt_lengths must be >= 0")
+    if truncate:
+        arrays = [a[:max_tokens] for a in arrays]
+        if masks is not None:
+            masks = [m[:max_tokens] for m in masks]
+    lengths = np.fromiter((a.size for a in arrays), dtype=np.int64, count=num_seqs)
+    if not truncate and num_seqs and lengths.max() > max_tokens:
+        bad = int(np.argmax(lengths > max_tokens))
+        raise ValueError(f"sequences[{bad}] has {int(lengths[bad])} tokens, more than "
+                         f"max_tokens={max_tokens}; raise max_tokens or pass truncate=True")
+    extra_tensors = {}
+    for name, values in (extras or {}).items():
+        t = values if isinstance(values, torch.Tensor) else torch.as_tensor(values)
+        if t.dim() < 1 or t.shape[0] != num_seqs:
+            raise ValueError(f"extras[{name!r}] must have one entry per sequence ({num_seqs}), "
+                             f"got shape {tuple(t.shape)}")
+        extra_tensors[name] = t
+    group_ids = (np.arange(num_seqs, dtype=np.int64) if groups is None
+                 else _as_int_array("groups", groups, num_seqs))
+
+    plan = plan_micro_batches(lengths, max_tokens=max_tokens, groups=groups, num_ranks=num_ranks,
+                              linear_cost=linear_cost, attention_cost=attention_cost,
+                              backend=backend)
+    return [_build_batch(seqs, arrays, lengths, prompts, masks, group_ids, extra_tensors,
+                         ignore_index) for seqs in plan[rank]]
+
+
+def _build_batch(seqs: np.ndarray, arrays: list[np.ndarray], lengths: np.ndarray,
+                 prompts: np.ndarray | None, masks: list[np.ndarray] | None,
+                 group_ids: np.ndarray, extras: dict[str, torch.Tensor],
+                 ignore_index: int) -> PackedBatch:
+    seq_lengths = lengths[seqs]
+    input_ids = torch.from_numpy(np.concatenate([arrays[s] for s in seqs]))
+    cu = np.zeros(seqs.size + 1, dtype=np.int64)
+    np.cumsum(seq_lengths, out=cu[1:])
+    starts = np.repeat(cu[:-1], seq_lengths)
+    positions = np.arange(cu[-1], dtype=np.int64) - starts
+    # `learn[j]`: token j may be predicted (it is not prompt / is inside the loss mask).
+    if masks is not None:
+        learn = np.concatenate([masks[s] for s in seqs])
+    elif prompts is not None:
+        learn = positions >= np.repeat(prompts[seqs], seq_lengths)
+    else:
+        learn = np.ones(cu[-1], dtype=bool)
+    # targets[i] = input_ids[i+1] when token i+1 is in the same document and is learned.
+    valid = np.zeros(cu[-1], dtype=bool)
+    valid[:-1] = learn[1:]
+    valid[cu[1:] - 1] = False  # each document's last token has no next token
+    ids = input_ids.numpy()
+    targets = np.where(valid, np.roll(ids, -1), np.int64(ignore_index))
+    seq_index = torch.from_numpy(seqs.astype(np.int64, copy=True))
+    return PackedBatch(
+        input_ids=input_ids, position_ids=torch.from_numpy(positions),
+        cu_seqlens=torch.from_numpy(cu.astype(np.int32)), max_seqlen=int(seq_lengths.max()),
+        targets=torch.from_numpy(targets), loss_mask=torch.from_numpy(valid),
+        seq_index=seq_index,
+        group_index=torch.from_numpy(group_ids[seqs].copy()),
+        extras={name: t[seq_index.to(t.device)] for name, t in extras.items()},
+        ignore_index=ignore_index)
+
+
+# ---------------------------------------------------------------------------------------
+# Padding efficiency
+
+
+@dataclass(frozen=True)
+class PaddingEfficiency:
+    """Real tokens over allocated token slots, packed vs plain padding.
+
+    - packed: every micro-batch allocates `max_tokens` slots (a fixed-shape budget);
+    - padded: the same sequences in their given order, `batch_size` per batch, each batch
+      padded to its longest sequence.
+    """
+
+    real_tokens: int
+    packed_slots: int
+    padded_slots: int
+    num_micro_batches: int
+    num_padded_batches: int
+
+    @property
+    def packed(self) -> float:
+        return self.real_tokens / self.packed_slots
+
+    @property
+    def padded(self) -> float:
+        return self.real_tokens / self.padded_slots
+
+
+def padding_efficiency(lengths, *, max_tokens: int, batch_size: int | None = None,
+                       **plan_kwargs) -> PaddingEfficiency:
+    """Padding efficiency of packing `lengths [num_seqs]` vs padding to the longest.
+
+    `batch_size` (sequences per padded batch) defaults to `max_tokens // max(lengths)`: the
+    number of longest sequences that fit the same token budget, so both sides use the same
+    memory per step. `plan_kwargs` go to `plan_micro_batches` (groups, num_ranks, ...).
+    """
+    lengths = _as_int_array("lengths", lengths)
+    plan = plan_micro_batches(lengths, max_tokens=max_tokens, **plan_kwargs)
+    num_micro_batches = sum(len(rank) for rank in plan)
+    if batch_size is None:
+        batch_size = max(1, max_tokens // int(lengths.max()))
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    padded_slots = sum(int(lengths[i:i + batch_size].max()) * lengths[i:i + batch_size].size
+                       for i in range(0, lengths.size, batch_size))
+    return PaddingEfficiency(
+        real_tokens=int(lengths.sum()), packed_slots=num_micro_batches * max_tokens,
+        padded_slots=padded_slots, num_micro_batches=num_micro_batches,
+        num_padded_batches=-(-lengths.size // batch_size))
