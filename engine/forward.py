@@ -1,0 +1,240 @@
+"""The packed model forward: per-token log-probs of a Hugging Face causal LM on a `PackedBatch`.
+
+Several documents share one row of tokens (`input_ids [N]`, `position_ids` restarting at 0 per
+document, `cu_seqlens [S+1]`). Two things must hold:
+
+1. Documents are isolated: a token attends only to earlier tokens of its own document.
+   transformers does NOT do this from restarting `position_ids` alone with the sdpa/eager
+   kernels (NOTES.md: the second document attends to the first; logits differed by 0.54).
+   So the attention inputs are chosen per device (`attention_inputs`):
+   - CUDA with flash-attn importable: the varlen kernel with `cu_seqlens`;
+   - CUDA otherwise: flex_attention with a document `BlockMask`;
+   - CPU: sdpa/eager with a 4-D boolean block-diagonal causal mask `[1, 1, N, N]`.
+2. No `[N, V]` logits tensor exists. The model's own forward is run (so DDP, FSDP2 and PEFT
+   hooks fire as usual) with `logits_to_keep` set to no position, and the decoder's final
+   hidden states are taken by a forward hook on the decoder. Inside that hook, still within
+   the root forward (FSDP2 has the root's parameters gathered then), the log-probs are
+   gathered through `alignfuse.kernels.linear_logprobs` with the LM head's weight and bias.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from alignfuse.kernels import linear_logprobs, segment_sum
+
+IGNORE_INDEX = -100
+# Config fields of heads that are not a plain linear layer: the logits are transformed after
+# the matmul, so gathering through `hidden @ weight.T` would be wrong.
+_NON_LINEAR_HEAD_FIELDS = ("final_logit_softcapping", "logit_scale")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The Hugging Face `PreTrainedModel` inside DDP (`.module`) and PEFT wrappers.
+
+    FSDP2 (`fully_shard`) changes the class in place and needs no unwrapping.
+    """
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "get_base_model") and callable(model.get_base_model):
+            inner = model.get_base_model()  # peft.PeftModel
+            if inner is model:
+                return model
+            model = inner
+        else:
+            return model
+
+
+def lm_head_of(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`(weight [V, H], bias [V] or None)` of the model's LM head; refuses non-linear heads."""
+    inner = unwrap_model(model)
+    config = getattr(inner, "config", None)
+    for field in _NON_LINEAR_HEAD_FIELDS:
+        value = getattr(config, field, None)
+        if value not in (None, 0, 0.0, 1, 1.0):
+            raise NotImplementedError(
+                f"the model's LM head is not a plain linear layer (config.{field}={value!r} "
+                "transforms the logits after the matmul); token_logprobs gathers log-probs "
+                "from hidden @ weight.T and would be wrong for this model")
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear):
+        raise NotImplementedError(
+            f"the model's output embedding must be an nn.Linear, got {type(head).__name__} "
+            "(a LoRA adapter on lm_head, or a model without an LM head, is not supported)")
+    return head.weight, head.bias
+
+
+def document_ids(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """`[N]` int64: the document of each packed token."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device),
+                                   lengths)
+
+
+def document_causal_mask(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """`[1, 1, N, N]` bool: token i may attend to token j iff same document and j <= i."""
+    doc = document_ids(cu_seqlens)
+    pos = torch.arange(doc.numel(), device=doc.device)
+    allowed = (doc[:, None] == doc[None, :]) & (pos[None, :] <= pos[:, None])
+    return allowed[None, None]
+
+
+def _flash_attn_importable() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def attention_inputs(model: nn.Module, packed) -> dict:
+    """Keyword arguments for the model's forward that isolate the packed documents.
+
+    May switch the model's attention implementation on CUDA (to flash_attention_2 when
+    flash-attn is importable, else to flex_attention): those are the only CUDA kernels that
+    isolate documents without an `[N, N]` mask.
+    """
+    inner = unwrap_model(model)
+    impl = getattr(inner.config, "_attn_implementation", None) or "eager"
+    cu = packed.cu_seqlens
+    if packed.input_ids.device.type != "cuda":
+        if impl not in ("sdpa", "eager"):
+            raise ValueError(f"on {packed.input_ids.device.type} the model's attention must be "
+                             f"'sdpa' or 'eager' to take a document mask, got {impl!r}")
+        return {"attention_mask": document_causal_mask(cu)}
+    if impl.startswith("flash_attention") or _flash_attn_importable():
+        if not impl.startswith("flash_attention"):
+            inner.set_attn_implementation("flash_attention_2")
+        cu32 = cu.to(torch.int32)
+        max_len = int(packed.max_seqlen)
+        # FlashAttentionKwargs: the varlen kernel reads document boundaries from these.
+        return {"cu_seq_lens_q": cu32, "cu_seq_lens_k": cu32,
+                "max_length_q": max_len, "max_length_k": max_len}
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if impl != "flex_attention":
+        inner.set_attn_implementation("flex_attention")
+    doc = document_ids(cu)
+
+    def same_document_causal(b, h, q, k):
+        return (doc[q] == doc[k]) & (k <= q)
+
+    n = doc.numel()
+    return {"attention_mask": create_block_mask(same_document_causal, None, None, n, n,
+                                                device=doc.device)}
+
+
+def run_decoder(model: nn.Module, packed, on_hidden: Callable[[torch.Tensor], object]):
+    """Run `model` on `packed` and return `on_hidden(hidden [N, H])`.
+
+    `hidden` is the decoder's final hidden state (after the final norm). `on_hidden` runs
+    inside the model's forward, while FSDP2 has the root module's parameters gathered, so it
+    may use the LM head or any parameter of the root module. No logits are computed.
+    """
+    inner = unwrap_model(model)
+    decoder = inner.get_decoder()
+    captured: list = []
+
+    def hook(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        captured.append(on_hidden(hidden.reshape(-1, hidden.shape[-1])))
+
+    handle = decoder.register_forward_hook(hook)
+    try:
+        model(input_ids=packed.input_ids.reshape(1, -1),
+              position_ids=packed.position_ids.reshape(1, -1),
+              # no position: the LM head runs on an empty slice, so no [N, V] logits
+              logits_to_keep=torch.empty(0, dtype=torch.long, device=packed.input_ids.device),
+              use_cache=False, **attention_inputs(model, packed))
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise RuntimeError(f"the decoder ran {len(captured)} times in one forward; expected 1")
+    return captured[0]
+
+
+def final_hidden_states(model: nn.Module, packed) -> torch.Tensor:
+    """`[N, H]` final hidden states of the packed tokens, documents isolated (for value and
+    reward heads). Use `run_decoder` instead when the head's parameters are sharded by FSDP2
+    with the root module."""
+    return run_decoder(model, packed, lambda hidden: hidden)
+
+
+def token_logprobs(model: nn.Module, packed, *, temperature: float = 1.0,
+                   return_entropy: bool = False):
+    """Per-token log-probs of `packed.targets` under a Hugging Face causal LM.
+
+    model: a causal LM (`*ForCausalLM`), possibly wrapped in DDP, FSDP2 or PEFT.
+    packed: a `PackedBatch` (`input_ids [N]`, `position_ids [N]`, `cu_seqlens [S+1]`,
+        `max_seqlen`, `targets [N]` with -100 where no token is predicted).
+    Returns `logps [N]` float32 (0 where the target is -100), or `(logps, entropy)` with
+    `return_entropy=True`. Documents are isolated and no `[N, V]` tensor is built.
+    """
+    _check_packed(packed)
+    lm_head_of(model)  # refuse a non-linear head before running anything
+
+    def gather(hidden: torch.Tensor):
+        weight, bias = lm_head_of(model)  # read inside the forward: FSDP2 has gathered it
+        return linear_logprobs(hidden, weight, packed.targets.reshape(-1), bias=bias,
+                               temperature=temperature, ignore_index=IGNORE_INDEX,
+                               return_entropy=return_entropy)
+
+    return run_decoder(model, packed, gather)
+
+
+def sequence_logprobs(model: nn.Module, packed, *, temperature: float = 1.0) -> torch.Tensor:
+    """`[S]` float32: the summed log-prob of each packed sequence's target tokens."""
+    return segment_sum(token_logprobs(model, packed, temperature=temperature), packed.cu_seqlens)
+
+
+@torch.no_grad()
+def precompute_reference_logps(model: nn.Module, batches: Iterable, *,
+                               temperature: float = 1.0) -> torch.Tensor:
+    """Summed log-prob of every sequence under a frozen reference model, computed once.
+
+    batches: the `PackedBatch`es of a whole dataset (each sequence exactly once).
+    Returns `[num_sequences]` float32 on the CPU, indexed by each sequence's original index
+    (`packed.seq_index`), to store with the dataset (`torch.save`) and pass to `DPO`/`KTO`
+    as `reference_logps=` instead of keeping a second model in memory during training.
+    """
+    was_training = unwrap_model(model).training
+    model.eval()
+    found: dict[int, float] = {}
+    try:
+        for packed in batches:
+            logps = sequence_logprobs(model, packed, temperature=temperature).float().cpu()
+            for index, value in zip(packed.seq_index.tolist(), logps.tolist()):
+                if index in found:
+                    raise ValueError(f"batches hold sequence {index} more than once")
+                found[index] = value
+    finally:
+        model.train(was_training)
+    if not found:
+        raise ValueError("batches is empty: no sequence to compute reference log-probs for")
+    size = max(found) + 1
+    missing = size - len(found)
+    if missing:
+        raise ValueError(f"batches must hold every sequence 0..{size - 1} exactly once; "
+                         f"{missing} are missing")
+    out = torch.empty(size, dtype=torch.float32)
+    out[list(found)] = torch.tensor(list(found.values()), dtype=torch.float32)
+    return out
+
+
+def _check_packed(packed) -> None:
+    for field in ("input_ids", "position_ids", "cu_seqlens", "targets"):
+        if not isinstance(getattr(packed, field, None), torch.Tensor):
+            raise TypeError(f"packed must be a PackedBatch with a tensor field {field!r}, "
+                            f"got {type(packed).__name__} without it")
+    n = packed.input_ids.numel()
+    for field in ("position_ids", "targets"):
+        if getattr(packed, field).numel() != n:
+            raise ValueError(f"packed.{field} must have one entry per token ({n}), "
+                             f"got {getattr(packed, field).numel()}")
+    if int(packed.cu_seqlens[-1]) != n:
+        raise ValueError(f"packed.cu_seqlens must end at the number of tokens {n}, "
+                         f"got {int(packed.cu_seqlens[-1])}")
