@@ -29,8 +29,8 @@ class _FusedLocalGrad(torch.autograd.Function):
         ctx.has_grad = [g is not None for g in local_grads]
         ctx.save_for_backward(*[g for g in local_grads if g is not None])
         ctx.input_dtypes = [x.dtype for x in inputs]
-        for extra in extras:
-            ctx.mark_non_differentiable(extra)
+        # one call with all of them: each call replaces the previous set
+        ctx.mark_non_differentiable(*extras)
         return (loss, *extras)
 
     @staticmethod
