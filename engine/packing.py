@@ -140,9 +140,6 @@ def _units(num_seqs: int, groups) -> tuple[np.ndarray, np.ndarray]:
     Returns `unit_of_seq [num_seqs]` and `seq_order [num_seqs]`: sequences sorted by unit,
     and by original index within a unit.
     """
-    if groups is None:
-        ids = np.arange(num_seqs, dtype=np.int64)
-        return ids, ids
     group_ids = _as_int_array("groups", groups, num_seqs)
     _, first, inverse = np.unique(group_ids, return_index=True, return_inverse=True)
     # np.unique numbers groups by value; renumber by first appearance (the documented order).
@@ -186,38 +183,47 @@ def plan_micro_batches(lengths, *, max_tokens: int, groups=None, num_ranks: int 
         raise ValueError(f"every sequence needs at least 1 token; sequence {bad} has "
                          f"{int(lengths[bad])}")
 
-    unit_of_seq, seq_order = _units(lengths.size, groups)
-    num_units = int(unit_of_seq.max()) + 1
-    unit_tokens = np.bincount(unit_of_seq, weights=lengths, minlength=num_units).astype(np.int64)
     # Costs are computed once here and passed to both paths, so both sum identical doubles.
-    seq_cost = linear_cost * lengths.astype(np.float64) + attention_cost * lengths.astype(np.float64) ** 2
-    unit_cost = np.zeros(num_units, dtype=np.float64)
-    np.add.at(unit_cost, unit_of_seq[seq_order], seq_cost[seq_order])
+    lengths_f = lengths.astype(np.float64)
+    seq_cost = linear_cost * lengths_f + attention_cost * lengths_f * lengths_f
+    if groups is None:  # every sequence is its own unit
+        unit_tokens, unit_cost = lengths, seq_cost
+    else:
+        unit_of_seq, seq_order = _units(lengths.size, groups)
+        unit_sizes = np.bincount(unit_of_seq)
+        member_starts = np.zeros(unit_sizes.size + 1, dtype=np.int64)
+        np.cumsum(unit_sizes, out=member_starts[1:])
+        unit_tokens = np.add.reduceat(lengths[seq_order], member_starts[:-1])
+        unit_cost = np.add.reduceat(seq_cost[seq_order], member_starts[:-1])
     too_big = np.flatnonzero(unit_tokens > max_tokens)
     if too_big.size:
         u = int(too_big[0])
-        first_member = int(np.argmax(unit_of_seq == u))
-        what = (f"groups: group {np.asarray(groups)[first_member]!r}" if groups is not None
-                else f"sequences[{first_member}]")
+        what = (f"groups: group {np.asarray(groups)[seq_order[member_starts[u]]]!r}"
+                if groups is not None else f"sequences[{u}]")
         raise ValueError(f"{what} has {int(unit_tokens[u])} tokens, more than max_tokens="
                          f"{max_tokens}; raise max_tokens or pass truncate=True to pack")
 
-    bin_of_unit, schedule = _plan_bins(unit_tokens, unit_cost, int(max_tokens), int(num_ranks),
-                                       backend)
-    num_bins = schedule.size
-    # Sequences grouped by bin; within a bin by unit (first appearance), then original index.
-    seq_bin = bin_of_unit[unit_of_seq[seq_order]]
-    by_bin = seq_order[np.argsort(seq_bin, kind="stable")]
-    bin_starts = np.searchsorted(np.sort(seq_bin, kind="stable"), np.arange(num_bins + 1))
-    per_rank = num_bins // num_ranks
-    return [[by_bin[bin_starts[b]:bin_starts[b + 1]] for b in schedule[r * per_rank:(r + 1) * per_rank]]
+    units_by_bin, bin_offsets, schedule = _plan_bins(unit_tokens, unit_cost, int(max_tokens),
+                                                     int(num_ranks), backend)
+    if groups is None:
+        seqs_by_bin, seq_offsets = units_by_bin, bin_offsets
+    else:  # expand each unit into its members, in original order
+        counts = unit_sizes[units_by_bin]
+        ends = np.cumsum(counts)
+        within = np.arange(ends[-1], dtype=np.int64) - np.repeat(ends - counts, counts)
+        seqs_by_bin = seq_order[np.repeat(member_starts[units_by_bin], counts) + within]
+        seq_offsets = np.concatenate([[0], ends])[bin_offsets]
+    per_rank = schedule.size // num_ranks
+    return [[seqs_by_bin[seq_offsets[b]:seq_offsets[b + 1]]
+             for b in schedule[r * per_rank:(r + 1) * per_rank]]
             for r in range(num_ranks)]
 
 
 def _plan_bins(unit_tokens: np.ndarray, unit_cost: np.ndarray, max_tokens: int, num_ranks: int,
-               backend: str) -> tuple[np.ndarray, np.ndarray]:
-    """Steps 2-5 on units: returns `bin_of_unit [U]` and `schedule [num_ranks * M]` (bin ids,
-    rank-major: rank r runs bins `schedule[r*M:(r+1)*M]` in order)."""
+               backend: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Steps 2-5 on units. Returns `units_by_bin [U]` (units grouped by bin, ascending within
+    a bin), `bin_offsets [B+1]` and `schedule [num_ranks * M]` (bin ids, rank-major: rank r
+    runs bins `schedule[r*M:(r+1)*M]` in order)."""
     if backend not in ("auto", "cpp", "python"):
         raise ValueError(f"backend must be 'auto', 'cpp' or 'python', got {backend!r}")
     host = _host_module() if backend != "python" else None
@@ -225,11 +231,8 @@ def _plan_bins(unit_tokens: np.ndarray, unit_cost: np.ndarray, max_tokens: int, 
         raise RuntimeError("backend='cpp' but alignfuse.engine._host has no plan_bins; rebuild "
                            "with: ALIGNFUSE_BUILD_CUDA=0 python setup.py build_ext --inplace")
     if host is not None:
-        try:
-            bin_of_unit, schedule = host.plan_bins(unit_tokens, unit_cost, max_tokens, num_ranks)
-        except RuntimeError as err:  # the C++ side reports "too few units" as runtime_error
-            raise ValueError(str(err)) from None
-        return np.asarray(bin_of_unit), np.asarray(schedule)
+        # C++ std::invalid_argument (e.g. too few units) arrives as ValueError.
+        return host.plan_bins(unit_tokens, unit_cost, max_tokens, num_ranks)
     return _plan_bins_python(unit_tokens.tolist(), unit_cost.tolist(), max_tokens, num_ranks)
 
 
@@ -242,7 +245,7 @@ def _host_module():
 
 
 def _plan_bins_python(tokens: list[int], cost: list[float], max_tokens: int,
-                      num_ranks: int) -> tuple[np.ndarray, np.ndarray]:
+                      num_ranks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The readable reference of `_host.plan_bins` (keep the two in step)."""
     # Step 2: best-fit decreasing. `open_bins` is sorted (room left, bin id), so bisect finds
     # the least room that still fits, and among equal room the bin opened first.
@@ -302,10 +305,9 @@ def _plan_bins_python(tokens: list[int], cost: list[float], max_tokens: int,
     # Step 5: each rank's bins by decreasing cost (ties: lower bin id).
     schedule = [b for _, rank_bins in ranks
                 for b in sorted(rank_bins, key=lambda b: (-bin_cost[b], b))]
-    bin_of_unit = np.empty(len(tokens), dtype=np.int64)
-    for b, units in enumerate(bins):
-        bin_of_unit[units] = b
-    return bin_of_unit, np.asarray(schedule, dtype=np.int64)
+    units_by_bin = np.asarray([u for units in bins for u in sorted(units)], dtype=np.int64)
+    bin_offsets = np.cumsum([0] + [len(units) for units in bins], dtype=np.int64)
+    return units_by_bin, bin_offsets, np.asarray(schedule, dtype=np.int64)
 
 
 def _too_few_units_message(num_units: int, num_ranks: int, target: int) -> str:
