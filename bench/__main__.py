@@ -1,0 +1,58 @@
+"""`python -m bench`: run presets, measure ceilings, render reports. See bench/__init__.py."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+# Without a GPU, Triton kernels (alignfuse's and Liger's) run under the interpreter; it must
+# be switched on before anything imports triton, as in tests/conftest.py.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .presets import PRESETS
+    from .runner import RESULTS, SUITES
+
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a preset's suites and write a result JSON")
+    run.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+    run.add_argument("--suites", default=",".join(SUITES),
+                     help=f"comma-separated subset of {','.join(SUITES)}")
+    run.add_argument("--out", type=Path, default=RESULTS, help="folder for the result file")
+    run.add_argument("--budget-s", type=float, default=None,
+                     help="start nothing new after this many seconds (default: the preset's)")
+
+    report = sub.add_parser("report", help="Markdown table and PNG plots from result files")
+    report.add_argument("results", nargs="*", type=Path,
+                        help="result files or folders (default: bench/results)")
+    report.add_argument("--out", type=Path, default=None,
+                        help="folder for report.md and the plots (default: bench/results/report)")
+
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        from .runner import run as run_preset
+
+        suites = tuple(s.strip() for s in args.suites.split(",") if s.strip())
+        run_preset(args.preset, suites, args.out, args.budget_s,
+                   argv=["bench", *argv])
+        return 0
+    from .report import render
+
+    out = args.out or RESULTS / "report"
+    paths = render(args.results or [RESULTS], out)
+    for p in paths:
+        print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,415 @@
+"""The measuring core: one case, several contenders, each checked, then timed.
+
+Method (device README METHOD.md):
+- Inputs are random normal, never zeros (zeros hide unwritten outputs and run faster), and
+  there are several input sets, rotated between runs so that caches do not flatter.
+- Before any timing, each contender runs on input set 0 and its outputs (and gradients,
+  for modes with a backward) are compared with the case's reference by relative norm
+  ||out - ref|| / ||ref||. NaN fails. The result is recorded; a contender that fails its
+  check is still timed, but recorded as status "wrong".
+- Warm-up first (module load, Triton compilation, cuBLAS handles), then the median of
+  many runs, each bracketed by its own pair of CUDA events on GPU or perf_counter on CPU.
+- Peak memory comes from a separate untimed run: torch.cuda.max_memory_allocated() minus
+  the memory allocated before the run (the live inputs). CPU tensors have no such
+  counter, so on CPU it is null, with the reason.
+- A contender that cannot run here (not installed, no GPU, op not written yet) is
+  recorded as skipped with the reason; one that raises is recorded as an error.
+
+Modes: "fwd" is a training forward (inputs require grad, so the contender saves what its
+backward needs); "bwd" times only the backward of a forward run just before it; "fwd+bwd"
+times both.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import statistics
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+STATUSES = ("ok", "wrong", "skipped", "error")
+
+Tensors = dict[str, torch.Tensor]
+
+
+class Unavailable(Exception):
+    """Raised by a contender that cannot run here; the message says why."""
+
+
+@dataclass
+class InputSet:
+    """One set of inputs. `upstream` is the gradient fed to backward (random, never zeros)."""
+
+    tensors: Tensors
+    upstream: torch.Tensor | None = None
+
+
+@dataclass
+class Contender:
+    """One implementation of a case.
+
+    `run(tensors) -> {output name: tensor}` must not read the upstream gradient.
+    `unavailable(device) -> reason or None` is asked before anything runs.
+    `role` is "subject" (alignfuse) or "baseline" (what we compare against).
+    """
+
+    name: str
+    role: str
+    run: Callable[[Tensors], Tensors]
+    unavailable: Callable[[torch.device], str | None] = lambda device: None
+    note: str = ""
+
+
+@dataclass
+class Case:
+    """One problem at one size.
+
+    `make_inputs(seed)` builds an input set on the device. `reference(input_set)` returns
+    the values to check against, computed in higher precision: output names as returned by
+    the contenders, and "grad_<input>" for each name in `grad_inputs` (the gradient of
+    `<grad_output> · upstream`). `work(mode)` returns {"flops": F, "bytes": B} of the least
+    work the mode must do (each input read once, each output written once), or None.
+    """
+
+    suite: str
+    name: str
+    sizes: dict
+    make_inputs: Callable[[int], InputSet]
+    reference: Callable[[InputSet], Tensors]
+    contenders: list[Contender]
+    tolerances: dict[str, float]
+    modes: tuple[str, ...] = MODES
+    grad_inputs: tuple[str, ...] = ()
+    grad_output: str | None = None
+    work: Callable[[str], dict | None] = lambda mode: None
+    notes: str = ""
+    # Why the case cannot run at all here (e.g. its reference op has not landed yet).
+    unavailable: Callable[[torch.device], str | None] = lambda device: None
+
+
+@dataclass
+class TimingConfig:
+    warmup: int = 3            # untimed runs before timing
+    min_reps: int = 5
+    max_reps: int = 50
+    target_s: float = 1.0      # aim for this much timed work per contender and mode
+    rotate_bytes: int = 256 << 20  # rotate input sets until they span this many bytes
+    max_sets: int = 4
+    deadline: float = math.inf  # time.monotonic() after which nothing new starts
+
+
+# ---------------------------------------------------------------------------------------
+# Device helpers
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class Timer:
+    """Times regions: one pair of CUDA events per region on GPU, perf_counter on CPU.
+
+    Regions are read back only in `seconds()`, after one synchronize, so timing does not
+    add host-device round trips between runs.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._events: list[tuple] = []
+        self._host: list[float] = []
+
+    def start(self):
+        if self.device.type == "cuda":
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def stop(self, started) -> None:
+        if self.device.type == "cuda":
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self._events.append((started, ev))
+        else:
+            self._host.append(time.perf_counter() - started)
+
+    def seconds(self) -> list[float]:
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            return [a.elapsed_time(b) / 1e3 for a, b in self._events]
+        return list(self._host)
+
+
+def summarize(samples: list[float]) -> dict:
+    """Median and spread of timed runs (pytest-benchmark's Stats, plus p10/p90)."""
+    from pytest_benchmark.stats import Stats
+
+    stats = Stats()
+    for s in samples:
+        stats.update(s)
+    out = {k: float(getattr(stats, k)) for k in
+           ("median", "q1", "q3", "iqr", "min", "max", "mean", "stddev")}
+    if len(samples) >= 2:
+        deciles = statistics.quantiles(samples, n=10, method="inclusive")
+        out["p10"], out["p90"] = float(deciles[0]), float(deciles[-1])
+    else:
+        out["p10"] = out["p90"] = float(samples[0])
+    out["rounds"] = len(samples)
+    return out
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected||, in float64 (NaN or a shape mismatch gives NaN)."""
+    if actual is None or tuple(actual.shape) != tuple(expected.shape):
+        return math.nan
+    a = actual.detach().to(torch.float64) if actual.numel() < (1 << 24) else actual.detach().float()
+    e = expected.detach().to(a.dtype)
+    denom = float(torch.linalg.vector_norm(e))
+    return float(torch.linalg.vector_norm(a - e)) / max(denom, 1e-30)
+
+
+# ---------------------------------------------------------------------------------------
+# One contender
+
+
+def _fresh_grads(case: Case, inputs: InputSet) -> None:
+    for name in case.grad_inputs:
+        inputs.tensors[name].grad = None
+
+
+def _run_mode(case: Case, contender: Contender, inputs: InputSet, mode: str,
+              timer: Timer | None) -> Tensors:
+    """Run one mode once; when `timer` is given, time the mode's region."""
+    _fresh_grads(case, inputs)
+    if mode == "fwd":
+        started = timer.start() if timer else None
+        out = contender.run(inputs.tensors)
+        if timer:
+            timer.stop(started)
+        return out
+    if mode == "bwd":
+        out = contender.run(inputs.tensors)
+        started = timer.start() if timer else None
+        out[case.grad_output].backward(inputs.upstream)
+        if timer:
+            timer.stop(started)
+        return out
+    if mode == "fwd+bwd":
+        started = timer.start() if timer else None
+        out = contender.run(inputs.tensors)
+        out[case.grad_output].backward(inputs.upstream)
+        if timer:
+            timer.stop(started)
+        return out
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def check(case: Case, contender: Contender, inputs: InputSet, reference: Tensors) -> dict:
+    """Compare the contender's outputs (and gradients, when the case has a backward)."""
+    backward = case.grad_output is not None and any(m != "fwd" for m in case.modes)
+    out = _run_mode(case, contender, inputs, "fwd+bwd" if backward else "fwd", None)
+    errors = {}
+    for key, ref in reference.items():
+        if key.startswith("grad_"):
+            if not backward:
+                continue
+            got = inputs.tensors[key.removeprefix("grad_")].grad
+        else:
+            got = out.get(key)
+        errors[key] = rel_err(got, ref) if got is not None else math.nan
+    _fresh_grads(case, inputs)
+    failed = [k for k, e in errors.items()
+              if not (e <= case.tolerances.get(k, case.tolerances.get("*", 0.0)))]
+    return {"passed": not failed, "rel_err": errors,
+            "tolerance": {k: case.tolerances.get(k, case.tolerances.get("*")) for k in errors},
+            "failed": failed}
+
+
+def time_mode(case: Case, contender: Contender, sets: list[InputSet], mode: str,
+              device: torch.device, cfg: TimingConfig) -> dict:
+    """Warm up, then time `mode` over rotated input sets; returns the summary."""
+    t0 = time.perf_counter()
+    for i in range(cfg.warmup):
+        _run_mode(case, contender, sets[i % len(sets)], mode, None)
+    synchronize(device)
+    per_run = (time.perf_counter() - t0) / max(cfg.warmup, 1)
+    reps = int(min(cfg.max_reps, max(cfg.min_reps, math.ceil(cfg.target_s / max(per_run, 1e-6)))))
+    timer = Timer(device)
+    for i in range(reps):
+        _run_mode(case, contender, sets[i % len(sets)], mode, timer)
+    samples = timer.seconds()
+    _fresh_grads(case, sets[0])
+    return summarize(samples)
+
+
+def peak_memory(case: Case, contender: Contender, inputs: InputSet, mode: str,
+                device: torch.device) -> tuple[int | None, str | None]:
+    """Bytes allocated above the live inputs during one run of `mode` (GPU), or (None, why)."""
+    if device.type != "cuda":
+        return None, ("CPU: torch keeps no peak-allocation counter for CPU tensors, and the "
+                      "process RSS high-water mark cannot be reset between contenders")
+    _fresh_grads(case, inputs)
+    free_memory(device)
+    synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = _run_mode(case, contender, inputs, mode, None)
+    synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del out
+    _fresh_grads(case, inputs)
+    return int(peak), None
+
+
+def _error_reason(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    if len(text) > 600:
+        text = text[:600] + " ..."
+    return text
+
+
+def run_contender(case: Case, contender: Contender, sets: list[InputSet], reference: Tensors,
+                  device: torch.device, cfg: TimingConfig) -> dict:
+    record = {"name": contender.name, "role": contender.role, "note": contender.note,
+              "status": "skipped", "reason": None, "check": None, "modes": {}}
+    if time.monotonic() > cfg.deadline:
+        record["reason"] = "the run's time budget was spent before this contender started"
+        return record
+    why = contender.unavailable(device)
+    if why:
+        record["reason"] = why
+        return record
+    try:
+        record["check"] = check(case, contender, sets[0], reference)
+        record["status"] = "ok" if record["check"]["passed"] else "wrong"
+        for mode in case.modes:
+            if time.monotonic() > cfg.deadline:
+                record["modes"][mode] = {"status": "skipped",
+                                         "reason": "the run's time budget was spent"}
+                continue
+            timing = time_mode(case, contender, sets, mode, device, cfg)
+            peak, peak_why = peak_memory(case, contender, sets[0], mode, device)
+            record["modes"][mode] = {"status": "ok", "time_s": timing,
+                                     "peak_memory_bytes": peak,
+                                     "peak_memory_reason": peak_why}
+    except Unavailable as exc:
+        record.update(status="skipped", reason=str(exc))
+    except Exception as exc:  # recorded, never silently dropped
+        record.update(status="error", reason=_error_reason(exc))
+        record["traceback_tail"] = traceback.format_exc(limit=-3)[-1500:]
+    finally:
+        for s in sets:
+            _fresh_grads(case, s)
+        free_memory(device)
+    return record
+
+
+# ---------------------------------------------------------------------------------------
+# One case
+
+
+def _input_bytes(inputs: InputSet) -> int:
+    return sum(t.numel() * t.element_size() for t in inputs.tensors.values())
+
+
+def make_sets(case: Case, cfg: TimingConfig) -> list[InputSet]:
+    """Enough input sets to span `cfg.rotate_bytes` (at least 2, at most `cfg.max_sets`)."""
+    first = case.make_inputs(0)
+    size = max(_input_bytes(first), 1)
+    count = int(min(cfg.max_sets, max(2, math.ceil(cfg.rotate_bytes / size))))
+    return [first] + [case.make_inputs(seed) for seed in range(1, count)]
+
+
+def derived(contenders: list[dict], work: Callable[[str], dict | None],
+            ceilings: dict | None) -> None:
+    """Fill ratios to each baseline and the fraction of the physical floor, per mode."""
+    baselines = [c for c in contenders if c["role"] == "baseline"]
+    for c in contenders:
+        for mode, m in c["modes"].items():
+            if m.get("status") != "ok":
+                continue
+            t = m["time_s"]["median"]
+            m["speedup_vs"], m["memory_ratio_vs"] = {}, {}
+            for b in baselines:
+                bm = b["modes"].get(mode, {})
+                if b is c or bm.get("status") != "ok":
+                    continue
+                m["speedup_vs"][b["name"]] = bm["time_s"]["median"] / t
+                if m["peak_memory_bytes"] is not None and bm.get("peak_memory_bytes"):
+                    m["memory_ratio_vs"][b["name"]] = m["peak_memory_bytes"] / bm["peak_memory_bytes"]
+            m["floor"] = floor(work(mode), ceilings, t)
+
+
+def floor(w: dict | None, ceilings: dict | None, seconds: float) -> dict | None:
+    """The least time the work can take at the measured ceilings, and its fraction of `seconds`."""
+    if not w or not ceilings:
+        return None
+    rate = ceilings.get("matmul", {}).get("flops_per_s")
+    bandwidth = ceilings.get("copy", {}).get("bytes_per_s")
+    compute_s = w.get("flops", 0) / rate if rate else None
+    memory_s = w.get("bytes", 0) / bandwidth if bandwidth else None
+    floor_s = max(x for x in (compute_s, memory_s, 0.0) if x is not None)
+    return {"flops": w.get("flops"), "bytes": w.get("bytes"), "compute_s": compute_s,
+            "memory_s": memory_s, "floor_s": floor_s,
+            "bound": "compute" if (compute_s or 0) >= (memory_s or 0) else "memory",
+            "fraction_of_floor": floor_s / seconds if seconds > 0 else None}
+
+
+def run_case(case: Case, device: torch.device, cfg: TimingConfig, ceilings: dict | None,
+             log: Callable[[str], None] = print) -> dict:
+    """Check and time every contender of `case`; returns the case's result record."""
+    record = {"suite": case.suite, "case": case.name, "sizes": case.sizes,
+              "modes": list(case.modes), "notes": case.notes, "contenders": [],
+              "tolerances": case.tolerances}
+    why = case.unavailable(device)
+    if why:
+        record["contenders"] = [_skipped(c, why) for c in case.contenders]
+        log(f"  {case.suite}/{case.name} skipped: {why}")
+        return record
+    try:
+        sets = make_sets(case, cfg)
+        record["input_sets"] = len(sets)
+        reference = case.reference(sets[0])
+    except Exception as exc:
+        # The case itself could not be built (e.g. out of memory): every contender is
+        # recorded as skipped with that reason rather than dropped.
+        reason = f"the case could not be set up: {_error_reason(exc)}"
+        record["contenders"] = [_skipped(c, reason, "error") for c in case.contenders]
+        log(f"  {case.suite}/{case.name} error: {reason}")
+        free_memory(device)
+        return record
+    for contender in case.contenders:
+        result = run_contender(case, contender, sets, reference, device, cfg)
+        record["contenders"].append(result)
+        log(_one_line(case, result))
+    derived(record["contenders"], case.work, ceilings)
+    del sets, reference
+    free_memory(device)
+    return record
+
+
+def _skipped(c: Contender, reason: str, status: str = "skipped") -> dict:
+    return {"name": c.name, "role": c.role, "note": c.note, "status": status,
+            "reason": reason, "check": None, "modes": {}}
+
+
+def _one_line(case: Case, result: dict) -> str:
+    head = f"  {case.suite}/{case.name} {result['name']:<22}"
+    if result["status"] in ("skipped", "error"):
+        return f"{head} {result['status']}: {result['reason']}"
+    times = " ".join(f"{mode}={m['time_s']['median'] * 1e3:.3f}ms"
+                     for mode, m in result["modes"].items() if m.get("status") == "ok")
+    return f"{head} {result['status']} {times}"

@@ -1,0 +1,77 @@
+"""The fields every result file has. `validate` lists what is missing (empty: complete).
+
+A result file (one run of one preset):
+
+    schema_version, preset, budget_s, created_utc, command, seconds
+    device      {type, name, ...}                      (GPU: capability, multiprocessors, L2)
+    host        {platform, cpu, cores}
+    versions    {python, torch, triton, cuda, driver, driver_reason, transformers,
+                 liger_kernel, cut_cross_entropy, alignfuse}    (null where absent)
+    alignfuse   {commit, dirty, dirty_paths, source}            (git rev-parse HEAD + status)
+    triton_interpreter                                          (true: CPU smoke, times mean nothing)
+    ceilings    {matmul {dtype, flops_per_s, time_s}, copy {bytes_per_s, time_s}}
+    suites      {<suite> {seconds, cases [case]}}
+
+    case        {suite, case, sizes, modes, notes, tolerances, contenders [contender]}
+    contender   {name, role: subject|baseline, status: ok|wrong|skipped|error, reason,
+                 check {passed, rel_err {quantity: err}, tolerance, failed} (ok/wrong),
+                 modes {<mode> mode}, metrics (suite-specific, optional)}
+    mode        {status, time_s {median, q1, q3, iqr, p10, p90, min, max, mean, stddev, rounds},
+                 peak_memory_bytes (null on CPU), peak_memory_reason,
+                 speedup_vs {baseline: baseline median / this median},
+                 memory_ratio_vs {baseline: this peak / baseline peak},
+                 floor {flops, bytes, compute_s, memory_s, floor_s, bound, fraction_of_floor}
+                 (null where the suite has no floor model, with the case's notes saying why)}
+"""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+
+TOP = ("schema_version", "preset", "budget_s", "created_utc", "command", "seconds", "device",
+       "host", "versions", "alignfuse", "triton_interpreter", "ceilings", "suites")
+VERSIONS = ("python", "torch", "triton", "cuda", "driver", "driver_reason")
+TIME = ("median", "q1", "q3", "iqr", "p10", "p90", "min", "max", "rounds")
+MODE = ("status", "time_s", "peak_memory_bytes", "peak_memory_reason", "speedup_vs",
+        "memory_ratio_vs", "floor")
+
+
+def _missing(obj, keys, where: str) -> list[str]:
+    if not isinstance(obj, dict):
+        return [f"{where} is not an object"]
+    return [f"{where}.{k}" for k in keys if k not in obj]
+
+
+def validate(result: dict) -> list[str]:
+    """Every missing or inconsistent field, as a readable path."""
+    problems = _missing(result, TOP, "result")
+    if problems:
+        return problems
+    problems += _missing(result["device"], ("type", "name"), "device")
+    problems += _missing(result["versions"], VERSIONS, "versions")
+    problems += _missing(result["alignfuse"], ("commit", "dirty"), "alignfuse")
+    problems += _missing(result["ceilings"].get("matmul"), ("dtype", "flops_per_s"),
+                         "ceilings.matmul")
+    problems += _missing(result["ceilings"].get("copy"), ("bytes_per_s",), "ceilings.copy")
+    for suite, body in result["suites"].items():
+        for i, case in enumerate(body.get("cases", [])):
+            where = f"suites.{suite}.cases[{i}]"
+            problems += _missing(case, ("suite", "case", "sizes", "modes", "contenders"), where)
+            for c in case.get("contenders", []):
+                cw = f"{where}.{c.get('name')}"
+                problems += _missing(c, ("name", "role", "status", "reason", "check", "modes"), cw)
+                status = c.get("status")
+                if status in ("skipped", "error") and not c.get("reason"):
+                    problems.append(f"{cw}: status {status} without a reason")
+                if status in ("ok", "wrong"):
+                    problems += _missing(c.get("check"), ("passed", "rel_err"), f"{cw}.check")
+                    for mode in case.get("modes", []):
+                        m = c["modes"].get(mode)
+                        if m is None:
+                            problems.append(f"{cw}.modes.{mode} missing")
+                        elif m.get("status") == "ok":
+                            problems += _missing(m, MODE, f"{cw}.modes.{mode}")
+                            problems += _missing(m.get("time_s"), TIME, f"{cw}.modes.{mode}.time_s")
+                            if m.get("peak_memory_bytes") is None and not m.get("peak_memory_reason"):
+                                problems.append(f"{cw}.modes.{mode}: null memory without a reason")
+    return problems

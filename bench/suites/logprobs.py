@@ -1,0 +1,148 @@
+"""`logprobs`: per-token log-probs of the targets straight from the LM head.
+
+    logp[i] = (h_i · w_{t_i}) - logsumexp_v(h_i · w_v)        h: [N, H], W: [V, H], t: [N]
+
+Contenders, each in its own documented form:
+- alignfuse/<backend>: `alignfuse.kernels.linear_logprobs(hidden, weight, targets, backend=)`
+  for every backend (triton, cuda, torch); one that cannot run here is skipped with why.
+- torch-eager: what a training loop does without fused kernels (TRL's
+  `selective_log_softmax` path): logits = h @ W.T in the model dtype, upcast to float32,
+  log_softmax, gather. Holds [N, V] logits several times over.
+- liger: Liger-Kernel's `LigerFusedLinearCrossEntropyLoss(reduction="none")`, which gives
+  -logp per token (negated here). It computes gradients during its forward.
+- cce: cut-cross-entropy's `linear_cross_entropy(e, c, targets, reduction="none")`
+  (impl "cce", its defaults, including its gradient filtering), negated.
+
+Reference: float32 on GPU (float64 on CPU) of the same inputs, in row chunks so that the
+largest sizes fit, with the analytic gradient dL/dz = g · (onehot(t) - softmax(z)).
+
+Least work (the floor): forward 2NHV FLOPs; backward 4NHV (dL/dh and dL/dW); fwd+bwd 6NHV.
+A kernel that never holds the logits must recompute them in backward (8NHV in all), so it
+can reach at most 75% of the fwd+bwd floor; eager stores them instead and pays in memory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..harness import Case, Contender, InputSet
+from .common import (BACKENDS, alignfuse_op, backend_unavailable, dtype_name, generator,
+                     randn, reference_dtype, tolerance, triton_baseline_unavailable)
+
+SUITE = "logprobs"
+
+
+def _alignfuse(backend: str) -> Contender:
+    def run(t):
+        fn = alignfuse_op("kernels", "linear_logprobs")
+        return {"logps": fn(t["hidden"], t["weight"], t["targets"], backend=backend)}
+
+    return Contender(f"alignfuse/{backend}", "subject", run,
+                     lambda device: backend_unavailable("linear_logprobs", backend, device))
+
+
+def _eager(t):
+    logits = t["hidden"] @ t["weight"].T
+    logps = logits.float().log_softmax(-1).gather(-1, t["targets"][:, None]).squeeze(-1)
+    return {"logps": logps}
+
+
+def _liger():
+    loss_fn = {}
+
+    def run(t):
+        if "fn" not in loss_fn:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+            loss_fn["fn"] = LigerFusedLinearCrossEntropyLoss(reduction="none")
+        return {"logps": -loss_fn["fn"](t["weight"], t["hidden"], t["targets"])}
+
+    return Contender("liger", "baseline", run,
+                     lambda device: triton_baseline_unavailable("liger_kernel", "liger-kernel",
+                                                                device),
+                     note="LigerFusedLinearCrossEntropyLoss(reduction='none'), negated")
+
+
+def _cce_unavailable(device: torch.device) -> str | None:
+    why = triton_baseline_unavailable("cut_cross_entropy", "cut-cross-entropy", device)
+    if why or device.type == "cuda":
+        return why
+    return ("cut-cross-entropy's impl='cce' kernels need CUDA: under the Triton interpreter "
+            "they raise InterpreterError (seen with 25.1.1 on CPU), and its "
+            "impl='torch_compile' path spends ~17 s compiling on 2 CPU cores")
+
+
+def _cce(t):
+    from cut_cross_entropy import linear_cross_entropy
+
+    return {"logps": -linear_cross_entropy(t["hidden"], t["weight"], t["targets"],
+                                           reduction="none")}
+
+
+def reference(s: InputSet, budget_bytes: int = 1 << 30) -> dict[str, torch.Tensor]:
+    """logps and the gradients of sum(logps · upstream) in higher precision, in row chunks."""
+    h0, w0, t = s.tensors["hidden"], s.tensors["weight"], s.tensors["targets"]
+    dt = reference_dtype(h0.device)
+    w = w0.detach().to(dt)
+    N, V = h0.shape[0], w.shape[0]
+    g = s.upstream.to(dt)
+    logps = torch.empty(N, device=h0.device, dtype=dt)
+    grad_h = torch.empty(h0.shape, device=h0.device, dtype=dt)
+    grad_w = torch.zeros(w.shape, device=h0.device, dtype=dt)
+    rows = max(1, budget_bytes // (V * w.element_size() * 2))
+    for lo in range(0, N, rows):
+        hi = min(N, lo + rows)
+        h = h0[lo:hi].detach().to(dt)
+        z = h @ w.T
+        lse = torch.logsumexp(z, dim=-1)
+        idx = torch.arange(hi - lo, device=z.device)
+        logps[lo:hi] = z[idx, t[lo:hi]] - lse
+        dz = torch.softmax(z, dim=-1).mul_(-g[lo:hi, None])
+        dz[idx, t[lo:hi]] += g[lo:hi]
+        grad_h[lo:hi] = dz @ w
+        grad_w += dz.T @ h
+        del z, dz
+    return {"logps": logps, "grad_hidden": grad_h, "grad_weight": grad_w}
+
+
+def case(N: int, H: int, V: int, dtype: torch.dtype, device: torch.device) -> Case:
+    size = torch.tensor([], dtype=dtype).element_size()
+
+    def make_inputs(seed: int) -> InputSet:
+        gen = generator(device, seed)
+        # Logits of unit scale, as a trained LM head gives: W ~ N(0, 1/H).
+        hidden = randn((N, H), device=device, dtype=dtype, gen=gen, requires_grad=True)
+        weight = randn((V, H), device=device, dtype=dtype, gen=gen, scale=H ** -0.5,
+                       requires_grad=True)
+        targets = torch.randint(0, V, (N,), device=device, generator=gen)
+        upstream = randn((N,), device=device, dtype=torch.float32, gen=gen)
+        return InputSet({"hidden": hidden, "weight": weight, "targets": targets}, upstream)
+
+    def work(mode: str) -> dict:
+        read = N * H * size + V * H * size + N * 8
+        if mode == "fwd":
+            return {"flops": 2 * N * H * V, "bytes": read + N * 4}
+        grads_out = N * H * size + V * H * size
+        if mode == "bwd":
+            return {"flops": 4 * N * H * V, "bytes": read + N * 4 + grads_out}
+        return {"flops": 6 * N * H * V, "bytes": read + N * 4 + N * 4 + grads_out}
+
+    contenders = [_alignfuse(b) for b in BACKENDS] + [
+        Contender("torch-eager", "baseline", _eager,
+                  note="logits = h @ W.T (model dtype), float32 log_softmax, gather"),
+        _liger(),
+        Contender("cce", "baseline", _cce, _cce_unavailable,
+                  note="cut_cross_entropy.linear_cross_entropy(reduction='none'), negated"),
+    ]
+    tol = tolerance(dtype)
+    return Case(SUITE, f"N={N},H={H},V={V},{dtype_name(dtype)}",
+                {"N": N, "H": H, "V": V, "dtype": dtype_name(dtype)},
+                make_inputs, reference, contenders,
+                tolerances={"logps": tol, "grad_hidden": tol, "grad_weight": tol},
+                grad_inputs=("hidden", "weight"), grad_output="logps", work=work,
+                notes="floor: fwd 2NHV, bwd 4NHV, fwd+bwd 6NHV FLOPs; a kernel that "
+                      "recomputes logits in backward reaches at most 75% in fwd+bwd")
+
+
+def cases(preset, device: torch.device) -> list[Case]:
+    return [case(s["N"], s["H"], s["V"], preset.dtype, device) for s in preset.logprobs]

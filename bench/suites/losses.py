@@ -1,0 +1,292 @@
+"""`losses`: each fused loss against its eager torch reference, plus linear + loss paths.
+
+Per-op cases (`policy_loss`, `group_advantages`, `dpo_loss`, `kto_loss`):
+- alignfuse/<backend> for the fused backends (triton, cuda); the eager baseline is the
+  same op's `backend="torch"`, the readable reference every backend is tested against.
+- Reference values: that torch backend evaluated in float64 on the same inputs.
+- Floor: these are elementwise, so bytes only (each input read once, each output written
+  once); at these sizes launch overhead dominates, which is what fusing removes.
+
+Linear + loss case (`linear_grpo`): the token-mean GRPO loss (PPO clip 0.2, k3 KL to a
+reference with beta=0.04) from the LM head's input:
+- alignfuse/linear_policy_loss: `alignfuse.kernels.linear_policy_loss`, when it exists;
+- alignfuse/<backend>: `linear_logprobs` then `policy_loss` (gather-then-loss, fused parts);
+- torch-eager: logits, float32 log_softmax, gather, then `policy_loss(backend="torch")`;
+- liger: `LigerFusedLinearGRPOLoss(loss_type="bnpo")`, the same token-mean formula
+  (sum over valid tokens of -min(r·A, clip(r)·A) + beta·k3, divided by their count).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..harness import Case, Contender, InputSet
+from .common import (alignfuse_op, backend_unavailable, dtype_name, generator, randn,
+                     reference_dtype, tolerance, triton_baseline_unavailable)
+from .logprobs import _eager as eager_logprobs
+
+SUITE = "losses"
+FUSED = ("triton", "cuda")
+
+
+def _float_copy(s: InputSet, dtype: torch.dtype, grads: tuple[str, ...]) -> InputSet:
+    tensors = {}
+    for k, v in s.tensors.items():
+        v = v.detach()
+        v = v.to(dtype) if v.is_floating_point() else v
+        tensors[k] = v.requires_grad_(k in grads)
+    return InputSet(tensors, s.upstream)
+
+
+def _torch_reference(op_call, grads: tuple[str, ...], grad_output: str | None):
+    """The op's torch backend in float64 (float32 on GPU) with autograd gradients."""
+
+    def reference(s: InputSet) -> dict[str, torch.Tensor]:
+        dt = torch.float64
+        c = _float_copy(s, dt, grads)
+        out = op_call(c.tensors, "torch")
+        ref = {k: v.detach() for k, v in out.items()}
+        if grad_output is not None:
+            values = torch.autograd.grad(out[grad_output], [c.tensors[g] for g in grads],
+                                         s.upstream.to(dt))
+            ref.update({f"grad_{g}": v for g, v in zip(grads, values)})
+        return ref
+
+    return reference
+
+
+def _op_case(op: str, name: str, sizes: dict, make_inputs, call, grads: tuple[str, ...],
+             grad_output: str | None, nbytes: int, dtype: torch.dtype) -> Case:
+    def contender(cname: str, role: str, backend: str) -> Contender:
+        return Contender(cname, role, lambda t: call(t, backend),
+                         lambda device: backend_unavailable(op, backend, device))
+
+    contenders = [contender(f"alignfuse/{b}", "subject", b) for b in FUSED]
+    contenders.append(contender("torch-eager", "baseline", "torch"))
+    modes = ("fwd", "bwd", "fwd+bwd") if grad_output else ("fwd",)
+    tol = tolerance(dtype) if dtype != torch.float32 else 1e-5
+    return Case(SUITE, name, sizes, make_inputs, _torch_reference(call, grads, grad_output),
+                contenders, {"*": tol}, modes=modes, grad_inputs=grads,
+                grad_output=grad_output, work=lambda mode: {"flops": 0, "bytes": nbytes},
+                notes="eager baseline: the op's backend='torch' reference; floor: bytes only "
+                      "(inputs read once, outputs written once), same for every mode",
+                unavailable=lambda device: backend_unavailable(op, "torch", device))
+
+
+def policy_loss_case(S: int, T: int, device: torch.device) -> Case:
+    def make_inputs(seed: int) -> InputSet:
+        gen = generator(device, seed)
+        logps = (-randn((S, T), device=device, dtype=torch.float32, gen=gen).abs() - 0.5)
+        old = logps + 0.1 * randn((S, T), device=device, dtype=torch.float32, gen=gen)
+        ref = logps + 0.1 * randn((S, T), device=device, dtype=torch.float32, gen=gen)
+        lengths = torch.randint(T // 2, T + 1, (S,), device=device, generator=gen)
+        mask = torch.arange(T, device=device)[None, :] < lengths[:, None]
+        adv = randn((S,), device=device, dtype=torch.float32, gen=gen)
+        return InputSet({"logps": logps.requires_grad_(), "old_logps": old, "ref_logps": ref,
+                         "advantages": adv, "mask": mask},
+                        randn((), device=device, dtype=torch.float32, gen=gen))
+
+    def call(t, backend):
+        fn = alignfuse_op("kernels", "policy_loss")
+        loss, _metrics = fn(t["logps"], t["old_logps"], t["advantages"], mask=t["mask"],
+                            ref_logps=t["ref_logps"], kl_coef=0.04, kl_estimator="k3",
+                            loss_agg="token-mean", backend=backend)
+        return {"loss": loss}
+
+    nbytes = S * T * (4 * 3 + 1) + S * 4
+    return _op_case("policy_loss", f"policy_loss,S={S},T={T}", {"S": S, "T": T, "N": S * T},
+                    make_inputs, call, ("logps",), "loss", nbytes, torch.float32)
+
+
+def group_advantages_case(S: int, G: int, device: torch.device) -> Case:
+    def make_inputs(seed: int) -> InputSet:
+        gen = generator(device, seed)
+        return InputSet({"rewards": randn((S,), device=device, dtype=torch.float32, gen=gen)})
+
+    def call(t, backend):
+        fn = alignfuse_op("kernels", "group_advantages")
+        return {"advantages": fn(t["rewards"], G, estimator="grpo", backend=backend)}
+
+    return _op_case("group_advantages", f"group_advantages,S={S},G={G}", {"S": S, "G": G},
+                    make_inputs, call, (), None, S * 8, torch.float32)
+
+
+def dpo_loss_case(S: int, device: torch.device) -> Case:
+    names = ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected")
+
+    def make_inputs(seed: int) -> InputSet:
+        gen = generator(device, seed)
+        # Sequence log-probs of a few hundred tokens: large negative, policy near reference.
+        ref_c, ref_r = (-200 + 20 * randn((S,), device=device, dtype=torch.float32, gen=gen)
+                        for _ in range(2))
+        pol_c = ref_c + randn((S,), device=device, dtype=torch.float32, gen=gen)
+        pol_r = ref_r + randn((S,), device=device, dtype=torch.float32, gen=gen)
+        return InputSet(dict(zip(names, (pol_c.requires_grad_(), pol_r.requires_grad_(),
+                                         ref_c, ref_r))),
+                        randn((S,), device=device, dtype=torch.float32, gen=gen))
+
+    def call(t, backend):
+        fn = alignfuse_op("kernels", "dpo_loss")
+        losses, chosen, rejected = fn(*(t[n] for n in names), beta=0.1, loss_type="sigmoid",
+                                      backend=backend)
+        return {"losses": losses, "chosen_rewards": chosen, "rejected_rewards": rejected}
+
+    return _op_case("dpo_loss", f"dpo_loss,S={S}", {"S": S}, make_inputs, call,
+                    names[:2], "losses", S * 4 * 7, torch.float32)
+
+
+def kto_loss_case(S: int, device: torch.device) -> Case:
+    def make_inputs(seed: int) -> InputSet:
+        gen = generator(device, seed)
+        ref = -200 + 20 * randn((S,), device=device, dtype=torch.float32, gen=gen)
+        policy = ref + randn((S,), device=device, dtype=torch.float32, gen=gen)
+        desirable = torch.rand((S,), device=device, generator=gen) < 0.5
+        kl = randn((), device=device, dtype=torch.float32, gen=gen).abs()
+        return InputSet({"policy_logps": policy.requires_grad_(), "ref_logps": ref,
+                         "desirable": desirable, "kl": kl},
+                        randn((S,), device=device, dtype=torch.float32, gen=gen))
+
+    def call(t, backend):
+        fn = alignfuse_op("kernels", "kto_loss")
+        losses, rewards = fn(t["policy_logps"], t["ref_logps"], t["desirable"], t["kl"],
+                             beta=0.1, backend=backend)
+        return {"losses": losses, "rewards": rewards}
+
+    return _op_case("kto_loss", f"kto_loss,S={S}", {"S": S}, make_inputs, call,
+                    ("policy_logps",), "losses", S * (4 * 4 + 1), torch.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# Linear + GRPO loss
+
+GRPO = dict(clip=0.2, beta=0.04)
+
+
+def _grpo_from_logps(logps, t, backend):
+    fn = alignfuse_op("kernels", "policy_loss")
+    loss, _ = fn(logps, t["old_logps"], t["advantages"], mask=t["mask"],
+                 ref_logps=t["ref_logps"], clip_low=GRPO["clip"], clip_high=GRPO["clip"],
+                 kl_coef=GRPO["beta"], kl_estimator="k3", loss_agg="token-mean",
+                 backend=backend)
+    return loss
+
+
+def linear_grpo_case(S: int, T: int, H: int, V: int, dtype: torch.dtype,
+                     device: torch.device) -> Case:
+    N = S * T
+
+    def make_inputs(seed: int) -> InputSet:
+        gen = generator(device, seed)
+        hidden = randn((N, H), device=device, dtype=dtype, gen=gen, requires_grad=True)
+        weight = randn((V, H), device=device, dtype=dtype, gen=gen, scale=H ** -0.5,
+                       requires_grad=True)
+        targets = torch.randint(0, V, (S, T), device=device, generator=gen)
+        # Old and reference log-probs near the current ones (a few steps of training apart).
+        with torch.no_grad():
+            current = eager_logprobs({"hidden": hidden, "weight": weight,
+                                      "targets": targets.reshape(-1)})["logps"].reshape(S, T)
+        old = current + 0.05 * randn((S, T), device=device, dtype=torch.float32, gen=gen)
+        ref = current + 0.05 * randn((S, T), device=device, dtype=torch.float32, gen=gen)
+        lengths = torch.randint(T // 2, T + 1, (S,), device=device, generator=gen)
+        mask = torch.arange(T, device=device)[None, :] < lengths[:, None]
+        return InputSet({"hidden": hidden, "weight": weight, "targets": targets,
+                         "old_logps": old, "ref_logps": ref, "mask": mask,
+                         "advantages": randn((S,), device=device, dtype=torch.float32,
+                                             gen=gen)},
+                        randn((), device=device, dtype=torch.float32, gen=gen))
+
+    def two_ops(backend):
+        def run(t):
+            fn = alignfuse_op("kernels", "linear_logprobs")
+            logps = fn(t["hidden"], t["weight"], t["targets"].reshape(-1), backend=backend)
+            return {"loss": _grpo_from_logps(logps.reshape(S, T), t, backend)}
+
+        def unavailable(device):
+            return (backend_unavailable("linear_logprobs", backend, device)
+                    or backend_unavailable("policy_loss", backend, device))
+
+        return Contender(f"alignfuse/{backend}", "subject", run, unavailable,
+                         note="linear_logprobs then policy_loss")
+
+    def fused(t):
+        fn = alignfuse_op("kernels", "linear_policy_loss")
+        out = fn(t["hidden"], t["weight"], t["targets"], t["old_logps"], t["advantages"],
+                 mask=t["mask"], ref_logps=t["ref_logps"], clip_low=GRPO["clip"],
+                 clip_high=GRPO["clip"], kl_coef=GRPO["beta"], kl_estimator="k3",
+                 loss_agg="token-mean")
+        return {"loss": out[0] if isinstance(out, tuple) else out}
+
+    def eager(t):
+        logps = eager_logprobs({"hidden": t["hidden"], "weight": t["weight"],
+                                "targets": t["targets"].reshape(-1)})["logps"]
+        return {"loss": _grpo_from_logps(logps.reshape(S, T), t, "torch")}
+
+    liger_fn = {}
+
+    def liger(t):
+        if "fn" not in liger_fn:
+            from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+            liger_fn["fn"] = LigerFusedLinearGRPOLoss(
+                beta=GRPO["beta"], epsilon_low=GRPO["clip"], epsilon_high=GRPO["clip"],
+                loss_type="bnpo", use_ref_model=True,
+                # torch.compile of its chunk function costs minutes on a CPU.
+                compiled=t["hidden"].is_cuda)
+        loss, _metrics = liger_fn["fn"](t["hidden"].reshape(S, T, H), t["weight"], t["targets"],
+                                        t["mask"].to(torch.int64), t["advantages"],
+                                        ref_per_token_logps=t["ref_logps"],
+                                        old_per_token_logps=t["old_logps"])
+        return {"loss": loss}
+
+    def reference(s: InputSet) -> dict[str, torch.Tensor]:
+        dt = reference_dtype(device)
+        c = _float_copy(s, dt, ("hidden", "weight"))
+        logps = torch.log_softmax(c.tensors["hidden"] @ c.tensors["weight"].T, -1).gather(
+            -1, c.tensors["targets"].reshape(-1, 1)).reshape(S, T)
+        loss = _grpo_from_logps(logps, c.tensors, "torch")
+        gh, gw = torch.autograd.grad(loss, (c.tensors["hidden"], c.tensors["weight"]),
+                                     s.upstream.to(dt))
+        return {"loss": loss.detach(), "grad_hidden": gh, "grad_weight": gw}
+
+    size = torch.tensor([], dtype=dtype).element_size()
+
+    def work(mode: str) -> dict:
+        base = N * H * size + V * H * size + N * (8 + 4 * 3 + 1)
+        grads = N * H * size + V * H * size
+        flops = {"fwd": 2, "bwd": 4, "fwd+bwd": 6}[mode] * N * H * V
+        return {"flops": flops, "bytes": base + (0 if mode == "fwd" else grads)}
+
+    contenders = [
+        Contender("alignfuse/linear_policy_loss", "subject", fused,
+                  lambda device: (None if alignfuse_op("kernels", "linear_policy_loss")
+                                  else "alignfuse.kernels.linear_policy_loss is not "
+                                       "implemented yet in this checkout")),
+        two_ops("triton"), two_ops("cuda"), two_ops("torch"),
+        Contender("torch-eager", "baseline", eager,
+                  lambda device: backend_unavailable("policy_loss", "torch", device),
+                  note="logits, float32 log_softmax, gather, then policy_loss(backend='torch')"),
+        Contender("liger", "baseline", liger,
+                  lambda device: triton_baseline_unavailable("liger_kernel", "liger-kernel",
+                                                             device),
+                  note="LigerFusedLinearGRPOLoss(loss_type='bnpo', beta=0.04)"),
+    ]
+    tol = tolerance(dtype)
+    return Case(SUITE, f"linear_grpo,S={S},T={T},H={H},V={V},{dtype_name(dtype)}",
+                {"S": S, "T": T, "N": N, "H": H, "V": V, "dtype": dtype_name(dtype)},
+                make_inputs, reference, contenders, {"*": tol},
+                grad_inputs=("hidden", "weight"), grad_output="loss", work=work,
+                notes="token-mean GRPO loss (clip 0.2, k3 KL beta 0.04) from hidden states; "
+                      "floor as logprobs (2/4/6 NHV FLOPs)",
+                unavailable=lambda device: backend_unavailable("policy_loss", "torch", device))
+
+
+def cases(preset, device: torch.device) -> list[Case]:
+    out = []
+    for s in preset.losses:
+        out += [policy_loss_case(s["S"], s["T"], device),
+                group_advantages_case(s["S"] * s["G"], s["G"], device),
+                dpo_loss_case(s["S"] * s["G"], device),
+                kto_loss_case(s["S"] * s["G"], device)]
+    for s in preset.linear_losses:
+        out.append(linear_grpo_case(s["S"], s["T"], s["H"], s["V"], preset.dtype, device))
+    return out
