@@ -483,7 +483,8 @@ def padding_efficiency(lengths, *, max_tokens: int, batch_size: int | None = Non
 
     `batch_size` (sequences per padded batch) defaults to `max_tokens // max(lengths)`: the
     number of longest sequences that fit the same token budget, so both sides use the same
-    memory per step. `plan_kwargs` go to `plan_micro_batches` (groups, num_ranks, ...).
+    memory per step; `batch_size=len(lengths)` pads everything to the global longest.
+    `plan_kwargs` go to `plan_micro_batches` (groups, num_ranks, ...).
     """
     lengths = _as_int_array("lengths", lengths)
     plan = plan_micro_batches(lengths, max_tokens=max_tokens, **plan_kwargs)
