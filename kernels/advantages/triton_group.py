@@ -1,0 +1,75 @@
+"""Triton kernel: group-relative advantages, one program per group of contiguous rewards.
+
+A group (G <= a few hundred answers per prompt) fits in one tile of BLOCK = next_pow2(G)
+lanes, so mean, Bessel std and the all-equal test are tile reductions; "rank" compares the
+group pairwise in a [BLOCK, BLOCK] tile (average ranks for ties: #smaller + (#equal + 1)/2).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .group import ESTIMATOR_CODES, SCALE_CODES
+
+
+@triton.jit
+def _group_advantages_kernel(r_ptr, out_ptr, group_size, eps, batch_denominator,
+                             ESTIMATOR: tl.constexpr, SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    # ESTIMATOR: 0 grpo, 1 dr_grpo, 2 rloo, 3 rank; SCALE: 0 group, 1 batch, 2 none
+    group = tl.program_id(0).to(tl.int64)
+    lanes = tl.arange(0, BLOCK)
+    inb = lanes < group_size
+    base = group * group_size
+    r = tl.load(r_ptr + base + lanes, mask=inb, other=0.0).to(tl.float32)
+    n = group_size.to(tl.float32)
+    if ESTIMATOR == 3:
+        other = inb[None, :]
+        less = tl.sum((other & (r[None, :] < r[:, None])).to(tl.float32), axis=1)
+        equal = tl.sum((other & (r[None, :] == r[:, None])).to(tl.float32), axis=1)
+        x = less + (equal + 1.0) * 0.5
+    else:
+        x = r
+    mean = tl.sum(tl.where(inb, x, 0.0), axis=0) / n
+    centered = tl.where(inb, x - mean, 0.0)
+    # all-equal groups (and groups of one) get exactly 0, whatever the rounding of the mean
+    constant = tl.max(tl.where(inb, x, -float("inf")), axis=0) == \
+        tl.min(tl.where(inb, x, float("inf")), axis=0)
+    if ESTIMATOR == 2:  # rloo: r - mean of the others = G/(G-1) (r - mean)
+        adv = centered * (n / tl.maximum(n - 1.0, 1.0))
+    elif ESTIMATOR == 1:  # dr_grpo
+        adv = centered
+    elif SCALE == 0:
+        std = tl.sqrt(tl.sum(centered * centered, axis=0) / tl.maximum(n - 1.0, 1.0))
+        adv = centered / (std + eps)
+    elif SCALE == 1:
+        adv = centered / batch_denominator
+    else:
+        adv = centered
+    adv = tl.where(constant, 0.0, adv)
+    tl.store(out_ptr + base + lanes, adv, mask=inb)
+
+
+def group_advantages_forward(rewards: torch.Tensor, group_size: int, estimator: str, scale: str,
+                             eps: float) -> torch.Tensor:
+    rewards = rewards.detach().contiguous()
+    out = torch.empty(rewards.numel(), device=rewards.device, dtype=torch.float32)
+    num_groups = rewards.numel() // group_size
+    code = ESTIMATOR_CODES[estimator]
+    scale_code = SCALE_CODES[scale]
+    batch_denominator = 1.0
+    rank_batch = estimator == "rank" and scale == "batch"
+    if scale == "batch" and estimator == "grpo" and rewards.numel() > 1:
+        batch_denominator = float(rewards.float().std()) + eps
+    if rank_batch:
+        scale_code = SCALE_CODES["none"]
+    _group_advantages_kernel[(num_groups,)](rewards, out, group_size, eps, batch_denominator,
+                                            ESTIMATOR=code, SCALE=scale_code,
+                                            BLOCK=max(16, triton.next_power_of_2(group_size)))
+    if rank_batch and rewards.numel() > 1:
+        # every group's mean rank is (G + 1) / 2, so the batch std of the ranks is that of
+        # the centred ranks the kernel wrote
+        std = (out.square().sum() / (out.numel() - 1)).sqrt()
+        out = out / (std + eps)
+    return out
