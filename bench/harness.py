@@ -322,7 +322,8 @@ def run_contender(case: Case, contender: Contender, sets: list[InputSet], refere
 
 
 def _input_bytes(inputs: InputSet) -> int:
-    return sum(t.numel() * t.element_size() for t in inputs.tensors.values())
+    return sum(t.numel() * t.element_size() for t in inputs.tensors.values()
+               if isinstance(t, torch.Tensor))
 
 
 def make_sets(case: Case, cfg: TimingConfig) -> list[InputSet]:

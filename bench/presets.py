@@ -50,7 +50,7 @@ PRESETS: dict[str, Preset] = {
                 # The check run before timing is the warm-up (it compiles); the interpreter is slow.
         timing=TimingConfig(warmup=0, min_reps=2, max_reps=3, target_s=0.01,
                             rotate_bytes=1 << 20, max_sets=2),
-        matmul_size=256, copy_bytes=64 << 20, budget_s=150.0,
+        matmul_size=256, copy_bytes=32 << 20, budget_s=150.0,
     ),
     "gpu": Preset(
         name="gpu", device="cuda", dtype=torch.bfloat16,

@@ -49,7 +49,7 @@ def run(preset_name: str, suites: tuple[str, ...] = SUITES, out_dir: Path = RESU
         f"(commit {str(result['alignfuse']['commit'])[:10]}, dirty={result['alignfuse']['dirty']})")
     ceilings = ceilings_mod.measure(device, preset.dtype, preset.matmul_size, preset.copy_bytes)
     result["ceilings"] = ceilings
-    log(f"bench: ceilings: matmul {ceilings['matmul']['flops_per_s'] / 1e12:.2f} TFLOP/s "
+    log(f"bench: ceilings: matmul {ceilings['matmul']['flops_per_s'] / 1e12:.4g} TFLOP/s "
         f"({ceilings['matmul']['dtype']}), copy {ceilings['copy']['bytes_per_s'] / 1e9:.1f} GB/s")
 
     result["suites"] = {}

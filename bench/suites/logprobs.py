@@ -60,7 +60,8 @@ def _liger():
     return Contender("liger", "baseline", run,
                      lambda device: triton_baseline_unavailable("liger_kernel", "liger-kernel",
                                                                 device),
-                     note="LigerFusedLinearCrossEntropyLoss(reduction='none'), negated")
+                     note="LigerFusedLinearCrossEntropyLoss(reduction='none'), negated; it may do "
+                          "gradient work in its forward: compare fwd+bwd")
 
 
 def _cce_unavailable(device: torch.device) -> str | None:

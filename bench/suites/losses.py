@@ -268,7 +268,8 @@ def linear_grpo_case(S: int, T: int, H: int, V: int, dtype: torch.dtype,
         Contender("liger", "baseline", liger,
                   lambda device: triton_baseline_unavailable("liger_kernel", "liger-kernel",
                                                              device),
-                  note="LigerFusedLinearGRPOLoss(loss_type='bnpo', beta=0.04)"),
+                  note="LigerFusedLinearGRPOLoss(loss_type='bnpo', beta=0.04); it computes "
+                       "gradients in its forward, so its bwd is nearly free: compare fwd+bwd"),
     ]
     tol = tolerance(dtype)
     return Case(SUITE, f"linear_grpo,S={S},T={T},H={H},V={V},{dtype_name(dtype)}",

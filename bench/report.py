@@ -1,0 +1,241 @@
+"""Result files -> a Markdown report and PNG plots (time and memory against N).
+
+    python -m bench report [FILES OR FOLDERS] [--out DIR]
+
+For each (preset, device) the latest result is reported: a header with the device,
+versions, commit and ceilings, then per suite a table whose rows are (case, mode) and whose
+columns are the contenders. A cell is the median time, the speedup over torch-eager
+(its median / this median) and the fraction of the physical floor; ✗ marks a contender
+whose output failed the check against the reference. Skips and errors are listed with
+their reasons under each table. Plots: one PNG per (suite, mode, sizes other than N) for
+time, and one for peak memory where it was measured (GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from .schema import validate
+
+EAGER = "torch-eager"
+
+
+def load(paths: list[Path]) -> list[tuple[Path, dict]]:
+    files = []
+    for p in map(Path, paths):
+        files += sorted(p.glob("*.json")) if p.is_dir() else [p]
+    results = []
+    for f in files:
+        data = json.loads(f.read_text())
+        if isinstance(data, dict) and "schema_version" in data:
+            results.append((f, data))
+    return results
+
+
+def latest(results: list[tuple[Path, dict]]) -> list[tuple[Path, dict]]:
+    best: dict[tuple, tuple[Path, dict]] = {}
+    for path, r in results:
+        key = (r["preset"], r["device"]["name"])
+        if key not in best or r["created_utc"] > best[key][1]["created_utc"]:
+            best[key] = (path, r)
+    return sorted(best.values(), key=lambda pr: (pr[1]["device"]["type"] != "cuda",
+                                                 pr[1]["preset"]))
+
+
+def _ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:.3g}" if ms >= 0.01 else f"{ms:.2e}"
+
+
+def _cell(contender: dict, mode: str) -> str:
+    if contender["status"] in ("skipped", "error"):
+        return contender["status"]
+    m = contender["modes"].get(mode)
+    if not m or m.get("status") != "ok":
+        return (m or {}).get("status", "—")
+    text = f"{_ms(m['time_s']['median'])} ms"
+    if EAGER in m.get("speedup_vs", {}):
+        text += f" ×{m['speedup_vs'][EAGER]:.3g}"
+    floor = m.get("floor") or {}
+    if floor.get("fraction_of_floor") is not None:
+        text += f" ({100 * floor['fraction_of_floor']:.2g}%)"
+    if contender["status"] == "wrong":
+        text += " ✗"
+    return text
+
+
+def _mem_cell(contender: dict, mode: str) -> str:
+    m = contender["modes"].get(mode) or {}
+    if m.get("peak_memory_bytes") is None:
+        return "—"
+    return f"{m['peak_memory_bytes'] / 2**20:.4g} MiB"
+
+
+def _header(path: Path, r: dict, out: Path) -> list[str]:
+    v, a, c = r["versions"], r["alignfuse"], r["ceilings"]
+    commit = (a["commit"] or "unknown")[:10] + (" (dirty)" if a["dirty"] else "")
+    link = os.path.relpath(path.resolve(), out.resolve())
+    lines = [f"## `{r['preset']}` on {r['device']['name']}", "",
+             f"- result: [{path.name}]({link}), {r['created_utc']}, commit {commit}",
+             f"- command: `{r['command']}`",
+             f"- torch {v['torch']}, triton {v['triton']}, CUDA {v['cuda']}, "
+             f"driver {v['driver'] or '— (' + str(v['driver_reason']) + ')'}",
+             f"- ceilings measured in this run: {c['matmul']['dtype']} matmul "
+             f"{c['matmul']['flops_per_s'] / 1e12:.3g} TFLOP/s, copy "
+             f"{c['copy']['bytes_per_s'] / 1e9:.3g} GB/s"]
+    if r.get("triton_interpreter"):
+        lines.append("- **Triton ran under the interpreter (CPU): these times are a smoke "
+                     "test and mean nothing.**")
+    return lines + [""]
+
+
+def _suite_table(suite: str, body: dict) -> list[str]:
+    cases = body.get("cases", [])
+    if not cases:
+        return []
+    names: list[str] = []
+    for case in cases:
+        for c in case["contenders"]:
+            if c["name"] not in names:
+                names.append(c["name"])
+    lines = [f"### {suite}", "",
+             "Cell: median time, ×speedup over torch-eager, (% of the physical floor); "
+             "✗ = failed the check against the reference.", "",
+             "| case | mode | " + " | ".join(names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    memory_rows, notes = [], []
+    for case in cases:
+        by_name = {c["name"]: c for c in case["contenders"]}
+        for mode in case["modes"]:
+            cells = [_cell(by_name[n], mode) if n in by_name else "" for n in names]
+            lines.append(f"| {case['case']} | {mode} | " + " | ".join(cells) + " |")
+            mem = [_mem_cell(by_name[n], mode) if n in by_name else "" for n in names]
+            if any(m not in ("—", "") for m in mem):
+                memory_rows.append(f"| {case['case']} | {mode} | " + " | ".join(mem) + " |")
+        for c in case["contenders"]:
+            if c["status"] in ("skipped", "error"):
+                notes.append(f"- {case['case']} / {c['name']}: {c['status']}: {c['reason']}")
+            elif c["status"] == "wrong":
+                errs = ", ".join(f"{k} {v:.2e}" for k, v in c["check"]["rel_err"].items())
+                notes.append(f"- {case['case']} / {c['name']}: failed the check ({errs})")
+        for key, value in (case.get("metrics") or {}).items():
+            notes.append(f"- {case['case']}: {key} = {value}")
+    if memory_rows:
+        lines += ["", "Peak memory above the live inputs:", "",
+                  "| case | mode | " + " | ".join(names) + " |",
+                  "|---|---|" + "---|" * len(names), *memory_rows]
+    if notes:
+        lines += ["", "<details><summary>skips, errors and failed checks</summary>", "",
+                  *_dedupe(notes), "", "</details>"]
+    return lines + [""]
+
+
+def _dedupe(items: list[str]) -> list[str]:
+    seen, out = set(), []
+    for item in items:
+        if item not in seen:
+            seen.add(item)
+            out.append(item)
+    return out
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.=]+", "_", text).strip("_")
+
+
+def _axis(sizes: dict) -> str | None:
+    for key in ("N", "S", "sequences", "tokens"):
+        if isinstance(sizes.get(key), (int, float)):
+            return key
+    return None
+
+
+def plots(r: dict, out: Path) -> list[Path]:
+    """Time and memory against N (or S), one line per contender; returns the PNG paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    for suite, body in r["suites"].items():
+        groups: dict[tuple, list[dict]] = defaultdict(list)
+        for case in body.get("cases", []):
+            axis = _axis(case["sizes"])
+            if axis is None:
+                continue
+            # One op per plot: the case name before its first comma names it.
+            op = case["case"].split(",")[0] if "=" not in case["case"].split(",")[0] else suite
+            rest = tuple(sorted((k, str(v)) for k, v in case["sizes"].items()
+                                if k not in (axis, "N", "S")))
+            groups[(op, axis, rest)].append(case)
+        for (op, axis, rest), cases in groups.items():
+            modes = cases[0]["modes"]
+            for mode in modes:
+                for what in ("time", "memory"):
+                    lines = defaultdict(list)
+                    for case in cases:
+                        for c in case["contenders"]:
+                            m = c["modes"].get(mode) or {}
+                            if m.get("status") != "ok":
+                                continue
+                            y = (m["time_s"]["median"] * 1e3 if what == "time"
+                                 else m.get("peak_memory_bytes"))
+                            if y is None:
+                                continue
+                            y = y if what == "time" else y / 2**20
+                            lines[c["name"]].append((case["sizes"][axis], y))
+                    if not lines:
+                        continue
+                    fig, ax = plt.subplots(figsize=(6, 4))
+                    for name, pts in sorted(lines.items()):
+                        pts.sort()
+                        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                                label=name)
+                    ax.set_xscale("log", base=2)
+                    ax.set_yscale("log")
+                    ax.set_xlabel(axis)
+                    ax.set_ylabel("median time (ms)" if what == "time" else "peak memory (MiB)")
+                    extra = ", ".join(f"{k}={v}" for k, v in rest)
+                    ax.set_title(f"{op} {mode} on {r['device']['name']}\n{extra}", fontsize=9)
+                    ax.grid(True, which="both", alpha=0.3)
+                    ax.legend(fontsize=8)
+                    fig.tight_layout()
+                    name = _slug(f"{r['preset']}_{op}_{mode}_{extra}_{what}") + ".png"
+                    path = out / name
+                    fig.savefig(path, dpi=100)
+                    plt.close(fig)
+                    made.append(path)
+    return made
+
+
+def render(paths: list[Path], out: Path) -> list[Path]:
+    """Write out/report.md and the plots from the latest result of each (preset, device)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    chosen = latest(load(paths))
+    if not chosen:
+        raise FileNotFoundError(f"no result files in {[str(p) for p in paths]}")
+    lines = ["# alignfuse benchmarks", "",
+             "Generated by `python -m bench report` from the result files linked below "
+             "(fields: bench/schema.py). Speedup = torch-eager median / contender median; "
+             "% = physical floor (FLOPs / measured matmul rate or bytes / measured copy "
+             "bandwidth, the larger) / median.", ""]
+    made = []
+    for path, r in chosen:
+        problems = validate(r)
+        lines += _header(path, r, out)
+        if problems:
+            lines += [f"**This result misses fields:** {', '.join(problems[:5])}", ""]
+        for suite, body in r["suites"].items():
+            lines += _suite_table(suite, body)
+        pngs = plots(r, out)
+        made += pngs
+        lines += [f"![{p.stem}]({p.name})" for p in pngs] + [""]
+    report = out / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return [report, *made]

@@ -1,0 +1,199 @@
+"""The benchmark harness (bench/): checks, timing records, result schema, report.
+
+The CPU preset runs end to end once (a subprocess of `python -m bench run --preset cpu`,
+as CI would call it); its result file must have every field, and the report must render a
+table and PNG plots from it. Nothing is asserted about times. The harness itself is
+tested on tiny torch-only cases, where a wrong, missing or raising contender must show.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `bench` is run from a checkout, not installed
+
+from bench import harness, schema  # noqa: E402
+from bench.harness import Case, Contender, InputSet, TimingConfig  # noqa: E402
+from bench.report import render  # noqa: E402
+
+FAST = TimingConfig(warmup=1, min_reps=3, max_reps=3, target_s=0.0, rotate_bytes=1, max_sets=2)
+CPU = torch.device("cpu")
+
+
+def _scale_case(contenders: list[Contender]) -> Case:
+    """out = 3 * x; backward gives grad_x = 3 * upstream."""
+
+    def make_inputs(seed: int) -> InputSet:
+        g = torch.Generator().manual_seed(seed)
+        return InputSet({"x": torch.randn(37, generator=g).requires_grad_()},
+                        torch.randn(37, generator=g))
+
+    def reference(s: InputSet):
+        x = s.tensors["x"].detach().double()
+        return {"out": 3 * x, "grad_x": 3 * s.upstream.double()}
+
+    return Case("unit", "scale,N=37", {"N": 37}, make_inputs, reference, contenders,
+                {"*": 1e-6}, grad_inputs=("x",), grad_output="out",
+                work=lambda mode: {"flops": 37, "bytes": 37 * 8})
+
+
+def _by_name(record: dict) -> dict:
+    return {c["name"]: c for c in record["contenders"]}
+
+
+def test_harness_records_right_wrong_skipped_and_raising_contenders():
+    def boom(t):
+        raise RuntimeError("kernel exploded")
+
+    case = _scale_case([
+        Contender("eager", "baseline", lambda t: {"out": t["x"] * 3}),
+        Contender("fast", "subject", lambda t: {"out": t["x"] + t["x"] + t["x"]}),
+        Contender("off", "subject", lambda t: {"out": t["x"] * 3.01}),
+        Contender("missing", "subject", lambda t: {"out": t["x"]},
+                  unavailable=lambda device: "not installed here"),
+        Contender("raises", "subject", boom),
+    ])
+    record = harness.run_case(case, CPU, FAST, ceilings=None, log=lambda line: None)
+    got = _by_name(record)
+    assert got["eager"]["status"] == "ok" and got["fast"]["status"] == "ok"
+    assert got["fast"]["check"]["rel_err"]["grad_x"] < 1e-6
+    # 1% off is far outside 1e-6: recorded as wrong, with the error, and still timed.
+    assert got["off"]["status"] == "wrong"
+    assert got["off"]["check"]["rel_err"]["out"] == pytest.approx(0.01 / 3, rel=1e-3)
+    assert set(got["off"]["check"]["failed"]) == {"out", "grad_x"}
+    assert got["missing"]["status"] == "skipped" and got["missing"]["reason"] == "not installed here"
+    assert got["raises"]["status"] == "error" and "kernel exploded" in got["raises"]["reason"]
+    for mode in harness.MODES:
+        m = got["fast"]["modes"][mode]
+        assert m["time_s"]["rounds"] == 3 and m["time_s"]["median"] > 0
+        assert m["peak_memory_bytes"] is None and "CPU" in m["peak_memory_reason"]
+        assert set(m["speedup_vs"]) == {"eager"}
+        assert m["speedup_vs"]["eager"] == pytest.approx(
+            got["eager"]["modes"][mode]["time_s"]["median"] / m["time_s"]["median"])
+
+
+def test_check_fails_on_nan_and_on_unwritten_gradient():
+    case = _scale_case([
+        Contender("nan", "subject", lambda t: {"out": t["x"] * float("nan")}),
+        # Forward right, but detached: no gradient reaches x.
+        Contender("detached", "subject", lambda t: {"out": (t["x"] * 3).detach().requires_grad_()}),
+    ])
+    got = _by_name(harness.run_case(case, CPU, FAST, ceilings=None, log=lambda line: None))
+    assert got["nan"]["status"] == "wrong" and math.isnan(got["nan"]["check"]["rel_err"]["out"])
+    assert got["detached"]["status"] == "wrong"
+    assert got["detached"]["check"]["failed"] == ["grad_x"]
+
+
+def test_unavailable_case_skips_every_contender_with_the_reason():
+    case = _scale_case([Contender("eager", "baseline", lambda t: {"out": t["x"] * 3})])
+    case.unavailable = lambda device: "alignfuse.kernels.thing is not implemented yet"
+    record = harness.run_case(case, CPU, FAST, ceilings=None, log=lambda line: None)
+    assert record["contenders"][0]["status"] == "skipped"
+    assert "not implemented yet" in record["contenders"][0]["reason"]
+
+
+def test_inputs_rotate_and_are_never_zero():
+    seen = []
+
+    def run(t):
+        seen.append(t["x"].detach().clone())
+        return {"out": t["x"] * 3}
+
+    case = _scale_case([Contender("eager", "baseline", run)])
+    harness.run_case(case, CPU, FAST, ceilings=None, log=lambda line: None)
+    distinct = {tuple(x.tolist()) for x in seen}
+    assert len(distinct) == 2  # FAST asks for 2 input sets; both were used
+    assert all(bool((x != 0).all()) for x in seen)
+
+
+def test_summary_and_floor():
+    stats = harness.summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert stats["median"] == 3.0 and stats["min"] == 1.0 and stats["max"] == 5.0
+    assert stats["p10"] == pytest.approx(1.4) and stats["p90"] == pytest.approx(4.6)
+    assert stats["rounds"] == 5
+    ceilings = {"matmul": {"flops_per_s": 1e12}, "copy": {"bytes_per_s": 1e9}}
+    f = harness.floor({"flops": 2e12, "bytes": 1e9}, ceilings, seconds=4.0)
+    assert f["floor_s"] == pytest.approx(2.0) and f["bound"] == "compute"
+    assert f["fraction_of_floor"] == pytest.approx(0.5)
+    f = harness.floor({"flops": 0, "bytes": 3e9}, ceilings, seconds=6.0)
+    assert f["bound"] == "memory" and f["fraction_of_floor"] == pytest.approx(0.5)
+
+
+def test_logprobs_reference_matches_autograd_in_float64():
+    from bench.suites.logprobs import case as logprobs_case, reference
+
+    case = logprobs_case(13, 16, 101, torch.float64, CPU)
+    s = case.make_inputs(3)
+    ref = reference(s, budget_bytes=101 * 8 * 2 * 5)  # several row chunks
+    h, w = s.tensors["hidden"], s.tensors["weight"]
+    logps = torch.log_softmax(h @ w.T, -1).gather(-1, s.tensors["targets"][:, None])[:, 0]
+    gh, gw = torch.autograd.grad(logps, (h, w), s.upstream.double())
+    torch.testing.assert_close(ref["logps"], logps.detach())
+    torch.testing.assert_close(ref["grad_hidden"], gh)
+    torch.testing.assert_close(ref["grad_weight"], gw)
+
+
+def test_schema_names_what_is_missing():
+    assert schema.validate({})[:2] == ["result.schema_version", "result.preset"]
+
+
+# ---------------------------------------------------------------------------------------
+# The CPU preset, end to end
+
+
+@pytest.fixture(scope="module")
+def cpu_result(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "bench", "run", "--preset", "cpu",
+                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = list(out.glob("*.json"))
+    assert len(files) == 1, files
+    return files[0]
+
+
+@pytest.mark.slow
+def test_cpu_preset_writes_a_complete_result(cpu_result):
+    r = json.loads(cpu_result.read_text())
+    assert schema.validate(r) == []
+    assert r["preset"] == "cpu" and r["device"]["type"] == "cpu"
+    assert r["command"].endswith("-m bench run --preset cpu --out " + str(cpu_result.parent))
+    assert r["versions"]["torch"] == torch.__version__
+    assert r["alignfuse"]["commit"] and len(r["alignfuse"]["commit"]) == 40
+    assert isinstance(r["alignfuse"]["dirty"], bool)
+    assert r["ceilings"]["matmul"]["flops_per_s"] > 0 and r["ceilings"]["copy"]["bytes_per_s"] > 0
+    assert set(r["suites"]) == {"logprobs", "losses", "packing", "step"}
+    for suite, body in r["suites"].items():
+        assert body["cases"], f"suite {suite} recorded no case"
+        for case in body["cases"]:
+            for c in case["contenders"]:
+                assert c["status"] in harness.STATUSES
+                assert c["status"] != "wrong", (suite, case["case"], c["name"], c["check"])
+    # The eager logprobs baseline always runs on CPU, is checked and timed in every mode.
+    eager = _by_name(r["suites"]["logprobs"]["cases"][0])["torch-eager"]
+    assert eager["status"] == "ok" and eager["check"]["passed"]
+    for mode in harness.MODES:
+        m = eager["modes"][mode]
+        assert m["time_s"]["median"] > 0 and m["floor"]["fraction_of_floor"] > 0
+
+
+@pytest.mark.slow
+def test_report_renders_a_table_and_pngs(cpu_result, tmp_path):
+    paths = render([cpu_result], tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "| case | mode |" in report and "torch-eager" in report
+    assert cpu_result.name in report  # links its JSON
+    pngs = [p for p in paths if p.suffix == ".png"]
+    assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert any("logprobs" in p.name and p.name.endswith("_time.png") for p in pngs)
