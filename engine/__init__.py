@@ -6,3 +6,6 @@ a ready loop behind the `alignfuse` command.
 """
 
 from .packing import PackedBatch, pack, padding_efficiency, plan_micro_batches  # noqa: E402,F401
+from .data import (DataFormatError, KTORecord, PreferenceRecord, RankedRecord,  # noqa: E402,F401
+                   ScoredRecord, TokenizedDataset, load_dpo, load_kto, load_ranked, load_scored,
+                   tokenize_records)

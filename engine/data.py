@@ -1,0 +1,312 @@
+"""Training data: JSONL / Hugging Face `datasets` loaders, tokenization, and packing.
+
+Record shapes (one JSON object per line; a `datasets.Dataset` with the same columns is
+accepted wherever a path is):
+
+| loader        | fields                                                       | record             |
+|---------------|--------------------------------------------------------------|--------------------|
+| `load_dpo`    | `instruction` str, `input` str (optional), `chosen` str, `rejected` str | `PreferenceRecord` |
+| `load_kto`    | `instruction` str, `input` str (optional), `output` str, `kto_tag` bool | `KTORecord` |
+| `load_scored` | `prompt` str, `completion` str, `score` number               | `ScoredRecord`     |
+| `load_ranked` | `prompt` str, `responses` list of >= 2 str (best first), `ranks` (optional) | `RankedRecord` |
+
+- The prompt of an instruction record is `instruction + ("\\n" + input if input)`.
+- `ranks` (ranked lists): `ranks[k]` is the rank of `responses[k]`, 0 = best, a permutation
+  of `0..K-1`; without it the responses are already best first. Records always hold them
+  best first. Pairwise reward-model data uses the DPO shape.
+- Loaders validate the whole source before returning, so a bad record stops the run at
+  start-up, not halfway: a `DataFormatError` (a `ValueError`) names the file, the line
+  number (or dataset row) and the field.
+
+Tokenization (`tokenize_records`): with a chat template, the prompt is the user turn and the
+completion the assistant turn; the prompt ids are the template rendered up to the assistant
+turn (`add_generation_prompt=True`), the completion ids the rest of the rendered
+conversation. Without a template, prompt ids are `tokenizer(prompt)` (its own special
+tokens, e.g. BOS) and completion ids `tokenizer(completion) + [eos]`. Every sequence carries
+its prompt length, so `pack` gives prompt tokens no targets.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+
+from .packing import PackedBatch, pack
+
+
+class DataFormatError(ValueError):
+    """A malformed record: `source` (file or "dataset"), `line` (1-based line or row), and
+    `field` (None when the record itself is bad, e.g. invalid JSON)."""
+
+    def __init__(self, source: str, line: int, field: str | None, problem: str):
+        where = f"{source}: {'line' if source != 'dataset' else 'row'} {line}"
+        super().__init__(f"{where}: " + (f"field {field!r}: " if field else "") + problem)
+        self.source, self.line, self.field = source, line, field
+
+
+# ---------------------------------------------------------------------------------------
+# Records
+
+
+@dataclass(frozen=True)
+class PreferenceRecord:
+    """A prompt with a preferred (`chosen`) and a dispreferred (`rejected`) completion."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+@dataclass(frozen=True)
+class KTORecord:
+    """A prompt and one completion labelled desirable (True) or undesirable (False)."""
+
+    prompt: str
+    completion: str
+    desirable: bool
+
+
+@dataclass(frozen=True)
+class ScoredRecord:
+    """A prompt and a completion with a scalar score (reward-model or PPO-style data)."""
+
+    prompt: str
+    completion: str
+    score: float
+
+
+@dataclass(frozen=True)
+class RankedRecord:
+    """A prompt and K >= 2 responses, best first (listwise reward models)."""
+
+    prompt: str
+    responses: tuple[str, ...]
+
+
+def instruction_prompt(instruction: str, input: str = "") -> str:
+    """The prompt of an instruction record: `instruction + ("\\n" + input if input)`."""
+    return instruction + ("\n" + input if input else "")
+
+
+# ---------------------------------------------------------------------------------------
+# Reading and validating
+
+
+def _rows(source) -> Iterator[tuple[str, int, Any]]:
+    """(source name, 1-based line or row, parsed object) for a JSONL path or a Dataset."""
+    if isinstance(source, (str, os.PathLike)):
+        name = os.fspath(source)
+        with open(name, encoding="utf-8") as f:
+            for number, text in enumerate(f, start=1):
+                if not text.strip():
+                    continue  # blank lines (e.g. a trailing newline) are not records
+                try:
+                    yield name, number, json.loads(text)
+                except json.JSONDecodeError as err:
+                    raise DataFormatError(name, number, None, f"invalid JSON ({err.msg} at "
+                                          f"column {err.colno})") from None
+        return
+    if hasattr(source, "column_names") and hasattr(source, "__iter__"):  # datasets.Dataset
+        for number, row in enumerate(source, start=1):
+            yield "dataset", number, row
+        return
+    raise TypeError("source must be a path to a JSONL file or a datasets.Dataset, "
+                    f"got {type(source).__name__}")
+
+
+class _Fields:
+    """Typed access to one record's fields; every failure names source, line and field."""
+
+    def __init__(self, source: str, line: int, row: Any):
+        if not isinstance(row, dict):
+            raise DataFormatError(source, line, None,
+                                  f"expected a JSON object, got {type(row).__name__}")
+        self.source, self.line, self.row = source, line, row
+
+    def fail(self, name: str, problem: str):
+        raise DataFormatError(self.source, self.line, name, problem)
+
+    def get(self, name: str, check: Callable[[Any], bool], expected: str, *,
+            optional: bool = False, default: Any = None) -> Any:
+        if name not in self.row or self.row[name] is None:
+            if optional:
+                return default
+            self.fail(name, "missing")
+        value = self.row[name]
+        if not check(value):
+            self.fail(name, f"expected {expected}, got {type(value).__name__} {value!r:.60}")
+        return value
+
+    def text(self, name: str, **kwargs) -> str:
+        return self.get(name, lambda v: isinstance(v, str), "a string", **kwargs)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _load(source, parse: Callable[[_Fields], Any]) -> list:
+    records = [parse(_Fields(name, line, row)) for name, line, row in _rows(source)]
+    if not records:
+        raise ValueError(f"source {source!r:.80} holds no records")
+    return records
+
+
+def load_dpo(source) -> list[PreferenceRecord]:
+    """Preference pairs from JSONL or a Dataset: `instruction`, `input`, `chosen`, `rejected`."""
+    def parse(r: _Fields) -> PreferenceRecord:
+        prompt = instruction_prompt(r.text("instruction"), r.text("input", optional=True,
+                                                                  default=""))
+        return PreferenceRecord(prompt, r.text("chosen"), r.text("rejected"))
+    return _load(source, parse)
+
+
+def load_kto(source) -> list[KTORecord]:
+    """Labelled completions from JSONL or a Dataset: `instruction`, `input`, `output`,
+    `kto_tag` (bool: desirable)."""
+    def parse(r: _Fields) -> KTORecord:
+        prompt = instruction_prompt(r.text("instruction"), r.text("input", optional=True,
+                                                                  default=""))
+        tag = r.get("kto_tag", lambda v: isinstance(v, bool), "a bool (true/false)")
+        return KTORecord(prompt, r.text("output"), tag)
+    return _load(source, parse)
+
+
+def load_scored(source) -> list[ScoredRecord]:
+    """Scored completions from JSONL or a Dataset: `prompt`, `completion`, `score` (finite)."""
+    def parse(r: _Fields) -> ScoredRecord:
+        score = r.get("score", _is_number, "a finite number")
+        return ScoredRecord(r.text("prompt"), r.text("completion"), float(score))
+    return _load(source, parse)
+
+
+def load_ranked(source) -> list[RankedRecord]:
+    """Ranked lists from JSONL or a Dataset: `prompt`, `responses` (>= 2 strings, best first
+    unless `ranks` says otherwise), optional `ranks` (rank of each response, 0 = best)."""
+    def parse(r: _Fields) -> RankedRecord:
+        responses = r.get("responses", lambda v: isinstance(v, list) and len(v) >= 2
+                          and all(isinstance(x, str) for x in v), "a list of >= 2 strings")
+        ranks = r.get("ranks", lambda v: isinstance(v, list) and all(
+            isinstance(x, int) and not isinstance(x, bool) for x in v),
+            "a list of ints", optional=True)
+        if ranks is not None:
+            if sorted(ranks) != list(range(len(responses))):
+                r.fail("ranks", f"expected a permutation of 0..{len(responses) - 1} (one rank "
+                                f"per response), got {ranks!r:.60}")
+            responses = [response for _, response in sorted(zip(ranks, responses))]
+        return RankedRecord(r.text("prompt"), tuple(responses))
+    return _load(source, parse)
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenization
+
+
+def encode_prompt_completion(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+    """Token ids of a prompt and its completion (see the module docstring for the format)."""
+    if getattr(tokenizer, "chat_template", None):
+        user = [{"role": "user", "content": prompt}]
+        prompt_text = tokenizer.apply_chat_template(user, add_generation_prompt=True,
+                                                    tokenize=False)
+        full_text = tokenizer.apply_chat_template(
+            user + [{"role": "assistant", "content": completion}], tokenize=False)
+        if not full_text.startswith(prompt_text):
+            raise ValueError("tokenizer's chat template does not render the conversation as "
+                             "the generation prompt followed by the answer; cannot split the "
+                             "prompt from the completion")
+        # Encoded apart, so the prompt length is exact; the template carries the specials.
+        return (tokenizer(prompt_text, add_special_tokens=False)["input_ids"],
+                tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"])
+    if tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer has neither a chat template nor an eos token")
+    return (tokenizer(prompt)["input_ids"],
+            tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+
+
+@dataclass
+class TokenizedDataset:
+    """Tokenized records as sequences ready for `pack`: prompt + completion per sequence.
+
+    A record becomes one sequence (KTO, scored) or several that are packed together as one
+    group (DPO: chosen then rejected; ranked: K responses best first). Per-sequence lists:
+    """
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    record_index: list[int]  # the record (= packing group) of each sequence
+    # Per-sequence values: "chosen" (DPO, bool), "desirable" (KTO, bool), "score" (float),
+    # "rank" (ranked lists, 0 = best).
+    extras: dict[str, list] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_records(self) -> int:
+        return self.record_index[-1] + 1 if self.record_index else 0
+
+    def sequence(self, i: int) -> list[int]:
+        return self.prompt_ids[i] + self.completion_ids[i]
+
+    def pack(self, records: Sequence[int] | None = None, *, max_tokens: int,
+             **pack_kwargs) -> list[PackedBatch]:
+        """Pack the sequences of `records` (default: all), each record's sequences together.
+
+        In each batch `seq_index` indexes this dataset's sequences, `group_index` is the
+        record index and `extras` carries the per-sequence values. `pack_kwargs` go to `alignfuse.engine.pack` (num_ranks, rank, truncate, ...).
+        """
+        if records is None:
+            chosen = list(range(len(self)))
+        else:
+            wanted = set(int(r) for r in records)
+            if len(wanted) != len(records) or not all(0 <= r < self.num_records for r in wanted):
+                raise ValueError(f"records must be distinct indices in [0, {self.num_records})")
+            chosen = [i for i in range(len(self)) if self.record_index[i] in wanted]
+        batches = pack([self.sequence(i) for i in chosen], max_tokens=max_tokens,
+                       prompt_lengths=[len(self.prompt_ids[i]) for i in chosen],
+                       groups=[self.record_index[i] for i in chosen],
+                       extras={k: [v[i] for i in chosen] for k, v in self.extras.items()},
+                       **pack_kwargs)
+        sequence_ids = torch.tensor(chosen, dtype=torch.int64)
+        for batch in batches:  # positions in `chosen` -> this dataset's sequence indices
+            batch.seq_index = sequence_ids[batch.seq_index]
+        return batches
+
+
+def tokenize_records(records: Iterable, tokenizer) -> TokenizedDataset:
+    """Tokenize loaded records (all of one kind) into a `TokenizedDataset`."""
+    out = TokenizedDataset([], [], [])
+    kind = None
+    for index, record in enumerate(records):
+        if kind is None:
+            kind = type(record)
+        elif type(record) is not kind:
+            raise TypeError(f"records must all be of one kind; records[{index}] is "
+                            f"{type(record).__name__}, records[0] is {kind.__name__}")
+        if isinstance(record, PreferenceRecord):
+            items = [(record.chosen, {"chosen": True}), (record.rejected, {"chosen": False})]
+        elif isinstance(record, KTORecord):
+            items = [(record.completion, {"desirable": record.desirable})]
+        elif isinstance(record, ScoredRecord):
+            items = [(record.completion, {"score": record.score})]
+        elif isinstance(record, RankedRecord):
+            items = [(response, {"rank": k}) for k, response in enumerate(record.responses)]
+        else:
+            raise TypeError(f"records[{index}] must be a record from a load_* function, "
+                            f"got {type(record).__name__}")
+        for completion, values in items:
+            prompt_ids, completion_ids = encode_prompt_completion(tokenizer, record.prompt,
+                                                                  completion)
+            out.prompt_ids.append(prompt_ids)
+            out.completion_ids.append(completion_ids)
+            out.record_index.append(index)
+            for name, value in values.items():
+                out.extras.setdefault(name, []).append(value)
+    if kind is None:
+        raise ValueError("records is empty")
+    return out

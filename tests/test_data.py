@@ -1,0 +1,209 @@
+"""Data loaders: JSONL and datasets.Dataset shapes, chat-template tokenization, prompt
+masking through packing, and malformed records named by file, line and field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from alignfuse.engine.data import (DataFormatError, KTORecord, PreferenceRecord, RankedRecord,
+                                   ScoredRecord, encode_prompt_completion, load_dpo, load_kto,
+                                   load_ranked, load_scored, tokenize_records)
+from alignfuse.engine.tiny import tiny_tokenizer
+
+DPO_ROWS = [
+    {"instruction": "Add", "input": "2+3", "chosen": "5", "rejected": "6"},
+    {"instruction": "Say hi", "input": "", "chosen": "hi", "rejected": "no"},
+    {"instruction": "Echo", "chosen": "a b", "rejected": "b"},  # "input" may be left out
+]
+KTO_ROWS = [
+    {"instruction": "Add", "input": "1+1", "output": "2", "kto_tag": True},
+    {"instruction": "Add", "input": "1+1", "output": "3", "kto_tag": False},
+]
+SCORED_ROWS = [
+    {"prompt": "2*3=", "completion": "6", "score": 1.0},
+    {"prompt": "2*3=", "completion": "5", "score": -0.5},
+    {"prompt": "9-9=", "completion": "0", "score": 2},
+]
+RANKED_ROWS = [
+    {"prompt": "Best?", "responses": ["a", "b", "c"]},
+    {"prompt": "Order", "responses": ["x", "y", "z"], "ranks": [2, 0, 1]},
+]
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")  # trailing blank line
+    return str(path)
+
+
+def test_load_dpo(tmp_path):
+    records = load_dpo(write_jsonl(tmp_path / "dpo.jsonl", DPO_ROWS))
+    assert records == [PreferenceRecord("Add\n2+3", "5", "6"),
+                       PreferenceRecord("Say hi", "hi", "no"),
+                       PreferenceRecord("Echo", "a b", "b")]
+
+
+def test_load_kto(tmp_path):
+    records = load_kto(write_jsonl(tmp_path / "kto.jsonl", KTO_ROWS))
+    assert records == [KTORecord("Add\n1+1", "2", True), KTORecord("Add\n1+1", "3", False)]
+
+
+def test_load_scored(tmp_path):
+    records = load_scored(write_jsonl(tmp_path / "scored.jsonl", SCORED_ROWS))
+    assert records == [ScoredRecord("2*3=", "6", 1.0), ScoredRecord("2*3=", "5", -0.5),
+                       ScoredRecord("9-9=", "0", 2.0)]
+    assert all(isinstance(r.score, float) for r in records)
+
+
+def test_load_ranked_puts_responses_best_first(tmp_path):
+    records = load_ranked(write_jsonl(tmp_path / "ranked.jsonl", RANKED_ROWS))
+    assert records == [RankedRecord("Best?", ("a", "b", "c")),
+                       RankedRecord("Order", ("y", "z", "x"))]
+
+
+@pytest.mark.parametrize("loader, rows, bad_row, field, problem", [
+    (load_dpo, DPO_ROWS, {"instruction": "x", "input": "", "rejected": "r"}, "chosen", "missing"),
+    (load_dpo, DPO_ROWS, {"instruction": 3, "chosen": "c", "rejected": "r"}, "instruction",
+     "expected a string"),
+    (load_kto, KTO_ROWS, {"instruction": "x", "output": "o", "kto_tag": "yes"}, "kto_tag",
+     "expected a bool"),
+    (load_kto, KTO_ROWS, {"instruction": "x", "output": "o", "kto_tag": 1}, "kto_tag",
+     "expected a bool"),
+    (load_scored, SCORED_ROWS, {"prompt": "p", "completion": "c", "score": "high"}, "score",
+     "expected a finite number"),
+    (load_scored, SCORED_ROWS, {"prompt": "p", "completion": "c", "score": True}, "score",
+     "expected a finite number"),
+    (load_scored, SCORED_ROWS, {"prompt": "p", "score": 1.0}, "completion", "missing"),
+    (load_ranked, RANKED_ROWS, {"prompt": "p", "responses": ["only one"]}, "responses",
+     "list of >= 2 strings"),
+    (load_ranked, RANKED_ROWS, {"prompt": "p", "responses": ["a", "b"], "ranks": [0, 0]},
+     "ranks", "permutation"),
+])
+def test_malformed_record_names_file_line_and_field(tmp_path, loader, rows, bad_row, field,
+                                                    problem):
+    # The bad record is the third line, after two good ones (so the whole file is validated).
+    path = write_jsonl(tmp_path / "data.jsonl", rows[:2] + [bad_row] + rows[:1])
+    with pytest.raises(DataFormatError) as info:
+        loader(path)
+    err = info.value
+    assert (err.source, err.line, err.field) == (path, 3, field)
+    message = str(err)
+    assert path in message and "line 3" in message and repr(field) in message
+    assert problem in message
+
+
+def test_invalid_json_and_non_object_name_the_line(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text(json.dumps(DPO_ROWS[0]) + "\n" + '{"instruction": "x", \n')
+    with pytest.raises(DataFormatError, match=r"broken\.jsonl: line 2: invalid JSON"):
+        load_dpo(str(path))
+    path.write_text(json.dumps(DPO_ROWS[0]) + "\n[1, 2]\n")
+    with pytest.raises(DataFormatError, match=r"line 2: expected a JSON object, got list"):
+        load_dpo(str(path))
+    path.write_text("\n\n")
+    with pytest.raises(ValueError, match="no records"):
+        load_dpo(str(path))
+    with pytest.raises(TypeError, match="source"):
+        load_dpo(42)
+
+
+def test_chat_template_is_used():
+    tokenizer = tiny_tokenizer()
+    prompt_ids, completion_ids = encode_prompt_completion(tokenizer, "2+2=", "4")
+    decode = lambda ids: tokenizer.decode(ids)  # noqa: E731
+    assert decode(prompt_ids) == "<|user|>2+2=<|assistant|>"
+    assert decode(completion_ids) == "4<eos>"
+    full = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "2+2="}, {"role": "assistant", "content": "4"}],
+        tokenize=False)
+    assert tokenizer(full, add_special_tokens=False)["input_ids"] == prompt_ids + completion_ids
+
+
+def test_plain_concatenation_without_chat_template():
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = None
+    prompt_ids, completion_ids = encode_prompt_completion(tokenizer, "2+2=", "4")
+    assert prompt_ids == tokenizer("2+2=")["input_ids"]
+    assert completion_ids == tokenizer("4", add_special_tokens=False)["input_ids"] + \
+        [tokenizer.eos_token_id]
+
+
+def test_tokenized_dpo_packs_pairs_with_prompt_masked(tmp_path):
+    tokenizer = tiny_tokenizer()
+    records = load_dpo(write_jsonl(tmp_path / "dpo.jsonl", DPO_ROWS))
+    data = tokenize_records(records, tokenizer)
+    assert len(data) == 2 * len(records) and data.num_records == len(records)
+    assert data.extras["chosen"] == [True, False] * len(records)
+    batches = data.pack(max_tokens=64)
+    seen = []
+    for batch in batches:
+        for k in range(0, batch.num_seqs, 2):  # chosen then rejected, contiguous
+            record = int(batch.group_index[k])
+            assert int(batch.group_index[k + 1]) == record
+            assert bool(batch.extras["chosen"][k]) and not bool(batch.extras["chosen"][k + 1])
+            seen.append(record)
+        # Loss only on completion tokens: the targets are exactly the completion ids.
+        for k, (targets, s) in enumerate(zip(batch.unpack(batch.targets),
+                                             batch.seq_index.tolist())):
+            kept = targets[targets != -100].tolist()
+            assert kept == data.completion_ids[s]
+            record = records[int(batch.group_index[k])]
+            answer = record.chosen if k % 2 == 0 else record.rejected
+            assert tokenizer.decode(kept) == answer + "<eos>"
+    assert sorted(seen) == list(range(len(records)))
+
+
+def test_tokenized_subsets_and_extras(tmp_path):
+    tokenizer = tiny_tokenizer()
+    scored = tokenize_records(load_scored(write_jsonl(tmp_path / "s.jsonl", SCORED_ROWS)),
+                              tokenizer)
+    batches = scored.pack([2, 0], max_tokens=32)
+    got = {int(g): float(v) for b in batches for g, v in zip(b.group_index, b.extras["score"])}
+    assert got == {0: 1.0, 2: 2.0}
+    # seq_index names the dataset's sequences, also for a subset.
+    assert sorted(i for b in batches for i in b.seq_index.tolist()) == [0, 2]
+    ranked = tokenize_records(load_ranked(write_jsonl(tmp_path / "r.jsonl", RANKED_ROWS)),
+                              tokenizer)
+    (batch,) = ranked.pack(max_tokens=64)
+    assert batch.extras["rank"].tolist() == [0, 1, 2, 0, 1, 2]
+    assert batch.group_index.tolist() == [0, 0, 0, 1, 1, 1]
+    kto = tokenize_records(load_kto(write_jsonl(tmp_path / "k.jsonl", KTO_ROWS)), tokenizer)
+    assert kto.extras["desirable"] == [True, False]
+    with pytest.raises(ValueError, match="records"):
+        scored.pack([0, 0], max_tokens=32)
+    with pytest.raises(TypeError, match="one kind"):
+        tokenize_records([ScoredRecord("p", "c", 1.0), KTORecord("p", "c", True)], tokenizer)
+
+
+@pytest.mark.parametrize("loader, rows", [(load_dpo, DPO_ROWS), (load_kto, KTO_ROWS),
+                                          (load_scored, SCORED_ROWS),
+                                          (load_ranked, RANKED_ROWS)])
+def test_datasets_equivalent_gives_the_same_records(tmp_path, loader, rows):
+    datasets = pytest.importorskip("datasets")
+    from_file = loader(write_jsonl(tmp_path / "d.jsonl", rows))
+    # Same columns as the JSONL; a row without an optional column holds None there.
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    table = datasets.Dataset.from_list([{k: row.get(k) for k in columns} for row in rows])
+    assert loader(table) == from_file
+
+
+def test_datasets_malformed_row_names_row_and_field():
+    datasets = pytest.importorskip("datasets")
+    rows = [dict(SCORED_ROWS[0]), {"prompt": "p", "completion": None, "score": 0.5}]
+    with pytest.raises(DataFormatError, match=r"dataset: row 2: field 'completion': missing"):
+        load_scored(datasets.Dataset.from_list(rows))
+    # A column of the wrong type (here all scores are strings).
+    bad = datasets.Dataset.from_list([{"prompt": "p", "completion": "c", "score": "high"}])
+    with pytest.raises(DataFormatError, match=r"row 1: field 'score'"):
+        load_scored(bad)
+
+
+def test_packed_tokens_match_the_tokenized_sequences(tmp_path):
+    tokenizer = tiny_tokenizer()
+    data = tokenize_records(load_kto(write_jsonl(tmp_path / "k.jsonl", KTO_ROWS)), tokenizer)
+    for batch in data.pack(max_tokens=48, num_ranks=2, rank=0) + \
+            data.pack(max_tokens=48, num_ranks=2, rank=1):
+        for piece, s in zip(batch.unpack(batch.input_ids), batch.seq_index.tolist()):
+            assert torch.equal(piece, torch.tensor(data.sequence(s)))
