@@ -1,0 +1,181 @@
+"""Algorithm objects inside a plain user-written loop (the test owns the optimizer)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignfuse.engine.algorithms import DPO, KTO, ORPO, SFT, RewardModel, SimPO, kto_sequences
+from alignfuse.engine.forward import precompute_reference_logps
+from alignfuse.engine.packing import pack
+from alignfuse.engine.tiny import tiny_model
+from alignfuse.kernels.preference import dpo_loss
+from alignfuse.kernels.preference.dpo import LENGTH_NORMALIZED, LOSS_TYPES
+from helpers import assert_rel_close
+
+VOCAB = 61
+
+
+def pair_data(seed: int, num_pairs: int = 4):
+    """Pairs `[chosen, rejected]` sharing a prompt: sequences, prompt lengths, groups."""
+    gen = torch.Generator().manual_seed(seed)
+    seqs, prompts = [], []
+    for _ in range(num_pairs):
+        prompt = torch.randint(6, VOCAB, (int(torch.randint(2, 6, (1,), generator=gen)),),
+                               generator=gen).tolist()
+        for n in torch.randint(2, 8, (2,), generator=gen).tolist():
+            seqs.append(prompt + torch.randint(6, VOCAB, (n,), generator=gen).tolist())
+            prompts.append(len(prompt))
+    return seqs, prompts, [i // 2 for i in range(len(seqs))]
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def unpacked_logps(model, seq, prompt_len) -> torch.Tensor:
+    ids = torch.tensor(seq)[None]
+    logp = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+    logp = logp.gather(1, ids[0, 1:, None])[:, 0]
+    return logp[prompt_len - 1:].sum()
+
+
+def make(name: str, model, ref_model):
+    return {"sft": lambda: SFT(model), "dpo": lambda: DPO(model, ref_model, beta=0.5),
+            "kto": lambda: KTO(model, ref_model, beta=0.5), "orpo": lambda: ORPO(model, beta=0.5),
+            "simpo": lambda: SimPO(model), "rm": lambda: RewardModel(model)}[name]()
+
+
+def batches_for(name: str, seed: int, max_tokens: int = 400):
+    seqs, prompts, groups = pair_data(seed)
+    if name == "kto":
+        data = kto_sequences([s[:p] for s, p in zip(seqs, prompts)],
+                             [s[p:] for s, p in zip(seqs, prompts)],
+                             [i % 2 == 0 for i in range(len(seqs))])
+        return pack(data["sequences"], max_tokens=max_tokens,
+                    prompt_lengths=data["prompt_lengths"], groups=data["groups"],
+                    extras=data["extras"])
+    return pack(seqs, max_tokens=max_tokens, prompt_lengths=prompts, groups=groups)
+
+
+@pytest.mark.parametrize("name", ["sft", "dpo", "kto", "orpo", "simpo", "rm"])
+def test_step_in_a_user_loop_lowers_the_loss(name):
+    model = tiny_model("llama", VOCAB, seed=3)
+    ref_model = tiny_model("llama", VOCAB, seed=3).eval()
+    algo = make(name, model, ref_model)  # before the optimizer: RewardModel adds its head
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    (batch,) = batches_for(name, seed=4)
+    history = []
+    for _ in range(6):
+        optimizer.zero_grad()
+        metrics = algo.step(batch)
+        optimizer.step()
+        assert all(isinstance(v, float) for v in metrics.values()), metrics
+        history.append(metrics["loss"])
+    assert history[-1] < history[0] - 1e-3, history
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_dpo_loss_and_gradients_match_unpacked(loss_type):
+    model = tiny_model("qwen2", VOCAB, seed=5)
+    ref_model = tiny_model("qwen2", VOCAB, seed=6).eval()
+    seqs, prompts, groups = pair_data(7, num_pairs=3)
+    (batch,) = pack(seqs, max_tokens=400, prompt_lengths=prompts, groups=groups)
+    kwargs = {"label_smoothing": 0.1} if loss_type in ("sigmoid", "robust") else {}
+    algo = DPO(model, ref_model, beta=0.3, loss_type=loss_type, **kwargs)
+    metrics = algo.step(batch)
+    packed_grads = grads(model)
+    model.zero_grad()
+
+    policy = torch.stack([unpacked_logps(model, s, p) for s, p in zip(seqs, prompts)])
+    with torch.no_grad():
+        ref = torch.stack([unpacked_logps(ref_model, s, p) for s, p in zip(seqs, prompts)])
+    lengths = torch.tensor([float(len(s) - p) for s, p in zip(seqs, prompts)])
+    extra = ({"chosen_lengths": lengths[0::2], "rejected_lengths": lengths[1::2]}
+             if loss_type in LENGTH_NORMALIZED else {})
+    losses, _, _ = dpo_loss(policy[0::2], policy[1::2], ref[0::2], ref[1::2], beta=0.3,
+                            loss_type=loss_type, **kwargs, **extra)
+    losses.mean().backward()
+    assert abs(metrics["loss"] - float(losses.mean())) <= 1e-5 * max(1.0, abs(metrics["loss"]))
+    expected = grads(model)
+    assert packed_grads.keys() == expected.keys()
+    for name in expected:
+        assert_rel_close(packed_grads[name], expected[name], 1e-4, f"{loss_type} grad {name}")
+
+
+# Not KTO: its reference point z0 is estimated per micro-batch (as in TRL), so micro-batches
+# see different z0s than one big batch would.
+@pytest.mark.parametrize("name", ["sft", "dpo", "orpo", "rm"])
+def test_gradient_accumulation_equals_one_batch(name):
+    model = tiny_model("llama", VOCAB, seed=8)
+    ref_model = tiny_model("llama", VOCAB, seed=9).eval()
+    algo = make(name, model, ref_model)
+    (whole,) = batches_for(name, seed=10, max_tokens=400)
+    micro = batches_for(name, seed=10, max_tokens=30)
+    assert len(micro) >= 2
+    algo.step(whole)
+    expected = grads(model)
+    model.zero_grad()
+    total = sum(algo.num_units(b) for b in micro)
+    assert total == algo.num_units(whole)
+    for b in micro:
+        algo.step(b, loss_scale=algo.num_units(b) / total)
+    for key, g in grads(model).items():
+        assert_rel_close(g, expected[key], 1e-5, f"accumulated grad {key}")
+
+
+def test_dpo_with_precomputed_reference_equals_reference_model():
+    model = tiny_model("llama", VOCAB, seed=11)
+    ref_model = tiny_model("llama", VOCAB, seed=12)
+    seqs, prompts, groups = pair_data(13)
+    batches = pack(seqs, max_tokens=30, prompt_lengths=prompts, groups=groups)
+    ref = precompute_reference_logps(ref_model, batches)
+    stored = pack(seqs, max_tokens=30, prompt_lengths=prompts, groups=groups,
+                  extras={"reference_logps": ref})
+    with torch.no_grad():
+        for live, saved in zip(batches, stored):
+            a, _ = DPO(model, ref_model).loss(live)
+            b, _ = DPO(model).loss(saved)
+            assert_rel_close(b, a, 1e-6, "precomputed reference")
+    with pytest.raises(ValueError, match="reference log-probs"):
+        DPO(model).loss(batches[0])
+
+
+def test_lora_dpo_trains_only_the_adapters():
+    peft = pytest.importorskip("peft")
+    base = tiny_model("qwen2", VOCAB, seed=14)
+    seqs, prompts, groups = pair_data(15)
+    plain = pack(seqs, max_tokens=400, prompt_lengths=prompts, groups=groups)
+    ref = precompute_reference_logps(base, plain)  # the reference is the frozen base model
+    (batch,) = pack(seqs, max_tokens=400, prompt_lengths=prompts, groups=groups,
+                    extras={"reference_logps": ref})
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                             init_lora_weights=False)
+    model = peft.get_peft_model(base, config)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and len(trainable) < len(list(model.parameters()))
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    algo = DPO(model, beta=0.5)
+    history = []
+    for _ in range(5):
+        optimizer.zero_grad()
+        history.append(algo.step(batch)["loss"])
+        optimizer.step()
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == ("lora_" in name), name
+    assert history[-1] < history[0], history
+
+
+def test_malformed_batches_are_named():
+    model = tiny_model("llama", VOCAB, seed=16)
+    seqs, prompts, _ = pair_data(17)
+    (unpaired,) = pack(seqs[:3], max_tokens=400, prompt_lengths=prompts[:3])
+    with pytest.raises(ValueError, match="pairs"):
+        SimPO(model).loss(unpaired)
+    (no_labels,) = pack(seqs[:4], max_tokens=400, groups=[0, 0, 1, 1])
+    with pytest.raises(ValueError, match="desirable"):
+        KTO(model, model).loss(no_labels)
+    with pytest.raises(ValueError, match="kind"):
+        RewardModel(model, kind="triplet")
+    with pytest.raises(TypeError, match="model"):
+        SFT("not a model")

@@ -1,0 +1,259 @@
+"""The packed model forward: packed == unpacked per token, documents isolated, no [N, V].
+
+The unpacked reference runs each sequence alone through the model's own forward (its logits,
+log-softmax in float64), so it shares no code with the packed path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from alignfuse.engine import forward
+from alignfuse.engine.algorithms import DPO, KTO, ORPO, SFT, RewardModel, SimPO, kto_sequences
+from alignfuse.engine.forward import precompute_reference_logps, token_logprobs
+from alignfuse.engine.packing import pack
+from alignfuse.engine.tiny import tiny_model
+from alignfuse.kernels.preference import dpo_loss, kto_kl, kto_loss, orpo_loss, simpo_loss
+from alignfuse.kernels.reward_model import listwise_rm_loss, pairwise_rm_loss, pointwise_rm_loss
+from helpers import assert_rel_close
+
+VOCAB = 97
+FAMILIES = ("llama", "qwen2")
+
+
+def random_sequences(gen: torch.Generator, lengths) -> list[list[int]]:
+    return [torch.randint(6, VOCAB, (n,), generator=gen).tolist() for n in lengths]
+
+
+def unpacked_token_logps(model, seq: list[int], prompt_len: int = 0) -> torch.Tensor:
+    """`[L]` log-prob of each next token of one sequence run ALONE, 0 where not predicted."""
+    ids = torch.tensor(seq)[None]
+    logits = model(input_ids=ids).logits[0].double()
+    logp = logits[:-1].log_softmax(-1).gather(1, ids[0, 1:, None])[:, 0]
+    predicted = torch.arange(1, len(seq)) >= prompt_len  # target j+1 is learned
+    return torch.cat([torch.where(predicted, logp, 0.0), logp.new_zeros(1)])
+
+
+def unpacked_seq_logps(model, seqs, prompt_lens) -> torch.Tensor:
+    return torch.stack([unpacked_token_logps(model, s, p).sum() for s, p in zip(seqs, prompt_lens)])
+
+
+@pytest.fixture(params=FAMILIES)
+def model(request):
+    return tiny_model(request.param, VOCAB, seed=1).eval()
+
+
+def test_token_logprobs_packed_equals_unpacked(model):
+    gen = torch.Generator().manual_seed(2)
+    lengths = [7, 13, 3, 21, 11]
+    prompts = [2, 5, 1, 9, 4]
+    seqs = random_sequences(gen, lengths)
+    (batch,) = pack(seqs, max_tokens=sum(lengths), prompt_lengths=prompts)
+    logps = token_logprobs(model, batch)
+    assert logps.dtype == torch.float32 and logps.shape == (sum(lengths),)
+    expected = torch.cat([unpacked_token_logps(model, seqs[i], prompts[i])
+                          for i in batch.seq_index.tolist()])
+    assert_rel_close(logps, expected, 1e-5, "packed vs unpacked token logps")
+    assert float((logps.detach().double() - expected).abs().max()) < 1e-4
+
+
+def test_gradients_packed_equal_unpacked(model):
+    gen = torch.Generator().manual_seed(3)
+    seqs = random_sequences(gen, [9, 5, 12])
+    (batch,) = pack(seqs, max_tokens=26)
+    token_logprobs(model, batch).sum().backward()
+    packed_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    sum(unpacked_token_logps(model, s).sum() for s in seqs).backward()
+    for name, p in model.named_parameters():
+        assert_rel_close(packed_grads[name], p.grad, 1e-5, f"grad of {name}")
+
+
+def test_entropy_packed_equals_unpacked(model):
+    gen = torch.Generator().manual_seed(4)
+    seqs = random_sequences(gen, [6, 10])
+    (batch,) = pack(seqs, max_tokens=16)
+    logps, entropy = token_logprobs(model, batch, temperature=0.7, return_entropy=True)
+    parts = []
+    for i in batch.seq_index.tolist():
+        logits = model(input_ids=torch.tensor(seqs[i])[None]).logits[0].double() / 0.7
+        ent = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+        ent[-1] = 0.0  # the last token has no target
+        parts.append(ent)
+    assert_rel_close(entropy, torch.cat(parts), 1e-5, "entropy")
+
+
+def test_isolation_trap_is_real_and_avoided(model):
+    """Without the document mask, packed documents attend to each other (NOTES.md trap):
+    the unmasked packed forward must differ, and `token_logprobs` must not."""
+    gen = torch.Generator().manual_seed(5)
+    seqs = random_sequences(gen, [12, 12])
+    (batch,) = pack(seqs, max_tokens=24)
+    expected = torch.cat([unpacked_token_logps(model, seqs[i]) for i in batch.seq_index.tolist()])
+    # The trap: restarting position_ids alone, no mask.
+    logits = model(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None]).logits[0]
+    valid = batch.targets != -100
+    naive = torch.where(valid, logits.double().log_softmax(-1).gather(
+        1, batch.targets.clamp(min=0)[:, None])[:, 0], 0.0)
+    second = slice(12, 24)
+    assert float((naive[second] - expected[second]).abs().max()) > 1e-3
+    # Avoided: the same forward path with the mask equals the unpacked run.
+    assert_rel_close(token_logprobs(model, batch), expected, 1e-5, "isolated")
+
+
+def test_isolation_is_what_makes_it_correct(model, monkeypatch):
+    """Replacing the document mask by a plain causal mask over the whole row (isolation
+    removed) breaks packed == unpacked, so the tests above catch such a regression.
+
+    (transformers 5.19 isolates documents by itself from restarting position_ids only when
+    no mask AND no cache are passed; the plain call above uses the default cache and leaks.
+    The engine does not rely on that heuristic: it always passes the document mask.)
+    """
+    gen = torch.Generator().manual_seed(6)
+    seqs = random_sequences(gen, [10, 10])
+    (batch,) = pack(seqs, max_tokens=20)
+    expected = torch.cat([unpacked_token_logps(model, seqs[i]) for i in batch.seq_index.tolist()])
+    assert_rel_close(token_logprobs(model, batch), expected, 1e-5, "isolated")
+
+    def causal_only(cu_seqlens):
+        n = int(cu_seqlens[-1])
+        return torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+
+    monkeypatch.setattr(forward, "document_causal_mask", causal_only)
+    broken = token_logprobs(model, batch).detach()
+    assert float((broken.double() - expected).abs().max()) > 1e-3
+
+
+def test_tied_embeddings():
+    model = tiny_model("qwen2", VOCAB, seed=2, tie_word_embeddings=True)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    gen = torch.Generator().manual_seed(7)
+    seqs = random_sequences(gen, [8, 6])
+    (batch,) = pack(seqs, max_tokens=14)
+    logps = token_logprobs(model, batch)
+    expected = torch.cat([unpacked_token_logps(model, seqs[i]) for i in batch.seq_index.tolist()])
+    assert_rel_close(logps, expected, 1e-5, "tied")
+    logps.sum().backward()
+    assert model.get_input_embeddings().weight.grad.abs().sum() > 0
+
+
+def test_softcapped_head_is_refused():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    cfg = Gemma2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                       head_dim=32, final_logit_softcapping=30.0)
+    cfg._attn_implementation = "sdpa"
+    gemma = Gemma2ForCausalLM(cfg)
+    (batch,) = pack([[6, 7, 8, 9]], max_tokens=4)
+    with pytest.raises(NotImplementedError, match="final_logit_softcapping"):
+        token_logprobs(gemma, batch)
+
+
+def test_bad_packed_input_is_named(model):
+    with pytest.raises(TypeError, match="PackedBatch"):
+        token_logprobs(model, {"input_ids": torch.zeros(3, dtype=torch.long)})
+
+
+def test_precompute_reference_logps_over_several_batches(model):
+    gen = torch.Generator().manual_seed(8)
+    lengths = [9, 4, 11, 7, 5, 8]
+    seqs = random_sequences(gen, lengths)
+    prompts = [3, 1, 2, 2, 1, 4]
+    batches = pack(seqs, max_tokens=16, prompt_lengths=prompts)
+    assert len(batches) > 1
+    ref = precompute_reference_logps(model, batches)
+    assert ref.shape == (len(seqs),)
+    assert_rel_close(ref, unpacked_seq_logps(model, seqs, prompts), 1e-5, "reference logps")
+    with pytest.raises(ValueError, match="exactly once"):
+        precompute_reference_logps(model, batches[1:])
+
+
+# ---------------------------------------------------------------------------------------
+# Each algorithm's loss, packed, against the same loss from unpacked per-sequence values.
+
+
+def pair_data(gen, num_pairs=3):
+    seqs, prompts = [], []
+    for _ in range(num_pairs):
+        prompt = random_sequences(gen, [int(torch.randint(2, 6, (1,), generator=gen))])[0]
+        for n in torch.randint(2, 9, (2,), generator=gen).tolist():
+            seqs.append(prompt + random_sequences(gen, [n])[0])
+            prompts.append(len(prompt))
+    groups = [i // 2 for i in range(len(seqs))]
+    return seqs, prompts, groups
+
+
+def completion_lengths(seqs, prompts):
+    return torch.tensor([len(s) - p for s, p in zip(seqs, prompts)], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", ["sft", "dpo", "kto", "orpo", "simpo", "rm"])
+def test_algorithm_loss_packed_equals_unpacked(model, name):
+    gen = torch.Generator().manual_seed(9)
+    ref_model = tiny_model(model.config.model_type, VOCAB, seed=11).eval()
+    seqs, prompts, groups = pair_data(gen)
+    lengths = completion_lengths(seqs, prompts)
+    if name == "kto":
+        data = kto_sequences([s[:p] for s, p in zip(seqs[::2], prompts[::2])],
+                             [s[p:] for s, p in zip(seqs[::2], prompts[::2])],
+                             [True, False, True])
+        seqs, prompts, groups = data["sequences"], data["prompt_lengths"], data["groups"]
+        (batch,) = pack(seqs, max_tokens=200, prompt_lengths=prompts, groups=groups,
+                        extras=data["extras"])
+    else:
+        (batch,) = pack(seqs, max_tokens=200, prompt_lengths=prompts, groups=groups)
+    with torch.no_grad():
+        pol = unpacked_seq_logps(model, seqs, prompts)
+        ref = unpacked_seq_logps(ref_model, seqs, prompts)
+    c, r = slice(0, None, 2), slice(1, None, 2)
+    algo = {"sft": lambda: SFT(model), "dpo": lambda: DPO(model, ref_model, beta=0.2),
+            "kto": lambda: KTO(model, ref_model, beta=0.2), "orpo": lambda: ORPO(model),
+            "simpo": lambda: SimPO(model), "rm": lambda: RewardModel(model)}[name]()
+    if name == "rm":
+        head = model.reward_head
+        torch.nn.init.normal_(head.weight, std=0.1)
+        with torch.no_grad():
+            scores = torch.stack([head(model.model(input_ids=torch.tensor(s)[None])
+                                       .last_hidden_state[0, -1])[0] for s in seqs])
+    with torch.no_grad():
+        packed_loss, _ = algo.loss(batch)
+        if name == "sft":
+            expected = -pol.sum() / lengths.sum()
+        elif name == "dpo":
+            expected = dpo_loss(pol[c], pol[r], ref[c], ref[r], beta=0.2)[0].mean()
+        elif name == "kto":
+            z0 = kto_kl(pol[r], ref[r])
+            expected = kto_loss(pol[c], ref[c], torch.tensor([True, False, True]), z0,
+                                beta=0.2)[0].mean()
+        elif name == "orpo":
+            avg = pol / lengths
+            expected = orpo_loss(avg[c], avg[r], -avg[c])[0].mean()
+        elif name == "simpo":
+            expected = simpo_loss(pol[c], pol[r], lengths[c], lengths[r])[0].mean()
+        else:
+            expected = pairwise_rm_loss(scores[c], scores[r])
+    assert_rel_close(packed_loss, expected, 1e-5, f"{name} loss")
+
+
+@pytest.mark.parametrize("kind", ["pointwise", "listwise"])
+def test_reward_model_kinds_packed_equal_unpacked(model, kind):
+    gen = torch.Generator().manual_seed(10)
+    seqs = random_sequences(gen, [5, 8, 6, 9, 4, 7])
+    rm = RewardModel(model, kind=kind)
+    torch.nn.init.normal_(model.reward_head.weight, std=0.1)
+    with torch.no_grad():
+        scores = torch.stack([model.reward_head(model.model(input_ids=torch.tensor(s)[None])
+                                                .last_hidden_state[0, -1])[0] for s in seqs])
+    if kind == "pointwise":
+        target = torch.randn(len(seqs), generator=gen)
+        (batch,) = pack(seqs, max_tokens=64, extras={"score": target})
+        expected = pointwise_rm_loss(scores, target)
+    else:
+        (batch,) = pack(seqs, max_tokens=64, groups=[0, 0, 0, 1, 1, 1])
+        expected = listwise_rm_loss(scores.reshape(2, 3), torch.arange(3).expand(2, 3))
+    with torch.no_grad():
+        loss, _ = rm.loss(batch)
+    assert_rel_close(loss, expected, 1e-5, f"{kind} rm loss")
