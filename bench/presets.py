@@ -54,7 +54,9 @@ PRESETS: dict[str, Preset] = {
     ),
     "gpu": Preset(
         name="gpu", device="cuda", dtype=torch.bfloat16,
-        logprobs=[{"N": n, "H": 4096, "V": 128256} for n in (4096, 8192, 16384, 32768)]
+        # The headline first: a run cut short by its budget still has it.
+        logprobs=[dict(HEADLINE)]
+        + [{"N": n, "H": 4096, "V": 128256} for n in (4096, 8192, 32768)]
         + [{"N": 16384, "H": 896, "V": 151936}, {"N": 16384, "H": 4096, "V": 32000},
            {"N": 16384, "H": 8192, "V": 128256}],
         losses=[{"S": s, "T": 1024, "G": 8} for s in (4, 16, 32)],

@@ -19,6 +19,8 @@ from .presets import PRESETS
 from .schema import SCHEMA_VERSION, validate
 
 SUITES = ("logprobs", "losses", "packing", "step")
+# Shares of the time budget (see `run`): the headline suite gets the most.
+SUITE_WEIGHTS = {"logprobs": 5.0, "losses": 2.0, "packing": 0.5, "step": 2.5}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -39,12 +41,17 @@ def run(preset_name: str, suites: tuple[str, ...] = SUITES, out_dir: Path = RESU
     if preset.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"preset {preset_name!r} needs a CUDA device; use --preset cpu here")
     device = torch.device(preset.device)
+    if device.type == "cpu":
+        # 2 shared cores: OpenMP threads spinning against other processes' work made tiny
+        # ops 100x slower than one thread. The thread count is recorded with the device.
+        torch.set_num_threads(1)
     started = time.monotonic()
     budget = preset.budget_s if budget_s is None else budget_s
     cfg = replace(preset.timing, deadline=started + budget)
 
     result = {"schema_version": SCHEMA_VERSION, "preset": preset.name,
               "budget_s": budget, **environment(device, argv)}
+    result["seconds"] = 0.0
     log(f"bench: preset {preset.name} on {result['device']['name']} "
         f"(commit {str(result['alignfuse']['commit'])[:10]}, dirty={result['alignfuse']['dirty']})")
     ceilings = ceilings_mod.measure(device, preset.dtype, preset.matmul_size, preset.copy_bytes)
@@ -52,28 +59,46 @@ def run(preset_name: str, suites: tuple[str, ...] = SUITES, out_dir: Path = RESU
     log(f"bench: ceilings: matmul {ceilings['matmul']['flops_per_s'] / 1e12:.4g} TFLOP/s "
         f"({ceilings['matmul']['dtype']}), copy {ceilings['copy']['bytes_per_s'] / 1e9:.1f} GB/s")
 
-    result["suites"] = {}
-    for name in suites:
-        module = importlib.import_module(f"bench.suites.{name}")
-        t0 = time.monotonic()
-        if hasattr(module, "cases"):
-            records = [run_case(c, device, cfg, ceilings, log) for c in module.cases(preset, device)]
-        else:
-            records = module.run(preset, device, cfg, ceilings, log)
-        result["suites"][name] = {"cases": records, "seconds": time.monotonic() - t0}
-        log(f"bench: suite {name}: {len(records)} case(s) in {time.monotonic() - t0:.1f} s")
-    result["seconds"] = time.monotonic() - started
-
-    problems = validate(result)
-    if problems:  # a writer bug: never write a result file that misses a field
-        raise AssertionError("result misses fields: " + "; ".join(problems[:10]))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = result["created_utc"].replace(":", "").replace("-", "").replace("+0000", "Z")
     path = out_dir / f"{stamp}_{preset.name}_{_slug(result['device']['name'])}.json"
-    path.write_text(json.dumps(result, indent=1, default=_json_default) + "\n")
+
+    # The budget is shared out so that every suite gets its turn: each suite may use its
+    # weight's share of what is left, and what one leaves unused passes on to the next.
+    result["suites"], result["complete"] = {}, False
+    weights = {name: SUITE_WEIGHTS[name] for name in suites}
+    for name in suites:
+        module = importlib.import_module(f"bench.suites.{name}")
+        t0 = time.monotonic()
+        left = max(0.0, started + budget - t0)
+        share = left * weights[name] / sum(weights.values())
+        weights.pop(name)
+        suite_cfg = replace(cfg, deadline=min(cfg.deadline, t0 + share))
+        if hasattr(module, "cases"):
+            records = [run_case(c, device, suite_cfg, ceilings, log)
+                       for c in module.cases(preset, device)]
+        else:
+            records = module.run(preset, device, suite_cfg, ceilings, log)
+        result["suites"][name] = {"cases": records, "seconds": time.monotonic() - t0,
+                                  "budget_s": share}
+        result["seconds"] = time.monotonic() - started
+        _write(path, result)  # after every suite: a run cut short still leaves its results
+        log(f"bench: suite {name}: {len(records)} case(s) in {time.monotonic() - t0:.1f} s")
+    result["complete"] = True
+    result["seconds"] = time.monotonic() - started
+    _write(path, result)
     log(f"bench: wrote {path} ({result['seconds']:.1f} s)")
     return path
+
+
+def _write(path: Path, result: dict) -> None:
+    problems = validate(result)
+    if problems:  # a writer bug: never write a result file that misses a field
+        raise AssertionError("result misses fields: " + "; ".join(problems[:10]))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=_json_default) + "\n")
+    tmp.replace(path)
 
 
 def _json_default(value):

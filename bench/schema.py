@@ -2,7 +2,8 @@
 
 A result file (one run of one preset):
 
-    schema_version, preset, budget_s, created_utc, command, seconds
+    schema_version, preset, budget_s, created_utc, command, seconds,
+    complete    (false while suites are still running: the file is rewritten after each)
     device      {type, name, ...}                      (GPU: capability, multiprocessors, L2)
     host        {platform, cpu, cores}
     versions    {python, torch, triton, cuda, driver, driver_reason, transformers,
@@ -10,7 +11,7 @@ A result file (one run of one preset):
     alignfuse   {commit, dirty, dirty_paths, source}            (git rev-parse HEAD + status)
     triton_interpreter                                          (true: CPU smoke, times mean nothing)
     ceilings    {matmul {dtype, flops_per_s, time_s}, copy {bytes_per_s, time_s}}
-    suites      {<suite> {seconds, cases [case]}}
+    suites      {<suite> {seconds, budget_s, cases [case]}}
 
     case        {suite, case, sizes, modes, notes, tolerances, contenders [contender]}
     contender   {name, role: subject|baseline, status: ok|wrong|skipped|error, reason,
@@ -28,8 +29,8 @@ from __future__ import annotations
 
 SCHEMA_VERSION = 1
 
-TOP = ("schema_version", "preset", "budget_s", "created_utc", "command", "seconds", "device",
-       "host", "versions", "alignfuse", "triton_interpreter", "ceilings", "suites")
+TOP = ("schema_version", "preset", "budget_s", "created_utc", "command", "seconds", "complete",
+       "device", "host", "versions", "alignfuse", "triton_interpreter", "ceilings", "suites")
 VERSIONS = ("python", "torch", "triton", "cuda", "driver", "driver_reason")
 TIME = ("median", "q1", "q3", "iqr", "p10", "p90", "min", "max", "rounds")
 MODE = ("status", "time_s", "peak_memory_bytes", "peak_memory_reason", "speedup_vs",
