@@ -118,7 +118,9 @@ host = Extension(
 )
 
 EXTRAS = {
+    # pybind11/setuptools: the tests compile csrc/ and run `pip install .` without isolation.
     "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "pyyaml", "matplotlib",
+             "pybind11>=2.12", "setuptools>=64", "wheel",
              "datasets"],
     # vLLM on GPU machines; on CPU-only machines the CPU build below.
     "vllm": ["vllm>=0.10"],
