@@ -30,9 +30,6 @@ def _logps(n=S, scale=3.0, dtype=torch.float32, device="cpu"):
 
 def ref_dpo(pc, pr, rc, rr, loss_type, beta, eps=0.0, lc=None, lr=None, tau=0.05, delta=None):
     pc, pr, rc, rr = (x.double() for x in (pc, pr, rc, rr))
-    if loss_type == "ipo":  # TRL averages the log-probs over the completion for IPO
-        lc, lr = lc.double().clamp(min=1), lr.double().clamp(min=1)
-        pc, rc, pr, rr = pc / lc, rc / lc, pr / lr, rr / lr
     chosen_lr, rejected_lr = pc - rc, pr - rr
     logits = (pc - pr) - (rc - rr)
     ls = F.logsigmoid
@@ -46,8 +43,9 @@ def ref_dpo(pc, pr, rc, rr, loss_type, beta, eps=0.0, lc=None, lr=None, tau=0.05
                   + torch.sigmoid(-beta * logits) * (ls(-beta * logits) - math.log(e)))
     elif loss_type == "hinge":
         losses = torch.relu(1 - beta * logits)
-    elif loss_type == "ipo":
-        losses = (logits - 1 / (2 * beta)) ** 2
+    elif loss_type == "ipo":  # TRL: per-token average of each log-ratio
+        lc, lr = lc.double().clamp(min=1), lr.double().clamp(min=1)
+        losses = (chosen_lr / lc - rejected_lr / lr - 1 / (2 * beta)) ** 2
     elif loss_type == "bco_pair":
         if delta is None:
             delta = torch.cat([beta * chosen_lr, beta * rejected_lr]).mean().detach()
@@ -183,6 +181,7 @@ def test_dpo_mixed_input_dtypes(backend):
 
 
 def test_bco_explicit_delta(backend):
+    _check_dpo("bco_pair", 0.0, backend, bco_delta=0.0)  # TRL 1.x: no shift
     _check_dpo("bco_pair", 0.0, backend, bco_delta=0.37)
     _check_dpo("bco_pair", 0.0, backend, bco_delta=torch.tensor(-0.2))
 

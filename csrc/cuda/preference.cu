@@ -19,18 +19,18 @@ enum Formula : int {
   kSigmoid = 0, kHinge, kIpo, kExoPair, kNcaPair, kRobust, kBcoPair, kSppoHard, kApoZero,
   kApoDown, kDiscopop, kNumFormulas
 };
-enum Normalize : int { kNone = 0, kAll = 1, kLossOnly = 2 };
 
-__device__ __forceinline__ float softplus(float x) { return fmaxf(x, 0.f) + log1pf(expf(-fabsf(x))); }
-__device__ __forceinline__ float logsigmoid(float x) { return -softplus(-x); }
-__device__ __forceinline__ float sigmoid(float x) {
+__host__ __device__ __forceinline__ float softplus(float x) { return fmaxf(x, 0.f) + log1pf(expf(-fabsf(x))); }
+__host__ __device__ __forceinline__ float logsigmoid(float x) { return -softplus(-x); }
+__host__ __device__ __forceinline__ float sigmoid(float x) {
   const float t = expf(-fabsf(x));
   return (x >= 0.f ? 1.f : t) / (1.f + t);
 }
 
 struct DPOParams {
   float beta, eps, tau, exo_log_eps, exo_log1m_eps;
-  int formula, normalize;
+  int formula;
+  bool normalize;  // divide c and r by the completion lengths inside the loss
 };
 
 struct LossAndGrad {
@@ -38,7 +38,7 @@ struct LossAndGrad {
 };
 
 // The eleven formulas on the log-ratios c (chosen) and r (rejected); see dpo.py.
-__device__ __forceinline__ LossAndGrad dpo_formula(float c, float r, float delta, const DPOParams& p) {
+__host__ __device__ __forceinline__ LossAndGrad dpo_formula(float c, float r, float delta, const DPOParams& p) {
   const float beta = p.beta, eps = p.eps;
   const float z = beta * (c - r);
   LossAndGrad out{0.f, 0.f, 0.f};
@@ -139,12 +139,12 @@ __global__ void dpo_kernel(const T* __restrict__ pc, const T* __restrict__ pr, c
     const float chosen = to_float(pc[i]) - to_float(rc[i]);
     const float rejected = to_float(pr[i]) - to_float(rr[i]);
     float c = chosen, r = rejected;
-    if (p.normalize != kNone) {
+    if (p.normalize) {
       c = chosen / len_c[i];
       r = rejected / len_r[i];
     }
     LossAndGrad f = dpo_formula(c, r, delta, p);
-    if (p.normalize != kNone) {  // chain rule through c = chosen / len
+    if (p.normalize) {  // chain rule through c = chosen / len
       f.dc /= len_c[i];
       f.dr /= len_r[i];
     }
@@ -153,9 +153,8 @@ __global__ void dpo_kernel(const T* __restrict__ pc, const T* __restrict__ pr, c
     g_rc[i] = -f.dc;
     g_pr[i] = f.dr;
     g_rr[i] = -f.dr;
-    // ipo reports rewards of the normalized ratios (TRL averages its log-probs), others summed
-    rew_c[i] = p.beta * (p.normalize == kAll ? c : chosen);
-    rew_r[i] = p.beta * (p.normalize == kAll ? r : rejected);
+    rew_c[i] = p.beta * chosen;  // rewards: summed ratios, as TRL
+    rew_r[i] = p.beta * rejected;
   }
 }
 
@@ -207,9 +206,8 @@ void dpo_loss(std::uintptr_t pc, std::uintptr_t pr, std::uintptr_t rc, std::uint
               std::uintptr_t rew_c, std::uintptr_t rew_r, int64_t S, float beta, float eps, float tau,
               float exo_log_eps, float exo_log1m_eps, int formula, int normalize, std::uintptr_t stream) {
   if (formula < 0 || formula >= kNumFormulas) throw std::invalid_argument("dpo_loss: unknown formula code");
-  if (normalize < kNone || normalize > kLossOnly) throw std::invalid_argument("dpo_loss: unknown normalize code");
   if (S == 0) return;
-  const DPOParams p{beta, eps, tau, exo_log_eps, exo_log1m_eps, formula, normalize};
+  const DPOParams p{beta, eps, tau, exo_log_eps, exo_log1m_eps, formula, normalize != 0};
   auto s = as_stream(stream);
   switch (static_cast<DType>(dtype)) {
     case DType::kFloat32:
@@ -263,7 +261,7 @@ CudaRegistrar reg([](pybind11::module_& m) {
   m.def("dpo_loss", &dpo_loss,
         "pc, pr, rc, rr (one dtype), dtype_code, len_c, len_r (float32), delta (float32 [1]), "
         "loss, g_pc, g_pr, g_rc, g_rr, rew_c, rew_r (float32 [S]), S, beta, eps, tau, "
-        "exo_log_eps, exo_log1m_eps, formula_code, normalize_code, stream");
+        "exo_log_eps, exo_log1m_eps, formula_code, normalize (0/1), stream");
   m.def("kto_loss", &kto_loss,
         "policy, ref (one dtype), dtype_code, desirable (uint8), kl (float32 [1]), loss, "
         "g_policy, g_ref, reward (float32 [S]), S, beta, desirable_weight, undesirable_weight, stream");

@@ -13,7 +13,7 @@ import torch
 
 from ..autograd import fused_local_grad
 from ..backends import cuda_dtype_code, cuda_module, current_stream_handle
-from .dpo import NORMALIZE_NONE, DPOProblem
+from .dpo import DPOProblem
 from .kto import KTOProblem
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -40,9 +40,8 @@ def dpo_loss_cuda(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chos
         pc, pr, rc, rr = _one_dtype(pc, pr, rc, rr)
         S, device = pc.numel(), pc.device
         loss, g_pc, g_pr, g_rc, g_rr, rew_c, rew_r = _float_buffers(7, S, device)
-        normalize = problem.normalize != NORMALIZE_NONE
-        len_c = chosen_lengths.float().contiguous() if normalize else loss  # unread if not
-        len_r = rejected_lengths.float().contiguous() if normalize else loss
+        len_c = chosen_lengths.float().contiguous() if problem.normalize else loss  # unread if not
+        len_r = rejected_lengths.float().contiguous() if problem.normalize else loss
         delta_arg = delta.float().contiguous() if delta is not None else loss
         eps = problem.label_smoothing or 1e-3  # exo_pair's TRL default when eps = 0
         cuda_module().dpo_loss(
@@ -51,7 +50,7 @@ def dpo_loss_cuda(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chos
             loss.data_ptr(), g_pc.data_ptr(), g_pr.data_ptr(), g_rc.data_ptr(), g_rr.data_ptr(),
             rew_c.data_ptr(), rew_r.data_ptr(), S, problem.beta, problem.label_smoothing,
             problem.discopop_tau, math.log(eps), math.log1p(-eps), problem.code,
-            problem.normalize, current_stream_handle(device))
+            int(problem.normalize), current_stream_handle(device))
         return loss, [g_pc, g_pr, g_rc, g_rr], rew_c, rew_r
 
     return fused_local_grad(kernel, (policy_chosen, policy_rejected, ref_chosen, ref_rejected),

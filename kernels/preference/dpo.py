@@ -13,7 +13,7 @@ log-probs `[S]`):
 | robust       | (-(1-eps) ls(z) + eps ls(-z)) / (1 - 2 eps)                     | rDPO https://arxiv.org/abs/2403.00409 |
 | exo_pair     | s(z)(ls(z) - log(1-eps)) + s(-z)(ls(-z) - log eps), eps=1e-3 if 0 | EXO https://arxiv.org/abs/2402.00856 (eq. 16) |
 | hinge        | relu(1 - z)                                                     | SLiC https://arxiv.org/abs/2305.10425 |
-| ipo          | (d - 1/(2 beta))^2, with c and r divided by the lengths         | IPO https://arxiv.org/abs/2310.12036 (eq. 17) |
+| ipo          | (c/len_w - r/len_l - 1/(2 beta))^2                              | IPO https://arxiv.org/abs/2310.12036 (eq. 17) |
 | bco_pair     | -ls(beta c - delta) - ls(-(beta r - delta))                     | BCO https://arxiv.org/abs/2404.04656 |
 | sppo_hard    | (c - 1/(2 beta))^2 + (r + 1/(2 beta))^2                         | SPPO https://arxiv.org/abs/2405.00675 |
 | nca_pair     | -ls(beta c) - ls(-beta c)/2 - ls(-beta r)/2                     | NCA https://arxiv.org/abs/2402.05369 |
@@ -24,18 +24,19 @@ log-probs `[S]`):
 | discopop     | -ls(z)(1 - m) + exp(-z) m,  m = s(z / tau)                      | DiscoPOP https://arxiv.org/abs/2406.08414 (eq. 5) |
 | sigmoid_norm | -ls(beta (c/len_w - r/len_l))                                   | length-normalized DPO, Tulu 3 https://arxiv.org/abs/2411.15124 |
 
-(s = sigmoid.) Rewards are `beta * c` and `beta * r`, detached, as in TRL; for ipo they use
-the length-normalized ratios (TRL divides the log-probs themselves by the lengths for ipo),
-for sigmoid_norm the summed ones (TRL normalizes only inside the loss).
+(s = sigmoid.) ipo and sigmoid_norm divide each log-ratio by its completion length inside
+the loss (TRL does so for IPO since the IPO authors confirmed it). Rewards are always
+`beta * c` and `beta * r` of the summed log-ratios, detached, as in TRL.
 
 The two batch-coupled variants are reduced to the elementwise formulas before any backend
 runs, so every backend sees the same elementwise problem:
 - aot / aot_unpaired sort across the batch: the pairs are re-ordered by a detached argsort
   (differentiable gather), then "sigmoid" applies row by row. Losses come out in sorted
   order, as in TRL; rewards stay in the input order.
-- bco_pair uses the reference point delta: TRL keeps a running mean of the rewards in the
-  trainer. Here it is the explicit `bco_delta` (a float or a scalar tensor, e.g. your own
-  running mean); None uses the detached batch mean of cat(beta c, beta r).
+- bco_pair uses the reference point delta of BCO: TRL up to 0.2x kept a running mean of the
+  rewards in the trainer. Here it is the explicit `bco_delta` (a float or a scalar tensor,
+  e.g. your own running mean); None uses the detached batch mean of cat(beta c, beta r).
+  TRL 1.x dropped the shift: pass `bco_delta=0.0` to get its numbers.
 """
 
 from __future__ import annotations
@@ -62,8 +63,6 @@ LABEL_SMOOTHED = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired")
 # order is part of the Triton and CUDA kernels' interface (csrc/cuda/preference.cu).
 FORMULAS = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair",
             "sppo_hard", "apo_zero", "apo_down", "discopop")
-# How a backend applies the lengths: not at all, to loss and rewards (ipo), to the loss only.
-NORMALIZE_NONE, NORMALIZE_ALL, NORMALIZE_LOSS = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -71,7 +70,7 @@ class DPOProblem:
     """The elementwise problem every backend solves (after sorting and bco's delta)."""
 
     formula: str           # one of FORMULAS
-    normalize: int         # NORMALIZE_*
+    normalize: bool        # divide c and r by the lengths inside the loss (not the rewards)
     beta: float
     label_smoothing: float
     discopop_tau: float
@@ -158,14 +157,11 @@ def _dpo_torch(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_
     dtype = torch.float64 if any(x.dtype == torch.float64 for x in inputs) else torch.float32
     chosen = policy_chosen.to(dtype) - ref_chosen.to(dtype)
     rejected = policy_rejected.to(dtype) - ref_rejected.to(dtype)
-    if problem.normalize == NORMALIZE_NONE:
-        loss_c, loss_r = chosen, rejected
-    else:
+    loss_c, loss_r = chosen, rejected
+    if problem.normalize:
         loss_c, loss_r = chosen / chosen_lengths.to(dtype), rejected / rejected_lengths.to(dtype)
     delta = None if delta is None else delta.to(dtype)
     losses = _TORCH_FORMULAS[problem.formula](loss_c, loss_r, delta, problem)
-    if problem.normalize == NORMALIZE_ALL:
-        chosen, rejected = loss_c, loss_r
     return losses, (problem.beta * chosen).detach(), (problem.beta * rejected).detach()
 
 
@@ -265,9 +261,8 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
         by_rejected = torch.argsort(pr.detach().double() - rr.detach().double())
         pc, rc, pr, rr = pc[by_chosen], rc[by_chosen], pr[by_rejected], rr[by_rejected]
     formula = _FORMULA_OF.get(loss_type, loss_type)
-    normalize = {"ipo": NORMALIZE_ALL, "sigmoid_norm": NORMALIZE_LOSS}.get(loss_type,
-                                                                          NORMALIZE_NONE)
-    problem = DPOProblem(formula, normalize, beta, label_smoothing, discopop_tau)
+    problem = DPOProblem(formula, loss_type in LENGTH_NORMALIZED, beta, label_smoothing,
+                         discopop_tau)
     losses, chosen_rewards, rejected_rewards = dispatch(
         "dpo_loss", backend, like.device, pc, pr, rc, rr, chosen_lengths, rejected_lengths,
         delta, problem)

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ..autograd import fused_local_grad
-from .dpo import FORMULAS, NORMALIZE_NONE, DPOProblem
+from .dpo import FORMULAS, DPOProblem
 from .kto import KTOProblem
 
 _BLOCK = 512
@@ -64,7 +64,7 @@ def _dpo_kernel(pc_ptr, pr_ptr, rc_ptr, rr_ptr, len_c_ptr, len_r_ptr, delta_ptr,
               - tl.load(rc_ptr + offs, mask=valid, other=0.0).to(tl.float32))
     rejected = (tl.load(pr_ptr + offs, mask=valid, other=0.0).to(tl.float32)
                 - tl.load(rr_ptr + offs, mask=valid, other=0.0).to(tl.float32))
-    if NORMALIZE != 0:
+    if NORMALIZE:
         len_c = tl.load(len_c_ptr + offs, mask=valid, other=1.0).to(tl.float32)
         len_r = tl.load(len_r_ptr + offs, mask=valid, other=1.0).to(tl.float32)
         c = chosen / len_c
@@ -142,7 +142,7 @@ def _dpo_kernel(pc_ptr, pr_ptr, rc_ptr, rr_ptr, len_c_ptr, len_r_ptr, delta_ptr,
         dc = beta * dz
         dr = -dc
 
-    if NORMALIZE != 0:  # chain rule through c = chosen / len
+    if NORMALIZE:  # chain rule through c = chosen / len
         dc = dc / len_c
         dr = dr / len_r
     tl.store(loss_ptr + offs, loss, mask=valid)
@@ -150,12 +150,8 @@ def _dpo_kernel(pc_ptr, pr_ptr, rc_ptr, rr_ptr, len_c_ptr, len_r_ptr, delta_ptr,
     tl.store(g_rc_ptr + offs, -dc, mask=valid)
     tl.store(g_pr_ptr + offs, dr, mask=valid)
     tl.store(g_rr_ptr + offs, -dr, mask=valid)
-    if NORMALIZE == 1:  # ipo: rewards from the normalized ratios, as TRL
-        tl.store(rew_c_ptr + offs, beta * c, mask=valid)
-        tl.store(rew_r_ptr + offs, beta * r, mask=valid)
-    else:
-        tl.store(rew_c_ptr + offs, beta * chosen, mask=valid)
-        tl.store(rew_r_ptr + offs, beta * rejected, mask=valid)
+    tl.store(rew_c_ptr + offs, beta * chosen, mask=valid)  # rewards: summed ratios, as TRL
+    tl.store(rew_r_ptr + offs, beta * rejected, mask=valid)
 
 
 def dpo_loss_triton(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths,
@@ -168,9 +164,8 @@ def dpo_loss_triton(policy_chosen, policy_rejected, ref_chosen, ref_rejected, ch
         # separate buffers, not views of one: autograd saves the grads and returns the rest
         loss, g_pc, g_pr, g_rc, g_rr, rew_c, rew_r = (
             torch.empty(S, device=pc.device, dtype=torch.float32) for _ in range(7))
-        normalize = problem.normalize != NORMALIZE_NONE
-        len_c = chosen_lengths.contiguous() if normalize else pc
-        len_r = rejected_lengths.contiguous() if normalize else pc
+        len_c = chosen_lengths.contiguous() if problem.normalize else pc  # unread if not
+        len_r = rejected_lengths.contiguous() if problem.normalize else pc
         delta_arg = delta if delta is not None else pc
         eps = problem.label_smoothing or 1e-3  # exo_pair's TRL default when eps = 0
         _dpo_kernel[(triton.cdiv(S, _BLOCK),)](
