@@ -2,5 +2,6 @@
 
 from .gae import gae
 from .group import group_advantages, register_advantage_estimator
+from . import cuda as _cuda  # noqa: F401  (registers the "cuda" backends)
 
 __all__ = ["group_advantages", "gae", "register_advantage_estimator"]

@@ -14,7 +14,8 @@ import triton.language as tl
 from .group import ESTIMATOR_CODES, SCALE_CODES
 
 
-@triton.jit
+# group_size is not specialized: Triton would turn a size of 1 into a constexpr
+@triton.jit(do_not_specialize=["group_size"])
 def _group_advantages_kernel(r_ptr, out_ptr, group_size, eps, batch_denominator,
                              ESTIMATOR: tl.constexpr, SCALE: tl.constexpr, BLOCK: tl.constexpr):
     # ESTIMATOR: 0 grpo, 1 dr_grpo, 2 rloo, 3 rank; SCALE: 0 group, 1 batch, 2 none

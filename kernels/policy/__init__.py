@@ -3,5 +3,6 @@
 from .kl import kl_penalty
 from .policy_loss import policy_loss
 from .value_loss import value_loss
+from . import cuda as _cuda  # noqa: F401  (registers the "cuda" backends)
 
 __all__ = ["policy_loss", "value_loss", "kl_penalty"]

@@ -86,7 +86,8 @@ def _kl_penalty_torch(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: s
 
 
 @register("kl_penalty", "triton")
-def _kl_penalty_triton(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str) -> torch.Tensor:
+def _kl_penalty_triton(logps: torch.Tensor, ref_logps: torch.Tensor,
+                       estimator: str) -> torch.Tensor:
     from .triton_kl import kl_penalty_forward
 
     def kernel(lp):

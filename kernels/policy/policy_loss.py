@@ -10,8 +10,8 @@ Per valid token t of sequence s, with A_t the advantage and r_t the importance r
         (value s_s for every token of s; d r_t / d logp_t = r_t: the stop-gradient form of
         the GSPO paper and verl's compute_policy_loss_gspo)
 
-    pg_t = max(-A_t r_t, -A_t clip(r_t, 1 - clip_low, 1 + clip_high))   (asymmetric clip,
-                                                  DAPO's clip-higher, https://arxiv.org/abs/2503.14476)
+    pg_t = max(-A_t r_t, -A_t clip(r_t, 1 - clip_low, 1 + clip_high))
+                       (asymmetric clip: DAPO's clip-higher, https://arxiv.org/abs/2503.14476)
     if dual_clip = c is set and A_t < 0:  pg_t = min(pg_t, -A_t c)     (dual clip,
                                                   https://arxiv.org/abs/1912.09729)
     L_t  = pg_t + kl_coef * KL_t,  KL_t = kl_penalty(logp_t, ref_logp_t, kl_estimator)
@@ -221,7 +221,7 @@ def _metrics_from_partials(partials: torch.Tensor, ratio_max: torch.Tensor,
     }
 
 
-def _fused(forward, logps, old_logps, advantages, ref_logps, layout, options):
+def run_fused_policy_loss(forward, logps, old_logps, advantages, ref_logps, layout, options):
     """Run a fused forward (triton or cuda) under autograd; the backward is a multiply."""
     counts = valid_counts(layout)
     weights = sequence_weights(counts, options.loss_agg, options.horizon)
@@ -242,6 +242,7 @@ def _fused(forward, logps, old_logps, advantages, ref_logps, layout, options):
 def _policy_loss_triton(logps, old_logps, advantages, ref_logps, layout, options):
     from .triton_policy_loss import policy_loss_forward
 
-    return _fused(policy_loss_forward, logps, old_logps, advantages, ref_logps, layout, options)
+    return run_fused_policy_loss(policy_loss_forward, logps, old_logps, advantages, ref_logps,
+                                 layout, options)
 
 

@@ -109,7 +109,7 @@ def _policy_loss_kernel(logp_ptr, old_ptr, adv_ptr, ref_ptr, mask_ptr, cu_ptr, w
 
 
 def policy_loss_forward(logps, old_logps, advantages, ref_logps, layout, options, weights):
-    """Launch the kernel on flat `[N]` inputs. Returns (partials [S, 8], ratio_max [S], grad [N])."""
+    """Launch on flat `[N]` inputs. Returns (partials [S, 8], ratio_max [S], grad [N])."""
     num_seqs = layout.num_seqs
     device = logps.device
     logps = logps.contiguous()

@@ -35,7 +35,7 @@ def kl_token(d, KL_ESTIMATOR: tl.constexpr):
     elif KL_ESTIMATOR == 1:  # k2
         kl = 0.5 * d * d
         grad = d
-    elif KL_ESTIMATOR == 2:  # k3 ("low_var_kl"), clamped like verl: -d to [-20, 20], kl to [-10, 10]
+    elif KL_ESTIMATOR == 2:  # k3 ("low_var_kl"), clamped like verl: -d to +-20, kl to +-10
         x = tl.minimum(tl.maximum(-d, -20.0), 20.0)
         ex = tl.exp(x)
         raw = ex - x - 1.0
@@ -68,7 +68,7 @@ def policy_token_loss(log_ratio, advantage, ref_log_ratio, clip_low, clip_high, 
         pg = tl.where(dual_clipped, bound, pg)
         grad = tl.where(dual_clipped, 0.0, grad)
     else:
-        dual_clipped = advantage != advantage  # all false, shaped like the tile
+        dual_clipped = tl.zeros(log_ratio.shape, tl.int1)
     loss = pg
     if HAS_REF:
         kl, d_kl = kl_token(ref_log_ratio, KL_ESTIMATOR)

@@ -1,0 +1,57 @@
+"""The "cuda" backends of group_advantages and gae: bindings to csrc/cuda/advantages.cu.
+
+Inputs of float64 (or mixed dtypes) are cast to float32 for the kernels; float64 inputs get
+float64 outputs back, as from the other backends.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..backends import cuda_dtype_code, cuda_module, current_stream_handle, register
+from .group import ESTIMATOR_CODES, SCALE_CODES
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _kernel_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    dtypes = {t.dtype for t in tensors}
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    return dtype if dtype in _KERNEL_DTYPES else torch.float32
+
+
+@register("group_advantages", "cuda")
+def _group_advantages_cuda(rewards, group_size, estimator, scale, eps):
+    r = rewards.detach().to(_kernel_dtype(rewards)).contiguous()
+    out = torch.empty(r.numel(), device=r.device, dtype=torch.float32)
+    scale_code = SCALE_CODES[scale]
+    rank_batch = estimator == "rank" and scale == "batch"
+    batch_denominator = 1.0
+    if scale == "batch" and estimator == "grpo" and r.numel() > 1:
+        batch_denominator = float(r.float().std()) + eps
+    if rank_batch:
+        scale_code = SCALE_CODES["none"]
+    cuda_module().group_advantages(r.data_ptr(), cuda_dtype_code(r), out.data_ptr(),
+                                   r.numel() // group_size, group_size, eps, batch_denominator,
+                                   ESTIMATOR_CODES[estimator], scale_code,
+                                   current_stream_handle(r.device))
+    if rank_batch and r.numel() > 1:
+        # every group's mean rank is (G + 1) / 2: the batch std is that of the centred ranks
+        out = out / ((out.square().sum() / (out.numel() - 1)).sqrt() + eps)
+    return out.double() if rewards.dtype == torch.float64 else out
+
+
+@register("gae", "cuda")
+def _gae_cuda(rewards, values, layout, gamma, lam):
+    dtype = _kernel_dtype(rewards, values)
+    r = rewards.detach().to(dtype).contiguous()
+    v = values.detach().to(dtype).contiguous()
+    adv = torch.empty(r.numel(), device=r.device, dtype=torch.float32)
+    ret = torch.empty_like(adv)
+    cu = layout.cu_seqlens.to(torch.int32).contiguous()
+    cuda_module().gae(r.data_ptr(), v.data_ptr(), cuda_dtype_code(r), layout.mask.data_ptr(),
+                      cu.data_ptr(), adv.data_ptr(), ret.data_ptr(), layout.num_seqs, gamma, lam,
+                      current_stream_handle(r.device))
+    if torch.float64 in (rewards.dtype, values.dtype):
+        return adv.double(), ret.double()
+    return adv, ret
