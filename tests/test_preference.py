@@ -129,6 +129,11 @@ def test_dpo_other_betas(loss_type, beta, backend):
     _check_dpo(loss_type, 0.0, backend, beta=beta)
 
 
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "aot_unpaired", "bco_pair"])
+def test_dpo_batch_spanning_several_blocks(loss_type, backend):
+    _check_dpo(loss_type, 0.0, backend, n=1031)  # > 2 kernel blocks of 512, ragged tail
+
+
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_dpo_size_one_batch(loss_type, backend):
     _check_dpo(loss_type, 0.0, backend, n=1)
@@ -295,8 +300,9 @@ def test_kto_matches_formula(backend):
     _check_kto(backend)
 
 
-def test_kto_size_one_and_bf16(backend):
+def test_kto_size_one_large_and_bf16(backend):
     _check_kto(backend, n=1)
+    _check_kto(backend, n=1031)
     _check_kto(backend, dtype=torch.bfloat16, grad_tol=1e-2)
 
 

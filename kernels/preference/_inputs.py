@@ -51,8 +51,8 @@ def lengths(name: str, value, like_name: str, like: torch.Tensor) -> torch.Tenso
     checks.same_device(name, value, like_name, like)
     dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
     value = value.to(dtype)
-    all_finite(**{name: value})
-    if bool((value < 0).any()):
+    if not bool((torch.isfinite(value) & (value >= 0)).all()):  # one host sync
+        checks.finite(name, value)
         raise ValueError(f"{name} must be >= 0 (token counts), got a negative entry")
     return value.clamp(min=1.0)
 
