@@ -320,14 +320,33 @@ def _too_few_units_message(num_units: int, num_ranks: int, target: int) -> str:
 # pack
 
 
-def _sequence_array(i: int, seq) -> np.ndarray:
-    array = np.asarray(seq.cpu() if isinstance(seq, torch.Tensor) else seq)
+def _token_array(name: str, seq, integer: bool = True) -> np.ndarray:
+    """A 1-D numpy view of a list / array / tensor (no copy when it already is one)."""
+    if isinstance(seq, torch.Tensor):
+        seq = seq.detach().cpu().numpy()
+    array = seq if isinstance(seq, np.ndarray) else np.asarray(seq)
     if array.ndim != 1:
-        raise ValueError(f"sequences[{i}] must be a 1-D sequence of token ids, "
-                         f"got shape {array.shape}")
-    if array.size and not np.issubdtype(array.dtype, np.integer):
-        raise TypeError(f"sequences[{i}] must hold integer token ids, got dtype {array.dtype}")
-    return array.astype(np.int64, copy=False)
+        raise ValueError(f"{name} must be a 1-D sequence, got shape {array.shape}")
+    if integer and array.size and array.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integer token ids, got dtype {array.dtype}")
+    return array
+
+
+# Tokens materialized per chunk of micro-batches in `pack` (see the comment there).
+_CHUNK_TOKENS = 1 << 20
+
+
+def _chunks(plan: list[np.ndarray], lengths: np.ndarray):
+    """Consecutive runs of micro-batches with about `_CHUNK_TOKENS` tokens in all."""
+    chunk, tokens = [], 0
+    for seqs in plan:
+        chunk.append(seqs)
+        tokens += int(lengths[seqs].sum())
+        if tokens >= _CHUNK_TOKENS:
+            yield chunk
+            chunk, tokens = [], 0
+    if chunk:
+        yield chunk
 
 
 def pack(sequences: Sequence, *, max_tokens: int, prompt_lengths=None,
@@ -369,35 +388,33 @@ def pack(sequences: Sequence, *, max_tokens: int, prompt_lengths=None,
     if prompt_lengths is not None and loss_masks is not None:
         raise ValueError("pass prompt_lengths or loss_masks, not both")
     num_seqs = len(sequences)
-    arrays = [_sequence_array(i, s) for i, s in enumerate(sequences)]
-    masks = None
+    if num_seqs == 0:
+        raise ValueError("sequences must hold at least one sequence")
+    arrays = [_token_array(f"sequences[{i}]", seq) for i, seq in enumerate(sequences)]
+    full_lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=num_seqs)
+    masks = None  # per sequence, per token: may this token be predicted?
     if loss_masks is not None:
         if len(loss_masks) != num_seqs:
             raise ValueError(f"loss_masks must have one mask per sequence ({num_seqs}), "
                              f"got {len(loss_masks)}")
-        masks = []
-        for i, (m, a) in enumerate(zip(loss_masks, arrays)):
-            m = np.asarray(m.cpu() if isinstance(m, torch.Tensor) else m)
-            if m.shape != a.shape:
-                raise ValueError(f"loss_masks[{i}] must have the shape of sequences[{i}] "
-                                 f"{a.shape}, got {m.shape}")
+        masks = [_token_array(f"loss_masks[{i}]", m, integer=False)
+                 for i, m in enumerate(loss_masks)]
+        for i, m in enumerate(masks):
+            if m.size != full_lengths[i]:
+                raise ValueError(f"loss_masks[{i}] must have the length of sequences[{i}] "
+                                 f"({full_lengths[i]}), got {m.size}")
             if m.size and not np.isin(m, (0, 1)).all():
                 raise ValueError(f"loss_masks[{i}] must be bool or 0/1")
-            masks.append(m.astype(bool))
     prompts = None
     if prompt_lengths is not None:
         prompts = _as_int_array("prompt_lengths", prompt_lengths, num_seqs)
-        if prompts.size and prompts.min() < 0:
+        if prompts.min() < 0:
             raise ValueError("prompt_lengths must be >= 0")
-    if truncate:
-        arrays = [a[:max_tokens] for a in arrays]
-        if masks is not None:
-            masks = [m[:max_tokens] for m in masks]
-    lengths = np.fromiter((a.size for a in arrays), dtype=np.int64, count=num_seqs)
-    if not truncate and num_seqs and lengths.max() > max_tokens:
-        bad = int(np.argmax(lengths > max_tokens))
-        raise ValueError(f"sequences[{bad}] has {int(lengths[bad])} tokens, more than "
+    if not truncate and full_lengths.max() > max_tokens:
+        bad = int(np.argmax(full_lengths > max_tokens))
+        raise ValueError(f"sequences[{bad}] has {int(full_lengths[bad])} tokens, more than "
                          f"max_tokens={max_tokens}; raise max_tokens or pass truncate=True")
+    lengths = np.minimum(full_lengths, max_tokens) if truncate else full_lengths
     extra_tensors = {}
     for name, values in (extras or {}).items():
         t = values if isinstance(values, torch.Tensor) else torch.as_tensor(values)
@@ -410,43 +427,58 @@ def pack(sequences: Sequence, *, max_tokens: int, prompt_lengths=None,
 
     plan = plan_micro_batches(lengths, max_tokens=max_tokens, groups=groups, num_ranks=num_ranks,
                               linear_cost=linear_cost, attention_cost=attention_cost,
-                              backend=backend)
-    return [_build_batch(seqs, arrays, lengths, prompts, masks, group_ids, extra_tensors,
-                         ignore_index) for seqs in plan[rank]]
+                              backend=backend)[rank]
+    # Built a chunk of micro-batches at a time: per-batch numpy calls cost more than the work
+    # for small batches, and whole-rank arrays cost gigabytes for large inputs.
+    batches = []
+    for chunk in _chunks(plan, lengths):
+        batches += _build_batches(chunk, arrays, lengths, prompts, masks, group_ids,
+                                  extra_tensors, ignore_index)
+    return batches
 
 
-def _build_batch(seqs: np.ndarray, arrays: list[np.ndarray], lengths: np.ndarray,
-                 prompts: np.ndarray | None, masks: list[np.ndarray] | None,
-                 group_ids: np.ndarray, extras: dict[str, torch.Tensor],
-                 ignore_index: int) -> PackedBatch:
-    seq_lengths = lengths[seqs]
-    input_ids = torch.from_numpy(np.concatenate([arrays[s] for s in seqs]))
-    cu = np.zeros(seqs.size + 1, dtype=np.int64)
-    np.cumsum(seq_lengths, out=cu[1:])
-    starts = np.repeat(cu[:-1], seq_lengths)
-    positions = np.arange(cu[-1], dtype=np.int64) - starts
-    # `learn[j]`: token j may be predicted (it is not prompt / is inside the loss mask).
+def _build_batches(plan: list[np.ndarray], arrays: list[np.ndarray], lengths: np.ndarray,
+                   prompts: np.ndarray | None, masks: list[np.ndarray] | None,
+                   group_ids: np.ndarray, extras: dict[str, torch.Tensor],
+                   ignore_index: int) -> list[PackedBatch]:
+    """The `PackedBatch`es of consecutive micro-batches `plan` (sequence indices each)."""
+    order = np.concatenate(plan)
+    seq_lengths = lengths[order]
+    ends = np.cumsum(seq_lengths)
+    input_ids = np.concatenate([arrays[s][:n] for s, n in zip(order, seq_lengths)])
+    input_ids = input_ids.astype(np.int64, copy=False)
+    positions = np.arange(ends[-1], dtype=np.int64) - np.repeat(ends - seq_lengths, seq_lengths)
     if masks is not None:
-        learn = np.concatenate([masks[s] for s in seqs])
+        learn = np.concatenate([masks[s][:n] for s, n in zip(order, seq_lengths)]).astype(bool)
     elif prompts is not None:
-        learn = positions >= np.repeat(prompts[seqs], seq_lengths)
+        learn = positions >= np.repeat(prompts[order], seq_lengths)
     else:
-        learn = np.ones(cu[-1], dtype=bool)
+        learn = np.ones(ends[-1], dtype=bool)
     # targets[i] = input_ids[i+1] when token i+1 is in the same document and is learned.
-    valid = np.zeros(cu[-1], dtype=bool)
+    valid = np.zeros(ends[-1], dtype=bool)
     valid[:-1] = learn[1:]
-    valid[cu[1:] - 1] = False  # each document's last token has no next token
-    ids = input_ids.numpy()
-    targets = np.where(valid, np.roll(ids, -1), np.int64(ignore_index))
-    seq_index = torch.from_numpy(seqs.astype(np.int64, copy=True))
-    return PackedBatch(
-        input_ids=input_ids, position_ids=torch.from_numpy(positions),
-        cu_seqlens=torch.from_numpy(cu.astype(np.int32)), max_seqlen=int(seq_lengths.max()),
-        targets=torch.from_numpy(targets), loss_mask=torch.from_numpy(valid),
-        seq_index=seq_index,
-        group_index=torch.from_numpy(group_ids[seqs].copy()),
-        extras={name: t[seq_index.to(t.device)] for name, t in extras.items()},
-        ignore_index=ignore_index)
+    valid[ends - 1] = False  # each document's last token has no next token
+    targets = np.full(ends[-1], ignore_index, dtype=np.int64)
+    targets[:-1][valid[:-1]] = input_ids[1:][valid[:-1]]
+
+    batches = []
+    first = 0
+    for seqs in plan:
+        stop = first + seqs.size
+        lo, hi = int(ends[first] - seq_lengths[first]), int(ends[stop - 1])
+        seq_index = torch.from_numpy(seqs.astype(np.int64))
+        batches.append(PackedBatch(
+            input_ids=torch.from_numpy(input_ids[lo:hi].copy()),
+            position_ids=torch.from_numpy(positions[lo:hi].copy()),
+            cu_seqlens=torch.from_numpy(np.concatenate([[0], ends[first:stop] - lo]).astype(np.int32)),
+            max_seqlen=int(seq_lengths[first:stop].max()),
+            targets=torch.from_numpy(targets[lo:hi].copy()),
+            loss_mask=torch.from_numpy(valid[lo:hi].copy()), seq_index=seq_index,
+            group_index=torch.from_numpy(group_ids[seqs]),
+            extras={name: t[seq_index.to(t.device)] for name, t in extras.items()},
+            ignore_index=ignore_index))
+        first = stop
+    return batches
 
 
 # ---------------------------------------------------------------------------------------

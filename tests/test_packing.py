@@ -321,3 +321,31 @@ def test_padding_efficiency_on_lognormal_lengths():
                 for i in range(0, lengths.size, per_batch))
     assert report.padded_slots == slots
     assert report.packed_slots == report.num_micro_batches * 4096
+
+
+def test_lists_arrays_and_tensors_pack_the_same(monkeypatch):
+    rng = np.random.default_rng()
+    lists = [rng.integers(0, 500, size=int(rng.integers(1, 40))).tolist() for _ in range(53)]
+    forms = [lists, [np.asarray(s, dtype=np.int32) for s in lists],
+             [torch.tensor(s) for s in lists]]
+    packed = [pack(form, max_tokens=64, num_ranks=2, rank=1) for form in forms]
+    for other in packed[1:]:
+        for a, b in zip(packed[0], other, strict=True):
+            for name in ("input_ids", "position_ids", "cu_seqlens", "targets", "loss_mask",
+                         "seq_index"):
+                assert torch.equal(getattr(a, name), getattr(b, name)), name
+            assert b.input_ids.dtype == torch.int64
+    # Large inputs are built a chunk of micro-batches at a time: the same batches result.
+    whole = pack(lists, max_tokens=64, prompt_lengths=[3] * len(lists))
+    monkeypatch.setattr("alignfuse.engine.packing._CHUNK_TOKENS", 100)
+    chunked = pack(lists, max_tokens=64, prompt_lengths=[3] * len(lists))
+    for a, b in zip(whole, chunked, strict=True):
+        for name in ("input_ids", "position_ids", "cu_seqlens", "targets", "seq_index"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+    _check_batches_hold(chunked, lists)
+
+
+def _check_batches_hold(batches, sequences):
+    for batch in batches:
+        for s, piece in zip(batch.seq_index.tolist(), batch.unpack(batch.input_ids)):
+            assert piece.tolist() == list(sequences[s])
