@@ -27,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     run.add_argument("--suites", default=",".join(SUITES),
                      help=f"comma-separated subset of {','.join(SUITES)}")
-    run.add_argument("--out", type=Path, default=RESULTS, help="folder for the result file")
+    run.add_argument("--out", type=Path, default=None,
+                     help="folder for the result file (default: bench/results for GPU "
+                          "presets, bench/results/local, not committed, for the CPU one)")
     run.add_argument("--budget-s", type=float, default=None,
                      help="start nothing new after this many seconds (default: the preset's)")
 
@@ -42,13 +44,18 @@ def main(argv: list[str] | None = None) -> int:
         from .runner import run as run_preset
 
         suites = tuple(s.strip() for s in args.suites.split(",") if s.strip())
-        run_preset(args.preset, suites, args.out, args.budget_s,
-                   argv=["bench", *argv])
+        out = args.out or (RESULTS if PRESETS[args.preset].device == "cuda" else RESULTS / "local")
+        run_preset(args.preset, suites, out, args.budget_s, argv=["bench", *argv])
         return 0
     from .report import render
 
     out = args.out or RESULTS / "report"
-    paths = render(args.results or [RESULTS], out)
+    try:
+        paths = render(args.results or [RESULTS], out)
+    except FileNotFoundError as exc:
+        print(f"bench report: {exc}; run `python -m bench run --preset ...` first, or name "
+              "result files (CPU runs are in bench/results/local)", file=sys.stderr)
+        return 1
     for p in paths:
         print(p)
     return 0

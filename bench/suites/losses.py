@@ -191,8 +191,9 @@ def linear_grpo_case(S: int, T: int, H: int, V: int, dtype: torch.dtype,
         mask = torch.arange(T, device=device)[None, :] < lengths[:, None]
         return InputSet({"hidden": hidden, "weight": weight, "targets": targets,
                          "old_logps": old, "ref_logps": ref, "mask": mask,
-                         "advantages": randn((S,), device=device, dtype=torch.float32,
-                                             gen=gen)},
+                         # Mean 1, not 0: keeps the loss away from 0 for its relative check.
+                         "advantages": 1 + 0.5 * randn((S,), device=device,
+                                                       dtype=torch.float32, gen=gen)},
                         randn((), device=device, dtype=torch.float32, gen=gen))
 
     def two_ops(backend):

@@ -31,14 +31,20 @@ SUITE = "step"
 BETA, CLIP, KL = 0.1, 0.2, 0.04
 
 
+def _shape(cfg: dict) -> dict:
+    """Head layout of a real model of that width: heads of 64, about 4 query heads per KV
+    head (Qwen2.5-0.5B: hidden 896 = 14 heads, 2 KV heads)."""
+    heads = max(2, cfg["hidden"] // 64)
+    kv = max(d for d in range(1, max(2, heads // 4 + 1)) if heads % d == 0)
+    return dict(hidden_size=cfg["hidden"], num_layers=cfg["layers"], num_attention_heads=heads,
+                num_key_value_heads=kv, head_dim=cfg["hidden"] // heads,
+                max_position_embeddings=max(512, 2 * cfg["T"]))
+
+
 def _model(cfg: dict, dtype: torch.dtype, device: torch.device):
     from alignfuse.engine.tiny import tiny_model
 
-    heads = max(2, cfg["hidden"] // 64)
-    model = tiny_model(cfg["family"], cfg["vocab"], hidden_size=cfg["hidden"],
-                       num_layers=cfg["layers"], num_attention_heads=heads,
-                       num_key_value_heads=max(1, heads // 4), head_dim=cfg["hidden"] // heads,
-                       max_position_embeddings=max(512, 2 * cfg["T"]), seed=0)
+    model = tiny_model(cfg["family"], cfg["vocab"], seed=0, **_shape(cfg))
     return model.to(device=device, dtype=dtype)
 
 
@@ -159,7 +165,8 @@ def step_case(kind: str, cfg: dict, dtype: torch.dtype, device: torch.device) ->
             valid = packed.loss_mask
             tensors["old_logps"] = torch.where(valid, flat + noise(), 0.0)
             tensors["ref_logps"] = torch.where(valid, flat + noise(), 0.0)
-            tensors["advantages"] = torch.randn(packed.num_seqs, generator=gen).to(device)
+            # Mean 1, not 0: a loss near zero would make its relative check meaningless.
+            tensors["advantages"] = (1 + 0.5 * torch.randn(packed.num_seqs, generator=gen)).to(device)
         tensors["padded"] = _padded(packed, **{k: tensors[k] for k in ("old_logps", "ref_logps")
                                              if k in tensors})
         if kind == "grpo":
@@ -224,10 +231,7 @@ def _count_model(cfg: dict):
     from alignfuse.engine.tiny import tiny_config
     from transformers import AutoModelForCausalLM
 
-    heads = max(2, cfg["hidden"] // 64)
-    config = tiny_config(cfg["family"], cfg["vocab"], hidden_size=cfg["hidden"],
-                         num_layers=cfg["layers"], num_attention_heads=heads,
-                         num_key_value_heads=max(1, heads // 4), head_dim=cfg["hidden"] // heads)
+    config = tiny_config(cfg["family"], cfg["vocab"], **_shape(cfg))
     with torch.device("meta"):
         return list(AutoModelForCausalLM.from_config(config).parameters())
 
