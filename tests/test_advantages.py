@@ -78,17 +78,17 @@ def test_group_advantages_match_formula(backend, device, estimator, scale, group
     assert not got.requires_grad
 
 
-def test_equal_rewards_give_exact_zero(backend):
-    rewards = torch.tensor([0.1, 0.1, 0.1, 0.7, 0.7, 0.7, 1.0, 2.0, 3.0])
+def test_equal_rewards_give_exact_zero(backend, device):
+    rewards = torch.tensor([0.1, 0.1, 0.1, 0.7, 0.7, 0.7, 1.0, 2.0, 3.0], device=device)
     for estimator in ESTIMATORS:
         for scale in SCALES:
             got = group_advantages(rewards, 3, estimator=estimator, scale=scale, backend=backend)
-            assert torch.equal(got[:6], torch.zeros(6)), (estimator, scale)
+            assert torch.equal(got[:6].cpu(), torch.zeros(6)), (estimator, scale)
             assert got[6] < 0 < got[8]
 
 
-def test_float32_and_bfloat16_rewards(backend):
-    rewards = torch.randn(24)
+def test_float32_and_bfloat16_rewards(backend, device):
+    rewards = torch.randn(24, device=device)
     exp = reference(rewards.tolist(), 6, "grpo", "group", 1e-6)
     got = group_advantages(rewards, 6, backend=backend)
     assert got.dtype == torch.float32
@@ -99,15 +99,15 @@ def test_float32_and_bfloat16_rewards(backend):
     assert_rel_close(got, reference(low.float().tolist(), 6, "grpo", "group", 1e-6), 1e-6, "bf16")
 
 
-def test_rank_is_invariant_to_monotone_transforms(backend):
-    rewards = torch.randn(16, dtype=torch.float64)
+def test_rank_is_invariant_to_monotone_transforms(backend, device):
+    rewards = torch.randn(16, dtype=torch.float64, device=device)
     a = group_advantages(rewards, 8, estimator="rank", backend=backend)
     b = group_advantages(rewards.exp() * 3 + 1, 8, estimator="rank", backend=backend)
     assert_rel_close(a, b, 1e-6, "rank invariance")
 
 
-def test_rloo_is_leave_one_out(backend):
-    rewards = torch.tensor([1.0, 2.0, 4.0, 8.0], dtype=torch.float64)
+def test_rloo_is_leave_one_out(backend, device):
+    rewards = torch.tensor([1.0, 2.0, 4.0, 8.0], dtype=torch.float64, device=device)
     got = group_advantages(rewards, 4, estimator="rloo", backend=backend)
     exp = torch.tensor([1 - 14 / 3, 2 - 13 / 3, 4 - 11 / 3, 8 - 7 / 3], dtype=torch.float64)
     assert_rel_close(got, exp, 1e-6, "rloo")

@@ -47,41 +47,43 @@ def test_gae_matches_closed_form(backend, device, gamma, lam):
     assert_rel_close(ret, exp_ret, 1e-6, "returns")
 
 
-def test_gae_padded_and_packed_agree(backend):
-    rewards, values, mask = make(B=4, T=29)
+def test_gae_padded_and_packed_agree(backend, device):
+    rewards, values, mask = make(B=4, T=29, device=device)
     lengths = mask.long().cumsum(1).argmax(1) + 1  # up to the last valid token
     lengths[0] = 0
     pr = torch.cat([rewards[b, :n] for b, n in enumerate(lengths)])
     pv = torch.cat([values[b, :n] for b, n in enumerate(lengths)])
     pm = torch.cat([mask[b, :n] for b, n in enumerate(lengths)])
-    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(torch.int32)
+    cu = torch.cat([torch.zeros(1, dtype=torch.long, device=device),
+                    lengths.cumsum(0)]).to(torch.int32)
     adv, ret = gae(rewards, values, mask=mask, gamma=0.97, lam=0.9, backend=backend)
     padv, pret = gae(pr, pv, mask=pm, cu_seqlens=cu, gamma=0.97, lam=0.9, backend=backend)
-    assert_rel_close(padv, torch.cat([adv[b, :n] for b, n in enumerate(lengths)]), 1e-12, "adv")
-    assert_rel_close(pret, torch.cat([ret[b, :n] for b, n in enumerate(lengths)]), 1e-12, "ret")
+    assert_rel_close(padv, torch.cat([adv[b, :n] for b, n in enumerate(lengths)]), 1e-6, "adv")
+    assert_rel_close(pret, torch.cat([ret[b, :n] for b, n in enumerate(lengths)]), 1e-6, "ret")
     # without a mask, packed sequences do not leak into each other
     padv, _ = gae(pr, pv, cu_seqlens=cu, gamma=0.9, lam=0.8, backend=backend)
     for b in range(4):
         a, z = int(cu[b]), int(cu[b + 1])
         alone, _ = gae(pr[a:z].reshape(1, -1), pv[a:z].reshape(1, -1), gamma=0.9, lam=0.8,
                        backend=backend) if z > a else (torch.zeros(1, 0, dtype=pr.dtype), None)
-        assert_rel_close(padv[a:z], alone.reshape(-1), 1e-12, f"sequence {b}")
+        assert_rel_close(padv[a:z], alone.reshape(-1), 1e-6, f"sequence {b}")
 
 
-def test_gae_float32_bfloat16_and_whiten(backend):
-    rewards, values, mask = make(B=3, T=40, dtype=torch.float32)
+def test_gae_float32_bfloat16_and_whiten(backend, device):
+    rewards, values, mask = make(B=3, T=40, dtype=torch.float32, device=device)
     adv, _ = gae(rewards, values, mask=mask, gamma=0.99, lam=0.95, backend=backend)
     assert adv.dtype == torch.float32
-    exp_adv, _ = reference(rewards, values, mask, 0.99, 0.95)
+    exp_adv, _ = reference(rewards.cpu(), values.cpu(), mask.cpu(), 0.99, 0.95)
     assert_rel_close(adv, exp_adv, 1e-5, "float32")
     adv, ret = gae(rewards.bfloat16(), values.bfloat16(), mask=mask, backend=backend)
     assert adv.dtype == torch.float32 and ret.dtype == torch.float32
-    exp_adv, _ = reference(rewards.bfloat16().float(), values.bfloat16().float(), mask, 1.0, 1.0)
+    exp_adv, _ = reference(rewards.bfloat16().float().cpu(), values.bfloat16().float().cpu(),
+                           mask.cpu(), 1.0, 1.0)
     assert_rel_close(adv, exp_adv, 1e-5, "bfloat16")
     white, _ = gae(rewards, values, mask=mask, whiten=True, backend=backend)
-    exp_adv, _ = reference(rewards, values, mask, 1.0, 1.0)
-    sel = exp_adv[mask]
-    exp_white = torch.where(mask, (exp_adv - sel.mean()) / torch.sqrt(sel.var() + 1e-8), 0.0)
+    exp_adv, _ = reference(rewards.cpu(), values.cpu(), mask.cpu(), 1.0, 1.0)
+    sel = exp_adv[mask.cpu()]
+    exp_white = torch.where(mask.cpu(), (exp_adv - sel.mean()) / torch.sqrt(sel.var() + 1e-8), 0.0)
     assert_rel_close(white, exp_white, 1e-5, "whiten")
 
 
@@ -99,11 +101,11 @@ def test_gae_has_no_gradient_and_checks_input():
         gae(torch.randn(5), torch.randn(5))
 
 
-def test_gae_long_sequences_cross_tiles(backend):
+def test_gae_long_sequences_cross_tiles(backend, device):
     # longer than the Triton kernel's 128-token tile: the carries between tiles are exercised
-    rewards, values, mask = make(B=3, T=300)
+    rewards, values, mask = make(B=3, T=300, device=device)
     mask[2, 120:140] = False  # a masked run across a tile boundary
     adv, ret = gae(rewards, values, mask=mask, gamma=0.995, lam=0.97, backend=backend)
-    exp_adv, exp_ret = reference(rewards, values, mask, 0.995, 0.97)
+    exp_adv, exp_ret = reference(rewards.cpu(), values.cpu(), mask.cpu(), 0.995, 0.97)
     assert_rel_close(adv, exp_adv, 1e-5, "advantages")
     assert_rel_close(ret, exp_ret, 1e-5, "returns")

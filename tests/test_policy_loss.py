@@ -207,9 +207,9 @@ def test_policy_loss_padded_and_packed_agree(backend, device, loss_agg):
             assert abs(float(ma[name]) - float(mb[name])) < 1e-6, name
 
 
-def test_policy_loss_packed_default_horizon_is_longest_sequence(backend):
-    lp, old, _, adv, _ = make_batch(B=1, T=11)
-    cu = torch.tensor([0, 4, 11], dtype=torch.int32)
+def test_policy_loss_packed_default_horizon_is_longest_sequence(backend, device):
+    lp, old, _, adv, _ = make_batch(B=1, T=11, device=device)
+    cu = torch.tensor([0, 4, 11], dtype=torch.int32, device=device)
     flat = [x.reshape(-1) for x in (lp, old, adv)]
     a, _ = policy_loss(*flat, cu_seqlens=cu, loss_agg="seq-mean-token-sum-norm", backend=backend)
     b, _ = policy_loss(*flat, cu_seqlens=cu, loss_agg="seq-mean-token-sum-norm", horizon=7,
@@ -252,8 +252,8 @@ def test_policy_loss_gradcheck_torch_reference():
 
 
 @pytest.mark.parametrize("level", ["token", "sequence"])
-def test_policy_loss_extreme_log_ratios_stay_finite(backend, level):
-    lp, old, ref, adv, mask = make_batch(B=4, T=17, dtype=torch.float32)
+def test_policy_loss_extreme_log_ratios_stay_finite(backend, device, level):
+    lp, old, ref, adv, mask = make_batch(B=4, T=17, dtype=torch.float32, device=device)
     old = lp + 80 * torch.sign(torch.randn_like(lp))  # log-ratios of +-80
     ref = lp - 80 * torch.sign(torch.randn_like(lp))
     for estimator in ("k1", "k2", "k3", "abs"):
@@ -268,19 +268,20 @@ def test_policy_loss_extreme_log_ratios_stay_finite(backend, level):
                             kl_coef=0.1, importance_level=level)
 
 
-def test_policy_loss_all_masked_and_one_token_sequences(backend):
-    lp, old, ref, adv, mask = make_batch(B=4, T=9)
+def test_policy_loss_all_masked_and_one_token_sequences(backend, device):
+    lp, old, ref, adv, mask = make_batch(B=4, T=9, device=device)
     mask[1] = False
     mask[3] = False
     mask[3, 4] = True  # a one-token sequence
     for agg in AGG_MODES:
         check_against_reference(backend, lp, old, adv, mask, ref, kl_coef=0.1, loss_agg=agg)
     # one-token packed sequences
-    cu = torch.arange(6, dtype=torch.int32)
-    flat = [torch.randn(5, dtype=torch.float64) for _ in range(3)]
+    cu = torch.arange(6, dtype=torch.int32, device=device)
+    flat = [torch.randn(5, dtype=torch.float64, device=device) for _ in range(3)]
     loss, _ = policy_loss(*flat, cu_seqlens=cu, loss_agg="seq-mean-token-mean", backend=backend)
     exp, _ = ref_policy_loss(flat[0][:, None], flat[1][:, None], flat[2][:, None],
-                             torch.ones(5, 1, dtype=torch.bool), agg="seq-mean-token-mean")
+                             torch.ones(5, 1, dtype=torch.bool, device=device),
+                             agg="seq-mean-token-mean")
     assert_rel_close(loss, exp, 1e-6, "one-token sequences")
     # nothing valid at all: a zero loss with zero gradients, not NaN
     x = lp.clone().requires_grad_()
@@ -290,8 +291,8 @@ def test_policy_loss_all_masked_and_one_token_sequences(backend):
     assert all(float(v) == 0 for v in metrics.values())
 
 
-def test_policy_loss_masked_padding_may_hold_garbage(backend):
-    lp, old, ref, adv, mask = make_batch(B=3, T=8)
+def test_policy_loss_masked_padding_may_hold_garbage(backend, device):
+    lp, old, ref, adv, mask = make_batch(B=3, T=8, device=device)
     mask[0, 5:] = False
     for t in (lp, old, ref, adv):
         t[0, 5:] = float("nan")
@@ -303,8 +304,8 @@ def test_policy_loss_masked_padding_may_hold_garbage(backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_policy_loss_low_precision_inputs_give_float32(backend, dtype):
-    lp, old, ref, adv, mask = make_batch(B=3, T=21, dtype=dtype)
+def test_policy_loss_low_precision_inputs_give_float32(backend, device, dtype):
+    lp, old, ref, adv, mask = make_batch(B=3, T=21, dtype=dtype, device=device)
     # the loss is float32 from the given (rounded) inputs; the gradient has the input's dtype
     grad_tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
     loss, _, _ = check_against_reference(backend, lp, old, adv, mask, ref, tol=1e-5,
@@ -435,6 +436,14 @@ def test_kl_penalty_k3_is_unbiased_for_true_kl():
     est = kl_penalty(p.log()[samples], q.log()[samples], "k3", backend="torch").mean()
     true = float((p * (p / q).log()).sum())
     assert math.isclose(float(est), true, rel_tol=0.02)
+
+
+def test_kl_penalty_gradcheck_torch_reference():
+    lp = torch.randn(11, dtype=torch.float64, requires_grad=True)
+    ref = lp.detach() + torch.randn(11, dtype=torch.float64)
+    for estimator in ("k1", "k2", "k3", "abs"):
+        assert torch.autograd.gradcheck(lambda x: kl_penalty(x, ref, estimator, backend="torch"),
+                                        (lp,))
 
 
 def test_kl_penalty_errors():
