@@ -3,12 +3,13 @@
 Record shapes (one JSON object per line; a `datasets.Dataset` with the same columns is
 accepted wherever a path is):
 
-| loader        | fields                                                       | record             |
-|---------------|--------------------------------------------------------------|--------------------|
-| `load_dpo`    | `instruction` str, `input` str (optional), `chosen` str, `rejected` str | `PreferenceRecord` |
-| `load_kto`    | `instruction` str, `input` str (optional), `output` str, `kto_tag` bool | `KTORecord` |
-| `load_scored` | `prompt` str, `completion` str, `score` number               | `ScoredRecord`     |
-| `load_ranked` | `prompt` str, `responses` list of >= 2 str (best first), `ranks` (optional) | `RankedRecord` |
+- `load_dpo` -> `PreferenceRecord`: `instruction` str, `input` str (optional), `chosen` str,
+  `rejected` str.
+- `load_kto` -> `KTORecord`: `instruction`, `input` (optional), `output` str, `kto_tag` bool
+  (true = desirable).
+- `load_scored` -> `ScoredRecord`: `prompt` str, `completion` str, `score` finite number.
+- `load_ranked` -> `RankedRecord`: `prompt` str, `responses` list of >= 2 str (best first),
+  `ranks` list of int (optional).
 
 - The prompt of an instruction record is `instruction + ("\\n" + input if input)`.
 - `ranks` (ranked lists): `ranks[k]` is the rank of `responses[k]`, 0 = best, a permutation
@@ -207,7 +208,8 @@ def load_ranked(source) -> list[RankedRecord]:
 # Tokenization
 
 
-def encode_prompt_completion(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+def encode_prompt_completion(tokenizer, prompt: str,
+                             completion: str) -> tuple[list[int], list[int]]:
     """Token ids of a prompt and its completion (see the module docstring for the format)."""
     if getattr(tokenizer, "chat_template", None):
         user = [{"role": "user", "content": prompt}]
@@ -258,7 +260,8 @@ class TokenizedDataset:
         """Pack the sequences of `records` (default: all), each record's sequences together.
 
         In each batch `seq_index` indexes this dataset's sequences, `group_index` is the
-        record index and `extras` carries the per-sequence values. `pack_kwargs` go to `alignfuse.engine.pack` (num_ranks, rank, truncate, ...).
+        record index and `extras` carries the per-sequence values. `pack_kwargs` go to
+        `alignfuse.engine.pack` (num_ranks, rank, truncate, ...).
         """
         if records is None:
             chosen = list(range(len(self)))

@@ -36,6 +36,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -168,14 +169,15 @@ def plan_micro_batches(lengths, *, max_tokens: int, groups=None, num_ranks: int 
         groups are contiguous, ordered by first appearance, members in original order.
     """
     lengths = _as_int_array("lengths", lengths)
-    if not isinstance(max_tokens, (int, np.integer)) or isinstance(max_tokens, bool) or max_tokens < 1:
-        raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
-    if not isinstance(num_ranks, (int, np.integer)) or isinstance(num_ranks, bool) or num_ranks < 1:
-        raise ValueError(f"num_ranks must be a positive int, got {num_ranks!r}")
-    if not (math.isfinite(linear_cost) and linear_cost > 0):
-        raise ValueError(f"linear_cost must be finite and > 0, got {linear_cost!r}")
-    if not (math.isfinite(attention_cost) and attention_cost >= 0):
-        raise ValueError(f"attention_cost must be finite and >= 0, got {attention_cost!r}")
+    for name, value in (("max_tokens", max_tokens), ("num_ranks", num_ranks)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not (isinstance(linear_cost, numbers.Real) and math.isfinite(linear_cost)
+            and linear_cost > 0):
+        raise ValueError(f"linear_cost must be a finite number > 0, got {linear_cost!r}")
+    if not (isinstance(attention_cost, numbers.Real) and math.isfinite(attention_cost)
+            and attention_cost >= 0):
+        raise ValueError(f"attention_cost must be a finite number >= 0, got {attention_cost!r}")
     if lengths.size == 0:
         raise ValueError("lengths must hold at least one sequence")
     if lengths.min() < 1:
@@ -470,7 +472,8 @@ def _build_batches(plan: list[np.ndarray], arrays: list[np.ndarray], lengths: np
         batches.append(PackedBatch(
             input_ids=torch.from_numpy(input_ids[lo:hi].copy()),
             position_ids=torch.from_numpy(positions[lo:hi].copy()),
-            cu_seqlens=torch.from_numpy(np.concatenate([[0], ends[first:stop] - lo]).astype(np.int32)),
+            cu_seqlens=torch.from_numpy(
+                np.concatenate([[0], ends[first:stop] - lo]).astype(np.int32)),
             max_seqlen=int(seq_lengths[first:stop].max()),
             targets=torch.from_numpy(targets[lo:hi].copy()),
             loss_mask=torch.from_numpy(valid[lo:hi].copy()), seq_index=seq_index,
