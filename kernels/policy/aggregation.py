@@ -72,7 +72,7 @@ def aggregate(token_loss: torch.Tensor, layout: TokenLayout, loss_agg: str,
     checks.one_of("loss_agg", loss_agg, LOSS_AGG_MODES)
     valid = layout.mask > 0
     # where, not multiply: a masked token may hold inf/NaN (padding) and 0 * inf = NaN
-    masked = torch.where(valid, token_loss, torch.zeros((), dtype=token_loss.dtype))
+    masked = torch.where(valid, token_loss, 0.0)
     seq_sum = torch.zeros(layout.num_seqs, dtype=token_loss.dtype, device=token_loss.device)
     seq_sum = seq_sum.index_add(0, layout.seq_ids, masked)
     counts = valid_counts(layout).to(token_loss.dtype)
@@ -90,5 +90,5 @@ def aggregate(token_loss: torch.Tensor, layout: TokenLayout, loss_agg: str,
 def masked_token_mean(values: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     """Mean over valid tokens (0 when there are none), for metrics."""
     valid = layout.mask > 0
-    total = torch.where(valid, values, torch.zeros((), dtype=values.dtype)).sum()
+    total = torch.where(valid, values, 0.0).sum()
     return total / valid.sum().clamp(min=1)

@@ -158,7 +158,7 @@ def _policy_loss_torch(logps: torch.Tensor, old_logps: torch.Tensor, advantages:
     token_log_ratio = logps - old
     if options.importance_level == "sequence":
         counts = valid_counts(layout).to(dtype)
-        masked = torch.where(valid, token_log_ratio.detach(), torch.zeros((), dtype=dtype))
+        masked = torch.where(valid, token_log_ratio.detach(), 0.0)
         seq_log_ratio = torch.zeros(layout.num_seqs, dtype=dtype, device=logps.device)
         seq_log_ratio = seq_log_ratio.index_add(0, layout.seq_ids, masked) / counts.clamp(min=1)
         log_ratio = logps - logps.detach() + seq_log_ratio[layout.seq_ids]
@@ -187,14 +187,14 @@ def _policy_loss_torch(logps: torch.Tensor, old_logps: torch.Tensor, advantages:
         def mean(x):
             return masked_token_mean(x.to(dtype), layout).to(f32)
 
-        ratio_valid = torch.where(valid, ratio, torch.zeros((), dtype=dtype))
+        ratio_valid = torch.where(valid, ratio, 0.0)
         metrics = {
             "clipfrac": mean(clipped > unclipped),
             "dual_clipfrac": mean(dual_clipped),
             "approx_kl": mean(-token_log_ratio),
-            "kl": mean(kl) if kl is not None else torch.zeros((), dtype=f32),
+            "kl": mean(kl) if kl is not None else torch.zeros((), dtype=f32, device=ratio.device),
             "ratio_mean": mean(ratio),
-            "ratio_max": (ratio_valid.max() if ratio.numel() else ratio.sum()).to(f32),
+            "ratio_max": ratio_valid.max().to(f32),
             "pg_loss": aggregate(pg, layout, options.loss_agg, options.horizon).to(f32),
         }
     return loss, metrics
