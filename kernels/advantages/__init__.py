@@ -1,7 +1,7 @@
 """Advantage estimators: group-relative (GRPO, Dr. GRPO, RLOO, rank) and GAE."""
 
 from .gae import gae
-from .group import group_advantages, register_advantage_estimator
+from .group import group_advantages
 from . import cuda as _cuda  # noqa: F401  (registers the "cuda" backends)
 
-__all__ = ["group_advantages", "gae", "register_advantage_estimator"]
+__all__ = ["group_advantages", "gae"]

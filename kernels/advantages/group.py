@@ -37,6 +37,8 @@ SCALES = ("group", "batch", "none")
 ESTIMATOR_CODES = {name: i for i, name in enumerate(ESTIMATORS)}
 SCALE_CODES = {name: i for i, name in enumerate(SCALES)}
 
+# The torch formulas, one function per estimator (verl's registry pattern). A new estimator
+# is a function here, a name in ESTIMATORS and a code in the Triton and CUDA kernels.
 _ADVANTAGE_ESTIMATORS: dict[str, Callable] = {}
 
 
