@@ -484,14 +484,24 @@ _HOST_HARNESS = r"""
 namespace alignfuse {
 std::vector<CudaRegistrar::Fn>& CudaRegistrar::all() { static std::vector<Fn> v; return v; }
 }
-int main() {
-  int formula;
-  float beta, eps, tau, c, r, delta;
-  while (std::scanf("%d %f %f %f %f %f %f", &formula, &beta, &eps, &tau, &c, &r, &delta) == 7) {
-    const float e = eps > 0.f ? eps : 1e-3f;
-    alignfuse::DPOParams p{beta, eps, tau, logf(e), log1pf(-e), formula, false};
-    alignfuse::LossAndGrad o = alignfuse::dpo_formula(c, r, delta, p);
-    std::printf("%.9g %.9g %.9g\n", o.loss, o.dc, o.dr);
+int main() {  // lines "0 formula beta eps tau c r delta" (DPO) or "1 x z0 desirable beta wd wu" (KTO)
+  int kind;
+  while (std::scanf("%d", &kind) == 1) {
+    if (kind == 0) {
+      int formula;
+      float beta, eps, tau, c, r, delta;
+      if (std::scanf("%d %f %f %f %f %f %f", &formula, &beta, &eps, &tau, &c, &r, &delta) != 7) return 1;
+      const float e = eps > 0.f ? eps : 1e-3f;
+      alignfuse::DPOParams p{beta, eps, tau, logf(e), log1pf(-e), formula, false};
+      alignfuse::LossAndGrad o = alignfuse::dpo_formula(c, r, delta, p);
+      std::printf("%.9g %.9g %.9g\n", o.loss, o.dc, o.dr);
+    } else {
+      int desirable;
+      float x, z0, beta, wd, wu;
+      if (std::scanf("%f %f %d %f %f %f", &x, &z0, &desirable, &beta, &wd, &wu) != 6) return 1;
+      alignfuse::KTOLossAndGrad o = alignfuse::kto_formula(x, z0, desirable != 0, beta, wd, wu);
+      std::printf("%.9g %.9g 0\n", o.loss, o.grad);
+    }
   }
   return 0;
 }
@@ -529,14 +539,22 @@ def test_cuda_formulas_match_formula_on_host(tmp_path):
             c = torch.cat([torch.tensor([80.0, -80.0]), 4 * torch.randn(n - 2)])
             r = torch.cat([torch.tensor([-80.0, 80.0]), 4 * torch.randn(n - 2)])
             cases.append((name, beta, eps, c, r))
-            lines += [f"{code} {beta} {eps} 0.05 {ci:.9g} {ri:.9g} {delta}"
+            lines += [f"0 {code} {beta} {eps} 0.05 {ci:.9g} {ri:.9g} {delta}"
                       for ci, ri in zip(c.tolist(), r.tolist())]
+    x = torch.cat([torch.tensor([80.0, -80.0, 80.0, -80.0]), 4 * torch.randn(n - 4)])
+    desirable = torch.arange(n) % 2 == 0
+    lines += [f"1 {xi:.9g} 0.4 {int(d)} 0.7 1.3 0.6" for xi, d in zip(x.tolist(), desirable.tolist())]
     run = subprocess.run([str(tmp_path / "harness")], input="\n".join(lines) + "\n",
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     got = torch.tensor([[float(v) for v in line.split()] for line in run.stdout.splitlines()],
-                       dtype=torch.float64).reshape(len(cases), n, 3)
-    for (name, beta, eps, c, r), out in zip(cases, got):
+                       dtype=torch.float64).reshape(len(cases) + 1, n, 3)
+    x64 = x.double().requires_grad_(True)
+    kto, _ = ref_kto(x64, torch.zeros(n, dtype=torch.float64), desirable, 0.4, 0.7, 1.3, 0.6)
+    kto.sum().backward()
+    assert_rel_close(got[-1, :, 0], kto, 1e-5, "cuda kto loss")
+    assert_rel_close(got[-1, :, 1], x64.grad, 1e-4, "cuda kto d/dx")
+    for (name, beta, eps, c, r), out in zip(cases, got[:-1]):
         pc = c.double().requires_grad_(True)
         pr = r.double().requires_grad_(True)
         zero = torch.zeros(n, dtype=torch.float64)

@@ -158,6 +158,22 @@ __global__ void dpo_kernel(const T* __restrict__ pc, const T* __restrict__ pr, c
   }
 }
 
+struct KTOLossAndGrad {
+  float loss, grad;  // loss and its derivative with respect to x = policy - ref
+};
+
+// KTO on the log-ratio x with reference point z0; see kto.py.
+__host__ __device__ __forceinline__ KTOLossAndGrad kto_formula(float x, float z0, bool desirable, float beta,
+                                                              float desirable_weight, float undesirable_weight) {
+  const float a = beta * (x - z0);
+  // 1 - s(a) = s(-a) and 1 - s(-a) = s(a): no cancellation
+  const float s_pos = sigmoid(a), s_neg = sigmoid(-a);
+  KTOLossAndGrad out;
+  out.loss = desirable ? desirable_weight * s_neg : undesirable_weight * s_pos;
+  out.grad = (desirable ? -desirable_weight : undesirable_weight) * beta * s_pos * s_neg;
+  return out;
+}
+
 template <typename T>
 __global__ void kto_kernel(const T* __restrict__ policy, const T* __restrict__ ref,
                            const uint8_t* __restrict__ desirable, const float* __restrict__ kl,
@@ -168,14 +184,10 @@ __global__ void kto_kernel(const T* __restrict__ policy, const T* __restrict__ r
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < S; i += stride) {
     const float x = to_float(policy[i]) - to_float(ref[i]);
-    const float a = beta * (x - z0);
-    // 1 - s(a) = s(-a) and 1 - s(-a) = s(a): no cancellation
-    const float s_pos = sigmoid(a), s_neg = sigmoid(-a);
-    const bool good = desirable[i] != 0;
-    loss[i] = good ? desirable_weight * s_neg : undesirable_weight * s_pos;
-    const float grad = (good ? -desirable_weight : undesirable_weight) * beta * s_pos * s_neg;
-    g_policy[i] = grad;
-    g_ref[i] = -grad;
+    const KTOLossAndGrad f = kto_formula(x, z0, desirable[i] != 0, beta, desirable_weight, undesirable_weight);
+    loss[i] = f.loss;
+    g_policy[i] = f.grad;
+    g_ref[i] = -f.grad;
     reward[i] = beta * x;
   }
 }
