@@ -89,16 +89,21 @@ class BitTree {
   std::vector<std::vector<uint64_t>> levels_;
 };
 
+// Whether structures indexed by token count (room left, length) pay off: they cost O(max_tokens)
+// memory and set-up, so only when max_tokens is bounded and not large against the input. Both
+// choices give the same plan; this only picks the faster one.
+bool index_by_tokens(int64_t max_tokens, int64_t num_units) {
+  return max_tokens <= (int64_t{1} << 20) && max_tokens <= 64 * num_units;
+}
+
 // Open bins by room left: `take(size)` removes and returns the bin with the least room >=
 // size (lowest id among equal room) as (room, id), or (-1, -1).
 // Two implementations of the same order: per-room min-heaps of ids under a BitTree when
-// max_tokens is small enough to index by room (the common case, O(1)-ish per unit), else an
-// ordered set of (room, id).
+// `indexed` (the common case, O(1)-ish per unit), else an ordered set of (room, id).
 class OpenBins {
  public:
-  explicit OpenBins(int64_t max_tokens)
-      : by_room_(max_tokens <= kMaxIndexedRoom ? max_tokens + 1 : 0),
-        nonempty_(max_tokens <= kMaxIndexedRoom ? max_tokens + 1 : 1) {}
+  OpenBins(int64_t max_tokens, bool indexed)
+      : by_room_(indexed ? max_tokens + 1 : 0), nonempty_(indexed ? max_tokens + 1 : 1) {}
 
   std::pair<int64_t, int64_t> take(int64_t size) {
     if (by_room_.empty()) {
@@ -130,17 +135,16 @@ class OpenBins {
   }
 
  private:
-  static constexpr int64_t kMaxIndexedRoom = int64_t{1} << 20;
   std::vector<std::vector<int64_t>> by_room_;
   BitTree nonempty_;
   std::set<std::pair<int64_t, int64_t>> set_;
 };
 
-// Units by (tokens desc, index asc): a counting sort when tokens are small enough to count.
+// Units by (tokens desc, index asc): a counting sort when `indexed`.
 std::vector<int64_t> decreasing_order(const int64_t* tokens, int64_t num_units,
-                                      int64_t max_tokens) {
+                                      int64_t max_tokens, bool indexed) {
   std::vector<int64_t> order(num_units);
-  if (max_tokens > (int64_t{1} << 20)) {
+  if (!indexed) {
     std::iota(order.begin(), order.end(), 0);
     std::stable_sort(order.begin(), order.end(),
                      [&](int64_t a, int64_t b) { return tokens[a] > tokens[b]; });
@@ -156,10 +160,11 @@ std::vector<int64_t> decreasing_order(const int64_t* tokens, int64_t num_units,
 Plan plan_bins(const int64_t* tokens, const double* cost, int64_t num_units, int64_t max_tokens,
                int64_t num_ranks) {
   // Step 2: best-fit decreasing.
-  const std::vector<int64_t> order = decreasing_order(tokens, num_units, max_tokens);
+  const bool indexed = index_by_tokens(max_tokens, num_units);
+  const std::vector<int64_t> order = decreasing_order(tokens, num_units, max_tokens, indexed);
   std::vector<List> bins;
   std::vector<int64_t> unit_next(num_units, -1);
-  OpenBins open(max_tokens);
+  OpenBins open(max_tokens, indexed);
   for (int64_t u : order) {
     auto [room, b] = open.take(tokens[u]);
     if (b < 0) {
