@@ -35,6 +35,9 @@ class Preset:
     matmul_size: int = 8192
     copy_bytes: int = 2 << 30
     budget_s: float = 600.0          # nothing new starts after this many seconds
+    # Modes to time where a case has them (None: all). The CPU smoke times fwd+bwd only:
+    # interpreted Triton is slow, and the unit tests cover every mode.
+    modes: tuple[str, ...] | None = None
 
 
 PRESETS: dict[str, Preset] = {
@@ -50,7 +53,7 @@ PRESETS: dict[str, Preset] = {
                 # The check run before timing is the warm-up (it compiles); the interpreter is slow.
         timing=TimingConfig(warmup=0, min_reps=2, max_reps=3, target_s=0.01,
                             rotate_bytes=1 << 20, max_sets=2),
-        matmul_size=256, copy_bytes=32 << 20, budget_s=150.0,
+        matmul_size=256, copy_bytes=32 << 20, budget_s=150.0, modes=("fwd+bwd",),
     ),
     "gpu": Preset(
         name="gpu", device="cuda", dtype=torch.bfloat16,

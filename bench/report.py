@@ -63,6 +63,8 @@ def _cell(contender: dict, mode: str) -> str:
     floor = m.get("floor") or {}
     if floor.get("fraction_of_floor") is not None:
         text += f" ({100 * floor['fraction_of_floor']:.2g}%)"
+    if m.get("tokens_per_s"):
+        text += f", {m['tokens_per_s']:.4g} tok/s"
     if contender["status"] == "wrong":
         text += " ✗"
     return text

@@ -76,7 +76,7 @@ def run(preset_name: str, suites: tuple[str, ...] = SUITES, out_dir: Path = RESU
         weights.pop(name)
         suite_cfg = replace(cfg, deadline=min(cfg.deadline, t0 + share))
         if hasattr(module, "cases"):
-            records = [run_case(c, device, suite_cfg, ceilings, log)
+            records = [run_case(_only_modes(c, preset.modes), device, suite_cfg, ceilings, log)
                        for c in module.cases(preset, device)]
         else:
             records = module.run(preset, device, suite_cfg, ceilings, log)
@@ -90,6 +90,12 @@ def run(preset_name: str, suites: tuple[str, ...] = SUITES, out_dir: Path = RESU
     _write(path, result)
     log(f"bench: wrote {path} ({result['seconds']:.1f} s)")
     return path
+
+
+def _only_modes(case, modes: tuple[str, ...] | None):
+    kept = tuple(m for m in case.modes if modes is None or m in modes)
+    case.modes = kept or case.modes
+    return case
 
 
 def _write(path: Path, result: dict) -> None:

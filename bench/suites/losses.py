@@ -7,7 +7,9 @@ Per-op cases (`policy_loss`, `group_advantages`, `dpo_loss`, `kto_loss`):
 - Floor: these are elementwise, so bytes only (each input read once, each output written
   once); at these sizes launch overhead dominates, which is what fusing removes.
 
-Linear + loss case (`linear_grpo`): the token-mean GRPO loss (PPO clip 0.2, k3 KL to a
+Linear + loss cases. `linear_dpo`: sigmoid DPO from policy and reference hidden states,
+against eager and Liger's `LigerFusedLinearDPOLoss` (see `linear_dpo_case`).
+`linear_grpo`: the token-mean GRPO loss (PPO clip 0.2, k3 KL to a
 reference with beta=0.04) from the LM head's input:
 - alignfuse/linear_policy_loss: `alignfuse.kernels.linear_policy_loss`, when it exists;
 - alignfuse/<backend>: `linear_logprobs` then `policy_loss` (gather-then-loss, fused parts);
@@ -282,6 +284,120 @@ def linear_grpo_case(S: int, T: int, H: int, V: int, dtype: torch.dtype,
                 unavailable=lambda device: backend_unavailable("policy_loss", "torch", device))
 
 
+# ---------------------------------------------------------------------------------------
+# Linear + DPO loss
+
+
+def linear_dpo_case(P: int, T: int, H: int, V: int, dtype: torch.dtype,
+                    device: torch.device) -> Case:
+    """Sigmoid DPO (beta 0.1) from the hidden states of P pairs, policy and reference.
+
+    Rows are [chosen_0..chosen_{P-1}, rejected_0..rejected_{P-1}] (Liger's layout), each
+    of T positions with the prompt and the padding at ignore_index; sequence log-probs are
+    sums over the completion. The reference log-probs come from the reference model's own
+    hidden states and head, under no_grad, inside each contender (as Liger does).
+    """
+    N = 2 * P * T
+
+    def make_inputs(seed: int) -> InputSet:
+        gen = generator(device, seed)
+        tensors = {
+            "hidden": randn((N, H), device=device, dtype=dtype, gen=gen, requires_grad=True),
+            "weight": randn((V, H), device=device, dtype=dtype, gen=gen, scale=H ** -0.5,
+                            requires_grad=True),
+            "ref_hidden": randn((N, H), device=device, dtype=dtype, gen=gen),
+            "ref_weight": randn((V, H), device=device, dtype=dtype, gen=gen, scale=H ** -0.5)}
+        targets = torch.randint(0, V, (2 * P, T), device=device, generator=gen)
+        pos = torch.arange(T, device=device)[None, :]
+        prompt = torch.randint(T // 8, T // 4 + 1, (2 * P, 1), device=device, generator=gen)
+        end = torch.randint(T // 2, T + 1, (2 * P, 1), device=device, generator=gen)
+        tensors["targets"] = torch.where((pos >= prompt) & (pos < end), targets, -100)
+        return InputSet(tensors, randn((), device=device, dtype=torch.float32, gen=gen))
+
+    def dpo_from_sequence_logps(seq, ref_seq, backend):
+        fn = alignfuse_op("kernels", "dpo_loss")
+        losses, _, _ = fn(seq[:P], seq[P:], ref_seq[:P], ref_seq[P:], beta=0.1,
+                          loss_type="sigmoid", backend=backend)
+        return losses.mean()
+
+    def two_ops(backend):
+        def run(t):
+            fn = alignfuse_op("kernels", "linear_logprobs")
+            flat = t["targets"].reshape(-1)
+            seq = fn(t["hidden"], t["weight"], flat, backend=backend).reshape(2 * P, T).sum(-1)
+            with torch.no_grad():
+                ref_seq = fn(t["ref_hidden"], t["ref_weight"], flat,
+                             backend=backend).reshape(2 * P, T).sum(-1)
+            return {"loss": dpo_from_sequence_logps(seq, ref_seq, backend)}
+
+        def unavailable(device):
+            return (backend_unavailable("linear_logprobs", backend, device)
+                    or backend_unavailable("dpo_loss", backend, device))
+
+        return Contender(f"alignfuse/{backend}", "subject", run, unavailable,
+                         note="linear_logprobs, per-sequence sum, then dpo_loss")
+
+    def eager_seq(hidden, weight, targets):
+        logps = (hidden @ weight.T).float().log_softmax(-1).gather(
+            -1, targets.clamp(min=0).reshape(-1, 1)).reshape(2 * P, T)
+        return torch.where(targets != -100, logps, 0.0).sum(-1)
+
+    def eager(t):
+        seq = eager_seq(t["hidden"], t["weight"], t["targets"])
+        with torch.no_grad():
+            ref_seq = eager_seq(t["ref_hidden"], t["ref_weight"], t["targets"])
+        return {"loss": dpo_from_sequence_logps(seq, ref_seq, "torch")}
+
+    liger_fn = {}
+
+    def liger(t):
+        if "fn" not in liger_fn:
+            from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+            liger_fn["fn"] = LigerFusedLinearDPOLoss(beta=0.1, use_ref_model=True,
+                                                     average_log_prob=False,
+                                                     compiled=t["hidden"].is_cuda)
+        out = liger_fn["fn"](t["weight"], t["hidden"].reshape(2 * P, T, H), t["targets"],
+                             ref_input=t["ref_hidden"].reshape(2 * P, T, H),
+                             ref_weight=t["ref_weight"])
+        return {"loss": out[0] if isinstance(out, tuple) else out}
+
+    def reference(s: InputSet) -> dict[str, torch.Tensor]:
+        dt = reference_dtype(device)
+        c = _float_copy(s, dt, ("hidden", "weight"))
+        seq = eager_seq(c.tensors["hidden"], c.tensors["weight"], c.tensors["targets"])
+        ref_seq = eager_seq(c.tensors["ref_hidden"], c.tensors["ref_weight"], c.tensors["targets"])
+        loss = dpo_from_sequence_logps(seq, ref_seq, "torch")
+        gh, gw = torch.autograd.grad(loss, (c.tensors["hidden"], c.tensors["weight"]),
+                                     s.upstream.to(dt))
+        return {"loss": loss.detach(), "grad_hidden": gh, "grad_weight": gw}
+
+    size = torch.tensor([], dtype=dtype).element_size()
+
+    def work(mode: str) -> dict:
+        read = 2 * (N * H * size + V * H * size) + N * 8
+        grads = N * H * size + V * H * size
+        # The reference forward (2NHV) is in every mode that runs a forward.
+        flops = {"fwd": 4, "bwd": 4, "fwd+bwd": 8}[mode] * N * H * V
+        return {"flops": flops, "bytes": read + (0 if mode == "fwd" else grads)}
+
+    contenders = [two_ops("triton"), two_ops("cuda"), two_ops("torch"),
+                  Contender("torch-eager", "baseline", eager,
+                            note="logits, float32 log_softmax, gather, sum, dpo_loss(backend='torch')"),
+                  Contender("liger", "baseline", liger,
+                            lambda device: triton_baseline_unavailable("liger_kernel",
+                                                                       "liger-kernel", device),
+                            note="LigerFusedLinearDPOLoss(beta=0.1, sum of log-probs); it "
+                                 "computes gradients in its forward: compare fwd+bwd")]
+    return Case(SUITE, f"linear_dpo,P={P},T={T},H={H},V={V},{dtype_name(dtype)}",
+                {"P": P, "T": T, "N": N, "H": H, "V": V, "dtype": dtype_name(dtype)},
+                make_inputs, reference, contenders, {"*": tolerance(dtype)},
+                grad_inputs=("hidden", "weight"), grad_output="loss", work=work,
+                notes="sigmoid DPO (beta 0.1) from policy and reference hidden states; "
+                      "floor: policy 2/4/6 NHV plus the reference forward 2NHV",
+                unavailable=lambda device: backend_unavailable("dpo_loss", "torch", device))
+
+
 def cases(preset, device: torch.device) -> list[Case]:
     out = []
     for s in preset.losses:
@@ -291,4 +407,6 @@ def cases(preset, device: torch.device) -> list[Case]:
                 kto_loss_case(s["S"] * s["G"], device)]
     for s in preset.linear_losses:
         out.append(linear_grpo_case(s["S"], s["T"], s["H"], s["V"], preset.dtype, device))
+        out.append(linear_dpo_case(max(1, s["S"] // 2), s["T"], s["H"], s["V"], preset.dtype,
+                                   device))
     return out
