@@ -235,7 +235,8 @@ class TokenizedDataset:
     """Tokenized records as sequences ready for `pack`: prompt + completion per sequence.
 
     A record becomes one sequence (KTO, scored) or several that are packed together as one
-    group (DPO: chosen then rejected; ranked: K responses best first). Per-sequence lists:
+    group (DPO: chosen then rejected, so chosen sequences have even indices; ranked: K
+    responses best first). The fields below are per sequence.
     """
 
     prompt_ids: list[list[int]]
@@ -252,7 +253,12 @@ class TokenizedDataset:
     def num_records(self) -> int:
         return self.record_index[-1] + 1 if self.record_index else 0
 
+    @property
+    def prompt_lengths(self) -> list[int]:
+        return [len(ids) for ids in self.prompt_ids]
+
     def sequence(self, i: int) -> list[int]:
+        """Prompt then completion ids of sequence i."""
         return self.prompt_ids[i] + self.completion_ids[i]
 
     def pack(self, records: Sequence[int] | None = None, *, max_tokens: int,
@@ -264,19 +270,19 @@ class TokenizedDataset:
         `alignfuse.engine.pack` (num_ranks, rank, truncate, ...).
         """
         if records is None:
-            chosen = list(range(len(self)))
+            selected = list(range(len(self)))
         else:
             wanted = set(int(r) for r in records)
             if len(wanted) != len(records) or not all(0 <= r < self.num_records for r in wanted):
                 raise ValueError(f"records must be distinct indices in [0, {self.num_records})")
-            chosen = [i for i in range(len(self)) if self.record_index[i] in wanted]
-        batches = pack([self.sequence(i) for i in chosen], max_tokens=max_tokens,
-                       prompt_lengths=[len(self.prompt_ids[i]) for i in chosen],
-                       groups=[self.record_index[i] for i in chosen],
-                       extras={k: [v[i] for i in chosen] for k, v in self.extras.items()},
+            selected = [i for i in range(len(self)) if self.record_index[i] in wanted]
+        batches = pack([self.sequence(i) for i in selected], max_tokens=max_tokens,
+                       prompt_lengths=[len(self.prompt_ids[i]) for i in selected],
+                       groups=[self.record_index[i] for i in selected],
+                       extras={k: [v[i] for i in selected] for k, v in self.extras.items()},
                        **pack_kwargs)
-        sequence_ids = torch.tensor(chosen, dtype=torch.int64)
-        for batch in batches:  # positions in `chosen` -> this dataset's sequence indices
+        sequence_ids = torch.tensor(selected, dtype=torch.int64)
+        for batch in batches:  # positions in `selected` -> this dataset's sequence indices
             batch.seq_index = sequence_ids[batch.seq_index]
         return batches
 

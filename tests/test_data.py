@@ -139,6 +139,9 @@ def test_tokenized_dpo_packs_pairs_with_prompt_masked(tmp_path):
     batches = data.pack(max_tokens=64)
     seen = []
     for batch in batches:
+        # The pair layout the DPO step reads: chosen at an even index, rejected right after.
+        assert (batch.seq_index[0::2] % 2 == 0).all()
+        assert torch.equal(batch.seq_index[1::2], batch.seq_index[0::2] + 1)
         for k in range(0, batch.num_seqs, 2):  # chosen then rejected, contiguous
             record = int(batch.group_index[k])
             assert int(batch.group_index[k + 1]) == record
