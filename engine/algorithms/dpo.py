@@ -55,7 +55,12 @@ class DPO(Algorithm):
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             pc, pr, rc, rr, beta=self.beta, loss_type=self.loss_type,
             label_smoothing=self.label_smoothing, **lengths)
-        return losses.mean(), preference_metrics(chosen_rewards, rejected_rewards)
+        metrics = preference_metrics(chosen_rewards, rejected_rewards)
+        # Does the policy itself rank the chosen completion above the rejected one?
+        metrics["policy/accuracy"] = float((pc.detach() > pr.detach()).float().mean())
+        metrics["logps/chosen"] = float(pc.detach().mean())
+        metrics["logps/rejected"] = float(pr.detach().mean())
+        return losses.mean(), metrics
 
 
 def preference_metrics(chosen_rewards: torch.Tensor,

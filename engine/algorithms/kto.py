@@ -44,6 +44,25 @@ def kto_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Sequen
             "groups": [i for i in range(n) for _ in range(2)], "extras": {"desirable": labels}}
 
 
+def kto_dataset(tokenized):
+    """The `kto_sequences` layout for a tokenized KTO dataset (`engine/data.py`): each record
+    becomes a group of its matched sequence and a mismatched one (the next record's
+    completion), with `extras["desirable"]` on both."""
+    from ..data import TokenizedDataset
+
+    n = len(tokenized)
+    if n < 2 or "desirable" not in tokenized.extras:
+        raise ValueError("a KTO dataset needs >= 2 records with a 'desirable' label each")
+    out = TokenizedDataset([], [], [], {"desirable": []})
+    for i in range(n):
+        for completion in (tokenized.completion_ids[i], tokenized.completion_ids[(i + 1) % n]):
+            out.prompt_ids.append(tokenized.prompt_ids[i])
+            out.completion_ids.append(completion)
+            out.record_index.append(i)
+            out.extras["desirable"].append(bool(tokenized.extras["desirable"][i]))
+    return out
+
+
 class KTO(Algorithm):
     """KTO step: loss = mean over the batch's examples of `kto_loss(...)`, with z0 from
     `kto_kl` on the batch's mismatched sequences. Units are examples."""

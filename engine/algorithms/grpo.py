@@ -1,0 +1,395 @@
+"""GRPO: group-relative policy optimisation, online (Shao et al. 2024,
+https://arxiv.org/abs/2402.03300), with the variants of the later papers:
+
+- advantages: every estimator and scale of `alignfuse.kernels.group_advantages`
+  (grpo, Dr. GRPO https://arxiv.org/abs/2503.20783, RLOO, rank);
+- loss: `alignfuse.kernels.policy_loss` with every `loss_agg`, asymmetric clipping
+  (DAPO's clip-higher, https://arxiv.org/abs/2503.14476), dual clip, KL to a reference with
+  the k1/k2/k3 estimators when `beta > 0`, and GSPO's sequence-level importance ratio
+  (https://arxiv.org/abs/2507.18071, `importance_level="sequence"`);
+- truncated importance sampling (TIS, https://fengyao.notion.site/off-policy-rl): the
+  sampler (vLLM) and the trainer compute slightly different log-probs, so the gradient of
+  samples drawn from the sampler's distribution is re-weighted per token by
+  `min(exp(old_logp - sampler_logp), tis_cap)`. The clipped surrogate is positively
+  homogeneous in the advantage, so the weight is applied by scaling the advantage: the KL
+  term is not re-weighted (as in verl).
+
+One generation batch (`make_experience`) holds `len(prompts) * group_size` samples packed
+into micro-batches of at most `max_tokens` tokens (`RolloutBatch`). `step(batch)` runs the
+forward and backward of one micro-batch inside the caller's own loop; `train_iteration`
+is the short ready-made version: generate, then `ppo_epochs` passes over `mini_batches`
+optimizer steps.
+
+`PPO` (engine/algorithms/ppo.py) reuses the experience machinery of this file.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from alignfuse.kernels import group_advantages, policy_loss, segment_sum
+from alignfuse.kernels.policy.aggregation import LOSS_AGG_MODES
+
+from ..forward import token_logprobs
+from ..packing import PackedBatch, pack
+from ..rollout import Rollout, Sample, SamplingConfig
+from .base import Algorithm
+
+# A per-sample reward: (prompt, completion) -> float. Texts when the algorithm has a
+# tokenizer, else token-id lists.
+RewardFn = Callable[[object, object], float]
+
+
+@dataclass
+class RolloutBatch:
+    """One packed micro-batch of generated samples and what the losses need.
+
+    Per-token tensors are `[N]`, aligned with `packed.targets`: the entry at position j is
+    about the token `targets[j]` (a completion token where `packed.loss_mask[j]`, else 0).
+    Per-sequence tensors are `[S]`, in the packed order.
+    """
+
+    packed: PackedBatch
+    rewards: torch.Tensor                    # [S] scalar reward of each sample
+    advantages: torch.Tensor                 # [S] (GRPO) or [N] (PPO)
+    sampler_logps: torch.Tensor              # [N] log-probs the sampler reported
+    old_logps: torch.Tensor | None = None    # [N] trainer log-probs before this update
+    ref_logps: torch.Tensor | None = None    # [N] reference model log-probs
+    token_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # more [N] (PPO)
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return int(self.packed.loss_mask.sum())
+
+    def to(self, device) -> "RolloutBatch":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return RolloutBatch(self.packed.to(device), move(self.rewards), move(self.advantages),
+                            move(self.sampler_logps), move(self.old_logps), move(self.ref_logps),
+                            {k: v.to(device) for k, v in self.token_tensors.items()})
+
+
+def completion_tensor(packed: PackedBatch, per_sample: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Scatter per-sample completion values (`per_sample[i]` is `[len(completion_i)]`, indexed
+    by the sample's original index) onto the packed tokens: `[N]` float32, 0 off-completion.
+
+    With prompt_lengths, a sequence's predicted positions are contiguous and in order, so the
+    completions concatenated in packed order fill exactly the `loss_mask` positions.
+    """
+    values = torch.cat([per_sample[i].reshape(-1).float().cpu()
+                        for i in packed.seq_index.tolist()])
+    out = torch.zeros(packed.num_tokens, dtype=torch.float32)
+    mask = packed.loss_mask.cpu()
+    if int(mask.sum()) != values.numel():
+        raise AssertionError(f"{int(mask.sum())} completion positions, {values.numel()} values")
+    out[mask] = values
+    return out.to(packed.loss_mask.device)
+
+
+def pack_samples(samples: Sequence[Sample], max_tokens: int,
+                 device: torch.device | str = "cpu") -> list[PackedBatch]:
+    """Pack prompt + completion of each sample; the loss sees only completion tokens.
+
+    `seq_index` is the sample's index in `samples`. Samples of one prompt may land in
+    different micro-batches: their advantages are computed before packing.
+    """
+    sequences = [s.prompt_token_ids + s.completion_token_ids for s in samples]
+    longest = max(len(s) for s in sequences)
+    if longest > max_tokens:
+        raise ValueError(f"max_tokens={max_tokens} is smaller than the longest prompt + "
+                         f"completion ({longest} tokens); raise max_tokens")
+    batches = pack(sequences, max_tokens=max_tokens,
+                   prompt_lengths=[len(s.prompt_token_ids) for s in samples])
+    return [b.to(device) for b in batches]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+class OnlineAlgorithm(Algorithm):
+    """What GRPO and PPO share: generation through a `Rollout`, rewards, packing, the
+    old/reference log-probs, mini-batching and truncated importance sampling."""
+
+    def __init__(self, model: nn.Module, rollout: Rollout, reward: RewardFn | nn.Module, *,
+                 ref_model: nn.Module | None = None, tokenizer=None, group_size: int = 1,
+                 sampling: SamplingConfig | None = None, clip_low: float = 0.2,
+                 clip_high: float = 0.2, dual_clip: float | None = None,
+                 loss_agg: str = "token-mean", tis_cap: float | None = None,
+                 ppo_epochs: int = 1, mini_batches: int = 1, max_tokens: int = 4096):
+        sampling = sampling or SamplingConfig()
+        super().__init__(model, temperature=sampling.temperature)
+        if not isinstance(rollout, Rollout):
+            raise TypeError(f"rollout must be a Rollout (VLLMRollout or HFRollout), got "
+                            f"{type(rollout).__name__}")
+        if not callable(reward) and not hasattr(reward, "scores"):
+            raise TypeError("reward must be a callable (prompt, completion) -> float or a "
+                            f"RewardModel, got {type(reward).__name__}")
+        if not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
+        if loss_agg not in LOSS_AGG_MODES:
+            raise ValueError(f"loss_agg must be one of {LOSS_AGG_MODES}, got {loss_agg!r}")
+        if tis_cap is not None and not tis_cap > 0:
+            raise ValueError(f"tis_cap must be > 0 or None, got {tis_cap!r}")
+        for name, value in (("ppo_epochs", ppo_epochs), ("mini_batches", mini_batches)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        self.rollout = rollout
+        self.reward = reward
+        self.ref_model = ref_model
+        self.tokenizer = tokenizer
+        self.group_size = group_size
+        self.sampling = sampling
+        self.clip_low, self.clip_high, self.dual_clip = clip_low, clip_high, dual_clip
+        self.loss_agg = loss_agg
+        self.tis_cap = tis_cap
+        self.ppo_epochs = ppo_epochs
+        self.mini_batches = mini_batches
+        self.max_tokens = max_tokens
+
+    # generation ---------------------------------------------------------------------------
+
+    def encode_prompts(self, prompts: Sequence) -> list[list[int]]:
+        """Token ids of each prompt (strings need the tokenizer)."""
+        out = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise TypeError(f"prompts[{i}] is a string; pass tokenizer= or token ids")
+                p = self.tokenizer.encode(p, add_special_tokens=False)
+            out.append([int(t) for t in p])
+        return out
+
+    def generate(self, prompts: Sequence) -> tuple[list[Sample], dict[str, float]]:
+        """Sync the trainer's weights into the rollout and sample `group_size` per prompt.
+
+        Wakes the rollout's weights first, syncs, wakes the KV cache, generates, and puts it
+        back to sleep (no-ops on CPU), so training never shares memory with the KV cache.
+        """
+        ids = self.encode_prompts(prompts)
+        self.rollout.wake(["weights"])
+        self.rollout.sync_weights(self.model)
+        self.rollout.wake(["kv_cache"])
+        start = time.perf_counter()
+        samples = self.rollout.generate(ids, self.group_size, self.sampling)
+        seconds = time.perf_counter() - start
+        self.rollout.sleep()
+        tokens = sum(len(s.completion_token_ids) for s in samples)
+        stats = {"time/generate_s": seconds, "time/sync_s": self.rollout.stats.get("sync_s", 0.0),
+                 "generate_tokens_per_s": tokens / max(seconds, 1e-9),
+                 "completion_length": tokens / len(samples),
+                 "stopped_fraction": sum(s.finish_reason == "stop" for s in samples) / len(samples)}
+        return samples, stats
+
+    @torch.no_grad()
+    def score(self, samples: Sequence[Sample]) -> torch.Tensor:
+        """`[S]` float32 rewards: the user's function per sample, or a `RewardModel`."""
+        if hasattr(self.reward, "scores"):
+            scores = torch.zeros(len(samples))
+            device = model_device(self.reward.model)
+            for batch in pack_samples(samples, self.max_tokens, device):
+                scores[batch.seq_index.cpu()] = self.reward.scores(batch).float().cpu()
+            return scores
+        values = []
+        for s in samples:
+            prompt, completion = s.prompt_token_ids, s.completion_token_ids
+            if self.tokenizer is not None:
+                prompt = self.tokenizer.decode(prompt, skip_special_tokens=True)
+                completion = self.tokenizer.decode(completion, skip_special_tokens=True)
+            values.append(float(self.reward(prompt, completion)))
+        rewards = torch.tensor(values, dtype=torch.float32)
+        if not bool(torch.isfinite(rewards).all()):
+            raise ValueError("the reward function returned NaN or inf")
+        return rewards
+
+    @torch.no_grad()
+    def _token_logps(self, model: nn.Module, batch: PackedBatch) -> torch.Tensor:
+        was_training = model.training
+        model.eval()
+        try:
+            return token_logprobs(model, batch, temperature=self.temperature).float()
+        finally:
+            model.train(was_training)
+
+    @property
+    def needs_old_logps(self) -> bool:
+        """Old log-probs are needed when the weights change between the sampling and a
+        later update of the same batch; otherwise the current log-probs (detached) are
+        exactly the old ones and a forward is saved."""
+        return self.ppo_epochs > 1 or self.mini_batches > 1
+
+    def _batches(self, samples: Sequence[Sample], rewards: torch.Tensor,
+                 advantages: torch.Tensor) -> list[RolloutBatch]:
+        """Pack the samples; attach rewards, advantages (`[num_samples]` or per-sample
+        `[len(completion)]` list), sampler / old / reference log-probs."""
+        batches = []
+        for packed in pack_samples(samples, self.max_tokens, model_device(self.model)):
+            index = packed.seq_index.cpu()
+            if isinstance(advantages, torch.Tensor):
+                adv = advantages[index].to(packed.input_ids.device)
+            else:
+                adv = completion_tensor(packed, advantages)
+            batch = RolloutBatch(packed, rewards[index].to(adv.device), adv,
+                                 completion_tensor(packed, [s.logprobs for s in samples]))
+            if self.needs_old_logps:
+                batch.old_logps = self._token_logps(self.model, packed)
+            if self.ref_model is not None:
+                batch.ref_logps = self._token_logps(self.ref_model, packed)
+            batches.append(batch)
+        return batches
+
+    # training -----------------------------------------------------------------------------
+
+    def tis_weights(self, batch: RolloutBatch, old_logps: torch.Tensor,
+                    sequence_level: bool) -> torch.Tensor | None:
+        """Truncated importance weights trainer/sampler: `[N]` per token, or `[S]` per
+        sequence for sequence-level importance (GSPO); None when `tis_cap` is off."""
+        if self.tis_cap is None:
+            return None
+        log_ratio = (old_logps.detach() - batch.sampler_logps) * batch.packed.loss_mask
+        if sequence_level:
+            lengths = segment_sum(batch.packed.loss_mask.float(), batch.packed.cu_seqlens)
+            mean = segment_sum(log_ratio, batch.packed.cu_seqlens) / lengths.clamp(min=1)
+            return mean.exp().clamp(max=self.tis_cap)
+        return log_ratio.exp().clamp(max=self.tis_cap)
+
+    def num_units(self, batch: RolloutBatch) -> int:
+        """Completion tokens for "token-mean", else sequences (see base.py: loss_scale)."""
+        if self.loss_agg == "token-mean":
+            return batch.num_completion_tokens
+        return batch.packed.num_seqs
+
+    def mini_batch_groups(self, batches: Sequence[RolloutBatch]) -> list[list[RolloutBatch]]:
+        """Split the micro-batches into `mini_batches` optimizer steps (contiguous)."""
+        count = min(self.mini_batches, len(batches))
+        size = math.ceil(len(batches) / count)
+        return [list(batches[i:i + size]) for i in range(0, len(batches), size)]
+
+    def train_iteration(self, prompts: Sequence, optimizer: torch.optim.Optimizer, *,
+                        max_grad_norm: float | None = 1.0,
+                        scheduler=None) -> dict[str, float]:
+        """One generation batch: `make_experience(prompts)`, then `ppo_epochs` passes over
+        `mini_batches` optimizer steps. Returns averaged float metrics."""
+        batches, metrics = self.make_experience(prompts)
+        start = time.perf_counter()
+        sums: dict[str, float] = {}
+        steps = 0
+        for _ in range(self.ppo_epochs):
+            for group in self.mini_batch_groups(batches):
+                total = sum(self.num_units(b) for b in group)
+                for batch in group:
+                    out = self.step(batch, loss_scale=self.num_units(batch) / max(total, 1))
+                    for k, v in out.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    steps += 1
+                params = [p for g in optimizer.param_groups for p in g["params"]]
+                if max_grad_norm is not None:
+                    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                    sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(norm) * len(group)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if scheduler is not None:
+                    scheduler.step()
+        metrics.update({k: v / max(steps, 1) for k, v in sums.items() if k != "units"})
+        metrics["time/train_s"] = time.perf_counter() - start
+        return metrics
+
+    def make_experience(self, prompts: Sequence) -> tuple[list[RolloutBatch], dict[str, float]]:
+        raise NotImplementedError
+
+
+class GRPO(OnlineAlgorithm):
+    """Online GRPO (and Dr. GRPO, RLOO, GSPO, DAPO clip-higher by their options).
+
+    model: the policy (HF causal LM, optionally wrapped); the caller owns the optimizer.
+    rollout: a `VLLMRollout` or `HFRollout` built on the same model.
+    reward: `reward(prompt, completion) -> float` (texts when `tokenizer` is given, else
+        token-id lists), or a `RewardModel` whose `scores` rate prompt + completion.
+    ref_model: frozen reference for the KL term; needed when `beta > 0`.
+    group_size: samples per prompt (G).
+    estimator, scale: as in `alignfuse.kernels.group_advantages`.
+    beta, kl_estimator: coefficient and estimator of the KL-to-reference loss term.
+    clip_low, clip_high, dual_clip, importance_level, loss_agg: as in
+        `alignfuse.kernels.policy_loss` ("sequence" importance = GSPO).
+    tis_cap: truncated importance sampling cap C (e.g. 2.0); None = off.
+    ppo_epochs, mini_batches: optimizer passes per generation batch (`train_iteration`).
+    max_tokens: token budget of one packed micro-batch.
+    """
+
+    def __init__(self, model: nn.Module, rollout: Rollout, reward: RewardFn | nn.Module, *,
+                 ref_model: nn.Module | None = None, tokenizer=None, group_size: int = 4,
+                 sampling: SamplingConfig | None = None, estimator: str = "grpo",
+                 scale: str = "group", beta: float = 0.0, kl_estimator: str = "k3",
+                 importance_level: str = "token", **options):
+        super().__init__(model, rollout, reward, ref_model=ref_model, tokenizer=tokenizer,
+                         group_size=group_size, sampling=sampling, **options)
+        if group_size < 2:
+            raise ValueError(f"GRPO needs group_size >= 2 (advantages are relative to the "
+                             f"group), got {group_size}")
+        if beta < 0:
+            raise ValueError(f"beta must be >= 0, got {beta!r}")
+        if beta > 0 and ref_model is None:
+            raise ValueError("beta > 0 needs ref_model= (the KL is to a reference policy)")
+        if importance_level not in ("token", "sequence"):
+            raise ValueError(f"importance_level must be 'token' or 'sequence' (GSPO), got "
+                             f"{importance_level!r}")
+        self.estimator, self.scale = estimator, scale
+        self.beta, self.kl_estimator = beta, kl_estimator
+        self.importance_level = importance_level
+
+    def make_experience(self, prompts: Sequence) -> tuple[list[RolloutBatch], dict[str, float]]:
+        """Generate `group_size` samples per prompt, score them, compute group advantages
+        and pack them. Returns `(micro-batches, metrics)`."""
+        samples, metrics = self.generate(prompts)
+        rewards = self.score(samples)
+        advantages = group_advantages(rewards, self.group_size, estimator=self.estimator,
+                                      scale=self.scale)
+        grouped = rewards.reshape(-1, self.group_size)
+        metrics.update({"reward": float(rewards.mean()), "reward_std": float(rewards.std()),
+                        "reward_max": float(rewards.max()),
+                        # Groups whose rewards are all equal give no learning signal.
+                        "zero_std_groups": float((grouped.std(1) == 0).float().mean())})
+        return self._batches(samples, rewards, advantages), metrics
+
+    def loss(self, batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        packed = batch.packed
+        logps = token_logprobs(self.model, packed, temperature=self.temperature)
+        old = batch.old_logps if batch.old_logps is not None else logps.detach()
+        sequence_level = self.importance_level == "sequence"
+        advantages = batch.advantages.float()
+        weights = self.tis_weights(batch, old, sequence_level)
+        if weights is not None:
+            if not sequence_level:
+                advantages = advantages[_seq_ids(packed)]
+            advantages = advantages * weights
+        loss, stats = policy_loss(
+            logps, old, advantages, mask=packed.loss_mask, cu_seqlens=packed.cu_seqlens,
+            ref_logps=batch.ref_logps if self.beta > 0 else None, clip_low=self.clip_low,
+            clip_high=self.clip_high, dual_clip=self.dual_clip, kl_coef=self.beta,
+            kl_estimator=self.kl_estimator, importance_level=self.importance_level,
+            loss_agg=self.loss_agg, horizon=float(self.sampling.max_new_tokens))
+        metrics = {k: float(v) for k, v in stats.items()}
+        if weights is not None:
+            metrics["tis_weight_mean"] = float(_masked_mean(weights, packed, sequence_level))
+        # Mean negative log-prob of the sampled tokens: a cheap entropy estimate.
+        metrics["neg_logp"] = float(-(logps.detach() * packed.loss_mask).sum()
+                                    / max(batch.num_completion_tokens, 1))
+        return loss, metrics
+
+
+def _seq_ids(packed: PackedBatch) -> torch.Tensor:
+    return torch.repeat_interleave(torch.arange(packed.num_seqs, device=packed.input_ids.device),
+                                   packed.seq_lengths.to(packed.input_ids.device))
+
+
+def _masked_mean(values: torch.Tensor, packed: PackedBatch, sequence_level: bool) -> torch.Tensor:
+    if sequence_level:
+        return values.mean()
+    mask = packed.loss_mask.float()
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+

@@ -1,0 +1,482 @@
+"""The ready loop: the algorithm objects driven from a config, for the `alignfuse` command.
+
+It is a short function on top of the same pieces a user's own loop uses: load and tokenize
+the data, pack each optimizer step's records into micro-batches of at most `max_tokens`
+tokens, `algorithm.step(micro_batch, loss_scale=units/total)` for each (gradient
+accumulation that equals one big batch), then the optimizer and scheduler step. Around it: a
+tqdm bar with tokens/s, metrics to JSONL/TensorBoard, a PNG plot at the end, atomic
+checkpoints every `save_every` steps and an exact `resume` (model, optimizer, scheduler,
+RNG states and data position are restored; the data order is a pure function of the seed
+and the step, so the resumed run sees exactly the batches the uninterrupted run would).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import io
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from .metrics import MetricsLogger, plot_metrics
+
+ALGORITHMS = ("sft", "rm", "dpo", "kto", "orpo", "simpo")
+REFERENCE_CHOICES = ("precompute", "model")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key."""
+
+
+@dataclass
+class TrainConfig:
+    """Every key of a training config (YAML file or `key=value` on the command line)."""
+
+    algorithm: str = "dpo"
+    # model: "tiny-llama" / "tiny-qwen2" (the embedded default) or a local HF model folder.
+    model: str = "tiny-llama"
+    # data: a JSONL file (see engine/data.py for each algorithm's record shape) or
+    # "builtin:addition" (the synthetic preference task of engine/tasks.py).
+    data: str = "builtin:addition"
+    eval_data: str | None = None      # same forms; builtin:addition holds out its own
+    num_examples: int = 512           # size of the builtin training set
+    out_dir: str = "runs/alignfuse"
+    steps: int = 100                  # optimizer steps
+    batch_size: int = 16              # records per optimizer step
+    max_tokens: int = 2048            # tokens per packed micro-batch
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"
+    # Algorithm knobs (each algorithm reads its own).
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    gamma: float = 0.5                # SimPO's target margin
+    desirable_weight: float = 1.0     # KTO
+    undesirable_weight: float = 1.0
+    rm_kind: str = "pairwise"         # reward model: pointwise, pairwise, listwise
+    reference: str = "precompute"     # DPO/KTO: precompute log-probs once, or keep a model
+    sft_warmup_steps: int = 0         # brief SFT on the chosen answers before DPO/KTO/...
+    sft_lr: float = 3e-3
+    log_every: int = 1
+    eval_every: int = 0               # 0: only before and after training
+    save_every: int = 0               # 0: only at the end
+    keep_checkpoints: int = 2
+    tensorboard: bool = True
+    progress: bool = True
+    # Testing aid: raise after this many optimizer steps (a crash to resume from).
+    crash_after_steps: int | None = None
+
+    def validate(self) -> "TrainConfig":
+        for f in fields(self):
+            _check_type(f.name, getattr(self, f.name), f.type)
+        if self.algorithm not in ALGORITHMS:
+            raise ConfigError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        if self.reference not in REFERENCE_CHOICES:
+            raise ConfigError(f"reference must be one of {REFERENCE_CHOICES}, "
+                              f"got {self.reference!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        for key in ("steps", "batch_size", "max_tokens", "num_examples", "log_every",
+                    "keep_checkpoints"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)!r}")
+        for key in ("warmup_steps", "eval_every", "save_every", "sft_warmup_steps"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)!r}")
+        for key in ("lr", "sft_lr"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)!r}")
+        if self.algorithm != "rm" and self.batch_size < 2 and self.algorithm == "kto":
+            raise ConfigError("batch_size must be >= 2 for kto (mismatched pairs)")
+        return self
+
+
+def _check_type(key: str, value: Any, annotation: str) -> None:
+    allowed = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
+    parts = [p.strip() for p in str(annotation).split("|")]
+    if value is None:
+        if "None" not in parts:
+            raise ConfigError(f"{key} must not be null")
+        return
+    types = tuple(t for p in parts if p != "None" for t in allowed[p])
+    if isinstance(value, bool) and bool not in types:
+        raise ConfigError(f"{key} must be {' or '.join(p for p in parts if p != 'None')}, "
+                          f"got {value!r}")
+    if not isinstance(value, types):
+        raise ConfigError(f"{key} must be {' or '.join(p for p in parts if p != 'None')}, "
+                          f"got {type(value).__name__} {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be finite, got {value!r}")
+
+
+def make_config(values: dict[str, Any] | None = None, overrides: list[str] | None = None,
+                **kwargs) -> TrainConfig:
+    """A validated `TrainConfig` from a mapping (a parsed YAML file), `key=value` strings
+    (the command line; values parsed as YAML scalars) and keyword arguments, later wins."""
+    import yaml
+
+    merged: dict[str, Any] = {}
+    if values is not None:
+        if not isinstance(values, dict):
+            raise ConfigError(f"the config must be a mapping of keys to values, "
+                              f"got {type(values).__name__}")
+        merged.update(values)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        key, raw = item.split("=", 1)
+        merged[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    merged.update(kwargs)
+    types = {f.name: str(f.type) for f in fields(TrainConfig)}
+    for key, value in merged.items():
+        if key not in types:
+            close = difflib.get_close_matches(str(key), types, n=2)
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+            raise ConfigError(f"unknown config key {key!r}{hint}")
+        # YAML reads 1e-3 (no dot) as a string: accept it for float keys.
+        if "float" in types[key] and isinstance(value, str):
+            try:
+                merged[key] = float(value)
+            except ValueError:
+                pass
+    return TrainConfig(**merged).validate()
+
+
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    return values or {}
+
+
+# ---------------------------------------------------------------------------------------
+# Model, data, algorithm
+
+
+def load_model_and_tokenizer(cfg: TrainConfig):
+    from .tiny import tiny_model, tiny_tokenizer
+
+    dtype = getattr(torch, cfg.dtype)
+    if cfg.model in ("tiny-llama", "tiny-qwen2"):
+        tokenizer = tiny_tokenizer()
+        model = tiny_model(cfg.model.split("-", 1)[1], len(tokenizer), seed=cfg.seed, dtype=dtype)
+    else:
+        if not Path(cfg.model).is_dir():
+            raise ConfigError(f"model must be tiny-llama, tiny-qwen2 or a local model folder; "
+                              f"{cfg.model!r} is none of these")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype,
+                                                     attn_implementation="sdpa")
+    return model.to(cfg.device), tokenizer
+
+
+def load_records(cfg: TrainConfig, source: str, *, evaluation: bool):
+    """The records of `source` for `cfg.algorithm` (validated up front by engine/data.py)."""
+    from . import data, tasks
+
+    if source.startswith("builtin:"):
+        name = source.split(":", 1)[1]
+        if name != "addition":
+            raise ConfigError(f"data: unknown builtin task {name!r} (have: addition)")
+        if cfg.algorithm not in ("dpo", "orpo", "simpo", "sft") and not (
+                cfg.algorithm == "rm" and cfg.rm_kind == "pairwise"):
+            raise ConfigError(f"data: builtin:addition is preference data; it does not fit "
+                              f"algorithm={cfg.algorithm!r}")
+        held_out = tasks.held_out_addition_prompts()
+        if evaluation:
+            return tasks.addition_preferences(128, seed=cfg.seed + 1, only=held_out)
+        return tasks.addition_preferences(cfg.num_examples, seed=cfg.seed, exclude=held_out)
+    if not Path(source).exists():
+        raise ConfigError(f"{'eval_data' if evaluation else 'data'}: file {source} does not exist")
+    if cfg.algorithm in ("sft", "dpo", "orpo", "simpo") or (cfg.algorithm == "rm"
+                                                            and cfg.rm_kind == "pairwise"):
+        return data.load_dpo(source)
+    if cfg.algorithm == "kto":
+        return data.load_kto(source)
+    return data.load_scored(source) if cfg.rm_kind == "pointwise" else data.load_ranked(source)
+
+
+def build_dataset(cfg: TrainConfig, records, tokenizer):
+    """Tokenized sequences in the layout the algorithm reads (see each algorithm's module)."""
+    from .algorithms.kto import kto_dataset
+    from .data import tokenize_records
+
+    dataset = tokenize_records(records, tokenizer)
+    if cfg.algorithm == "sft":  # DPO-shaped data: learn the chosen answers only
+        keep = [i for i, c in enumerate(dataset.extras.get("chosen", [True] * len(dataset))) if c]
+        dataset = dataclasses.replace(
+            dataset, prompt_ids=[dataset.prompt_ids[i] for i in keep],
+            completion_ids=[dataset.completion_ids[i] for i in keep],
+            record_index=[dataset.record_index[i] for i in keep], extras={})
+    if cfg.algorithm == "kto":
+        dataset = kto_dataset(dataset)
+    return dataset
+
+
+def make_algorithm(cfg: TrainConfig, model, ref_model=None):
+    from .algorithms import DPO, KTO, ORPO, SFT, RewardModel, SimPO
+
+    if cfg.algorithm == "sft":
+        return SFT(model)
+    if cfg.algorithm == "rm":
+        return RewardModel(model, kind=cfg.rm_kind)
+    if cfg.algorithm == "dpo":
+        return DPO(model, ref_model, beta=cfg.beta, loss_type=cfg.loss_type,
+                   label_smoothing=cfg.label_smoothing)
+    if cfg.algorithm == "kto":
+        return KTO(model, ref_model, beta=cfg.beta, desirable_weight=cfg.desirable_weight,
+                   undesirable_weight=cfg.undesirable_weight)
+    if cfg.algorithm == "orpo":
+        return ORPO(model, beta=cfg.beta)
+    return SimPO(model, beta=cfg.beta, gamma=cfg.gamma, label_smoothing=cfg.label_smoothing)
+
+
+def records_for_step(num_records: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """The records of optimizer step `step`: a per-epoch permutation seeded by (seed, epoch).
+
+    A pure function of its arguments, so a resumed run needs only the step number.
+    """
+    per_epoch = max(1, num_records // batch_size)
+    epoch, index = divmod(step, per_epoch)
+    order = torch.randperm(num_records, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    return order[index * batch_size:(index + 1) * batch_size].tolist()
+
+
+def run_batches(algorithm, batches, *, train: bool) -> dict[str, float]:
+    """One optimizer step's micro-batches (or an evaluation): unit-weighted mean metrics."""
+    total = sum(algorithm.num_units(b) for b in batches)
+    sums: dict[str, float] = {}
+    for batch in batches:
+        units = algorithm.num_units(batch)
+        if train:
+            metrics = algorithm.step(batch, loss_scale=units / total)
+        else:
+            with torch.no_grad():
+                loss, metrics = algorithm.loss(batch)
+            metrics = {"loss": float(loss), **metrics}
+        for key, value in metrics.items():
+            if key != "units":
+                sums[key] = sums.get(key, 0.0) + value * units
+    out = {key: value / total for key, value in sums.items()}
+    out["tokens"] = float(sum(b.num_tokens for b in batches))
+    return out
+
+
+def evaluate(algorithm, dataset, max_tokens: int) -> dict[str, float]:
+    was_training = algorithm.model.training
+    algorithm.model.eval()
+    try:
+        return run_batches(algorithm, dataset.pack(max_tokens=max_tokens), train=False)
+    finally:
+        algorithm.model.train(was_training)
+
+
+# ---------------------------------------------------------------------------------------
+# The loop
+
+
+def _lr_lambda(warmup: int, total: int):
+    def factor(step: int) -> float:  # linear warmup, then linear decay to 10%
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return max(0.1, 1.0 - 0.9 * progress)
+
+    return factor
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def sft_warmup(cfg: TrainConfig, model, records, tokenizer) -> None:
+    """A brief SFT on the preferred completions (chosen / desirable / best-ranked), for a
+    fresh model that knows no answer format yet. Its own optimizer, thrown away after."""
+    from .algorithms import SFT
+    from .data import tokenize_records
+
+    tokenized = tokenize_records(records, tokenizer)
+    good = tokenized.extras.get("chosen") or tokenized.extras.get("desirable")
+    if good is None and "rank" in tokenized.extras:
+        good = [rank == 0 for rank in tokenized.extras["rank"]]
+    keep = [i for i in range(len(tokenized)) if good is None or good[i]]
+    data = dataclasses.replace(tokenized, prompt_ids=[tokenized.prompt_ids[i] for i in keep],
+                               completion_ids=[tokenized.completion_ids[i] for i in keep],
+                               record_index=list(range(len(keep))), extras={})
+    sft = SFT(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr)
+    for step in range(cfg.sft_warmup_steps):
+        records_now = records_for_step(data.num_records, cfg.batch_size, cfg.seed + 7, step)
+        optimizer.zero_grad(set_to_none=True)
+        run_batches(sft, data.pack(records_now, max_tokens=cfg.max_tokens), train=True)
+        optimizer.step()
+
+
+# Keys that may change between a run and its resumption (they do not change the numbers).
+RESUMABLE_CHANGES = ("steps", "crash_after_steps", "progress", "save_every", "eval_every",
+                     "log_every", "tensorboard", "keep_checkpoints")
+
+
+def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
+    """Run training from a validated config. Returns a summary: `before`/`after` evaluation
+    metrics, the final train metrics, and the paths written."""
+    cfg.validate()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_root = out / "checkpoints"
+    state = ckpt.load_checkpoint(ckpt_root, restore_rng=False) if resume else None
+    if resume and state is None:
+        raise FileNotFoundError(f"resume: no checkpoint under {ckpt_root}")
+    if state is not None:
+        changed = [k for k, v in dataclasses.asdict(cfg).items()
+                   if k not in RESUMABLE_CHANGES and state["config"].get(k) != v]
+        if changed:
+            raise ConfigError(f"resume: the config differs from the checkpoint's in {changed}")
+
+    _seed_everything(cfg.seed)
+    model, tokenizer = load_model_and_tokenizer(cfg)
+    records = load_records(cfg, cfg.data, evaluation=False)
+    dataset = build_dataset(cfg, records, tokenizer)
+    eval_source = cfg.eval_data or (cfg.data if cfg.data.startswith("builtin:") else None)
+    eval_dataset = (build_dataset(cfg, load_records(cfg, eval_source, evaluation=True), tokenizer)
+                    if eval_source else None)
+
+    needs_reference = cfg.algorithm in ("dpo", "kto")
+    reference_path = out / "reference.pt"  # the reference weights (the model after warm-up)
+    ref_model = None
+    if state is None and cfg.sft_warmup_steps:
+        sft_warmup(cfg, model, records, tokenizer)
+    if needs_reference:
+        ref_model = copy.deepcopy(model)
+        if state is None:
+            buffer = io.BytesIO()
+            torch.save(model.state_dict(), buffer)
+            ckpt.atomic_write_bytes(reference_path, buffer.getvalue())
+        else:
+            ref_model.load_state_dict(torch.load(reference_path, map_location=cfg.device))
+        ref_model.eval().requires_grad_(False)
+        if cfg.reference == "precompute":
+            attach_reference_logps(ref_model, dataset, cfg.max_tokens)
+            if eval_dataset is not None:
+                attach_reference_logps(ref_model, eval_dataset, cfg.max_tokens)
+            ref_model = None  # the log-probs live with the data now; free the model
+
+    algorithm = make_algorithm(cfg, model, ref_model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                  _lr_lambda(cfg.warmup_steps, cfg.steps))
+    start = 0
+    summary: dict[str, Any] = {}
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        start = state["step"]
+        summary["before"] = state.get("before")
+    elif eval_dataset is not None:
+        summary["before"] = evaluate(algorithm, eval_dataset, cfg.max_tokens)
+
+    logger = MetricsLogger(out, tensorboard=cfg.tensorboard,
+                           resume_step=start if state is not None else None)
+    if state is None and summary.get("before"):
+        logger.log(0, summary["before"], split="eval")
+
+    def save(step: int) -> None:
+        ckpt.save_checkpoint(ckpt_root, step, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "config": dataclasses.asdict(cfg),
+            "before": summary.get("before"),
+        }, keep=cfg.keep_checkpoints)
+
+    bar = _progress(cfg, start)
+    model.train()
+    train_metrics: dict[str, float] = {}
+    try:
+        for step in range(start, cfg.steps):
+            t0 = time.perf_counter()
+            records_now = records_for_step(dataset.num_records, cfg.batch_size, cfg.seed, step)
+            batches = dataset.pack(records_now, max_tokens=cfg.max_tokens)
+            optimizer.zero_grad(set_to_none=True)
+            train_metrics = run_batches(algorithm, batches, train=True)
+            if cfg.max_grad_norm is not None:
+                train_metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
+                    params, cfg.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            train_metrics["lr"] = scheduler.get_last_lr()[0]
+            train_metrics["tokens_per_s"] = train_metrics["tokens"] / (time.perf_counter() - t0)
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                logger.log(done, train_metrics)
+            if cfg.eval_every and eval_dataset is not None and done % cfg.eval_every == 0 \
+                    and done != cfg.steps:
+                logger.log(done, evaluate(algorithm, eval_dataset, cfg.max_tokens), split="eval")
+            if cfg.save_every and done % cfg.save_every == 0:
+                save(done)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{train_metrics['loss']:.4f}",
+                                tok_s=f"{train_metrics['tokens_per_s']:.0f}")
+            if cfg.crash_after_steps is not None and done == cfg.crash_after_steps:
+                raise RuntimeError(f"crash_after_steps={done}: injected crash (testing aid)")
+    finally:
+        if bar is not None:
+            bar.close()
+    save(cfg.steps)
+    if eval_dataset is not None:
+        summary["after"] = evaluate(algorithm, eval_dataset, cfg.max_tokens)
+        logger.log(cfg.steps, summary["after"], split="eval")
+    logger.close()
+    summary["train"] = train_metrics
+    summary["metrics"] = str(logger.path)
+    summary["plot"] = str(plot_metrics(logger.path, out / "curves.png") or "")
+    summary["model"] = model
+    return summary
+
+
+@torch.no_grad()
+def attach_reference_logps(ref_model, dataset, max_tokens: int) -> None:
+    """Compute every sequence's reference log-prob once and store it with the dataset
+    (`extras["reference_logps"]`), so batches carry it and no reference model is kept."""
+    from .forward import precompute_reference_logps
+
+    logps = precompute_reference_logps(ref_model, dataset.pack(max_tokens=max_tokens))
+    dataset.extras["reference_logps"] = logps.tolist()
+
+
+def _progress(cfg: TrainConfig, start: int):
+    if not cfg.progress:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=cfg.steps, initial=start, desc=f"alignfuse {cfg.algorithm}", unit="step",
+                dynamic_ncols=True)
