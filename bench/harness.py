@@ -241,11 +241,13 @@ def check(case: Case, contender: Contender, inputs: InputSet, reference: Tensors
 def time_mode(case: Case, contender: Contender, sets: list[InputSet], mode: str,
               device: torch.device, cfg: TimingConfig) -> dict:
     """Warm up, then time `mode` over rotated input sets; returns the summary."""
+    # Warm up on every input set: a new shape may compile (Triton autotuning, flex attention).
+    warmup = 0 if cfg.warmup == 0 else max(cfg.warmup, len(sets))
     t0 = time.perf_counter()
-    for i in range(cfg.warmup):
+    for i in range(warmup):
         _run_mode(case, contender, sets[i % len(sets)], mode, None)
     synchronize(device)
-    per_run = (time.perf_counter() - t0) / max(cfg.warmup, 1)
+    per_run = (time.perf_counter() - t0) / max(warmup, 1)
     reps = int(min(cfg.max_reps, max(cfg.min_reps, math.ceil(cfg.target_s / max(per_run, 1e-6)))))
     timer = Timer(device)
     for i in range(reps):

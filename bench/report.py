@@ -234,6 +234,8 @@ def render(paths: list[Path], out: Path) -> list[Path]:
         if problems:
             lines += [f"**This result misses fields:** {', '.join(problems[:5])}", ""]
         for suite, body in r["suites"].items():
+            if body.get("error"):
+                lines += [f"### {suite}", "", f"**The suite broke:** {body['error']}", ""]
             lines += _suite_table(suite, body)
         pngs = plots(r, out)
         made += pngs

@@ -11,7 +11,7 @@ A result file (one run of one preset):
     alignfuse   {commit, dirty, dirty_paths, source}            (git rev-parse HEAD + status)
     triton_interpreter                                          (true: CPU smoke, times mean nothing)
     ceilings    {matmul {dtype, flops_per_s, time_s}, copy {bytes_per_s, time_s}}
-    suites      {<suite> {seconds, budget_s, cases [case]}}
+    suites      {<suite> {seconds, budget_s, error (null, or why the suite broke), cases [case]}}
 
     case        {suite, case, sizes, modes, notes, tolerances, contenders [contender]}
     contender   {name, role: subject|baseline, status: ok|wrong|skipped|error, reason,

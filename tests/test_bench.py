@@ -199,3 +199,21 @@ def test_report_renders_a_table_and_pngs(cpu_result, tmp_path):
     pngs = [p for p in paths if p.suffix == ".png"]
     assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     assert any("logprobs" in p.name and p.name.endswith("_time.png") for p in pngs)
+
+
+@pytest.mark.gpu
+def test_harness_times_and_measures_memory_on_gpu():
+    """On a GPU: CUDA-event timing and peak memory are real (run by bench/gpu_session.sh)."""
+    from bench.suites.logprobs import case as logprobs_case
+
+    N, H, V = 1024, 256, 4099
+    device = torch.device("cuda")
+    case = logprobs_case(N, H, V, torch.bfloat16, device)
+    record = harness.run_case(case, device, FAST, ceilings=None, log=lambda line: None)
+    eager = _by_name(record)["torch-eager"]
+    assert eager["status"] == "ok", eager
+    for mode in harness.MODES:
+        m = eager["modes"][mode]
+        assert m["time_s"]["median"] > 0
+        # Eager holds at least the float32 log_softmax of the [N, V] logits.
+        assert m["peak_memory_bytes"] >= N * V * 4, (mode, m["peak_memory_bytes"])
