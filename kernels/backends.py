@@ -7,7 +7,8 @@ Every public op takes `backend=` ("auto", "torch", "triton", "cuda"):
 - "cuda" runs the compiled module `alignfuse.kernels._cuda` on CUDA tensors.
 - "auto" picks the fastest correct backend for the tensors' device: the op's registered
   preference order on CUDA, "torch" on CPU. The environment variable `ALIGNFUSE_BACKEND`
-  overrides "auto" (an explicit backend= argument still wins).
+  overrides "auto" for every op that has that backend (an explicit backend= argument still
+  wins; ops without it keep "auto").
 
 An implementation is registered with a decorator next to the kernel it wraps:
 
@@ -144,9 +145,11 @@ def resolve(op: str, backend: str, device: torch.device | str) -> tuple[str, Cal
         raise KeyError(f"no implementation registered for op {op!r}")
     if backend == "auto":
         forced = os.environ.get("ALIGNFUSE_BACKEND", "").strip().lower()
-        if forced and forced != "auto":
-            if forced not in BACKENDS:
-                raise ValueError(f"ALIGNFUSE_BACKEND must be one of {_CHOICES}, got {forced!r}")
+        if forced not in ("", "auto") and forced not in BACKENDS:
+            raise ValueError(f"ALIGNFUSE_BACKEND must be one of {_CHOICES}, got {forced!r}")
+        if forced in BACKENDS and forced in _REGISTRY[op]:
+            # The override applies to every op that has that backend; ops without one
+            # (e.g. torch-only losses) keep "auto" rather than failing a whole run.
             backend = forced
         else:
             order = (_CUDA_PREFERENCE.get(op, _DEFAULT_CUDA_PREFERENCE)

@@ -98,6 +98,9 @@ def test_env_overrides_auto(monkeypatch):
     assert resolve("segment_sum", "auto", "cpu")[0] == "triton"
     # an explicit backend= still wins over the environment
     assert resolve("segment_sum", "torch", "cpu")[0] == "torch"
+    # ops without the forced backend keep "auto" instead of failing the whole run
+    backends.register("_torch_only_op", "torch")(lambda x: x)
+    assert resolve("_torch_only_op", "auto", "cpu")[0] == "torch"
     monkeypatch.setenv("ALIGNFUSE_BACKEND", "bogus")
     with pytest.raises(ValueError, match="ALIGNFUSE_BACKEND"):
         resolve("segment_sum", "auto", "cpu")
