@@ -1,0 +1,390 @@
+"""Online GRPO and PPO: the losses against an unfused float64 computation from the same
+samples, inside a plain user loop, with the real vLLM CPU build, and the GRPO main job.
+
+The unfused references below re-derive everything from the samples alone (prompt and
+completion ids recovered from the packed batch, rewards from the reward function, log-probs
+from a plain per-sequence HF forward, advantages/GAE/whitening written out), so the tests
+check the packing, the alignment of per-token tensors and the kernels' use together.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from alignfuse.engine.algorithms.grpo import GRPO, completion_tensor
+from alignfuse.engine.algorithms.ppo import PPO, AdaptiveKLController
+from alignfuse.engine.packing import pack
+from alignfuse.engine.rollout import HFRollout, SamplingConfig, VLLMRollout, vllm_available
+from alignfuse.engine.tiny import tiny_model
+
+from helpers import assert_rel_close
+
+needs_vllm = pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed")
+PROMPTS = [[1, 5, 9, 14], [1, 33, 7], [1, 40, 41, 42, 43]]
+G = 4
+
+
+def parity_reward(prompt, completion) -> float:
+    """A deterministic token-level reward: the fraction of even completion tokens."""
+    return sum(t % 2 == 0 for t in completion) / len(completion)
+
+
+def sampling(seed=0, max_new_tokens=5):
+    return SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.9, seed=seed,
+                          stop_token_ids=list(range(3, 12)))
+
+
+def recover_samples(batch):
+    """(prompt ids, completion ids) of each packed sequence, from the packed tensors alone."""
+    packed = batch.packed
+    out = []
+    for ids, mask in zip(packed.unpack(packed.input_ids), packed.unpack(packed.loss_mask)):
+        first = int(mask.nonzero()[0])  # predicts the first completion token
+        out.append((ids[:first + 1].tolist(), ids[first + 1:].tolist()))
+    return out
+
+
+def plain_logps(model, prompt, completion, temperature=0.9):
+    """log p(completion_i | prefix) by a plain forward of one sequence, float64, with grad."""
+    ids = torch.tensor([prompt + completion])
+    logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].double() / temperature
+    return torch.log_softmax(logits, -1).gather(1, ids[0, len(prompt):, None]).squeeze(1)
+
+
+def per_sequence(batch, name):
+    values = getattr(batch, name) if hasattr(batch, name) else batch.token_tensors[name]
+    masks = batch.packed.unpack(batch.packed.loss_mask)
+    return [v[m].double() for v, m in zip(batch.packed.unpack(values), masks)]
+
+
+def aggregate(per_token: list[torch.Tensor], loss_agg: str, horizon: float) -> torch.Tensor:
+    if loss_agg == "token-mean":
+        return torch.cat(per_token).sum() / sum(t.numel() for t in per_token)
+    if loss_agg == "seq-mean-token-mean":
+        return torch.stack([t.mean() for t in per_token]).mean()
+    if loss_agg == "seq-mean-token-sum":
+        return torch.stack([t.sum() for t in per_token]).mean()
+    return torch.stack([t.sum() / horizon for t in per_token]).mean()
+
+
+def clipped_surrogate(ratio, adv, clip_low, clip_high):
+    return torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_low, 1 + clip_high))
+
+
+def move_weights(model, lr=0.02, seed=0):
+    """Perturb the policy so that the ratio new/old is not 1 (an 'earlier epoch' update)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * lr)
+
+
+def grads(model):
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+
+
+# ---------------------------------------------------------------------------------------
+# GRPO
+
+
+GRPO_CASES = [
+    dict(loss_agg="token-mean", importance_level="token", beta=0.0, tis_cap=None),
+    dict(loss_agg="seq-mean-token-mean", importance_level="token", beta=0.1, tis_cap=1.5),
+    dict(loss_agg="seq-mean-token-sum-norm", importance_level="token", beta=0.1,
+         tis_cap=None, estimator="dr_grpo", clip_high=0.28),
+    dict(loss_agg="seq-mean-token-sum", importance_level="sequence", beta=0.05, tis_cap=2.0,
+         estimator="rloo"),
+]
+
+
+@pytest.mark.parametrize("case", GRPO_CASES, ids=lambda c: f"{c['loss_agg']}-{c['importance_level']}")
+def test_grpo_loss_matches_unfused(case):
+    case = dict(case)
+    estimator = case.pop("estimator", "grpo")
+    clip_high = case.pop("clip_high", 0.2)
+    model = tiny_model("llama", 128, seed=1)
+    ref = tiny_model("llama", 128, seed=2)
+    grpo = GRPO(model, HFRollout(model), parity_reward, ref_model=ref, group_size=G,
+                sampling=sampling(seed=3), estimator=estimator, ppo_epochs=2, clip_high=clip_high,
+                **case)
+    batches, metrics = grpo.make_experience(PROMPTS)
+    assert len(batches) == 1
+    batch = batches[0]
+    pairs = recover_samples(batch)
+    # The experience, re-derived independently: old log-probs, rewards, advantages.
+    old = [plain_logps(model, p, c).detach() for p, c in pairs]
+    for got, want in zip(per_sequence(batch, "old_logps"), old):
+        assert_rel_close(got, want, 1e-5, "old log-probs")
+    rewards = torch.tensor([parity_reward(p, c) for p, c in pairs], dtype=torch.float64)
+    assert torch.allclose(batch.rewards.double(), rewards)
+    order = batch.packed.seq_index.argsort()  # back to sample order: groups of G
+    r = rewards[order].reshape(-1, G)
+    if estimator == "grpo":
+        adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)
+    elif estimator == "dr_grpo":
+        adv = r - r.mean(1, keepdim=True)
+    else:  # rloo
+        adv = r - (r.sum(1, keepdim=True) - r) / (G - 1)
+    adv = torch.empty_like(rewards).index_copy_(0, order, adv.reshape(-1))
+    assert_rel_close(batch.advantages, adv, 1e-5, "advantages")
+    # The vLLM/HF sampler log-probs were taken with the same weights: they match old.
+    for got, want in zip(per_sequence(batch, "sampler_logps"), old):
+        assert (got - want).abs().max() < 1e-5
+
+    move_weights(model)
+    model.zero_grad()
+    metrics = grpo.step(batch)
+    fused_grad = grads(model)
+
+    model.zero_grad()
+    ref_lp = per_sequence(batch, "ref_logps")
+    sampler = per_sequence(batch, "sampler_logps")
+    terms = []
+    for s, (p, c) in enumerate(pairs):
+        logp = plain_logps(model, p, c)
+        A = adv[s]
+        if grpo.tis_cap is not None:
+            log_w = old[s] - sampler[s]
+            w = (log_w.mean().exp() if grpo.importance_level == "sequence"
+                 else log_w.exp()).clamp(max=grpo.tis_cap)
+            A = A * w
+        if grpo.importance_level == "sequence":
+            seq_log_ratio = (logp - old[s]).mean()
+            ratio = torch.exp(logp - logp.detach() + seq_log_ratio.detach())
+        else:
+            ratio = torch.exp(logp - old[s])
+        loss_t = clipped_surrogate(ratio, A, 0.2, clip_high)
+        if grpo.beta > 0:
+            d = ref_lp[s] - logp
+            loss_t = loss_t + grpo.beta * (d.exp() - d - 1)
+        terms.append(loss_t)
+    loss = aggregate(terms, grpo.loss_agg, horizon=5.0)
+    loss.backward()
+    assert math.isclose(metrics["loss"], float(loss), rel_tol=1e-5, abs_tol=1e-7)
+    assert_rel_close(fused_grad, grads(model), 1e-4, "gradient")
+    assert metrics["ratio_max"] != 1.0
+
+
+def test_grpo_in_a_plain_user_loop_with_gradient_accumulation():
+    """The caller owns the loop: make_experience, step(loss_scale) per micro-batch, optimizer.
+    Micro-batches of a small token budget accumulate the gradient of one big batch."""
+    model = tiny_model("llama", 128, seed=4)
+    grpo = GRPO(model, HFRollout(model), parity_reward, group_size=G,
+                sampling=sampling(seed=5), max_tokens=32)
+    batches, _ = grpo.make_experience(PROMPTS)
+    assert len(batches) > 1
+    total = sum(grpo.num_units(b) for b in batches)
+    model.zero_grad()
+    for b in batches:
+        grpo.step(b, loss_scale=grpo.num_units(b) / total)
+    accumulated = grads(model)
+    # One big batch of the same samples.
+    grpo.max_tokens = 4096
+    merged = _merge(batches, grpo)
+    model.zero_grad()
+    grpo.step(merged)
+    assert_rel_close(accumulated, grads(model), 1e-4, "accumulated gradient")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.step()
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def _merge(batches, grpo):
+    """The micro-batches' sequences packed into one batch, tensors carried over."""
+    from alignfuse.engine.algorithms.grpo import RolloutBatch
+
+    seqs, plens, groups, adv, rew, samp = [], [], [], [], [], []
+    for b in batches:
+        for (p, c), a, r, s in zip(recover_samples(b), b.advantages, b.rewards,
+                                   per_sequence(b, "sampler_logps")):
+            seqs.append(p + c)
+            plens.append(len(p))
+            groups.append(len(groups))
+            adv.append(a)
+            rew.append(r)
+            samp.append(s)
+    (packed,) = pack(seqs, max_tokens=4096, prompt_lengths=plens, groups=groups)
+    idx = packed.seq_index
+    return RolloutBatch(packed, torch.stack(rew)[idx], torch.stack(adv)[idx],
+                        completion_tensor(packed, samp))
+
+
+def test_grpo_rejects_bad_options():
+    model = tiny_model("llama", 128, seed=0)
+    rollout = HFRollout(model)
+    with pytest.raises(ValueError, match="ref_model"):
+        GRPO(model, rollout, parity_reward, beta=0.1)
+    with pytest.raises(ValueError, match="group_size"):
+        GRPO(model, rollout, parity_reward, group_size=1)
+    with pytest.raises(ValueError, match="loss_agg"):
+        GRPO(model, rollout, parity_reward, loss_agg="mean")
+    with pytest.raises(ValueError, match="importance_level"):
+        GRPO(model, rollout, parity_reward, importance_level="seq")
+    with pytest.raises(TypeError, match="rollout"):
+        GRPO(model, object(), parity_reward)
+    grpo = GRPO(model, rollout, lambda p, c: float("nan"), sampling=sampling())
+    with pytest.raises(ValueError, match="NaN"):
+        grpo.make_experience(PROMPTS[:1])
+
+
+# ---------------------------------------------------------------------------------------
+# PPO
+
+
+def plain_values(ppo, prompt, completion):
+    """Critic values before each completion token, by a plain forward (float64)."""
+    ids = torch.tensor([prompt + completion])
+    critic = ppo.critic
+    hidden = critic.model(input_ids=ids).last_hidden_state[0]
+    values = critic.value_head(hidden).squeeze(-1).double()
+    return values[len(prompt) - 1:-1]
+
+
+def reference_gae(rewards, values, gamma, lam):
+    adv = torch.zeros_like(rewards)
+    running = 0.0
+    for t in reversed(range(rewards.numel())):
+        next_value = values[t + 1] if t + 1 < values.numel() else 0.0
+        delta = rewards[t] + gamma * next_value - values[t]
+        running = delta + gamma * lam * running
+        adv[t] = running
+    return adv, adv + values
+
+
+@pytest.mark.parametrize("kl_in_reward", [True, False])
+def test_ppo_loss_matches_unfused(kl_in_reward):
+    model = tiny_model("llama", 128, seed=6)
+    ref = tiny_model("llama", 128, seed=7)
+    gamma, lam, kl_coef, vf_coef = 0.99, 0.9, 0.1, 0.5
+    ptx_seq = [[1, 20, 21, 22, 23, 24, 2]]
+    (ptx_batch,) = pack(ptx_seq, max_tokens=64)
+    ppo = PPO(model, HFRollout(model), parity_reward, ref_model=ref, group_size=2,
+              sampling=sampling(seed=8), gamma=gamma, lam=lam, kl_coef=kl_coef,
+              kl_estimator="k1" if kl_in_reward else "k3", kl_in_reward=kl_in_reward,
+              vf_coef=vf_coef, value_clip=0.2, ppo_epochs=2, ptx_coef=0.3,
+              ptx_batches=[ptx_batch])
+    # A critic whose values are not all 0, so that GAE and the value clip are exercised.
+    torch.nn.init.normal_(ppo.critic.value_head.weight, std=0.3)
+    batches, _ = ppo.make_experience(PROMPTS)
+    (batch,) = batches
+    pairs = recover_samples(batch)
+    old = [plain_logps(model, p, c).detach() for p, c in pairs]
+    ref_lp = [plain_logps(ref, p, c).detach() for p, c in pairs]
+    old_values = [plain_values(ppo, p, c).detach() for p, c in pairs]
+    for got, want in zip(per_sequence(batch, "values"), old_values):
+        assert_rel_close(got, want, 1e-5, "values")
+    advs, rets = [], []
+    for (p, c), o, r_, v in zip(pairs, old, ref_lp, old_values):
+        rewards = torch.zeros(len(c), dtype=torch.float64)
+        rewards[-1] = parity_reward(p, c)
+        if kl_in_reward:
+            rewards = rewards - kl_coef * (o - r_)  # k1
+        a, ret = reference_gae(rewards, v, gamma, lam)
+        advs.append(a)
+        rets.append(ret)
+    flat = torch.cat(advs)
+    mean, std = flat.mean(), flat.std()
+    advs = [(a - mean) / (std + 1e-8) for a in advs]
+    for got, want in zip(per_sequence(batch, "advantages"), advs):
+        assert_rel_close(got, want, 1e-4, "whitened advantages")
+    for got, want in zip(per_sequence(batch, "returns"), rets):
+        assert_rel_close(got, want, 1e-5, "returns")
+
+    move_weights(model, seed=1)
+    move_weights(ppo.critic, lr=0.05, seed=2)
+    for p in ppo.parameters():
+        p.grad = None
+    metrics = ppo.step(batch)
+    fused_grad = torch.cat([p.grad.reshape(-1) for p in ppo.parameters() if p.grad is not None])
+    for p in ppo.parameters():
+        p.grad = None
+    pg_terms, v_terms = [], []
+    for s, (p, c) in enumerate(pairs):
+        logp = plain_logps(model, p, c)
+        t = clipped_surrogate(torch.exp(logp - old[s]), advs[s], 0.2, 0.2)
+        if not kl_in_reward:
+            d = ref_lp[s] - logp
+            t = t + kl_coef * (d.exp() - d - 1)
+        pg_terms.append(t)
+        v = plain_values(ppo, p, c)
+        v_clip = old_values[s] + (v - old_values[s]).clamp(-0.2, 0.2)
+        v_terms.append(torch.maximum((v - rets[s]) ** 2, (v_clip - rets[s]) ** 2))
+    ptx_logp = plain_logps(model, [1], ptx_seq[0][1:], temperature=1.0)
+    loss = (aggregate(pg_terms, "token-mean", 5.0) + vf_coef * 0.5 * aggregate(v_terms, "token-mean", 5.0)
+            + 0.3 * -ptx_logp.mean())
+    loss.backward()
+    unfused_grad = torch.cat([p.grad.reshape(-1) for p in ppo.parameters() if p.grad is not None])
+    assert math.isclose(metrics["loss"], float(loss), rel_tol=1e-5, abs_tol=1e-7)
+    assert_rel_close(fused_grad, unfused_grad, 1e-4, "gradient")
+    assert metrics["ptx_nll"] > 0
+
+
+def test_adaptive_kl_controller_follows_ziegler():
+    ctl = AdaptiveKLController(0.1, target=6.0, horizon=10_000)
+    assert math.isclose(ctl.update(12.0, 100), 0.1 * (1 + 0.2 * 100 / 10_000))  # clipped +0.2
+    value = ctl.value
+    assert math.isclose(ctl.update(3.0, 100), value * (1 - 0.2 * 100 / 10_000))  # clipped -0.2
+    value = ctl.value
+    assert math.isclose(ctl.update(6.6, 1000), value * (1 + 0.1 * 1000 / 10_000))
+
+
+def test_ppo_rejects_bad_options():
+    model = tiny_model("llama", 128, seed=0)
+    with pytest.raises(ValueError, match="ref_model"):
+        PPO(model, HFRollout(model), parity_reward, kl_coef=0.1)
+    with pytest.raises(ValueError, match="ptx_batches"):
+        PPO(model, HFRollout(model), parity_reward, kl_coef=0.0, ptx_coef=0.1)
+
+
+# ---------------------------------------------------------------------------------------
+# With the real vLLM build
+
+
+@pytest.fixture(scope="module")
+def vllm_policy():
+    if not vllm_available():
+        pytest.skip("vLLM is not installed")
+    model = tiny_model("llama", 128, seed=9)
+    rollout = VLLMRollout(model, max_model_len=128)
+    yield model, rollout
+    rollout.close()
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_grpo_and_ppo_user_loops_with_vllm(vllm_policy):
+    model, rollout = vllm_policy
+    ref = tiny_model("llama", 128, seed=9)
+    grpo = GRPO(model, rollout, parity_reward, ref_model=ref, beta=0.01, group_size=G,
+                sampling=sampling(seed=1), tis_cap=2.0, ppo_epochs=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    syncs = []
+    for it in range(3):
+        grpo.sampling.seed = it
+        metrics = grpo.train_iteration(PROMPTS, optimizer)
+        syncs.append(rollout.stats["sync_s_total"])
+        assert all(math.isfinite(v) for v in metrics.values()), metrics
+        # vLLM sampled with the weights just synced: trainer/sampler ratio ~1 (fp32).
+        assert abs(metrics["tis_weight_mean"] - 1.0) < 1e-3, metrics["tis_weight_mean"]
+    assert syncs[0] < syncs[1] < syncs[2]  # weights were synced every iteration
+    ppo = PPO(model, rollout, parity_reward, kl_coef=0.0, group_size=2, sampling=sampling(seed=2))
+    optimizer = torch.optim.AdamW(ppo.parameters(), lr=1e-3)
+    metrics = ppo.train_iteration(PROMPTS, optimizer)
+    assert all(math.isfinite(v) for v in metrics.values()), metrics
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_grpo_main_job_raises_the_reward(tmp_path):
+    """The GRPO main job at reduced size: the reward rises clearly."""
+    from alignfuse.engine.rl_tasks import GRPODemoConfig, run_grpo_demo
+
+    config = GRPODemoConfig(iterations=12)
+    summary = run_grpo_demo(config, out_dir=str(tmp_path))
+    assert summary["rollout"] == ("VLLMRollout" if vllm_available() else "HFRollout")
+    assert summary["reward_after"] > summary["reward_before"] + 0.15, summary
+    assert (tmp_path / "metrics.jsonl").exists() and (tmp_path / "summary.json").exists()
