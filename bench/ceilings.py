@@ -35,7 +35,7 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, size: int, reps: int =
     out = torch.empty(size, size, device=device, dtype=dtype)
     stats = _timed(lambda ab: torch.matmul(ab[0], ab[1], out=out), sets, device, 3, reps)
     flops = 2.0 * size ** 3
-    del sets, out
+    sets.clear()
     free_memory(device)
     return {"what": f"{size}x{size}x{size} matmul, random normal inputs",
             "dtype": str(dtype).removeprefix("torch."), "flops": flops, "time_s": stats,
@@ -49,7 +49,7 @@ def copy_bandwidth(device: torch.device, nbytes: int, reps: int = 10) -> dict:
     dst = torch.empty(numel, device=device)
     stats = _timed(lambda src: dst.copy_(src), sets, device, 3, reps)
     moved = 2.0 * numel * 4  # read + write
-    del sets, dst
+    sets.clear()
     free_memory(device)
     return {"what": f"device-to-device copy of {numel * 4 / 2**20:.0f} MiB (read + write counted)",
             "bytes": moved, "time_s": stats, "bytes_per_s": moved / stats["median"]}

@@ -27,7 +27,7 @@ import math
 import statistics
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch

@@ -12,9 +12,6 @@ from typing import Callable
 
 import torch
 
-BACKENDS = ("triton", "cuda", "torch")
-
-
 def alignfuse_op(module: str, name: str) -> Callable | None:
     """`alignfuse.<module>.<name>`, or None when this checkout does not have it yet."""
     try:
