@@ -65,26 +65,38 @@ __global__ void group_advantages_kernel(const T* __restrict__ rewards, float* __
   }
 }
 
+__host__ __device__ __forceinline__ float load_float(float x) { return x; }
+__host__ __device__ __forceinline__ float load_float(__half x) { return __half2float(x); }
+__host__ __device__ __forceinline__ float load_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// GAE over the tokens [start, end) of one sequence, backwards (__host__ __device__: the tests
+// run it on the host). Masked tokens take no part; their outputs are 0.
+template <typename T>
+__host__ __device__ void gae_sequence(const T* rewards, const T* values, const float* mask, int64_t start,
+                                      int64_t end, float gamma, float lam, float* adv, float* ret) {
+  float next_value = 0.f, next_adv = 0.f;
+  for (int64_t t = end - 1; t >= start; --t) {
+    if (!(mask[t] > 0.f)) {
+      adv[t] = 0.f;
+      ret[t] = 0.f;
+      continue;
+    }
+    const float v = load_float(values[t]);
+    const float delta = load_float(rewards[t]) + gamma * next_value - v;
+    next_adv = delta + gamma * lam * next_adv;
+    next_value = v;
+    adv[t] = next_adv;
+    ret[t] = next_adv + v;
+  }
+}
+
 template <typename T>
 __global__ void gae_kernel(const T* __restrict__ rewards, const T* __restrict__ values, const float* __restrict__ mask,
                            const int32_t* __restrict__ cu, float* __restrict__ adv, float* __restrict__ ret,
                            int64_t num_seqs, float gamma, float lam) {
   const int64_t seq = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (seq >= num_seqs) return;
-  float next_value = 0.f, next_adv = 0.f;
-  for (int64_t t = static_cast<int64_t>(cu[seq + 1]) - 1; t >= cu[seq]; --t) {
-    if (!(mask[t] > 0.f)) {  // masked tokens take no part; their outputs are 0
-      adv[t] = 0.f;
-      ret[t] = 0.f;
-      continue;
-    }
-    const float v = to_float(values[t]);
-    const float delta = to_float(rewards[t]) + gamma * next_value - v;
-    next_adv = delta + gamma * lam * next_adv;
-    next_value = v;
-    adv[t] = next_adv;
-    ret[t] = next_adv + v;
-  }
+  gae_sequence(rewards, values, mask, cu[seq], cu[seq + 1], gamma, lam, adv, ret);
 }
 
 template <typename Launch>

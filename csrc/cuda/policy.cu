@@ -11,6 +11,7 @@
 //
 // Numerics: fp32 after the load; the log-ratio is clamped before exp (+-80 cannot overflow);
 // masked tokens are selected out (never multiplied: padding may hold inf/NaN).
+// kl_token and policy_token_loss are __host__ __device__ so that tests run them on the host.
 #include "reduce.cuh"
 #include "registry.h"
 
@@ -25,7 +26,7 @@ struct KL {
 
 // Per-token KL from d = logp - ref_logp (kl.py): k3 clamps -d to [-20, 20] and the result to
 // [-10, 10] like verl's low_var_kl, with zero gradient where a clamp is active.
-__device__ __forceinline__ KL kl_token(float d, int estimator) {
+__host__ __device__ __forceinline__ KL kl_token(float d, int estimator) {
   switch (estimator) {
     case kK1: return {d, 1.f};
     case kK2: return {0.5f * d * d, d};
@@ -53,8 +54,8 @@ struct TokenLoss {
 // The per-token math of policy_loss.py (the twin of triton_token_loss.policy_token_loss).
 // log_ratio: logp - old_logp (token level) or the sequence's mean (GSPO); its derivative with
 // respect to logp is 1 in both cases. ref_log_ratio: logp - ref_logp.
-__device__ __forceinline__ TokenLoss policy_token_loss(float log_ratio, float adv, float ref_log_ratio,
-                                                       const PolicyParams& p) {
+__host__ __device__ __forceinline__ TokenLoss policy_token_loss(float log_ratio, float adv,
+                                                                float ref_log_ratio, const PolicyParams& p) {
   TokenLoss out;
   const float clamped = fminf(fmaxf(log_ratio, p.log_ratio_min), p.log_ratio_max);
   const float ratio = expf(clamped);
