@@ -23,7 +23,7 @@ def _git(*args: str) -> str | None:
                              timeout=20)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() if out.returncode == 0 else None
+    return out.stdout if out.returncode == 0 else None
 
 
 def commit() -> dict:
@@ -32,7 +32,7 @@ def commit() -> dict:
     A copy of the tree without .git (the device machine may get one) falls back to
     ALIGNFUSE_GIT_COMMIT / ALIGNFUSE_GIT_DIRTY, which bench/gpu_session.sh documents.
     """
-    head = _git("rev-parse", "HEAD")
+    head = (_git("rev-parse", "HEAD") or "").strip()
     if head:
         changed = _git("status", "--porcelain", "--untracked-files=no") or ""
         paths = [line[3:] for line in changed.splitlines() if line.strip()]
