@@ -140,7 +140,7 @@ def test_huge_logits_do_not_overflow(backend, device, dtype):
     assert bool(torch.isfinite(logp).all()) and bool(torch.isfinite(ent).all())
     assert_rel_close(logp, ref_logp, 1e-5, "logp")
     # entropy is tiny (near one-hot) here: compare absolutely
-    assert float((ent.double() - ref_ent).abs().max()) < 1e-2
+    assert float((ent.detach().double() - ref_ent).abs().max()) < 1e-2
     g_h, g_w = torch.autograd.grad(logp.sum() + ent.sum(), (hidden, weight))
     assert bool(torch.isfinite(g_h.float()).all()) and bool(torch.isfinite(g_w.float()).all())
     big = (torch.randn(7, 101, device=device) * 1e4).to(dtype).requires_grad_()
@@ -148,7 +148,7 @@ def test_huge_logits_do_not_overflow(backend, device, dtype):
     lp, en = logprobs_from_logits(big, t, return_entropy=True, backend=backend)
     rl, re = formula(big.double(), t)
     assert_rel_close(lp, rl, 1e-5, "logp from 1e4 logits")
-    assert float((en.double() - re).abs().max()) < 1e-2
+    assert float((en.detach().double() - re).abs().max()) < 1e-2
     (g,) = torch.autograd.grad(lp.sum() + en.sum(), big)
     assert bool(torch.isfinite(g.float()).all())
 
@@ -198,7 +198,7 @@ def test_torch_chunking_is_exact(monkeypatch):
                             backend="torch")
     g_whole = torch.autograd.grad(sum(o.sum() for o in whole), (hidden, weight, bias))
     monkeypatch.setattr(reference, "CHUNK_BUDGET_BYTES", 5 * 101 * 4 * 2)
-    assert reference.chunk_rows(37, 101, 4) == 5
+    assert reference.chunk_rows(37, 101, 4, reference_bytes=1 << 30) == 5
     parts = linear_logprobs(hidden, weight, targets, bias=bias, return_entropy=True,
                             backend="torch")
     g_parts = torch.autograd.grad(sum(o.sum() for o in parts), (hidden, weight, bias))
@@ -222,6 +222,7 @@ def test_large_n_torch():
     assert_rel_close(g_w, want[1], 2e-4, "grad_weight")  # an fp32 sum over N rows
 
 
+@pytest.mark.slow
 def test_large_n_triton():
     """More rows than a grid dim 1/2 could hold (65,536) through the Triton kernels."""
     N, H, V = 70_001, 16, 16

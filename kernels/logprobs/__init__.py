@@ -97,6 +97,99 @@ def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, *,
 
 
 # ---------------------------------------------------------------------------------------
+# triton backend: autograd around triton_forward.py / triton_backward.py
+
+
+def _kernel_ready(x: torch.Tensor) -> torch.Tensor:
+    """Unit stride in the last dim; float64 is computed in float32 (tl.dot has no fp64 path)."""
+    if x.dtype == torch.float64:
+        x = x.float()
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _incoming(grad: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor | None:
+    # Ignored positions pass no gradient, whatever the caller sends.
+    return None if grad is None else torch.where(valid, grad.float(), 0.0).contiguous()
+
+
+class _LinearLogprobsTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, want_entropy):
+        from .triton_forward import linear_forward
+
+        h, w = _kernel_ready(hidden), _kernel_ready(weight)
+        b = None if bias is None else _kernel_ready(bias)
+        logp, lse, entropy = linear_forward(h, w, b, targets, temperature)
+        valid = targets != ignore_index
+        ctx.save_for_backward(h, w, b, targets, valid, lse, entropy if want_entropy else None)
+        ctx.temperature = temperature
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        logp = torch.where(valid, logp, 0.0).to(out_dtype)
+        if want_entropy:
+            return logp, torch.where(valid, entropy, 0.0).to(out_dtype)
+        return logp
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_logp, g_entropy=None):
+        from .triton_backward import linear_backward
+
+        h, w, b, targets, valid, lse, entropy = ctx.saved_tensors
+        need = tuple(ctx.needs_input_grad[:3])
+        need = (need[0], need[1], need[2] and b is not None)
+        grads = linear_backward(h, w, b, targets, lse, entropy, _incoming(g_logp, valid),
+                                _incoming(g_entropy if entropy is not None else None, valid),
+                                ctx.temperature, need)
+        grads = [None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)]
+        return (*grads, None, None, None, None)
+
+
+class _LogitsLogprobsTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, ignore_index, want_entropy):
+        from .triton_forward import logits_forward
+
+        z = _kernel_ready(logits)
+        logp, lse, entropy = logits_forward(z, targets, temperature)
+        valid = targets != ignore_index
+        ctx.save_for_backward(z, targets, valid, lse, entropy if want_entropy else None)
+        ctx.temperature = temperature
+        ctx.dtype = logits.dtype
+        out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        logp = torch.where(valid, logp, 0.0).to(out_dtype)
+        if want_entropy:
+            return logp, torch.where(valid, entropy, 0.0).to(out_dtype)
+        return logp
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_logp, g_entropy=None):
+        from .triton_backward import logits_backward
+
+        z, targets, valid, lse, entropy = ctx.saved_tensors
+        grad = logits_backward(z, targets, lse, entropy, _incoming(g_logp, valid),
+                               _incoming(g_entropy if entropy is not None else None, valid),
+                               ctx.temperature)
+        return grad.to(ctx.dtype), None, None, None, None
+
+
+@register("linear_logprobs", "triton")
+def _linear_logprobs_triton(hidden, weight, bias, targets, temperature, ignore_index,
+                            return_entropy):
+    out = _LinearLogprobsTriton.apply(hidden, weight, bias, targets.contiguous(), temperature,
+                                      ignore_index, return_entropy)
+    return out if return_entropy else (out, None)
+
+
+@register("logprobs_from_logits", "triton")
+def _logprobs_from_logits_triton(logits, targets, temperature, ignore_index, return_entropy):
+    out = _LogitsLogprobsTriton.apply(logits, targets.contiguous(), temperature, ignore_index,
+                                      return_entropy)
+    return out if return_entropy else (out, None)
+
+
+# ---------------------------------------------------------------------------------------
 # argument checks
 
 
