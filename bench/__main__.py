@@ -45,7 +45,11 @@ def main(argv: list[str] | None = None) -> int:
 
         suites = tuple(s.strip() for s in args.suites.split(",") if s.strip())
         out = args.out or (RESULTS if PRESETS[args.preset].device == "cuda" else RESULTS / "local")
-        run_preset(args.preset, suites, out, args.budget_s, argv=["bench", *argv])
+        try:
+            run_preset(args.preset, suites, out, args.budget_s, argv=["bench", *argv])
+        except (ValueError, RuntimeError) as exc:  # bad arguments, or no GPU for a GPU preset
+            print(f"bench run: {exc}", file=sys.stderr)
+            return 2
         return 0
     from .report import render
 

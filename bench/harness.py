@@ -155,13 +155,22 @@ class Timer:
 
 def summarize(samples: list[float]) -> dict:
     """Median and spread of timed runs (pytest-benchmark's Stats, plus p10/p90)."""
-    from pytest_benchmark.stats import Stats
-
-    stats = Stats()
-    for s in samples:
-        stats.update(s)
-    out = {k: float(getattr(stats, k)) for k in
-           ("median", "q1", "q3", "iqr", "min", "max", "mean", "stddev")}
+    try:
+        from pytest_benchmark.stats import Stats
+    except ImportError:  # the same statistics without it (it is in the test and bench extras)
+        Stats = None
+    if Stats is not None:
+        stats = Stats()
+        for s in samples:
+            stats.update(s)
+        out = {k: float(getattr(stats, k)) for k in
+               ("median", "q1", "q3", "iqr", "min", "max", "mean", "stddev")}
+    else:
+        q1, _, q3 = (statistics.quantiles(samples, n=4) if len(samples) >= 2
+                     else [samples[0]] * 3)
+        out = {"median": statistics.median(samples), "q1": q1, "q3": q3, "iqr": q3 - q1,
+               "min": min(samples), "max": max(samples), "mean": statistics.fmean(samples),
+               "stddev": statistics.stdev(samples) if len(samples) >= 2 else 0.0}
     if len(samples) >= 2:
         deciles = statistics.quantiles(samples, n=10, method="inclusive")
         out["p10"], out["p90"] = float(deciles[0]), float(deciles[-1])

@@ -122,10 +122,17 @@ def _suite_table(suite: str, body: dict) -> list[str]:
             if c["status"] in ("skipped", "error"):
                 notes.append(f"- {case['case']} / {c['name']}: {c['status']}: {c['reason']}")
             elif c["status"] == "wrong":
-                errs = ", ".join(f"{k} {v:.2e}" for k, v in c["check"]["rel_err"].items())
+                errs = ", ".join(f"{k} {v:.2e}" if v is not None else f"{k} NaN/missing"
+                                 for k, v in c["check"]["rel_err"].items())
                 notes.append(f"- {case['case']} / {c['name']}: failed the check ({errs})")
         for key, value in (case.get("metrics") or {}).items():
             notes.append(f"- {case['case']}: {key} = {value}")
+    speed_rows = _speedup_rows(cases)
+    if speed_rows:
+        lines += ["", "Speedup of each alignfuse contender over each baseline "
+                  "(baseline median / its median; memory: its peak / the baseline's):", "",
+                  "| case | mode | contender | speedup | memory |", "|---|---|---|---|---|",
+                  *speed_rows]
     if memory_rows:
         lines += ["", "Peak memory above the live inputs:", "",
                   "| case | mode | " + " | ".join(names) + " |",
@@ -134,6 +141,21 @@ def _suite_table(suite: str, body: dict) -> list[str]:
         lines += ["", "<details><summary>skips, errors and failed checks</summary>", "",
                   *_dedupe(notes), "", "</details>"]
     return lines + [""]
+
+
+def _speedup_rows(cases: list[dict]) -> list[str]:
+    rows = []
+    for case in cases:
+        for c in case["contenders"]:
+            if c["role"] != "subject":
+                continue
+            for mode, m in c["modes"].items():
+                if m.get("status") != "ok" or not m.get("speedup_vs"):
+                    continue
+                speed = ", ".join(f"×{v:.3g} vs {k}" for k, v in m["speedup_vs"].items())
+                mem = ", ".join(f"{v:.3g} of {k}" for k, v in m.get("memory_ratio_vs", {}).items())
+                rows.append(f"| {case['case']} | {mode} | {c['name']} | {speed} | {mem or '—'} |")
+    return rows
 
 
 def _dedupe(items: list[str]) -> list[str]:

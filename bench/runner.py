@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import re
 import time
 from dataclasses import replace
@@ -108,8 +109,20 @@ def _write(path: Path, result: dict) -> None:
     if problems:  # a writer bug: never write a result file that misses a field
         raise AssertionError("result misses fields: " + "; ".join(problems[:10]))
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1, default=_json_default) + "\n")
+    tmp.write_text(json.dumps(_finite(result), indent=1, default=_json_default,
+                              allow_nan=False) + "\n")
     tmp.replace(path)
+
+
+def _finite(value):
+    """NaN and infinities become null: strict JSON (a NaN error is also in `check.failed`)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _json_default(value):

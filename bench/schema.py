@@ -15,7 +15,8 @@ A result file (one run of one preset):
 
     case        {suite, case, sizes, modes, notes, tolerances, contenders [contender]}
     contender   {name, role: subject|baseline, status: ok|wrong|skipped|error, reason,
-                 check {passed, rel_err {quantity: err}, tolerance, failed} (ok/wrong),
+                 check {passed, rel_err {quantity: err, null when NaN or missing},
+                        tolerance, failed} (ok/wrong),
                  modes {<mode> mode}, metrics (suite-specific, optional)}
     mode        {status, time_s {median, q1, q3, iqr, p10, p90, min, max, mean, stddev, rounds},
                  peak_memory_bytes (null on CPU; for bwd and fwd+bwd the measured run
