@@ -65,7 +65,7 @@ PRESETS: dict[str, Preset] = {
            {"N": 16384, "H": 8192, "V": 128256}],
         losses=[{"S": s, "T": 1024, "G": 8} for s in (4, 16, 32)],
         linear_losses=[{"S": 8, "T": 1024, "H": 4096, "V": 128256}],
-        packing={"sequences": 100_000, "max_tokens": 16384, "median_len": 600,
+        packing={"sequences": 20_000, "max_tokens": 16384, "median_len": 600,
                  "sigma_log": 1.0, "max_len": 16384, "reps": 5},
         step={"family": "qwen2", "hidden": 896, "layers": 8, "vocab": 151936, "batch": 16,
               "T": 512, "group": 8},
