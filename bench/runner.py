@@ -76,20 +76,26 @@ def run(preset_name: str, suites: tuple[str, ...] = SUITES, out_dir: Path = RESU
         share = left * weights[name] / sum(weights.values())
         weights.pop(name)
         suite_cfg = replace(cfg, deadline=min(cfg.deadline, t0 + share))
-        error = None
+        records: list[dict] = []
+        body = result["suites"][name] = {"cases": records, "seconds": 0.0, "budget_s": share,
+                                         "error": None}
         try:
             if hasattr(module, "cases"):
-                records = [run_case(_only_modes(c, preset.modes), device, suite_cfg, ceilings,
-                                    log) for c in module.cases(preset, device)]
+                for c in module.cases(preset, device):
+                    records.append(run_case(_only_modes(c, preset.modes), device, suite_cfg,
+                                            ceilings, log))
+                    # After every case: a run killed by a time limit still leaves its results.
+                    body["seconds"] = time.monotonic() - t0
+                    result["seconds"] = time.monotonic() - started
+                    _write(path, result)
             else:
-                records = module.run(preset, device, suite_cfg, ceilings, log)
+                records += module.run(preset, device, suite_cfg, ceilings, log)
         except Exception as exc:  # a broken suite is recorded; the others still run
-            records, error = [], f"{type(exc).__name__}: {exc}"[:1000]
-            log(f"bench: suite {name} failed: {error}")
-        result["suites"][name] = {"cases": records, "seconds": time.monotonic() - t0,
-                                  "budget_s": share, "error": error}
+            body["error"] = f"{type(exc).__name__}: {exc}"[:1000]
+            log(f"bench: suite {name} failed: {body['error']}")
+        body["seconds"] = time.monotonic() - t0
         result["seconds"] = time.monotonic() - started
-        _write(path, result)  # after every suite: a run cut short still leaves its results
+        _write(path, result)
         log(f"bench: suite {name}: {len(records)} case(s) in {time.monotonic() - t0:.1f} s")
     result["complete"] = True
     result["seconds"] = time.monotonic() - started
