@@ -132,3 +132,23 @@ def test_group_advantages_errors():
         group_advantages(torch.randn(2, 3), 3)
     with pytest.raises(TypeError, match="rewards must have dtype"):
         group_advantages(torch.arange(6), 3)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_cuda_bindings_group_advantages(monkeypatch, estimator):
+    """kernels/advantages/cuda.py against a stand-in of the compiled module (see
+    test_policy_loss.PointerCuda): argument order and buffers, without a GPU."""
+    from test_policy_loss import use_pointer_cuda
+
+    import importlib
+
+    group_module = importlib.import_module("alignfuse.kernels.advantages.group")
+
+    rewards = torch.cat([torch.randint(0, 3, (12,)).double(), torch.randn(12, dtype=torch.float64)])
+    expected = {scale: group_advantages(rewards, 4, estimator=estimator, scale=scale,
+                                        backend="torch") for scale in SCALES}
+    use_pointer_cuda(monkeypatch, group_module)
+    for scale in SCALES:
+        got = group_advantages(rewards, 4, estimator=estimator, scale=scale, backend="cuda")
+        assert got.dtype == torch.float64
+        assert_rel_close(got, expected[scale], 1e-6, scale)

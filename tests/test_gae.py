@@ -151,3 +151,20 @@ def test_cuda_gae_sequence_matches_closed_form_on_host(tmp_path):
         exp_adv, exp_ret = reference(rewards, values, mask, gamma, lam)
         assert_rel_close(got[..., 0], exp_adv, 1e-5, "cuda gae advantages")
         assert_rel_close(got[..., 1], exp_ret, 1e-5, "cuda gae returns")
+
+
+def test_cuda_bindings_gae(monkeypatch):
+    """kernels/advantages/cuda.py's gae against a stand-in of the compiled module (see
+    test_policy_loss.PointerCuda): argument order and buffers, without a GPU."""
+    from test_policy_loss import use_pointer_cuda
+
+    import importlib
+
+    gae_module = importlib.import_module("alignfuse.kernels.advantages.gae")
+
+    rewards, values, mask = make(B=3, T=45, dtype=torch.bfloat16)
+    exp = gae(rewards, values, mask=mask, gamma=0.9, lam=0.8, backend="torch")
+    use_pointer_cuda(monkeypatch, gae_module)
+    got = gae(rewards, values, mask=mask, gamma=0.9, lam=0.8, backend="cuda")
+    assert_rel_close(got[0], exp[0], 1e-5, "advantages")
+    assert_rel_close(got[1], exp[1], 1e-5, "returns")
