@@ -83,6 +83,8 @@ def _value_loss_cuda(values, old_values, returns, layout, clip, loss_agg, horizo
 
 @register("kl_penalty", "cuda")
 def _kl_penalty_cuda(logps, ref_logps, estimator):
+    dtype = compute_dtype(logps, ref_logps)
+
     def kernel(lp):
         lp32, ref = _one_dtype(lp, ref_logps.reshape(-1))
         kl = torch.empty(lp32.numel(), device=lp32.device, dtype=torch.float32)
@@ -90,6 +92,6 @@ def _kl_penalty_cuda(logps, ref_logps, estimator):
         cuda_module().kl_penalty(lp32.data_ptr(), ref.data_ptr(), cuda_dtype_code(lp32),
                                  kl.data_ptr(), grad.data_ptr(), kl.numel(),
                                  KL_ESTIMATOR_CODES[estimator], current_stream_handle(lp32.device))
-        return kl, [grad]
+        return kl.to(dtype), [grad]
 
     return fused_local_grad(kernel, [logps.reshape(-1)]).reshape(logps.shape)

@@ -90,9 +90,11 @@ def _kl_penalty_triton(logps: torch.Tensor, ref_logps: torch.Tensor,
                        estimator: str) -> torch.Tensor:
     from .triton_kl import kl_penalty_forward
 
+    dtype = compute_dtype(logps, ref_logps)
+
     def kernel(lp):
         kl, grad = kl_penalty_forward(lp, ref_logps, KL_ESTIMATOR_CODES[estimator])
-        return kl, [grad]
+        return kl.to(dtype), [grad]
 
     flat = fused_local_grad(kernel, [logps.reshape(-1)])
     return flat.reshape(logps.shape)
