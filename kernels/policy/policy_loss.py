@@ -93,13 +93,31 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
     """
     checks.floating("logps", logps)
     checks.non_empty("logps", logps)
-    layout = token_layout(logps, mask=mask, cu_seqlens=cu_seqlens, name="logps")
+    layout, flat_old, flat_adv, flat_ref, options = check_policy_inputs(
+        logps, old_logps, advantages, ref_logps, mask=mask, cu_seqlens=cu_seqlens,
+        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
+        kl_estimator=kl_estimator, importance_level=importance_level, loss_agg=loss_agg,
+        horizon=horizon)
     flat_logps = layout.flat("logps", logps)
+    loss, metrics = dispatch("policy_loss", backend, logps.device, flat_logps, flat_old,
+                             flat_adv, flat_ref, layout, options)
+    if ref_logps is None:
+        metrics.pop("kl")
+    return loss, metrics
+
+
+def check_policy_inputs(like: torch.Tensor, old_logps, advantages, ref_logps, *, mask,
+                        cu_seqlens, clip_low, clip_high, dual_clip, kl_coef, kl_estimator,
+                        importance_level, loss_agg, horizon, name: str = "logps"):
+    """Validate policy_loss's inputs against a token tensor `like` (`[B, T]` or `[N]`, e.g.
+    the log-probs, or the targets of a fused op that computes them). Returns
+    `(layout, flat_old [N], flat_adv ([N] or [S]), flat_ref [N] or None, options)`."""
+    layout = token_layout(like, mask=mask, cu_seqlens=cu_seqlens, name=name)
     checks.floating("old_logps", old_logps)
-    checks.same_device("old_logps", old_logps, "logps", logps)
+    checks.same_device("old_logps", old_logps, name, like)
     flat_old = layout.flat("old_logps", old_logps)
     checks.floating("advantages", advantages)
-    checks.same_device("advantages", advantages, "logps", logps)
+    checks.same_device("advantages", advantages, name, like)
     if advantages.shape == layout.shape:
         flat_adv = advantages.reshape(-1)
     else:
@@ -108,15 +126,11 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
     flat_ref = None
     if ref_logps is not None:
         checks.floating("ref_logps", ref_logps)
-        checks.same_device("ref_logps", ref_logps, "logps", logps)
+        checks.same_device("ref_logps", ref_logps, name, like)
         flat_ref = layout.flat("ref_logps", ref_logps)
     options = _options(layout, clip_low, clip_high, dual_clip, kl_coef, kl_estimator,
                        importance_level, loss_agg, horizon, has_ref=ref_logps is not None)
-    loss, metrics = dispatch("policy_loss", backend, logps.device, flat_logps, flat_old,
-                             flat_adv, flat_ref, layout, options)
-    if ref_logps is None:
-        metrics.pop("kl")
-    return loss, metrics
+    return layout, flat_old, flat_adv, flat_ref, options
 
 
 def _options(layout: TokenLayout, clip_low, clip_high, dual_clip, kl_coef, kl_estimator,
