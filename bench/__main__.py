@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="result files or folders (default: bench/results)")
     report.add_argument("--out", type=Path, default=None,
                         help="folder for report.md and the plots (default: bench/results/report)")
+    report.add_argument("--readme", action="store_true",
+                        help="also put the latest GPU logprobs table into README.md")
 
     args = parser.parse_args(argv)
     if args.command == "run":
@@ -62,6 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     for p in paths:
         print(p)
+    if args.readme:
+        from .report import update_readme
+
+        readme = Path(__file__).resolve().parents[1] / "README.md"
+        if not update_readme(readme, args.results or [RESULTS]):
+            print("bench report: no GPU result, README.md left as it is", file=sys.stderr)
+            return 1
+        print(readme)
     return 0
 
 

@@ -237,6 +237,30 @@ def plots(r: dict, out: Path) -> list[Path]:
     return made
 
 
+README_BEGIN = "<!-- bench:latest-gpu begin"
+README_END = "<!-- bench:latest-gpu end -->"
+
+
+def update_readme(readme: Path, paths: list[Path]) -> bool:
+    """Put the latest GPU result's logprobs table (with a link to its JSON) between the
+    README's bench markers. Returns False when there is no GPU result to show."""
+    gpu = [pr for pr in latest(load(paths)) if pr[1]["device"]["type"] == "cuda"]
+    if not gpu:
+        return False
+    path, r = max(gpu, key=lambda pr: pr[1]["created_utc"])
+    text = readme.read_text()
+    start, end = text.find(README_BEGIN), text.find(README_END)
+    if start < 0 or end < start:
+        raise ValueError(f"{readme} has no bench markers ({README_BEGIN} ... {README_END})")
+    start = text.index("\n", start) + 1
+    header = _header(path, r, readme.parent)
+    table = _suite_table("logprobs", r["suites"].get("logprobs", {"cases": []}))
+    body = "\n".join(["Latest GPU results (the headline suite; all suites and plots: "
+                      "`python -m bench report`):", "", *header[2:], *table])
+    readme.write_text(text[:start] + body + "\n" + text[end:])
+    return True
+
+
 def render(paths: list[Path], out: Path) -> list[Path]:
     """Write out/report.md and the plots from the latest result of each (preset, device)."""
     out = Path(out)

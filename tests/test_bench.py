@@ -222,3 +222,21 @@ def test_harness_times_and_measures_memory_on_gpu():
         assert m["time_s"]["median"] > 0
         # Eager holds at least the float32 log_softmax of the [N, V] logits.
         assert m["peak_memory_bytes"] >= N * V * 4, (mode, m["peak_memory_bytes"])
+
+
+@pytest.mark.slow
+def test_readme_gets_the_latest_gpu_table(cpu_result, tmp_path):
+    from bench.report import README_BEGIN, README_END, update_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{README_BEGIN} -->\nold\n{README_END}\n\n## after\n")
+    assert update_readme(readme, [cpu_result]) is False  # a CPU result is never shown
+    gpu = json.loads(cpu_result.read_text())
+    gpu["device"] = {"type": "cuda", "name": "Stand-in GPU"}
+    (tmp_path / "results").mkdir()
+    fake = tmp_path / "results" / "gpu.json"
+    fake.write_text(json.dumps(gpu))
+    assert update_readme(readme, [fake]) is True
+    text = readme.read_text()
+    assert "old" not in text and "## after" in text and text.count(README_END) == 1
+    assert "[gpu.json](results/gpu.json)" in text and "| case | mode |" in text
