@@ -1,0 +1,12 @@
+"""Fused LM-head losses: logits, loss and gradients in one pass over token chunks.
+
+    linear_policy_loss(hidden, weight, targets, old_logps, advantages, ...)  # PPO/GRPO/GSPO
+    linear_cross_entropy(hidden, weight, targets, ...)                       # SFT
+
+`chunked.py` holds the chunk loop (GEMMs), `triton_fused_loss.py` the one Triton kernel that
+turns a chunk of logits into losses and d loss / d logits for either loss.
+"""
+
+from .linear_policy_loss import linear_policy_loss
+
+__all__ = ["linear_policy_loss"]

@@ -1,0 +1,142 @@
+"""The chunk loop of the fused LM-head losses: logits once per chunk, gradients in the forward.
+
+For a loss that is a weighted sum of per-token terms, each token's d loss / d logits is known
+as soon as its logits are, so the forward pass can finish the job:
+
+    for each chunk of C counted tokens:
+        z   = h_chunk @ W.T (+ b)                    [C, V] fp32     2 C H V FLOPs
+        the Triton kernel (triton_fused_loss.py):    lse, loss, dz = d loss / d z (in place)
+        grad_hidden[chunk] = dz @ W                  [C, H]          2 C H V
+        grad_weight       += dz.T @ h_chunk          [V, H] fp32     2 C H V
+
+6 N H V FLOPs in all, against 8 for a log-prob op that recomputes its logits in backward
+(cut-cross-entropy, linear_logprobs) followed by a separate loss. The autograd backward is a
+multiply of the stored gradients by the (scalar) incoming gradient (`autograd.fused_local_grad`).
+
+- The matmuls are torch's (cuBLAS on GPU, fp32 accumulation); the elementwise work over the
+  chunk is one Triton kernel. The chunk buffer is the only `[C, V]` memory, never `[N, V]`;
+  C comes from the same memory budget as linear_logprobs' torch path (`reference.chunk_rows`,
+  which tests can force through `reference.CHUNK_BUDGET_BYTES`).
+- Logits are fp32 even for bf16 inputs: a bf16 logit carries an error of |z| 2^-9, which
+  an importance ratio exp(logp - old_logp) would amplify. On CUDA the bf16 GEMM writes fp32
+  directly (`torch.mm(..., out_dtype=torch.float32)`); on CPU the operands are upcast.
+- dz goes back into the logits buffer when the inputs are fp32; for bf16/fp16 inputs it is
+  written in the input dtype to a second buffer (tensor cores take bf16), so a chunk holds
+  6 bytes per logit.
+- Only the tokens that count (mask and target not ignore_index) are sent through the LM
+  head: prompt and padding tokens cost nothing. Their gradient rows are zero.
+- The weight gradient accumulates in fp32 ([V, H]), cast to the weight's dtype at the end,
+  like linear_logprobs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..logprobs.reference import chunk_rows
+
+# the gradients to compute: (hidden, weight, bias)
+Need = tuple[bool, bool, bool]
+
+
+# Rows of the weight gradient per fp32 GEMM result when the inputs are bf16/fp16: bounds
+# the temporary to WEIGHT_GRAD_ROWS x H fp32 instead of a second [V, H].
+WEIGHT_GRAD_ROWS = 16384
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with an fp32 result and fp32 accumulation, whatever the (common) input dtype."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # torch without mm(out_dtype=): round once
+            return (a @ b).float()
+    return a.float() @ b.float()
+
+
+class FusedLinearLoss:
+    """Runs the chunk loop over `rows` of hidden for one fused loss.
+
+    hidden `[N, H]`, weight `[V, H]`, bias `[V]` or None (one floating dtype; float64 is
+    computed in float32), rows: int64 `[M]` indices of the counted tokens or None (all).
+    `launch(z, dz, chunk)` runs the Triton kernel on one chunk (`chunk` a slice of [0, M)),
+    writing d loss / d(raw logits) into dz when dz is not None.
+    """
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 rows: torch.Tensor | None, temperature: float):
+        if hidden.dtype == torch.float64:  # gradcheck inputs: no fp64 tensor-core path
+            hidden, weight = hidden.float(), weight.float()
+            bias = None if bias is None else bias.float()
+        self.hidden, self.weight, self.bias, self.rows = hidden, weight, bias, rows
+        self.temperature = temperature
+        self.num_rows = hidden.shape[0] if rows is None else rows.numel()
+
+    def _hidden_rows(self, chunk: slice) -> torch.Tensor:
+        if self.rows is None:
+            return self.hidden[chunk]
+        return self.hidden.index_select(0, self.rows[chunk])
+
+    def run(self, launch: Callable[[torch.Tensor, torch.Tensor | None, slice], None],
+            need: Need) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Returns the local gradients (grad_hidden `[N, H]`, grad_weight `[V, H]`,
+        grad_bias `[V]`), None where not needed, in the inputs' dtypes."""
+        h_all, w, b = self.hidden, self.weight, self.bias
+        N, H = h_all.shape
+        V = w.shape[0]
+        device, dtype = h_all.device, h_all.dtype
+        need_h, need_w, need_b = need
+        need_grad = any(need)
+        half = dtype != torch.float32
+        # fp32 weight copy only where the matmul cannot take bf16 with fp32 output (CPU)
+        w_mm = w.float() if (half and not w.is_cuda) else w
+        f32 = dict(device=device, dtype=torch.float32)
+        grad_h = torch.zeros(N, H, device=device, dtype=dtype) if need_h else None
+        grad_w = torch.zeros(V, H, **f32) if need_w else None
+        grad_b = torch.zeros(V, **f32) if need_b else None
+        bytes_per_logit = 4 + (w.element_size() if half and need_grad else 0)
+        rows_per_chunk = chunk_rows(max(self.num_rows, 1), V, bytes_per_logit // 2 or 1,
+                                    V * H * 4)
+        z_buf = torch.empty(rows_per_chunk, V, **f32)
+        dz_buf = (torch.empty(rows_per_chunk, V, device=device, dtype=dtype)
+                  if half and need_grad else z_buf)
+        for start in range(0, self.num_rows, rows_per_chunk):
+            chunk = slice(start, min(start + rows_per_chunk, self.num_rows))
+            C = chunk.stop - chunk.start
+            h = self._hidden_rows(chunk)
+            z = z_buf[:C]
+            if half and w.is_cuda:
+                try:  # bf16 GEMM with an fp32 result written straight into the chunk buffer
+                    torch.mm(h, w.T, out_dtype=torch.float32, out=z)
+                except (TypeError, RuntimeError):
+                    z.copy_(_mm_fp32(h, w.T))
+            else:
+                torch.mm(h.to(w_mm.dtype), w_mm.T, out=z)
+            if b is not None:
+                z += b.float()
+            dz = dz_buf[:C] if need_grad else None
+            launch(z, dz, chunk)
+            if not need_grad:
+                continue
+            if need_h:
+                gh = dz @ w  # [C, H], fp32 accumulation inside the GEMM
+                if self.rows is None:
+                    grad_h[chunk] = gh
+                else:
+                    grad_h.index_copy_(0, self.rows[chunk], gh.to(dtype))
+            if need_w:
+                if half:
+                    for v in range(0, V, WEIGHT_GRAD_ROWS):
+                        cols = slice(v, min(v + WEIGHT_GRAD_ROWS, V))
+                        grad_w[cols] += _mm_fp32(dz[:, cols].T, h)
+                else:
+                    grad_w.addmm_(dz.T, h)
+            if need_b:
+                grad_b += dz.sum(0, dtype=torch.float32)
+        return (grad_h,
+                None if grad_w is None else grad_w.to(w.dtype),
+                None if grad_b is None else grad_b.to(w.dtype))

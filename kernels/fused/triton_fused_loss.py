@@ -1,0 +1,165 @@
+"""Triton kernel of the fused LM-head losses: one chunk of logits -> loss and d loss / d logits.
+
+The host (`chunked.py`) computes a chunk of raw logits `[C, V]` with one fp32-accumulating
+matmul; this kernel then makes two sweeps over the chunk's rows, BLOCK_N rows per program:
+
+1. statistics: the log-prob tiles' `online_lse_update` / `target_logit` / `finish_stats`
+   (`logprobs/triton_forward.py`) give each row's lse, entropy and target log-prob (and, for
+   label smoothing, the sum of its logits);
+2. the per-token loss and its derivatives with respect to the log-prob and the entropy:
+   - LOSS == POLICY: `policy_token_loss` (`policy/triton_token_loss.py`, the policy loss's
+     own per-token math) plus the entropy bonus -entropy_coef * H_t;
+   - LOSS == CROSS_ENTROPY: -logp_t, or with label smoothing eps
+     (1 - eps)(-logp_t) + eps (lse - mean_j z_j);
+   each multiplied by the token's aggregation weight (known before the launch);
+3. (NEED_GRAD) a second sweep overwrites the chunk with d loss / d(raw logits) through the
+   log-prob backward's `dlogits_tile` (`logprobs/triton_backward.py`); the buffer may be the
+   logits buffer itself (same dtype: in place) or a half-precision one for the bf16 GEMMs.
+
+ONE kernel serves both losses (a constexpr switch), and no tile math is copied: a change to
+the log-prob or policy formulas reaches the fused ops automatically. The sweeps read the
+chunk twice and write it once: memory-bound work next to the chunk's 6 C H V GEMM FLOPs.
+Per-token results go to `stats [NUM_STATS, M]` (see STAT_* below) for the host's metrics.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..logprobs.triton_backward import dlogits_tile
+from ..logprobs.triton_forward import (finish_stats, logits_blocks, online_lse_update,
+                                       target_logit)
+from ..policy.triton_token_loss import policy_token_loss
+
+POLICY, CROSS_ENTROPY = 0, 1
+# rows of the per-token stats buffer
+STAT_LOGP, STAT_ENTROPY, STAT_LOSS, STAT_PG, STAT_RATIO, STAT_CLIPPED, STAT_DUAL, STAT_KL = range(8)
+NUM_STATS = 8
+
+
+@triton.jit
+def _fused_chunk_kernel(z_ptr, dz_ptr, t_ptr, w_ptr, old_ptr, adv_ptr, ref_ptr, seq_lr_ptr,
+                        stats_ptr, C, V, stride_zn, stride_dzn, stride_stats, inv_temp,
+                        clip_low, clip_high, dual_clip, kl_coef, log_ratio_min, log_ratio_max,
+                        entropy_coef, smoothing,
+                        LOSS: tl.constexpr, NEED_GRAD: tl.constexpr,
+                        HAS_ENTROPY: tl.constexpr, HAS_REF: tl.constexpr,
+                        SEQUENCE_LEVEL: tl.constexpr, USE_DUAL_CLIP: tl.constexpr,
+                        KL_ESTIMATOR: tl.constexpr, SMOOTHING: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < C
+    targets = tl.load(t_ptr + rows, mask=row_mask, other=-1)
+    z_rows = z_ptr + rows.to(tl.int64)[:, None] * stride_zn
+
+    # sweep 1: row statistics (the running max starts finite: m - m_new never meets inf - inf)
+    m = tl.full([BLOCK_N], -1.0e30, dtype=tl.float32)
+    s = tl.zeros([BLOCK_N], dtype=tl.float32)
+    b = tl.zeros([BLOCK_N], dtype=tl.float32)
+    zt = tl.zeros([BLOCK_N], dtype=tl.float32)
+    zsum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for v in range(0, V, BLOCK_V):
+        cols = v + tl.arange(0, BLOCK_V)
+        col_mask = cols < V
+        z = tl.load(z_rows + cols[None, :], mask=row_mask[:, None] & col_mask[None, :],
+                    other=0.0).to(tl.float32) * inv_temp
+        m, s, b = online_lse_update(m, s, b, z, col_mask)
+        zt += target_logit(z, cols, targets)
+        if SMOOTHING:
+            zsum += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
+    lse, entropy, logp = finish_stats(m, s, b, zt)
+
+    # the per-token loss and d loss / d logp, d loss / d entropy (weighted: 0 where not counted)
+    weight = tl.load(w_ptr + rows, mask=row_mask, other=0.0)
+    live = weight != 0.0
+    stats = stats_ptr + rows
+    g_entropy = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if LOSS == 0:  # POLICY
+        old = tl.load(old_ptr + rows, mask=row_mask, other=0.0)
+        adv = tl.load(adv_ptr + rows, mask=row_mask, other=0.0)
+        ref_lr = tl.zeros([BLOCK_N], dtype=tl.float32)
+        if HAS_REF:
+            ref_lr = logp - tl.load(ref_ptr + rows, mask=row_mask, other=0.0)
+        log_ratio = logp - old
+        if SEQUENCE_LEVEL:  # GSPO: the sequence's mean log-ratio, from a first pass
+            log_ratio = tl.load(seq_lr_ptr + rows, mask=row_mask, other=0.0)
+        loss, grad, pg, ratio, clipped, dual_clipped, kl = policy_token_loss(
+            log_ratio, adv, ref_lr, clip_low, clip_high, dual_clip, kl_coef, log_ratio_min,
+            log_ratio_max, USE_DUAL_CLIP, HAS_REF, KL_ESTIMATOR)
+        if HAS_ENTROPY:
+            loss -= entropy_coef * entropy
+            g_entropy = tl.where(live, -entropy_coef * weight, 0.0)
+        # where, not multiply: a token that does not count passes nothing, even a NaN
+        g_logp = tl.where(live, grad * weight, 0.0)
+        tl.store(stats + 3 * stride_stats, pg, mask=row_mask)
+        tl.store(stats + 4 * stride_stats, ratio, mask=row_mask)
+        tl.store(stats + 5 * stride_stats, clipped.to(tl.float32), mask=row_mask)
+        tl.store(stats + 6 * stride_stats, dual_clipped.to(tl.float32), mask=row_mask)
+        tl.store(stats + 7 * stride_stats, kl, mask=row_mask)
+    else:  # CROSS_ENTROPY
+        loss = -logp
+        if SMOOTHING:
+            # (1 - eps) (-logp_t) + eps * mean_j (-log p_j),  mean_j (-log p_j) = lse - mean_j z_j
+            loss = (1.0 - smoothing) * loss + smoothing * (lse - zsum / V)
+        g_logp = -weight
+    tl.store(stats, logp, mask=row_mask)
+    tl.store(stats + stride_stats, entropy, mask=row_mask)
+    tl.store(stats + 2 * stride_stats, loss, mask=row_mask)
+
+    # sweep 2: overwrite the chunk with d loss / d(raw logits)
+    if NEED_GRAD:
+        dz_rows = dz_ptr + rows.to(tl.int64)[:, None] * stride_dzn
+        for v in range(0, V, BLOCK_V):
+            cols = v + tl.arange(0, BLOCK_V)
+            col_mask = cols < V
+            mask = row_mask[:, None] & col_mask[None, :]
+            z = tl.load(z_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * inv_temp
+            dz = dlogits_tile(z, cols, targets, lse, entropy, g_logp, g_entropy, col_mask,
+                              HAS_ENTROPY)
+            if SMOOTHING:
+                # d/dz_j of eps (lse - mean z) minus the eps share dlogits_tile gave the
+                # target: w eps (1[j=t] - 1/V)
+                one_hot = (cols[None, :] == targets[:, None]).to(tl.float32)
+                dz += tl.where(col_mask[None, :],
+                               (weight * smoothing)[:, None] * (one_hot - 1.0 / V), 0.0)
+            tl.store(dz_rows + cols[None, :], (dz * inv_temp).to(dz_ptr.dtype.element_ty),
+                     mask=mask)
+
+
+def fused_chunk_loss(z: torch.Tensor, dz: torch.Tensor | None, targets: torch.Tensor,
+                     weights: torch.Tensor, stats: torch.Tensor, temperature: float, *,
+                     loss: int, old_logps: torch.Tensor | None = None,
+                     advantages: torch.Tensor | None = None,
+                     ref_logps: torch.Tensor | None = None,
+                     seq_log_ratio: torch.Tensor | None = None, clip_low: float = 0.0,
+                     clip_high: float = 0.0, dual_clip: float | None = None,
+                     kl_coef: float = 0.0, kl_estimator_code: int = 0,
+                     log_ratio_bounds: tuple[float, float] = (-20.0, 20.0),
+                     entropy_coef: float = 0.0, label_smoothing: float = 0.0) -> None:
+    """Launch on one chunk. z `[C, V]` raw logits (unit stride in V; fp32 recommended);
+    dz `[C, V]` (may be z itself) receives d loss / d(raw logits), or None for statistics
+    only; targets `[C]` int64 (any value where weights is 0); weights `[C]` fp32, the
+    token's aggregation weight (0: does not count); stats `[NUM_STATS, C]` fp32 view.
+    Per-token policy inputs `[C]` fp32 when loss == POLICY."""
+    C, V = z.shape
+    if C == 0:
+        return
+    block_n, block_v = logits_blocks(z)
+    need_grad = dz is not None
+    policy = loss == POLICY
+    dummy = weights
+    lr_min, lr_max = log_ratio_bounds
+    _fused_chunk_kernel[(triton.cdiv(C, block_n),)](
+        z, dz if need_grad else z, targets, weights,
+        old_logps if policy else dummy, advantages if policy else dummy,
+        ref_logps if ref_logps is not None else dummy,
+        seq_log_ratio if seq_log_ratio is not None else dummy,
+        stats, C, V, z.stride(0), dz.stride(0) if need_grad else z.stride(0), stats.stride(0),
+        1.0 / temperature, clip_low, clip_high, dual_clip if dual_clip is not None else 0.0,
+        kl_coef, max(lr_min, -3.0e38), lr_max, entropy_coef, label_smoothing,
+        LOSS=loss, NEED_GRAD=need_grad, HAS_ENTROPY=policy and entropy_coef != 0.0,
+        HAS_REF=ref_logps is not None, SEQUENCE_LEVEL=seq_log_ratio is not None,
+        USE_DUAL_CLIP=dual_clip is not None, KL_ESTIMATOR=kl_estimator_code,
+        SMOOTHING=label_smoothing != 0.0, BLOCK_N=block_n, BLOCK_V=block_v)
