@@ -7,6 +7,7 @@
 turns a chunk of logits into losses and d loss / d logits for either loss.
 """
 
+from .linear_cross_entropy import linear_cross_entropy
 from .linear_policy_loss import linear_policy_loss
 
-__all__ = ["linear_policy_loss"]
+__all__ = ["linear_policy_loss", "linear_cross_entropy"]
