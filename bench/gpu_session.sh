@@ -9,7 +9,9 @@
 #   run(command="ALIGNFUSE_GIT_COMMIT=$(git rev-parse HEAD) ALIGNFUSE_GIT_DIRTY=0 bash bench/gpu_session.sh",
 #       carry=[".whl"], timeout_s=600)
 # with the literal sha written into the command. Afterwards, here:
-#   cp <files_at>/*.json bench/results/ && python -m bench report   # table + PNGs
+#   cp <files_at>/*.json bench/results/ && python -m bench report --readme
+# (table + PNGs under bench/results/report/, the headline table into README.md), then
+# commit bench/results/ and README.md.
 #
 # The GPU image (KINDS.md): Python 3.12, torch 2.11 (cu130), triton 3.6, transformers 5.17,
 # pybind11, pytest, pytest-benchmark, matplotlib, nvcc 13.0; no vllm, flash-attn, liger.

@@ -361,7 +361,8 @@ def derived(contenders: list[dict], work: Callable[[str], dict | None],
                     continue
                 m["speedup_vs"][b["name"]] = bm["time_s"]["median"] / t
                 if m["peak_memory_bytes"] is not None and bm.get("peak_memory_bytes"):
-                    m["memory_ratio_vs"][b["name"]] = m["peak_memory_bytes"] / bm["peak_memory_bytes"]
+                    m["memory_ratio_vs"][b["name"]] = (m["peak_memory_bytes"]
+                                                       / bm["peak_memory_bytes"])
             m["floor"] = floor(work(mode), ceilings, t)
 
 

@@ -9,7 +9,7 @@ A result file (one run of one preset):
     versions    {python, torch, triton, cuda, driver, driver_reason, transformers,
                  liger_kernel, cut_cross_entropy, alignfuse}    (null where absent)
     alignfuse   {commit, dirty, dirty_paths, source}            (git rev-parse HEAD + status)
-    triton_interpreter                                          (true: CPU smoke, times mean nothing)
+    triton_interpreter                          (true: CPU smoke, times mean nothing)
     ceilings    {matmul {dtype, flops_per_s, time_s}, copy {bytes_per_s, time_s}}
     suites      {<suite> {seconds, budget_s, error (null, or why the suite broke), cases [case]}}
 
@@ -75,6 +75,7 @@ def validate(result: dict) -> list[str]:
                         elif m.get("status") == "ok":
                             problems += _missing(m, MODE, f"{cw}.modes.{mode}")
                             problems += _missing(m.get("time_s"), TIME, f"{cw}.modes.{mode}.time_s")
-                            if m.get("peak_memory_bytes") is None and not m.get("peak_memory_reason"):
-                                problems.append(f"{cw}.modes.{mode}: null memory without a reason")
+                            if (m.get("peak_memory_bytes") is None
+                                    and not m.get("peak_memory_reason")):
+                                problems.append(f"{cw}.modes.{mode}: null memory, no reason")
     return problems

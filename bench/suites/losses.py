@@ -384,7 +384,8 @@ def linear_dpo_case(P: int, T: int, H: int, V: int, dtype: torch.dtype,
 
     contenders = [two_ops("triton"), two_ops("cuda"),
                   Contender("torch-eager", "baseline", eager,
-                            note="logits, float32 log_softmax, gather, sum, dpo_loss(backend='torch')"),
+                            note="logits, float32 log_softmax, gather, sum, "
+                                 "dpo_loss(backend='torch')"),
                   Contender("liger", "baseline", liger,
                             lambda device: triton_baseline_unavailable("liger_kernel",
                                                                        "liger-kernel", device),

@@ -4,9 +4,11 @@ Both contenders get the same model weights (separate copies: the packed path may
 model's attention implementation) and the same sequences:
 - alignfuse: the sequences packed into one row (`alignfuse.engine.pack`), the packed
   forward with documents isolated and log-probs gathered from the hidden states
-  (`alignfuse.engine.forward`), and the fused losses. DPO is `alignfuse.engine.DPO.loss`
-  with a reference model; GRPO is `token_logprobs` + `policy_loss` (token-mean, clip 0.2,
-  k3 KL beta 0.04), what a GRPO step computes once its rollouts are scored.
+  (`alignfuse.engine.forward`), and the fused losses. DPO is
+  `alignfuse.engine.algorithms.DPO.loss` with a reference model; GRPO is `token_logprobs`
+  + `policy_loss` (token-mean, clip 0.2, k3 KL beta 0.04): what `GRPO.loss`
+  (engine/algorithms/grpo.py) computes with TIS off, without the Rollout that building a
+  GRPO object needs.
 - torch-eager: the same sequences right-padded to `[S, T]`, the model's own forward with an
   attention mask and full `[S, T, V]` logits, float32 log_softmax, gather, then the loss's
   torch reference. Its reference model runs the same way.
@@ -120,7 +122,7 @@ def _unavailable(kind: str):
     return why
 
 
-def step_case(kind: str, cfg: dict, dtype: torch.dtype, device: torch.device) -> Case | None:
+def step_case(kind: str, cfg: dict, dtype: torch.dtype, device: torch.device) -> Case:
     why = _unavailable(kind)(device)
     models: dict = {}
 
@@ -166,7 +168,8 @@ def step_case(kind: str, cfg: dict, dtype: torch.dtype, device: torch.device) ->
             tensors["old_logps"] = torch.where(valid, flat + noise(), 0.0)
             tensors["ref_logps"] = torch.where(valid, flat + noise(), 0.0)
             # Mean 1, not 0: a loss near zero would make its relative check meaningless.
-            tensors["advantages"] = (1 + 0.5 * torch.randn(packed.num_seqs, generator=gen)).to(device)
+            advantages = 1 + 0.5 * torch.randn(packed.num_seqs, generator=gen)
+            tensors["advantages"] = advantages.to(device)
         tensors["padded"] = _padded(packed, **{k: tensors[k] for k in ("old_logps", "ref_logps")
                                              if k in tensors})
         if kind == "grpo":
@@ -184,10 +187,10 @@ def step_case(kind: str, cfg: dict, dtype: torch.dtype, device: torch.device) ->
         token_logprobs = alignfuse_op("engine.forward", "token_logprobs")
         policy_loss = alignfuse_op("kernels", "policy_loss")
         logps = token_logprobs(policy, packed)
-        loss, _ = policy_loss(logps, t["old_logps"], t["advantages"], cu_seqlens=packed.cu_seqlens,
-                              mask=packed.loss_mask, ref_logps=t["ref_logps"], clip_low=CLIP,
-                              clip_high=CLIP, kl_coef=KL, kl_estimator="k3",
-                              loss_agg="token-mean")
+        loss, _ = policy_loss(logps, t["old_logps"], t["advantages"],
+                              cu_seqlens=packed.cu_seqlens, mask=packed.loss_mask,
+                              ref_logps=t["ref_logps"], clip_low=CLIP, clip_high=CLIP,
+                              kl_coef=KL, kl_estimator="k3", loss_agg="token-mean")
         return {"loss": loss}
 
     def eager_with(which: str):
