@@ -11,6 +11,7 @@ from .preference import dpo_loss, kto_kl, kto_loss, orpo_loss, simpo_loss
 from .reward_model import listwise_rm_loss, pairwise_rm_loss, pointwise_rm_loss
 from .policy import kl_penalty, policy_loss, value_loss
 from .advantages import gae, group_advantages
+from .fused import linear_cross_entropy, linear_policy_loss
 
 __all__ = [
     "BackendUnavailable", "available", "resolve",
@@ -19,4 +20,5 @@ __all__ = [
     "dpo_loss", "kto_loss", "kto_kl", "orpo_loss", "simpo_loss",
     "pointwise_rm_loss", "pairwise_rm_loss", "listwise_rm_loss",
     "policy_loss", "value_loss", "kl_penalty", "group_advantages", "gae",
+    "linear_policy_loss", "linear_cross_entropy",
 ]
