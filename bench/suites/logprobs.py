@@ -5,6 +5,8 @@
 Contenders, each in its own documented form:
 - alignfuse/<backend>: `alignfuse.kernels.linear_logprobs(hidden, weight, targets, backend=)`
   for every backend (triton, cuda, torch); one that cannot run here is skipped with why.
+- linear_cross_entropy/triton: alignfuse's SFT op with reduction="none", negated: the
+  same computation as the two cross-entropy baselines below.
 - torch-eager: what a training loop does without fused kernels (TRL's
   `selective_log_softmax` path): logits = h @ W.T in the model dtype, upcast to float32,
   log_softmax, gather. Holds [N, V] logits several times over.
@@ -39,6 +41,18 @@ def _alignfuse(backend: str) -> Contender:
 
     return Contender(f"alignfuse/{backend}", "subject", run,
                      lambda device: backend_unavailable("linear_logprobs", backend, device))
+
+
+def _cross_entropy(backend: str) -> Contender:
+    def run(t):
+        fn = alignfuse_op("kernels", "linear_cross_entropy")
+        return {"logps": -fn(t["hidden"], t["weight"], t["targets"], reduction="none",
+                             backend=backend)}
+
+    return Contender(f"linear_cross_entropy/{backend}", "subject", run,
+                     lambda device: backend_unavailable("linear_cross_entropy", backend, device),
+                     note="alignfuse.kernels.linear_cross_entropy(reduction='none'), negated: "
+                          "the SFT op, the same computation as Liger's and CCE's")
 
 
 def _eager(t):
@@ -130,7 +144,7 @@ def case(N: int, H: int, V: int, dtype: torch.dtype, device: torch.device) -> Ca
 
     # The torch backend (chunked, not meant to be fast on GPU) goes last: a run that meets
     # its time budget drops it first.
-    contenders = [_alignfuse("triton"), _alignfuse("cuda"),
+    contenders = [_alignfuse("triton"), _alignfuse("cuda"), _cross_entropy("triton"),
                   Contender("torch-eager", "baseline", _eager,
                             note="logits = h @ W.T (model dtype), float32 log_softmax, gather"),
                   _liger(),

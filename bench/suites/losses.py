@@ -11,7 +11,7 @@ Linear + loss cases. `linear_dpo`: sigmoid DPO from policy and reference hidden 
 against eager and Liger's `LigerFusedLinearDPOLoss` (see `linear_dpo_case`).
 `linear_grpo`: the token-mean GRPO loss (PPO clip 0.2, k3 KL to a
 reference with beta=0.04) from the LM head's input:
-- alignfuse/linear_policy_loss: `alignfuse.kernels.linear_policy_loss`, when it exists;
+- linear_policy_loss/<backend>: `alignfuse.kernels.linear_policy_loss`, one fused op;
 - alignfuse/<backend>: `linear_logprobs` then `policy_loss` (gather-then-loss, fused parts);
 - torch-eager: logits, float32 log_softmax, gather, then `policy_loss(backend="torch")`;
 - liger: `LigerFusedLinearGRPOLoss(loss_type="bnpo")`, the same token-mean formula
@@ -211,13 +211,20 @@ def linear_grpo_case(S: int, T: int, H: int, V: int, dtype: torch.dtype,
         return Contender(f"alignfuse/{backend}", "subject", run, unavailable,
                          note="linear_logprobs then policy_loss")
 
-    def fused(t):
-        fn = alignfuse_op("kernels", "linear_policy_loss")
-        out = fn(t["hidden"], t["weight"], t["targets"], t["old_logps"], t["advantages"],
-                 mask=t["mask"], ref_logps=t["ref_logps"], clip_low=GRPO["clip"],
-                 clip_high=GRPO["clip"], kl_coef=GRPO["beta"], kl_estimator="k3",
-                 loss_agg="token-mean")
-        return {"loss": out[0] if isinstance(out, tuple) else out}
+    def fused(backend):
+        def run(t):
+            fn = alignfuse_op("kernels", "linear_policy_loss")
+            loss, _metrics = fn(t["hidden"].reshape(S, T, H), t["weight"], t["targets"],
+                                t["old_logps"], t["advantages"], mask=t["mask"],
+                                ref_logps=t["ref_logps"], clip_low=GRPO["clip"],
+                                clip_high=GRPO["clip"], kl_coef=GRPO["beta"],
+                                kl_estimator="k3", loss_agg="token-mean", backend=backend)
+            return {"loss": loss}
+
+        return Contender(f"linear_policy_loss/{backend}", "subject", run,
+                         lambda device: backend_unavailable("linear_policy_loss", backend,
+                                                            device),
+                         note="alignfuse.kernels.linear_policy_loss: one fused op")
 
     def eager(t):
         logps = eager_logprobs({"hidden": t["hidden"], "weight": t["weight"],
@@ -260,11 +267,7 @@ def linear_grpo_case(S: int, T: int, H: int, V: int, dtype: torch.dtype,
         return {"flops": flops, "bytes": base + (0 if mode == "fwd" else grads)}
 
     contenders = [
-        Contender("alignfuse/linear_policy_loss", "subject", fused,
-                  lambda device: (None if alignfuse_op("kernels", "linear_policy_loss")
-                                  else "alignfuse.kernels.linear_policy_loss is not "
-                                       "implemented yet in this checkout")),
-        two_ops("triton"), two_ops("cuda"),
+        fused("triton"), fused("cuda"), two_ops("triton"), two_ops("cuda"),
         Contender("torch-eager", "baseline", eager,
                   lambda device: backend_unavailable("policy_loss", "torch", device),
                   note="logits, float32 log_softmax, gather, then policy_loss(backend='torch')"),
@@ -273,7 +276,7 @@ def linear_grpo_case(S: int, T: int, H: int, V: int, dtype: torch.dtype,
                                                              device),
                   note="LigerFusedLinearGRPOLoss(loss_type='bnpo', beta=0.04); it computes "
                        "gradients in its forward, so its bwd is nearly free: compare fwd+bwd"),
-        two_ops("torch"),
+        fused("torch"), two_ops("torch"),
     ]
     tol = tolerance(dtype)
     return Case(SUITE, f"linear_grpo,S={S},T={T},H={H},V={V},{dtype_name(dtype)}",
