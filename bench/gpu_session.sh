@@ -88,3 +88,5 @@ else
 fi
 stage "done"
 ls -l "$OUT" | tee -a "$LOG"
+# The reply carries the end of the output: finish with the headline table.
+[ -f "$OUT/report.md" ] && sed -n '/^### logprobs/,/^<details>/p' "$OUT/report.md" | head -25
