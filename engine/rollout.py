@@ -338,18 +338,24 @@ class VLLMRollout(Rollout):
         if self._asleep:
             raise RuntimeError(f"VLLMRollout is asleep ({sorted(self._asleep)}); call wake() "
                                "before generate()")
-        params = SamplingParams(
-            n=n, max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
-            top_k=sampling.top_k if sampling.top_k > 0 else -1, top_p=sampling.top_p,
-            seed=sampling.seed, stop_token_ids=_stop_ids(sampling, self._config),
-            # Stop exactly on `stop_token_ids` (which default to the config's eos), as
-            # HFRollout does; vLLM would otherwise also stop on its own idea of eos.
-            ignore_eos=True,
-            logprobs=0,  # only the sampled token's log-prob
-            detokenize=False,
-        )
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params,
-                                    use_tqdm=False)
+        def params(index: int) -> SamplingParams:
+            return SamplingParams(
+                n=n, max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                top_k=sampling.top_k if sampling.top_k > 0 else -1, top_p=sampling.top_p,
+                # vLLM seeds the j-th sample of a request with seed + j, and equal seeds give
+                # equal random streams: space the prompts' seeds n apart so that no two
+                # samples of a batch share a stream (similar prompts would repeat samples).
+                seed=None if sampling.seed is None else sampling.seed * 1_000_003 + index * n,
+                stop_token_ids=_stop_ids(sampling, self._config),
+                # Stop exactly on `stop_token_ids` (which default to the config's eos), as
+                # HFRollout does; vLLM would otherwise also stop on its own idea of eos.
+                ignore_eos=True,
+                logprobs=0,  # only the sampled token's log-prob
+                detokenize=False,
+            )
+
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                    [params(i) for i in range(len(prompts))], use_tqdm=False)
         samples = []
         for index, (prompt, out) in enumerate(zip(prompts, outputs)):
             for completion in out.outputs:

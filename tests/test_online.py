@@ -197,20 +197,21 @@ def _merge(batches, grpo):
     """The micro-batches' sequences packed into one batch, tensors carried over."""
     from alignfuse.engine.algorithms.grpo import RolloutBatch
 
-    seqs, plens, groups, adv, rew, samp = [], [], [], [], [], []
+    seqs, plens, adv, rew, samp, old = [], [], [], [], [], []
     for b in batches:
-        for (p, c), a, r, s in zip(recover_samples(b), b.advantages, b.rewards,
-                                   per_sequence(b, "sampler_logps")):
+        for (p, c), a, r, s, o in zip(recover_samples(b), b.advantages, b.rewards,
+                                      per_sequence(b, "sampler_logps"),
+                                      per_sequence(b, "old_logps")):
             seqs.append(p + c)
             plens.append(len(p))
-            groups.append(len(groups))
             adv.append(a)
             rew.append(r)
             samp.append(s)
-    (packed,) = pack(seqs, max_tokens=4096, prompt_lengths=plens, groups=groups)
+            old.append(o)
+    (packed,) = pack(seqs, max_tokens=4096, prompt_lengths=plens)
     idx = packed.seq_index
     return RolloutBatch(packed, torch.stack(rew)[idx], torch.stack(adv)[idx],
-                        completion_tensor(packed, samp))
+                        completion_tensor(packed, samp), completion_tensor(packed, old))
 
 
 def test_grpo_rejects_bad_options():
@@ -276,7 +277,7 @@ def test_ppo_loss_matches_unfused(kl_in_reward):
     ref_lp = [plain_logps(ref, p, c).detach() for p, c in pairs]
     old_values = [plain_values(ppo, p, c).detach() for p, c in pairs]
     for got, want in zip(per_sequence(batch, "values"), old_values):
-        assert_rel_close(got, want, 1e-5, "values")
+        assert_rel_close(got, want, 1e-4, "values")
     advs, rets = [], []
     for (p, c), o, r_, v in zip(pairs, old, ref_lp, old_values):
         rewards = torch.zeros(len(c), dtype=torch.float64)
@@ -292,7 +293,7 @@ def test_ppo_loss_matches_unfused(kl_in_reward):
     for got, want in zip(per_sequence(batch, "advantages"), advs):
         assert_rel_close(got, want, 1e-4, "whitened advantages")
     for got, want in zip(per_sequence(batch, "returns"), rets):
-        assert_rel_close(got, want, 1e-5, "returns")
+        assert_rel_close(got, want, 1e-4, "returns")
 
     move_weights(model, seed=1)
     move_weights(ppo.critic, lr=0.05, seed=2)

@@ -3,7 +3,8 @@ https://arxiv.org/abs/2402.03300), with the variants of the later papers:
 
 - advantages: every estimator and scale of `alignfuse.kernels.group_advantages`
   (grpo, Dr. GRPO https://arxiv.org/abs/2503.20783, RLOO, rank);
-- loss: `alignfuse.kernels.policy_loss` with every `loss_agg`, asymmetric clipping
+- loss: the fused `linear_policy_loss` (LM head -> log-probs -> `policy_loss` in one node,
+  no `[N, V]` logits) on the decoder's hidden states, with every `loss_agg`, asymmetric clipping
   (DAPO's clip-higher, https://arxiv.org/abs/2503.14476), dual clip, KL to a reference with
   the k1/k2/k3 estimators when `beta > 0`, and GSPO's sequence-level importance ratio
   (https://arxiv.org/abs/2507.18071, `importance_level="sequence"`);
@@ -33,10 +34,10 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from alignfuse.kernels import group_advantages, policy_loss, segment_sum
+from alignfuse.kernels import group_advantages, linear_policy_loss, segment_sum
 from alignfuse.kernels.policy.aggregation import LOSS_AGG_MODES
 
-from ..forward import token_logprobs
+from ..forward import lm_head_of, run_decoder, token_logprobs
 from ..packing import PackedBatch, pack
 from ..rollout import Rollout, Sample, SamplingConfig
 from .base import Algorithm
@@ -59,7 +60,7 @@ class RolloutBatch:
     rewards: torch.Tensor                    # [S] scalar reward of each sample
     advantages: torch.Tensor                 # [S] (GRPO) or [N] (PPO)
     sampler_logps: torch.Tensor              # [N] log-probs the sampler reported
-    old_logps: torch.Tensor | None = None    # [N] trainer log-probs before this update
+    old_logps: torch.Tensor                  # [N] trainer log-probs before any update
     ref_logps: torch.Tensor | None = None    # [N] reference model log-probs
     token_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # more [N] (PPO)
 
@@ -216,13 +217,6 @@ class OnlineAlgorithm(Algorithm):
         finally:
             model.train(was_training)
 
-    @property
-    def needs_old_logps(self) -> bool:
-        """Old log-probs are needed when the weights change between the sampling and a
-        later update of the same batch; otherwise the current log-probs (detached) are
-        exactly the old ones and a forward is saved."""
-        return self.ppo_epochs > 1 or self.mini_batches > 1
-
     def _batches(self, samples: Sequence[Sample], rewards: torch.Tensor,
                  advantages: torch.Tensor) -> list[RolloutBatch]:
         """Pack the samples; attach rewards, advantages (`[num_samples]` or per-sample
@@ -234,10 +228,12 @@ class OnlineAlgorithm(Algorithm):
                 adv = advantages[index].to(packed.input_ids.device)
             else:
                 adv = completion_tensor(packed, advantages)
+            # The trainer's own log-probs before any update (verl's old_log_prob): the
+            # ratio's denominator. The sampler's log-probs differ from them by the
+            # engine mismatch (bf16, kernels), which TIS corrects; they are not used here.
             batch = RolloutBatch(packed, rewards[index].to(adv.device), adv,
-                                 completion_tensor(packed, [s.logprobs for s in samples]))
-            if self.needs_old_logps:
-                batch.old_logps = self._token_logps(self.model, packed)
+                                 completion_tensor(packed, [s.logprobs for s in samples]),
+                                 self._token_logps(self.model, packed))
             if self.ref_model is not None:
                 batch.ref_logps = self._token_logps(self.ref_model, packed)
             batches.append(batch)
@@ -245,13 +241,35 @@ class OnlineAlgorithm(Algorithm):
 
     # training -----------------------------------------------------------------------------
 
-    def tis_weights(self, batch: RolloutBatch, old_logps: torch.Tensor,
-                    sequence_level: bool) -> torch.Tensor | None:
+    def clipped_policy_loss(self, batch: RolloutBatch, advantages: torch.Tensor, *,
+                            kl_coef: float, kl_estimator: str,
+                            importance_level: str = "token"):
+        """`(loss, metrics)` of the clipped policy-gradient loss on `batch`, through the fused
+        `linear_policy_loss` (LM head, log-probs and loss in one node, no `[N, V]` logits)
+        on the decoder's final hidden states. advantages: `[S]` or `[N]`."""
+        packed = batch.packed
+        lm_head_of(self.model)  # refuse a non-linear head before running anything
+
+        def on_hidden(hidden: torch.Tensor):
+            weight, bias = lm_head_of(self.model)  # inside the forward: FSDP2 gathered it
+            return linear_policy_loss(
+                hidden, weight, packed.targets, batch.old_logps, advantages,
+                mask=packed.loss_mask, cu_seqlens=packed.cu_seqlens,
+                ref_logps=batch.ref_logps if kl_coef > 0 else None, clip_low=self.clip_low,
+                clip_high=self.clip_high, dual_clip=self.dual_clip, kl_coef=kl_coef,
+                kl_estimator=kl_estimator, importance_level=importance_level,
+                loss_agg=self.loss_agg, horizon=float(self.sampling.max_new_tokens),
+                bias=bias, temperature=self.temperature, ignore_index=packed.ignore_index)
+
+        loss, stats = run_decoder(self.model, packed, on_hidden)
+        return loss, {k: float(v) for k, v in stats.items()}
+
+    def tis_weights(self, batch: RolloutBatch, sequence_level: bool) -> torch.Tensor | None:
         """Truncated importance weights trainer/sampler: `[N]` per token, or `[S]` per
         sequence for sequence-level importance (GSPO); None when `tis_cap` is off."""
         if self.tis_cap is None:
             return None
-        log_ratio = (old_logps.detach() - batch.sampler_logps) * batch.packed.loss_mask
+        log_ratio = (batch.old_logps - batch.sampler_logps) * batch.packed.loss_mask
         if sequence_level:
             lengths = segment_sum(batch.packed.loss_mask.float(), batch.packed.cu_seqlens)
             mean = segment_sum(log_ratio, batch.packed.cu_seqlens) / lengths.clamp(min=1)
@@ -316,6 +334,8 @@ class GRPO(OnlineAlgorithm):
     beta, kl_estimator: coefficient and estimator of the KL-to-reference loss term.
     clip_low, clip_high, dual_clip, importance_level, loss_agg: as in
         `alignfuse.kernels.policy_loss` ("sequence" importance = GSPO).
+        The ratio's denominator is the trainer's own log-probs before the update
+        (`make_experience` runs one no-grad forward for them).
     tis_cap: truncated importance sampling cap C (e.g. 2.0); None = off.
     ppo_epochs, mini_batches: optimizer passes per generation batch (`train_iteration`).
     max_tokens: token budget of one packed micro-batch.
@@ -358,27 +378,18 @@ class GRPO(OnlineAlgorithm):
 
     def loss(self, batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:
         packed = batch.packed
-        logps = token_logprobs(self.model, packed, temperature=self.temperature)
-        old = batch.old_logps if batch.old_logps is not None else logps.detach()
         sequence_level = self.importance_level == "sequence"
         advantages = batch.advantages.float()
-        weights = self.tis_weights(batch, old, sequence_level)
+        weights = self.tis_weights(batch, sequence_level)
         if weights is not None:
             if not sequence_level:
                 advantages = advantages[_seq_ids(packed)]
             advantages = advantages * weights
-        loss, stats = policy_loss(
-            logps, old, advantages, mask=packed.loss_mask, cu_seqlens=packed.cu_seqlens,
-            ref_logps=batch.ref_logps if self.beta > 0 else None, clip_low=self.clip_low,
-            clip_high=self.clip_high, dual_clip=self.dual_clip, kl_coef=self.beta,
-            kl_estimator=self.kl_estimator, importance_level=self.importance_level,
-            loss_agg=self.loss_agg, horizon=float(self.sampling.max_new_tokens))
-        metrics = {k: float(v) for k, v in stats.items()}
+        loss, metrics = self.clipped_policy_loss(batch, advantages, kl_coef=self.beta,
+                                                 kl_estimator=self.kl_estimator,
+                                                 importance_level=self.importance_level)
         if weights is not None:
             metrics["tis_weight_mean"] = float(_masked_mean(weights, packed, sequence_level))
-        # Mean negative log-prob of the sampled tokens: a cheap entropy estimate.
-        metrics["neg_logp"] = float(-(logps.detach() * packed.loss_mask).sum()
-                                    / max(batch.num_completion_tokens, 1))
         return loss, metrics
 
 

@@ -27,7 +27,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from alignfuse.kernels import gae, kl_penalty, policy_loss, value_loss
+from alignfuse.kernels import gae, kl_penalty, value_loss
 
 from ..forward import run_decoder, token_logprobs, unwrap_model
 from ..packing import PackedBatch
@@ -120,10 +120,6 @@ class PPO(OnlineAlgorithm):
         """Everything this algorithm trains: the policy's and the critic's parameters."""
         return [*self.model.parameters(), *self.critic.parameters()]
 
-    @property
-    def needs_old_logps(self) -> bool:
-        return True  # the KL-in-reward and the ratio both need them before any update
-
     @torch.no_grad()
     def make_experience(self, prompts: Sequence) -> tuple[list[RolloutBatch], dict[str, float]]:
         """Generate, score, and compute per-token rewards, values, GAE advantages, returns."""
@@ -171,25 +167,21 @@ class PPO(OnlineAlgorithm):
     def loss(self, batch: RolloutBatch) -> tuple[torch.Tensor, dict[str, float]]:
         packed = batch.packed
         mask = packed.loss_mask
-        logps = token_logprobs(self.model, packed, temperature=self.temperature)
         advantages = batch.advantages.float()
-        weights = self.tis_weights(batch, batch.old_logps, sequence_level=False)
+        weights = self.tis_weights(batch, sequence_level=False)
         if weights is not None:
             advantages = advantages * weights
         kl_as_loss = not self.kl_in_reward and self.kl_coef > 0
-        pg, stats = policy_loss(
-            logps, batch.old_logps, advantages, mask=mask, cu_seqlens=packed.cu_seqlens,
-            ref_logps=batch.ref_logps if kl_as_loss else None, clip_low=self.clip_low,
-            clip_high=self.clip_high, dual_clip=self.dual_clip,
-            kl_coef=self.kl_coef if kl_as_loss else 0.0, kl_estimator=self.kl_estimator,
-            loss_agg=self.loss_agg, horizon=float(self.sampling.max_new_tokens))
+        pg, stats = self.clipped_policy_loss(batch, advantages,
+                                             kl_coef=self.kl_coef if kl_as_loss else 0.0,
+                                             kl_estimator=self.kl_estimator)
         values = token_values(self.critic, packed)
         vl, vstats = value_loss(values, batch.token_tensors["values"],
                                 batch.token_tensors["returns"], mask=mask,
                                 cu_seqlens=packed.cu_seqlens, clip=self.value_clip,
                                 loss_agg=self.loss_agg, horizon=float(self.sampling.max_new_tokens))
         loss = pg + self.vf_coef * vl
-        metrics = {k: float(v) for k, v in {**stats, **vstats}.items()}
+        metrics = {**stats, **{k: float(v) for k, v in vstats.items()}}
         metrics["value_loss"] = float(vl.detach())
         if self.ptx_coef > 0:
             ptx = next(self._ptx)

@@ -1,0 +1,384 @@
+"""Online RL from the command line: the ready GRPO/PPO loop and the GRPO main job.
+
+`train_online(cfg)` drives the `GRPO`/`PPO` objects exactly as a user's loop would
+(`train_iteration` per generation batch), with the engine's metrics JSONL/TensorBoard
+(`engine/metrics.py`), plots, and atomic checkpoints with an exact resume
+(`engine/checkpoint.py`: model, critic, optimizer, RNG states; the prompts and the sampling
+seed of iteration i are pure functions of (seed, i)).
+
+The main job (`alignfuse demo --task grpo`): the tiny model learns small additions from a
+verifiable reward. Prompts are `"a+b="` with a, b in 0..max_operand, the reward is
+`engine/tasks.py`'s `arithmetic_reward` (1 when the completion starts with the right sum).
+A randomly initialised model never answers, so a short SFT warm-up on right answers teaches
+the format and gets the reward off zero; GRPO then raises it. Generation goes through vLLM
+when it is installed (weights synced in place every iteration), else transformers.
+
+The reward reported before and after is the mean reward of `eval_samples` fresh samples per
+prompt, at the training temperature, over every prompt of the task: exactly the objective
+GRPO maximises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint as ckpt
+from .metrics import MetricsLogger, plot_metrics
+from .packing import pack
+from .rollout import HFRollout, Rollout, SamplingConfig, VLLMRollout, vllm_available
+from .tasks import arithmetic_reward, solve
+from .tiny import tiny_model, tiny_tokenizer
+
+ONLINE_ALGORITHMS = ("grpo", "ppo")
+
+
+@dataclass
+class OnlineConfig:
+    """Every key of an online (GRPO/PPO) run: YAML file or `key=value` on the command line."""
+
+    algorithm: str = "grpo"
+    model: str = "tiny-llama"        # tiny-llama / tiny-qwen2, or a local HF model folder
+    task: str = "builtin:addition"   # the built-in verifiable-reward task (the only one yet)
+    max_operand: int = 4             # prompts "a+b=" with a, b in 0..max_operand
+    out_dir: str = "runs/online"
+    seed: int = 0
+    rollout: str = "auto"            # "auto" (vLLM when installed), "vllm" or "hf"
+    sft_warmup_steps: int = 30       # SFT on right answers first (a fresh model has no format)
+    sft_examples: int = 64
+    sft_lr: float = 3e-3
+    iterations: int = 40             # generation batches
+    prompts_per_iteration: int = 16
+    group_size: int = 8              # samples per prompt
+    lr: float = 2e-3
+    max_grad_norm: float | None = 1.0
+    temperature: float = 1.0
+    max_new_tokens: int = 4
+    max_tokens: int = 4096           # tokens per packed micro-batch
+    ppo_epochs: int = 1
+    mini_batches: int = 2            # optimizer steps per generation batch and epoch
+    loss_agg: str = "token-mean"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    tis_cap: float | None = 2.0      # truncated importance sampling (sampler vs trainer)
+    # GRPO
+    estimator: str = "grpo"
+    scale: str = "group"
+    beta: float = 0.0                # KL to the reference (the model after warm-up)
+    importance_level: str = "token"
+    # PPO
+    kl_coef: float = 0.0
+    target_kl: float | None = None
+    gae_gamma: float = 1.0
+    gae_lambda: float = 0.95
+    vf_coef: float = 0.5
+    eval_samples: int = 8
+    save_every: int = 0              # 0: only at the end
+    keep_checkpoints: int = 2
+    tensorboard: bool = True
+    crash_after_iterations: int | None = None  # testing aid: a crash to resume from
+
+    def validate(self) -> "OnlineConfig":
+        from .loop import ConfigError, _check_type
+
+        for f in fields(self):
+            _check_type(f.name, getattr(self, f.name), f.type)
+        if self.algorithm not in ONLINE_ALGORITHMS:
+            raise ConfigError(f"algorithm must be one of {ONLINE_ALGORITHMS}, "
+                              f"got {self.algorithm!r}")
+        if self.task != "builtin:addition":
+            raise ConfigError(f"task must be 'builtin:addition', got {self.task!r}")
+        if self.rollout not in ("auto", "vllm", "hf"):
+            raise ConfigError(f"rollout must be auto, vllm or hf, got {self.rollout!r}")
+        for key in ("iterations", "prompts_per_iteration", "group_size", "max_new_tokens",
+                    "eval_samples", "sft_examples", "ppo_epochs", "mini_batches"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)!r}")
+        if not 0 <= self.max_operand <= 99:
+            raise ConfigError(f"max_operand must be in [0, 99], got {self.max_operand!r}")
+        return self
+
+
+def make_online_config(values: dict[str, Any] | None = None,
+                       overrides: list[str] | None = None, **kwargs) -> OnlineConfig:
+    """A validated `OnlineConfig` from a mapping, `key=value` strings and keywords (later
+    wins); values are parsed as YAML scalars, as `alignfuse train` does for the other
+    algorithms."""
+    import yaml
+
+    from .loop import ConfigError
+
+    merged: dict[str, Any] = dict(values or {})
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        key, raw = item.split("=", 1)
+        merged[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    merged.update(kwargs)
+    types = {f.name: str(f.type) for f in fields(OnlineConfig)}
+    for key, value in list(merged.items()):
+        if key not in types:
+            close = difflib.get_close_matches(str(key), types, n=2)
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+            raise ConfigError(f"unknown config key {key!r}{hint}")
+        if "float" in types[key] and isinstance(value, str):
+            try:
+                merged[key] = float(value)
+            except ValueError:
+                pass
+    return OnlineConfig(**merged).validate()
+
+
+# ---------------------------------------------------------------------------------------
+# The task
+
+
+def addition_prompts(max_operand: int) -> list[str]:
+    return [f"{a}+{b}=" for a in range(max_operand + 1) for b in range(max_operand + 1)]
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    # A bos anchors position 0, as in every chat-formatted prompt.
+    return [tokenizer.bos_token_id] + tokenizer.encode(text, add_special_tokens=False)
+
+
+def sft_warmup(model, tokenizer, cfg: OnlineConfig) -> list[float]:
+    """`sft_warmup_steps` SFT steps on right answers (prompt tokens are not predicted)."""
+    from .algorithms import SFT
+
+    rng = random.Random(cfg.seed + 7)
+    prompts = addition_prompts(cfg.max_operand)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr)
+    sft = SFT(model)
+    losses = []
+    for _ in range(cfg.sft_warmup_steps):
+        seqs, prompt_lengths = [], []
+        for text in rng.choices(prompts, k=cfg.sft_examples):
+            prompt = encode_prompt(tokenizer, text)
+            answer = tokenizer.encode(str(solve(text)), add_special_tokens=False)
+            seqs.append(prompt + answer + [tokenizer.eos_token_id])
+            prompt_lengths.append(len(prompt))
+        batches = pack(seqs, max_tokens=cfg.max_tokens, prompt_lengths=prompt_lengths)
+        total = sum(sft.num_units(b) for b in batches)
+        for batch in batches:
+            losses.append(sft.step(batch, loss_scale=sft.num_units(batch) / total)["loss"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return losses
+
+
+def mean_reward(rollout: Rollout, model, tokenizer, cfg: OnlineConfig, seed: int) -> float:
+    """Mean reward of `eval_samples` fresh samples on every prompt of the task."""
+    prompts = addition_prompts(cfg.max_operand)
+    rollout.sync_weights(model)
+    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                              seed=seed, stop_token_ids=[tokenizer.eos_token_id])
+    samples = rollout.generate([encode_prompt(tokenizer, p) for p in prompts], cfg.eval_samples,
+                               sampling)
+    rewards = [arithmetic_reward(prompts[s.prompt_index],
+                                 tokenizer.decode(s.completion_token_ids, skip_special_tokens=True))
+               for s in samples]
+    return sum(rewards) / len(rewards)
+
+
+def make_rollout(kind: str, model) -> Rollout:
+    if kind == "auto":
+        kind = "vllm" if vllm_available() else "hf"
+    if kind == "vllm":
+        return VLLMRollout(model, max_model_len=128)
+    return HFRollout(model)
+
+
+def make_online_algorithm(cfg: OnlineConfig, model, rollout: Rollout, tokenizer, ref_model):
+    from .algorithms.grpo import GRPO
+    from .algorithms.ppo import PPO
+
+    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                              stop_token_ids=[tokenizer.eos_token_id])
+    common = dict(tokenizer=tokenizer, sampling=sampling, clip_low=cfg.clip_low,
+                  clip_high=cfg.clip_high, loss_agg=cfg.loss_agg, tis_cap=cfg.tis_cap,
+                  ppo_epochs=cfg.ppo_epochs, mini_batches=cfg.mini_batches,
+                  max_tokens=cfg.max_tokens)
+    if cfg.algorithm == "grpo":
+        return GRPO(model, rollout, arithmetic_reward, group_size=cfg.group_size,
+                    estimator=cfg.estimator, scale=cfg.scale, beta=cfg.beta,
+                    ref_model=ref_model if cfg.beta > 0 else None,
+                    importance_level=cfg.importance_level, **common)
+    return PPO(model, rollout, arithmetic_reward, group_size=cfg.group_size,
+               kl_coef=cfg.kl_coef, target_kl=cfg.target_kl,
+               ref_model=ref_model if cfg.kl_coef > 0 else None, gamma=cfg.gae_gamma,
+               lam=cfg.gae_lambda, vf_coef=cfg.vf_coef, **common)
+
+
+# ---------------------------------------------------------------------------------------
+# The loop
+
+
+def train_online(cfg: OnlineConfig, *, resume: bool = False, rollout: Rollout | None = None,
+                 progress=print) -> dict[str, Any]:
+    """Run GRPO or PPO from a validated config. Returns a summary: reward before/after, the
+    batch-reward curve, timings and the paths written.
+
+    rollout: an existing rollout to reuse (tests share one vLLM engine); it must have been
+        built on a model of the same architecture, and is synced from the new model first.
+    """
+    from .loop import ConfigError
+
+    cfg.validate()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_root = out / "checkpoints"
+    state = ckpt.load_checkpoint(ckpt_root, restore_rng=False) if resume else None
+    if resume and state is None:
+        raise FileNotFoundError(f"resume: no checkpoint under {ckpt_root}")
+    if state is not None:
+        changed = [k for k, v in dataclasses.asdict(cfg).items()
+                   if k not in ("iterations", "crash_after_iterations", "save_every",
+                                "tensorboard", "keep_checkpoints")
+                   and state["config"].get(k) != v]
+        if changed:
+            raise ConfigError(f"resume: the config differs from the checkpoint's in {changed}")
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    start_time = time.perf_counter()
+    tokenizer = tiny_tokenizer()
+    if cfg.model in ("tiny-llama", "tiny-qwen2"):
+        model = tiny_model(cfg.model.split("-", 1)[1], len(tokenizer), seed=cfg.seed)
+    else:
+        raise ConfigError("model: the built-in addition task uses the embedded character "
+                          "tokenizer; only tiny-llama and tiny-qwen2 fit it")
+    sft_losses = sft_warmup(model, tokenizer, cfg) if state is None else []
+    # The reference (for the KL terms) is the model after warm-up.
+    ref_model = None
+    if cfg.beta > 0 or cfg.kl_coef > 0:
+        import copy
+
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        if state is not None:
+            ref_model.load_state_dict(state["reference"])
+    own_rollout = rollout is None
+    rollout = rollout or make_rollout(cfg.rollout, model)
+    algorithm = make_online_algorithm(cfg, model, rollout, tokenizer, ref_model)
+    params = [p for p in (algorithm.parameters() if hasattr(algorithm, "critic")
+                          else model.parameters()) if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    start = 0
+    summary: dict[str, Any] = {"rollout": type(rollout).__name__}
+    if state is not None:
+        model.load_state_dict(state["model"])
+        if "critic" in state:
+            algorithm.critic.load_state_dict(state["critic"])
+        optimizer.load_state_dict(state["optimizer"])
+        ckpt.set_rng_state(state["rng"])
+        start = state["step"]
+        summary["reward_before"] = state["reward_before"]
+        if "kl_coef" in state:
+            algorithm.kl_coef = state["kl_coef"]
+    else:
+        summary["reward_before"] = mean_reward(rollout, model, tokenizer, cfg, seed=cfg.seed + 1)
+    if sft_losses:
+        progress(f"alignfuse {cfg.algorithm}: {summary['rollout']}; SFT warm-up "
+                 f"{cfg.sft_warmup_steps} steps (loss {sft_losses[0]:.2f} -> "
+                 f"{sft_losses[-1]:.2f}); reward before {summary['reward_before']:.3f}")
+    logger = MetricsLogger(out, tensorboard=cfg.tensorboard,
+                           resume_step=start if state is not None else None)
+    if state is None:
+        logger.log(0, {"reward": summary["reward_before"]}, split="eval")
+
+    def save(iteration: int) -> None:
+        payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                   "config": dataclasses.asdict(cfg), "reward_before": summary["reward_before"]}
+        if ref_model is not None:
+            payload["reference"] = ref_model.state_dict()
+        if hasattr(algorithm, "critic"):
+            payload["critic"] = algorithm.critic.state_dict()
+            payload["kl_coef"] = algorithm.kl_coef
+        ckpt.save_checkpoint(ckpt_root, iteration, payload, keep=cfg.keep_checkpoints)
+
+    prompts = addition_prompts(cfg.max_operand)
+    for iteration in range(start, cfg.iterations):
+        # The prompts and the sampling seed of an iteration depend only on (seed, iteration).
+        rng = random.Random(cfg.seed * 1_000_003 + iteration)
+        batch = [encode_prompt(tokenizer, p)
+                 for p in rng.choices(prompts, k=cfg.prompts_per_iteration)]
+        algorithm.sampling.seed = cfg.seed * 100_003 + iteration
+        metrics = algorithm.train_iteration(batch, optimizer, max_grad_norm=cfg.max_grad_norm)
+        done = iteration + 1
+        logger.log(done, metrics)
+        if iteration % 5 == 0 or done == cfg.iterations:
+            progress(f"  iteration {done:3d}  reward {metrics['reward']:.3f}  "
+                     f"generate {metrics['time/generate_s']:.2f}s  "
+                     f"sync {metrics['time/sync_s'] * 1e3:.0f}ms  "
+                     f"train {metrics['time/train_s']:.2f}s")
+        if cfg.save_every and done % cfg.save_every == 0:
+            save(done)
+        if cfg.crash_after_iterations is not None and done == cfg.crash_after_iterations:
+            raise RuntimeError(f"crash_after_iterations={done}: injected crash (testing aid)")
+    save(cfg.iterations)
+    summary["reward_after"] = mean_reward(rollout, model, tokenizer, cfg, seed=cfg.seed + 2)
+    logger.log(cfg.iterations, {"reward": summary["reward_after"]}, split="eval")
+    logger.close()
+    summary["seconds"] = time.perf_counter() - start_time
+    summary["reward_curve"] = [row["reward"] for row in _read_rows(logger.path)
+                               if row["split"] == "train"]
+    summary["metrics"] = str(logger.path)
+    summary["plot"] = str(plot_metrics(logger.path, out / "curves.png") or "")
+    summary["reward_plot"] = str(plot_reward(summary, out / "reward.png") or "")
+    with open(out / "summary.json", "w") as f:
+        json.dump({k: v for k, v in summary.items()}, f, indent=2)
+    progress(f"alignfuse {cfg.algorithm}: reward {summary['reward_before']:.3f} -> "
+             f"{summary['reward_after']:.3f} (mean over {cfg.eval_samples} samples x "
+             f"{len(prompts)} prompts) in {summary['seconds']:.0f} s")
+    summary["model"] = model
+    if own_rollout and hasattr(rollout, "close"):
+        rollout.close()
+    return summary
+
+
+def _read_rows(path) -> list[dict]:
+    from .metrics import read_metrics
+
+    return read_metrics(path)
+
+
+def plot_reward(summary: dict, png) -> Path | None:
+    """The batch reward per iteration, with the evaluated reward before and after."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return None
+    curve = summary["reward_curve"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(1, len(curve) + 1), curve, label="batch reward")
+    ax.axhline(summary["reward_before"], ls="--", c="gray", label="eval before")
+    ax.axhline(summary["reward_after"], ls="--", c="green", label="eval after")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("mean reward")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return Path(png)
+
+
+# The GRPO main job: sized for a few minutes on 2 CPU cores.
+GRPO_DEMO_CONFIG = {"algorithm": "grpo", "out_dir": "runs/demo-grpo"}
+
+
+def run_grpo_demo(overrides: list[str] | None = None, *, rollout: Rollout | None = None,
+                  progress=print, **kwargs) -> dict[str, Any]:
+    """`alignfuse demo --task grpo`: the GRPO main job on the embedded default."""
+    cfg = make_online_config(GRPO_DEMO_CONFIG, overrides, **kwargs)
+    return train_online(cfg, rollout=rollout, progress=progress)
