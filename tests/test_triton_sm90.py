@@ -247,6 +247,54 @@ def _advantage_variants() -> Iterator[Variant]:
     yield "gae[packed,whiten]", BF16, lambda d: gae_case(d, "packed", whiten=True)
 
 
+def _fused_variants() -> Iterator[Variant]:
+    from alignfuse.kernels import linear_cross_entropy, linear_policy_loss
+    from alignfuse.kernels.policy.kl import kl_estimator_names
+
+    n, V, H = 19, 301, 40
+
+    def lm_head(dtype, bias, frozen_head=False):
+        hidden = _leaf((n, H), dtype)
+        weight = _leaf((V, H), dtype, scale=0.2).requires_grad_(not frozen_head)
+        return hidden, weight, (_leaf(V, dtype) if bias else None)
+
+    def policy(dtype, bias=False, ref=False, **kwargs):
+        hidden, weight, b = lm_head(dtype, bias)
+        shape, where, _ = _token_inputs("packed")
+        targets = torch.randint(0, V, shape)
+        old = -4.0 - torch.rand(shape)
+        ref_logps = old + 0.1 * torch.randn(shape) if ref else None
+        loss, _ = linear_policy_loss(hidden, weight, targets, old, torch.randn(shape),
+                                     ref_logps=ref_logps, bias=b, backend="triton", **where,
+                                     **kwargs)
+        _backward(loss)
+
+    def cross_entropy(dtype, bias=False, grad=True, frozen_head=False, **kwargs):
+        hidden, weight, b = lm_head(dtype, bias, frozen_head)
+        targets = torch.randint(0, V, (n,))
+        targets[2] = -100
+        with torch.set_grad_enabled(grad):
+            loss = linear_cross_entropy(hidden, weight, targets, bias=b, backend="triton",
+                                        **kwargs)
+        if grad:
+            _backward(loss)
+
+    yield ("linear_policy_loss[bias,ref,entropy_coef]", BF16,
+           lambda d: policy(d, bias=True, ref=True, kl_coef=0.1, entropy_coef=0.01))
+    yield ("linear_policy_loss[sequence,dual_clip]", BF16,
+           lambda d: policy(d, importance_level="sequence", dual_clip=3.0))
+    for estimator in kl_estimator_names():
+        yield (f"linear_policy_loss[kl_estimator={estimator}]", F32,
+               lambda d, e=estimator: policy(d, ref=True, kl_coef=0.1, kl_estimator=e))
+    yield "linear_cross_entropy[mean]", BF16, lambda d: cross_entropy(d)
+    yield ("linear_cross_entropy[sum,bias,label_smoothing]", BF16,
+           lambda d: cross_entropy(d, bias=True, reduction="sum", label_smoothing=0.1))
+    yield "linear_cross_entropy[no grad]", F32, lambda d: cross_entropy(d, grad=False)
+    # reduction="none" runs linear_logprobs' kernels (the frozen-head case above)
+    yield ("linear_cross_entropy[none,frozen head]", BF16,
+           lambda d: cross_entropy(d, reduction="none", frozen_head=True))
+
+
 # op registered with a triton backend -> the variant generator that exercises it
 VARIANTS: dict[str, Callable[[], Iterator[Variant]]] = {
     "segment_sum": _segment_variants,
@@ -259,6 +307,8 @@ VARIANTS: dict[str, Callable[[], Iterator[Variant]]] = {
     "kl_penalty": _policy_variants,
     "group_advantages": _advantage_variants,
     "gae": _advantage_variants,
+    "linear_policy_loss": _fused_variants,
+    "linear_cross_entropy": _fused_variants,
 }
 
 
