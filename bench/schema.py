@@ -18,7 +18,8 @@ A result file (one run of one preset):
                  check {passed, rel_err {quantity: err, null when NaN or missing},
                         tolerance, failed} (ok/wrong),
                  modes {<mode> mode}, metrics (suite-specific, optional)}
-    mode        {status, time_s {median, q1, q3, iqr, p10, p90, min, max, mean, stddev, rounds},
+    mode        {status, time_s {median, q1, q3, iqr, p10, p90, min, max, mean, stddev, rounds,
+                                  l2_flushed},
                  peak_memory_bytes (null on CPU; for bwd and fwd+bwd the measured run
                  includes the forward), peak_memory_reason,
                  speedup_vs {baseline: baseline median / this median},
