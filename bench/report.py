@@ -4,8 +4,8 @@
 
 For each (preset, device) the latest result is reported: a header with the device,
 versions, commit and ceilings, then per suite a table whose rows are (case, mode) and whose
-columns are the contenders. A cell is the median time, the speedup over torch-eager
-(its median / this median) and the fraction of the physical floor; ✗ marks a contender
+columns are the contenders. A cell is the median time with its spread, the speedup over
+torch-eager (its median / this median) and the fraction of the physical floor; ✗ marks a contender
 whose output failed the check against the reference. Skips and errors are listed with
 their reasons under each table. Plots: one PNG per (suite, mode, sizes other than N) for
 time, and one for peak memory where it was measured (GPU).
@@ -57,7 +57,11 @@ def _cell(contender: dict, mode: str) -> str:
     m = contender["modes"].get(mode)
     if not m or m.get("status") != "ok":
         return (m or {}).get("status", "—")
-    text = f"{_ms(m['time_s']['median'])} ms"
+    t = m["time_s"]
+    # Spread as half the interquartile range over the median: "±3%".
+    spread = 50 * t["iqr"] / t["median"]
+    text = f"{_ms(t['median'])} ms ±{spread:.0f}%" if spread >= 10 else \
+        f"{_ms(t['median'])} ms ±{spread:.1f}%"
     if EAGER in m.get("speedup_vs", {}):
         text += f" ×{m['speedup_vs'][EAGER]:.3g}"
     floor = m.get("floor") or {}
@@ -105,8 +109,8 @@ def _suite_table(suite: str, body: dict) -> list[str]:
             if c["name"] not in names:
                 names.append(c["name"])
     lines = [f"### {suite}", "",
-             "Cell: median time, ×speedup over torch-eager, (% of the physical floor); "
-             "✗ = failed the check against the reference.", "",
+             "Cell: median time ±half the interquartile range, ×speedup over torch-eager, "
+             "(% of the physical floor); ✗ = failed the check against the reference.", "",
              "| case | mode | " + " | ".join(names) + " |",
              "|---|---|" + "---|" * len(names)]
     memory_rows, notes = [], []
