@@ -306,3 +306,152 @@ def test_bf16_gpu_real_vocab(backend, V):
     rl, re = formula(logits.double(), targets)
     assert_rel_close(lp, rl, 1e-5, "logits logp")
     assert_rel_close(en, re, 1e-5, "logits entropy")
+
+
+# ---------------------------------------------------------------------------------------
+# csrc/cuda/logprobs.cu's per-element math (SoftmaxState, grad_logit are __host__ __device__),
+# compiled for the host by nvcc and driven exactly as a 256-thread block would drive it
+# (strided per-thread online states, then the max/rescale/sum merge). No GPU needed.
+
+_HOST_HARNESS = r"""
+#include "logprobs.cu"
+#include <cstdio>
+#include <vector>
+namespace alignfuse {
+std::vector<CudaRegistrar::Fn>& CudaRegistrar::all() { static std::vector<Fn> v; return v; }
+}
+int main() {  // per row: V threads inv_temp target g_logp g_entropy, then V logits
+  long long V, t;
+  int threads;
+  float inv_temp, gl, ge;
+  while (std::scanf("%lld %d %f %lld %f %f", &V, &threads, &inv_temp, &t, &gl, &ge) == 6) {
+    std::vector<float> x(V);
+    for (auto& v : x) std::scanf("%f", &v);
+    std::vector<alignfuse::SoftmaxState> state(threads);
+    for (long long j = 0; j < V; ++j) state[j % threads].add(x[j] * inv_temp);
+    float M = -FLT_MAX, S = 0.f, B = 0.f;
+    for (const auto& st : state) M = fmaxf(M, st.m);
+    for (const auto& st : state) {
+      float s, b;
+      st.rescaled(M, s, b);
+      S += s;
+      B += b;
+    }
+    const float lse = M + logf(S), entropy = logf(S) - B / S;
+    std::printf("%.9g %.9g %.9g", lse, entropy, x[t] * inv_temp - lse);
+    for (long long j = 0; j < V; ++j)
+      std::printf(" %.9g", alignfuse::grad_logit(x[j] * inv_temp, lse, entropy, gl, ge, j == t, inv_temp));
+    std::printf("\n");
+  }
+  return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def cuda_row_math(tmp_path_factory):
+    if __import__("shutil").which("nvcc") is None:
+        pytest.skip("nvcc not on PATH")
+    from test_policy_loss import build_host_harness
+
+    return build_host_harness(tmp_path_factory.mktemp("logprobs_cu"), _HOST_HARNESS)
+
+
+@pytest.mark.parametrize("V,scale,temperature", [(1031, 3.0, 1.0), (1031, 1e4, 0.7),
+                                                 (7, 2.0, 1.3), (300, 1e4, 1.0)])
+def test_cuda_row_math_matches_formula_on_host(cuda_row_math, V, scale, temperature):
+    run = cuda_row_math
+    rows = 5
+    logits = (torch.randn(rows, V) * scale).float()
+    targets = torch.randint(0, V, (rows,))
+    g_logp, g_entropy = torch.randn(rows), torch.randn(rows)
+    lines = [f"{V} 256 {1 / temperature:.9g} {int(t)} {gl:.9g} {ge:.9g} "
+             + " ".join(f"{v:.9g}" for v in row.tolist())
+             for row, t, gl, ge in zip(logits, targets, g_logp.tolist(), g_entropy.tolist())]
+    got = run(lines)
+    z = logits.double().requires_grad_()
+    # the harness scales by the float32 of 1/T, as the kernel does
+    inv_temp = torch.tensor(1 / temperature, dtype=torch.float32).double()
+    ref_logp, ref_ent = formula(z * inv_temp, targets)
+    ref_lse = torch.logsumexp(z.detach() * inv_temp, -1)
+    (ref_grad,) = torch.autograd.grad((ref_logp * g_logp.double() + ref_ent * g_entropy.double()).sum(), z)
+    assert_rel_close(got[:, 0], ref_lse, 1e-6, "lse")
+    assert_rel_close(got[:, 2], ref_logp, 1e-5, "logp")
+    ref_ent = ref_ent.detach()
+    if scale < 100:
+        assert_rel_close(got[:, 1], ref_ent, 1e-5, "entropy")
+    assert float((got[:, 1] - ref_ent).abs().max()) < 1e-2
+    # fp32 log p = z - lse carries lse's rounding (~6e-4 at |z| ~ 1e4) into p
+    assert_rel_close(got[:, 3:], ref_grad, 1e-5 if scale < 100 else 1e-3, "grad_logits")
+
+
+# ---------------------------------------------------------------------------------------
+# The Python side of the cuda backend (kernels/logprobs/cuda.py) against a stand-in for
+# alignfuse.kernels._cuda that takes the same raw pointers and sizes and computes with torch:
+# checks argument order, dtypes and buffers without a GPU.
+
+
+def _view(ptr: int, shape, dtype: torch.dtype, stride0: int | None = None) -> torch.Tensor:
+    import ctypes
+
+    n = shape[0] if len(shape) == 1 else (shape[0] - 1) * stride0 + shape[1]
+    size = torch.empty(0, dtype=dtype).element_size()
+    flat = torch.frombuffer((ctypes.c_byte * (n * size)).from_address(ptr), dtype=dtype)
+    if len(shape) == 1:
+        return flat
+    return flat.as_strided(shape, (stride0, 1))
+
+
+class _StandInCuda:
+    DTYPES = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16}
+
+    def logprobs_forward(self, logits, dtype, targets, N, V, row_stride, temperature,
+                         ignore_index, logp, lse, entropy, stream):
+        assert stream == 12345
+        z = _view(logits, (N, V), self.DTYPES[dtype], row_stride).double() / temperature
+        t = _view(targets, (N,), torch.int64)
+        lp, ent = formula(z, t, 1.0, ignore_index)
+        _view(logp, (N,), torch.float32).copy_(lp)
+        _view(lse, (N,), torch.float32).copy_(torch.logsumexp(z, -1))
+        if entropy:
+            _view(entropy, (N,), torch.float32).copy_(ent)
+
+    def logprobs_backward(self, logits, dtype, targets, N, V, row_stride, temperature,
+                          ignore_index, lse, entropy, g_logp, g_entropy, grad, stream):
+        assert stream == 12345
+        z = (_view(logits, (N, V), self.DTYPES[dtype], row_stride).double() / temperature)
+        t = _view(targets, (N,), torch.int64)
+        with torch.enable_grad():  # called from inside autograd's backward
+            z.requires_grad_()
+            lp, ent = formula(z, t, 1.0, ignore_index)
+            loss = (lp * _view(g_logp, (N,), torch.float32)).sum()
+            if g_entropy:
+                loss = loss + (ent * _view(g_entropy, (N,), torch.float32)).sum()
+            (g,) = torch.autograd.grad(loss, z)
+        _view(grad, (N * V,), self.DTYPES[dtype]).copy_((g / temperature).reshape(-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("entropy", [False, True])
+def test_cuda_host_wrappers_with_stand_in_module(monkeypatch, dtype, entropy):
+    from alignfuse.kernels import logprobs as lp_mod
+    from alignfuse.kernels.logprobs import cuda as cuda_host
+
+    monkeypatch.setattr(cuda_host, "cuda_module", lambda: _StandInCuda())
+    monkeypatch.setattr(cuda_host, "current_stream_handle", lambda device: 12345)
+    wide = (torch.randn(11, 80) * 3).to(dtype)
+    logits = wide[:, :67].detach().requires_grad_()  # row stride 80 != V
+    targets = torch.randint(0, 67, (11,))
+    targets[2] = IGNORE
+    out = lp_mod._LogitsLogprobsKernel.apply("cuda", logits, targets, 0.8, IGNORE, entropy)
+    outs = out if entropy else (out,)
+    ref = formula(logits.double(), targets, 0.8)[: len(outs)]
+    for got, want in zip(outs, ref):
+        assert got.dtype == torch.float32
+        assert_rel_close(got, want, 1e-6, "stand-in forward")
+    weights = [torch.randn(11, dtype=torch.float64) for _ in outs]
+    (g,) = grads_of(outs, [logits], weights)
+    l64 = logits.detach().double().requires_grad_()
+    (w,) = grads_of(formula(l64, targets, 0.8)[: len(outs)], [l64], weights)
+    assert g.dtype == dtype
+    assert_rel_close(g, w, 1e-2 if dtype == torch.bfloat16 else 1e-6, "stand-in grad")

@@ -5,8 +5,8 @@
 
 Backends (`backend=`): "torch" (`reference.py`: the specification, and the chunked CPU path),
 "triton" (`triton_forward.py`, `triton_backward.py`), "cuda" (`cuda.py`, logits only).
-This module holds the argument checks and the Triton autograd Functions; kernels live in
-their own files.
+This module holds the argument checks and the autograd Functions of the kernel backends
+(registered here); kernels and their host wrappers live in their own files.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import torch
 
 from .. import checks
 from ..backends import dispatch, register
-from . import cuda as _cuda  # noqa: F401  (registers the cuda backend)
 from .reference import linear_logprobs_torch, logprobs_from_logits_torch
 
 __all__ = ["linear_logprobs", "logprobs_from_logits"]
@@ -145,16 +144,28 @@ class _LinearLogprobsTriton(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
-class _LogitsLogprobsTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, targets, temperature, ignore_index, want_entropy):
+def _logits_kernels(backend: str):
+    """(forward, backward) host functions of a kernel backend for logprobs_from_logits."""
+    if backend == "triton":
+        from .triton_backward import logits_backward
         from .triton_forward import logits_forward
+    else:
+        from .cuda import logits_backward, logits_forward
+    return logits_forward, logits_backward
 
+
+class _LogitsLogprobsKernel(torch.autograd.Function):
+    """Autograd for the triton and cuda kernels of logprobs_from_logits (one Function, two
+    kernel sets with the same host signature)."""
+
+    @staticmethod
+    def forward(ctx, backend, logits, targets, temperature, ignore_index, want_entropy):
+        forward, _ = _logits_kernels(backend)
         z = _kernel_ready(logits)
-        logp, lse, entropy = logits_forward(z, targets, temperature)
+        logp, lse, entropy = forward(z, targets, temperature, ignore_index, want_entropy)
         valid = targets != ignore_index
-        ctx.save_for_backward(z, targets, valid, lse, entropy if want_entropy else None)
-        ctx.temperature = temperature
+        ctx.save_for_backward(z, targets, valid, lse, entropy)
+        ctx.backend, ctx.temperature, ctx.ignore_index = backend, temperature, ignore_index
         ctx.dtype = logits.dtype
         out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         logp = torch.where(valid, logp, 0.0).to(out_dtype)
@@ -165,13 +176,12 @@ class _LogitsLogprobsTriton(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_logp, g_entropy=None):
-        from .triton_backward import logits_backward
-
+        _, backward = _logits_kernels(ctx.backend)
         z, targets, valid, lse, entropy = ctx.saved_tensors
-        grad = logits_backward(z, targets, lse, entropy, _incoming(g_logp, valid),
-                               _incoming(g_entropy if entropy is not None else None, valid),
-                               ctx.temperature)
-        return grad.to(ctx.dtype), None, None, None, None
+        grad = backward(z, targets, lse, entropy, _incoming(g_logp, valid),
+                        _incoming(g_entropy if entropy is not None else None, valid),
+                        ctx.temperature, ctx.ignore_index)
+        return None, grad.to(ctx.dtype), None, None, None, None
 
 
 @register("linear_logprobs", "triton")
@@ -184,8 +194,15 @@ def _linear_logprobs_triton(hidden, weight, bias, targets, temperature, ignore_i
 
 @register("logprobs_from_logits", "triton")
 def _logprobs_from_logits_triton(logits, targets, temperature, ignore_index, return_entropy):
-    out = _LogitsLogprobsTriton.apply(logits, targets.contiguous(), temperature, ignore_index,
-                                      return_entropy)
+    out = _LogitsLogprobsKernel.apply("triton", logits, targets.contiguous(), temperature,
+                                      ignore_index, return_entropy)
+    return out if return_entropy else (out, None)
+
+
+@register("logprobs_from_logits", "cuda")
+def _logprobs_from_logits_cuda(logits, targets, temperature, ignore_index, return_entropy):
+    out = _LogitsLogprobsKernel.apply("cuda", logits, targets.contiguous(), temperature,
+                                      ignore_index, return_entropy)
     return out if return_entropy else (out, None)
 
 

@@ -1,1 +1,43 @@
-"""CUDA backend of `logprobs_from_logits` (csrc/cuda/logprobs.cu). Filled in below."""
+"""CUDA backend of `logprobs_from_logits`: host wrappers of csrc/cuda/logprobs.cu.
+
+The compiled module takes raw pointers and a stream; the autograd Function around these
+wrappers is shared with the Triton backend (`__init__._LogitsLogprobsKernel`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..backends import cuda_dtype_code, cuda_module, current_stream_handle
+
+
+def logits_forward(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
+                   ignore_index: int, want_entropy: bool):
+    """logits `[N, V]` (unit stride in V), targets `[N]` int64 -> (logp, lse, entropy) fp32.
+
+    logp and entropy are already 0 at ignored positions; entropy is None unless wanted.
+    """
+    N, V = logits.shape
+    f32 = dict(device=logits.device, dtype=torch.float32)
+    logp, lse = torch.empty(N, **f32), torch.empty(N, **f32)
+    entropy = torch.empty(N, **f32) if want_entropy else None
+    cuda_module().logprobs_forward(
+        logits.data_ptr(), cuda_dtype_code(logits), targets.data_ptr(), N, V, logits.stride(0),
+        temperature, ignore_index, logp.data_ptr(), lse.data_ptr(),
+        entropy.data_ptr() if want_entropy else 0, current_stream_handle(logits.device))
+    return logp, lse, entropy
+
+
+def logits_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
+                    entropy: torch.Tensor | None, g_logp: torch.Tensor,
+                    g_entropy: torch.Tensor | None, temperature: float, ignore_index: int):
+    """grad_logits `[N, V]` in the logits' dtype; g_* are fp32 `[N]` contiguous."""
+    N, V = logits.shape
+    grad = torch.empty(N, V, device=logits.device, dtype=logits.dtype)
+    has_entropy = entropy is not None and g_entropy is not None
+    cuda_module().logprobs_backward(
+        logits.data_ptr(), cuda_dtype_code(logits), targets.data_ptr(), N, V, logits.stride(0),
+        temperature, ignore_index, lse.data_ptr(), entropy.data_ptr() if has_entropy else 0,
+        g_logp.data_ptr(), g_entropy.data_ptr() if has_entropy else 0, grad.data_ptr(),
+        current_stream_handle(logits.device))
+    return grad

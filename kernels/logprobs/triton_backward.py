@@ -175,8 +175,10 @@ def linear_backward(hidden, weight, bias, targets, lse, entropy, g_logp, g_entro
             gb.to(bias.dtype) if need_b else None)
 
 
-def logits_backward(logits, targets, lse, entropy, g_logp, g_entropy, temperature: float):
-    """grad_logits `[N, V]` (logits' dtype) from g_logp / g_entropy `[N]` fp32 (0 where ignored)."""
+def logits_backward(logits, targets, lse, entropy, g_logp, g_entropy, temperature: float,
+                    ignore_index: int):
+    """grad_logits `[N, V]` (logits' dtype) from g_logp / g_entropy `[N]` fp32, which must be
+    0 where ignored (so ignore_index is not needed here). Same signature as cuda.logits_backward."""
     N, V = logits.shape
     grad = torch.empty(N, V, device=logits.device, dtype=logits.dtype)
     block_n, block_v = logits_blocks(logits)

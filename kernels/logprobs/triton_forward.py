@@ -212,8 +212,13 @@ def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return zt - lse, lse, entropy
 
 
-def logits_forward(logits: torch.Tensor, targets: torch.Tensor, temperature: float):
-    """logits `[N, V]` (unit stride in V), targets `[N]` -> (logp, lse, entropy) `[N]` fp32."""
+def logits_forward(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
+                   ignore_index: int, want_entropy: bool):
+    """logits `[N, V]` (unit stride in V), targets `[N]` -> (logp, lse, entropy) `[N]` fp32.
+
+    Ignored positions are not masked here (the caller does); entropy is always computed
+    (it costs nothing extra in the same pass). Same signature as cuda.logits_forward.
+    """
     N, V = logits.shape
     lse, entropy, logp = (torch.empty(N, device=logits.device, dtype=torch.float32)
                           for _ in range(3))

@@ -1,0 +1,212 @@
+// Log-probs of target tokens (and entropy) from logits [N, V]: one block per row.
+//
+// Forward: each thread streams its strided share of the row once, keeping an online
+// softmax state (max m, s = sum exp(z - m), b = sum exp(z - m) (z - m)); the block then
+// merges the thread states (block max, rescale, block sums). Entropy is log s - b / s,
+// relative to the max, so logits of magnitude 1e4 do not cancel in fp32.
+// Backward: grad_z_j = g_logp (1[j=t] - p_j) - g_entropy p_j (log p_j + entropy), times
+// 1/T, from the saved lse and entropy; one more pass over the row.
+// The grid is one block per row in grid.x (up to 2^31 - 1 rows); no atomics.
+#include "reduce.cuh"
+#include "registry.h"
+
+namespace alignfuse {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// The per-element math is __host__ __device__ so that tests run it on the host
+// (tests/test_logprobs.py builds a host harness with nvcc; no GPU needed).
+
+// Online softmax state of one thread (or, after merging, of the whole row).
+struct SoftmaxState {
+  float m = -FLT_MAX;  // running max (finite: no inf - inf)
+  float s = 0.f;       // sum exp(z - m)
+  float b = 0.f;       // sum exp(z - m) (z - m)
+
+  __host__ __device__ __forceinline__ void add(float z) {
+    if (s == 0.f) {  // first element
+      m = z;
+      s = 1.f;
+      b = 0.f;
+    } else if (z > m) {
+      const float alpha = expf(m - z);
+      b = alpha * (b + s * (m - z));
+      s = alpha * s + 1.f;
+      m = z;
+    } else {
+      const float e = expf(z - m);
+      s += e;
+      b += e * (z - m);
+    }
+  }
+
+  // This state's (s, b) relative to the row max M >= m; (0, 0) for a thread with no elements.
+  __host__ __device__ __forceinline__ void rescaled(float M, float& s_out, float& b_out) const {
+    s_out = b_out = 0.f;
+    if (s > 0.f) {
+      const float alpha = expf(m - M);
+      s_out = alpha * s;
+      b_out = alpha * (b + s * (m - M));
+    }
+  }
+};
+
+// d loss / d(raw logit) of one element: z = raw / T, log p = z - lse,
+// dz = g_logp (1[target] - p) - g_entropy p (log p + entropy), times 1/T.
+__host__ __device__ __forceinline__ float grad_logit(float z, float lse, float entropy, float g_logp,
+                                                     float g_entropy, bool is_target, float inv_temp) {
+  const float log_p = z - lse;
+  const float p = expf(log_p);
+  float dz = -p * (g_logp + g_entropy * (log_p + entropy));
+  if (is_target) dz += g_logp;
+  return dz * inv_temp;
+}
+
+template <typename T>
+__global__ void logprobs_forward_kernel(const T* __restrict__ logits, const int64_t* __restrict__ targets,
+                                        int64_t V, int64_t row_stride, float inv_temp, int64_t ignore_index,
+                                        float* __restrict__ logp, float* __restrict__ lse,
+                                        float* __restrict__ entropy) {
+  const int64_t row = blockIdx.x;
+  const T* x = logits + row * row_stride;
+  SoftmaxState st;
+  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) st.add(to_float(x[j]) * inv_temp);
+
+  // Merge the thread states: rescale each to the row max, then sum.
+  const float M = block_max(st.m);
+  float s, b;
+  st.rescaled(M, s, b);
+  s = block_sum(s);
+  b = block_sum(b);
+
+  if (threadIdx.x == 0) {
+    const float log_s = logf(s);
+    const float row_lse = M + log_s;
+    const int64_t t = targets[row];
+    const bool valid = t != ignore_index && t >= 0 && t < V;
+    lse[row] = row_lse;
+    logp[row] = valid ? to_float(x[t]) * inv_temp - row_lse : 0.f;
+    if (entropy != nullptr) entropy[row] = valid ? log_s - b / s : 0.f;
+  }
+}
+
+template <typename T>
+__global__ void logprobs_backward_kernel(const T* __restrict__ logits, const int64_t* __restrict__ targets,
+                                         int64_t V, int64_t row_stride, float inv_temp, int64_t ignore_index,
+                                         const float* __restrict__ lse, const float* __restrict__ entropy,
+                                         const float* __restrict__ g_logp, const float* __restrict__ g_entropy,
+                                         T* __restrict__ grad) {
+  const int64_t row = blockIdx.x;
+  const T* x = logits + row * row_stride;
+  T* g = grad + row * V;
+  const int64_t t = targets[row];
+  const bool valid = t != ignore_index && t >= 0 && t < V;
+  // Ignored rows pass no gradient.
+  const float gl = valid ? g_logp[row] : 0.f;
+  const float ge = (valid && g_entropy != nullptr) ? g_entropy[row] : 0.f;
+  const float H = (entropy != nullptr) ? entropy[row] : 0.f;
+  const float row_lse = lse[row];
+  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
+    g[j] = from_float<T>(grad_logit(to_float(x[j]) * inv_temp, row_lse, H, gl, ge, j == t, inv_temp));
+  }
+}
+
+template <typename T>
+void launch_forward(std::uintptr_t logits, std::uintptr_t targets, int64_t N, int64_t V, int64_t row_stride,
+                    float inv_temp, int64_t ignore_index, std::uintptr_t logp, std::uintptr_t lse,
+                    std::uintptr_t entropy, cudaStream_t s) {
+  logprobs_forward_kernel<T><<<static_cast<unsigned>(N), kThreads, 0, s>>>(
+      as_ptr<const T>(logits), as_ptr<const int64_t>(targets), V, row_stride, inv_temp, ignore_index,
+      as_ptr<float>(logp), as_ptr<float>(lse), as_ptr<float>(entropy));
+}
+
+template <typename T>
+void launch_backward(std::uintptr_t logits, std::uintptr_t targets, int64_t N, int64_t V, int64_t row_stride,
+                     float inv_temp, int64_t ignore_index, std::uintptr_t lse, std::uintptr_t entropy,
+                     std::uintptr_t g_logp, std::uintptr_t g_entropy, std::uintptr_t grad, cudaStream_t s) {
+  logprobs_backward_kernel<T><<<static_cast<unsigned>(N), kThreads, 0, s>>>(
+      as_ptr<const T>(logits), as_ptr<const int64_t>(targets), V, row_stride, inv_temp, ignore_index,
+      as_ptr<const float>(lse), as_ptr<const float>(entropy), as_ptr<const float>(g_logp),
+      as_ptr<const float>(g_entropy), as_ptr<T>(grad));
+}
+
+void check_sizes(const char* what, int64_t N, int64_t V) {
+  if (N > 0x7fffffffLL) throw std::invalid_argument(std::string(what) + ": more than 2^31 - 1 rows");
+  if (V < 1) throw std::invalid_argument(std::string(what) + ": V must be >= 1");
+}
+
+// entropy_ptr may be 0 (not wanted). targets are int64.
+void logprobs_forward(std::uintptr_t logits, int dtype, std::uintptr_t targets, int64_t N, int64_t V,
+                      int64_t row_stride, double temperature, int64_t ignore_index, std::uintptr_t logp,
+                      std::uintptr_t lse, std::uintptr_t entropy, std::uintptr_t stream) {
+  check_sizes("logprobs_forward", N, V);
+  if (N == 0) return;
+  const float inv_temp = static_cast<float>(1.0 / temperature);
+  auto s = as_stream(stream);
+  switch (static_cast<DType>(dtype)) {
+    case DType::kFloat32:
+      launch_forward<float>(logits, targets, N, V, row_stride, inv_temp, ignore_index, logp, lse, entropy, s);
+      break;
+    case DType::kFloat16:
+      launch_forward<__half>(logits, targets, N, V, row_stride, inv_temp, ignore_index, logp, lse, entropy, s);
+      break;
+    case DType::kBFloat16:
+      launch_forward<__nv_bfloat16>(logits, targets, N, V, row_stride, inv_temp, ignore_index, logp, lse, entropy, s);
+      break;
+    default:
+      throw std::invalid_argument("logprobs_forward: logits must be float32, float16 or bfloat16");
+  }
+  check_launch("logprobs_forward");
+}
+
+// entropy_ptr / g_entropy_ptr may be 0 (no entropy output). grad is contiguous [N, V] in
+// the logits' dtype.
+void logprobs_backward(std::uintptr_t logits, int dtype, std::uintptr_t targets, int64_t N, int64_t V,
+                       int64_t row_stride, double temperature, int64_t ignore_index, std::uintptr_t lse,
+                       std::uintptr_t entropy, std::uintptr_t g_logp, std::uintptr_t g_entropy,
+                       std::uintptr_t grad, std::uintptr_t stream) {
+  check_sizes("logprobs_backward", N, V);
+  if (N == 0) return;
+  const float inv_temp = static_cast<float>(1.0 / temperature);
+  auto s = as_stream(stream);
+  switch (static_cast<DType>(dtype)) {
+    case DType::kFloat32:
+      launch_backward<float>(logits, targets, N, V, row_stride, inv_temp, ignore_index, lse, entropy, g_logp,
+                             g_entropy, grad, s);
+      break;
+    case DType::kFloat16:
+      launch_backward<__half>(logits, targets, N, V, row_stride, inv_temp, ignore_index, lse, entropy, g_logp,
+                              g_entropy, grad, s);
+      break;
+    case DType::kBFloat16:
+      launch_backward<__nv_bfloat16>(logits, targets, N, V, row_stride, inv_temp, ignore_index, lse, entropy,
+                                     g_logp, g_entropy, grad, s);
+      break;
+    default:
+      throw std::invalid_argument("logprobs_backward: logits must be float32, float16 or bfloat16");
+  }
+  check_launch("logprobs_backward");
+}
+
+CudaRegistrar reg([](pybind11::module_& m) {
+  m.def("logprobs_forward", &logprobs_forward,
+        "logits_ptr, dtype_code, targets_ptr (int64), N, V, row_stride, temperature, ignore_index, "
+        "logp_ptr, lse_ptr, entropy_ptr (0: none) [all float32 N], stream");
+  m.def("logprobs_backward", &logprobs_backward,
+        "logits_ptr, dtype_code, targets_ptr (int64), N, V, row_stride, temperature, ignore_index, "
+        "lse_ptr, entropy_ptr (0: none), g_logp_ptr, g_entropy_ptr (0: none) [float32 N], "
+        "grad_ptr (logits dtype, contiguous [N, V]), stream");
+});
+
+}  // namespace
+}  // namespace alignfuse
