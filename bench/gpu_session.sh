@@ -8,7 +8,8 @@
 # Then the device call (the tree travels without .git, so pass the commit in):
 #   run(command="ALIGNFUSE_GIT_COMMIT=$(git rev-parse HEAD) ALIGNFUSE_GIT_DIRTY=0 bash bench/gpu_session.sh",
 #       carry=[".whl"], timeout_s=600)
-# with the literal sha written into the command. Afterwards, here:
+# with the literal sha written into the command, and ALIGNFUSE_GIT_DIRTY=1 if
+# `git status --porcelain --untracked-files=no` prints anything. Afterwards, here:
 #   cp <files_at>/*.json bench/results/ && python -m bench report --readme
 # (table + PNGs under bench/results/report/, the headline table into README.md), then
 # commit bench/results/ and README.md.
