@@ -5,7 +5,7 @@
 #
 # Before the call, here (a machine with PyPI), from the repository root:
 #   bash bench/fetch_wheels.sh          # liger-kernel + cut-cross-entropy wheels into .whl/
-# Then the device call (the tree travels without .git, so pass the commit in):
+# Then the device call (the tree may travel without .git, so pass the commit in):
 #   run(command="ALIGNFUSE_GIT_COMMIT=$(git rev-parse HEAD) ALIGNFUSE_GIT_DIRTY=0 bash bench/gpu_session.sh",
 #       carry=[".whl"], timeout_s=600)
 # with the literal sha written into the command, and ALIGNFUSE_GIT_DIRTY=1 if
