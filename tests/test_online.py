@@ -382,10 +382,10 @@ def test_grpo_and_ppo_user_loops_with_vllm(vllm_policy):
 @pytest.mark.vllm
 def test_grpo_main_job_raises_the_reward(tmp_path):
     """The GRPO main job at reduced size: the reward rises clearly."""
-    from alignfuse.engine.rl_tasks import GRPODemoConfig, run_grpo_demo
+    from alignfuse.engine.rl_tasks import run_grpo_demo
 
-    config = GRPODemoConfig(iterations=12)
-    summary = run_grpo_demo(config, out_dir=str(tmp_path))
+    summary = run_grpo_demo([f"out_dir={tmp_path}", "iterations=20", "tensorboard=false"])
     assert summary["rollout"] == ("VLLMRollout" if vllm_available() else "HFRollout")
-    assert summary["reward_after"] > summary["reward_before"] + 0.15, summary
+    assert summary["reward_after"] > summary["reward_before"] + 0.1, summary
+    assert len(summary["reward_curve"]) == 20
     assert (tmp_path / "metrics.jsonl").exists() and (tmp_path / "summary.json").exists()

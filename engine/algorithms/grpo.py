@@ -26,7 +26,6 @@ optimizer steps.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -63,6 +62,7 @@ class RolloutBatch:
     old_logps: torch.Tensor                  # [N] trainer log-probs before any update
     ref_logps: torch.Tensor | None = None    # [N] reference model log-probs
     token_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # more [N] (PPO)
+    mini_batch: int = 0                      # which optimizer step of the iteration
 
     @property
     def num_completion_tokens(self) -> int:
@@ -72,7 +72,8 @@ class RolloutBatch:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return RolloutBatch(self.packed.to(device), move(self.rewards), move(self.advantages),
                             move(self.sampler_logps), move(self.old_logps), move(self.ref_logps),
-                            {k: v.to(device) for k, v in self.token_tensors.items()})
+                            {k: v.to(device) for k, v in self.token_tensors.items()},
+                            self.mini_batch)
 
 
 def completion_tensor(packed: PackedBatch, per_sample: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -220,24 +221,36 @@ class OnlineAlgorithm(Algorithm):
     def _batches(self, samples: Sequence[Sample], rewards: torch.Tensor,
                  advantages: torch.Tensor) -> list[RolloutBatch]:
         """Pack the samples; attach rewards, advantages (`[num_samples]` or per-sample
-        `[len(completion)]` list), sampler / old / reference log-probs."""
+        `[len(completion)]` list), sampler / old / reference log-probs.
+
+        The samples are first cut into `mini_batches` contiguous chunks (whole prompts'
+        groups when the counts divide), packed separately: one optimizer step each.
+        """
         batches = []
-        for packed in pack_samples(samples, self.max_tokens, model_device(self.model)):
-            index = packed.seq_index.cpu()
-            if isinstance(advantages, torch.Tensor):
-                adv = advantages[index].to(packed.input_ids.device)
-            else:
-                adv = completion_tensor(packed, advantages)
-            # The trainer's own log-probs before any update (verl's old_log_prob): the
-            # ratio's denominator. The sampler's log-probs differ from them by the
-            # engine mismatch (bf16, kernels), which TIS corrects; they are not used here.
-            batch = RolloutBatch(packed, rewards[index].to(adv.device), adv,
-                                 completion_tensor(packed, [s.logprobs for s in samples]),
-                                 self._token_logps(self.model, packed))
-            if self.ref_model is not None:
-                batch.ref_logps = self._token_logps(self.ref_model, packed)
-            batches.append(batch)
+        chunks = torch.arange(len(samples)).tensor_split(min(self.mini_batches, len(samples)))
+        for mini_batch, chunk in enumerate(chunks):
+            for packed in pack_samples([samples[i] for i in chunk.tolist()], self.max_tokens,
+                                       model_device(self.model)):
+                packed.seq_index = chunk.to(packed.seq_index.device)[packed.seq_index]
+                batches.append(self._attach(packed, samples, rewards, advantages, mini_batch))
         return batches
+
+    def _attach(self, packed: PackedBatch, samples: Sequence[Sample], rewards: torch.Tensor,
+                advantages, mini_batch: int) -> RolloutBatch:
+        index = packed.seq_index.cpu()
+        if isinstance(advantages, torch.Tensor):
+            adv = advantages[index].to(packed.input_ids.device)
+        else:
+            adv = completion_tensor(packed, advantages)
+        # The trainer's own log-probs before any update (verl's old_log_prob): the ratio's
+        # denominator. The sampler's log-probs differ from them by the engine mismatch
+        # (bf16, kernels), which TIS corrects; they are not used as the denominator.
+        batch = RolloutBatch(packed, rewards[index].to(adv.device), adv,
+                             completion_tensor(packed, [s.logprobs for s in samples]),
+                             self._token_logps(self.model, packed), mini_batch=mini_batch)
+        if self.ref_model is not None:
+            batch.ref_logps = self._token_logps(self.ref_model, packed)
+        return batch
 
     # training -----------------------------------------------------------------------------
 
@@ -283,10 +296,11 @@ class OnlineAlgorithm(Algorithm):
         return batch.packed.num_seqs
 
     def mini_batch_groups(self, batches: Sequence[RolloutBatch]) -> list[list[RolloutBatch]]:
-        """Split the micro-batches into `mini_batches` optimizer steps (contiguous)."""
-        count = min(self.mini_batches, len(batches))
-        size = math.ceil(len(batches) / count)
-        return [list(batches[i:i + size]) for i in range(0, len(batches), size)]
+        """The micro-batches of each optimizer step (`RolloutBatch.mini_batch`), in order."""
+        groups: dict[int, list[RolloutBatch]] = {}
+        for batch in batches:
+            groups.setdefault(batch.mini_batch, []).append(batch)
+        return [groups[k] for k in sorted(groups)]
 
     def train_iteration(self, prompts: Sequence, optimizer: torch.optim.Optimizer, *,
                         max_grad_norm: float | None = 1.0,
