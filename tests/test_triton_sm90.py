@@ -26,12 +26,15 @@ Run: python -m pytest -q -s tests/test_triton_sm90.py   (-s shows the list of ke
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import triton_capture
 
@@ -372,9 +375,10 @@ def compiled(tmp_path_factory) -> Compiled:
           f"recorded in {workdir / 'launches.json'}):")
     for launch, res in zip(result.launches, result.results):
         state = "ok  " if res["ok"] else "FAIL"
-        print(f"  {state} {res['seconds']:5.1f}s {launch.module.removeprefix('alignfuse.kernels.')}."
-              f"{launch.describe()}  <- {launch.labels[0]}"
-              + (f" (+{len(launch.labels) - 1} more)" if len(launch.labels) > 1 else ""))
+        module = launch.module.removeprefix("alignfuse.kernels.")
+        more = f" (+{len(launch.labels) - 1} more)" if len(launch.labels) > 1 else ""
+        print(f"  {state} {res['seconds']:5.1f}s {module}.{launch.describe()}  "
+              f"<- {launch.labels[0]}{more}")
     return result
 
 
@@ -412,6 +416,89 @@ def test_device_dependent_launches_are_emulated():
             offenders.append(path)
     assert not offenders, (f"{offenders} choose launch parameters by device without an "
                            "`_interpreted(t)` function to patch (see this file's docstring)")
+
+
+# ---------------------------------------------------------------------------------------
+# The capture and the compile step themselves: the JIT's typing rules, and a bug that only
+# the compiler sees.
+
+@triton.jit
+def _sum_kernel(x_ptr, out_ptr, n, scale, flag, bias, BLOCK: tl.constexpr):
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        acc += tl.load(x_ptr + idx, mask=idx < n, other=0.0).to(tl.float32)
+    total = tl.sum(acc, axis=0) * scale
+    if flag:
+        total += 1.0
+    if bias is not None:
+        total += tl.load(bias)
+    tl.store(out_ptr, total)
+
+
+@triton.jit
+def _sum_kernel_int_accumulator(x_ptr, out_ptr, n, scale, flag, bias, BLOCK: tl.constexpr):
+    # The bug: an int32 accumulator that float adds turn into fp32 inside the loop. numpy
+    # (the interpreter) promotes silently; the compiler refuses the loop-carried type change.
+    acc = tl.zeros([BLOCK], dtype=tl.int32)
+    for start in range(0, n, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        acc += tl.load(x_ptr + idx, mask=idx < n, other=0.0).to(tl.float32)
+    tl.store(out_ptr, tl.sum(acc, axis=0) * scale)
+
+
+@triton.jit
+def _store_kernel(out_ptr, value):
+    tl.store(out_ptr, (value % 7).to(tl.float32))
+
+
+def _launch(kernel, x, n, *, flag=False, bias=None) -> torch.Tensor:
+    out = torch.zeros(1, dtype=torch.float32)
+    kernel[(1,)](x, out, n, 0.5, flag, bias, BLOCK=32)
+    return out
+
+
+def test_recorder_types_arguments_like_the_jit():
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        pytest.skip("needs the Triton interpreter (CPU machines)")
+    x = torch.randn(100).to(torch.bfloat16)
+    recorder = triton_capture.LaunchRecorder()
+    with recorder:
+        out = _launch(_sum_kernel, x, 37, flag=True)
+        _launch(_sum_kernel, x, 32, bias=torch.ones(1))          # 16-divisible int: "D"
+        _launch(_sum_kernel, x, 1)                                # 1: a constexpr
+        _store_kernel[(1,)](torch.zeros(1), 2**40 + 3)            # past int32: i64
+        _launch(_sum_kernel, x, 37, flag=True)                    # a duplicate
+    assert out.item() == pytest.approx(0.5 * x[:37].float().sum().item() + 1.0, rel=1e-5)
+    first, aligned, one, huge = recorder.launches  # the duplicate was merged
+    assert first.signature == {"x_ptr": "*bf16", "out_ptr": "*fp32", "n": "i32",
+                               "scale": "fp32", "flag": "u1", "bias": "constexpr",
+                               "BLOCK": "constexpr"}
+    assert first.constexprs == {"bias": None, "BLOCK": 32} and "n" not in first.attrs
+    assert first.labels == ["unlabelled"] and first.qualname == "_sum_kernel"
+    assert aligned.signature["bias"] == "*fp32" and aligned.attrs["n"] == "D"
+    assert one.signature["n"] == "constexpr" and one.constexprs["n"] == 1
+    assert huge.signature == {"out_ptr": "*fp32", "value": "i64"}
+    # the patch is undone on exit
+    _launch(_sum_kernel, x, 37)
+    assert len(recorder.launches) == 4
+
+
+def test_compile_step_catches_an_interpreter_only_bug(tmp_path):
+    """The bad kernel runs under the interpreter and gives the right sum; only the compile
+    step sees the bug, and it must say what it is."""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        pytest.skip("needs the Triton interpreter (CPU machines)")
+    x = torch.randn(100)
+    recorder = triton_capture.LaunchRecorder()
+    with recorder:
+        good = _launch(_sum_kernel, x, 37)
+        bad = _launch(_sum_kernel_int_accumulator, x, 37)
+    assert bad.item() == pytest.approx(good.item(), rel=1e-6)
+    results = triton_capture.compile_in_subprocesses(recorder.launches, str(tmp_path),
+                                                     arch=SM, processes=1)
+    assert results[0]["ok"], results[0]["error"]
+    assert not results[1]["ok"] and "Loop-carried variable acc" in results[1]["error"]
 
 
 @pytest.mark.parametrize("path", [

@@ -255,7 +255,8 @@ def compile_in_subprocesses(launches: list[Launch], workdir: str, *, arch: int =
     chunks = [c for c in chunks if c]
     workers = []
     for n, chunk in enumerate(chunks):
-        src, dst = os.path.join(workdir, f"launches{n}.json"), os.path.join(workdir, f"results{n}.json")
+        src = os.path.join(workdir, f"launches{n}.json")
+        dst = os.path.join(workdir, f"results{n}.json")
         with open(src, "w") as f:
             json.dump([launches[i].__dict__ for i in chunk], f, indent=1)
         proc = subprocess.Popen([sys.executable, __file__, src, dst, str(arch)], env=env,
