@@ -20,6 +20,9 @@ DEMO_CONFIG = {
     "num_examples": 1024, "steps": 150, "batch_size": 32, "max_tokens": 4096,
     "lr": 1e-3, "beta": 0.1, "sft_warmup_steps": 100, "sft_lr": 3e-3, "warmup_steps": 10,
     "eval_every": 25, "out_dir": "runs/demo", "seed": 0,
+    # One torch thread: the model is tiny, and on a shared 2-core machine two threads
+    # oversubscribe (measured 5-15x slower per forward under load).
+    "num_threads": 1,
 }
 DEMO_METRICS = (("rewards/accuracy", "reward accuracy"), ("rewards/margin", "reward margin"),
                 ("policy/accuracy", "right answer preferred"), ("loss", "DPO loss"))
@@ -83,7 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("overrides", nargs="*", metavar="key=value",
                       help="change the demo's config, e.g. steps=20")
     demo.set_defaults(func=_demo)
-    args = parser.parse_args(argv)
+    # parse_known_args: `key=value` overrides may also come after `--resume` (argparse has
+    # already closed the positional list by then).
+    args, extra = parser.parse_known_args(argv)
+    unknown = [item for item in extra if item.startswith("-") or "=" not in item]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
     except ConfigError as exc:

@@ -1,0 +1,120 @@
+"""`torchrun --nproc_per_node 2` on CPU (gloo): a DPO step with the policy under FSDP2
+(`fully_shard`) and under DDP matches the single-process step on the same global batch, in
+loss and in every gradient.
+
+The pytest process spawns torchrun on this same file (its `__main__` part is the worker).
+Each rank gets its share of the pairs from `pack(..., num_ranks=2, rank=r)`; each micro-
+batch's loss is scaled by `units * world / global_units`, because DDP and FSDP2 average
+gradients over ranks: the sum over ranks then equals the global mean over pairs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+VOCAB = 53
+NUM_PAIRS = 6
+
+
+def make_pairs():
+    gen = torch.Generator().manual_seed(21)
+    seqs, prompts = [], []
+    for _ in range(NUM_PAIRS):
+        prompt = torch.randint(6, VOCAB, (int(torch.randint(2, 6, (1,), generator=gen)),),
+                               generator=gen).tolist()
+        for n in torch.randint(2, 9, (2,), generator=gen).tolist():
+            seqs.append(prompt + torch.randint(6, VOCAB, (n,), generator=gen).tolist())
+            prompts.append(len(prompt))
+    return seqs, prompts, [i // 2 for i in range(len(seqs))]
+
+
+def make_models():
+    from alignfuse.engine.tiny import tiny_model
+
+    return tiny_model("llama", VOCAB, seed=22), tiny_model("llama", VOCAB, seed=23).eval()
+
+
+def worker(out_path: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from alignfuse.engine.algorithms import DPO
+    from alignfuse.engine.packing import pack
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    seqs, prompts, groups = make_pairs()
+    batches = pack(seqs, max_tokens=40, prompt_lengths=prompts, groups=groups,
+                   num_ranks=world, rank=rank)
+    results = {}
+    for mode in ("fsdp2", "ddp"):
+        policy, ref = make_models()
+        if mode == "fsdp2":
+            mesh = init_device_mesh("cpu", (world,))
+            for layer in policy.model.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(policy, mesh=mesh)
+            model = policy
+        else:
+            model = torch.nn.parallel.DistributedDataParallel(policy)
+        algo = DPO(model, ref, beta=0.3)
+        local = torch.tensor(float(sum(algo.num_units(b) for b in batches)))
+        total = local.clone()
+        dist.all_reduce(total)
+        weighted_loss = torch.zeros(())
+        for batch in batches:
+            units = algo.num_units(batch)
+            metrics = algo.step(batch, loss_scale=units * world / float(total))
+            weighted_loss += metrics["loss"] * units
+        dist.all_reduce(weighted_loss)
+        grads = {}
+        for name, p in policy.named_parameters():
+            g = p.grad
+            grads[name.replace("module.", "")] = (g.full_tensor() if isinstance(g, DTensor)
+                                                  else g).detach().clone()
+        results[mode] = {"loss": float(weighted_loss / total), "grads": grads,
+                         "num_batches": len(batches)}
+    if rank == 0:
+        torch.save(results, out_path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one(tmp_path):
+    from alignfuse.engine.algorithms import DPO
+    from alignfuse.engine.packing import pack
+    from helpers import assert_rel_close
+
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable),
+                                                        "torchrun")
+    out = tmp_path / "grads.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2",
+                           __file__, str(out)], capture_output=True, text=True, env=env,
+                          timeout=600, cwd=os.path.dirname(__file__))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    seqs, prompts, groups = make_pairs()
+    (whole,) = pack(seqs, max_tokens=400, prompt_lengths=prompts, groups=groups)
+    policy, ref = make_models()
+    metrics = DPO(policy, ref, beta=0.3).step(whole)
+    results = torch.load(out, weights_only=False)
+    for mode, result in results.items():
+        assert result["num_batches"] >= 1
+        assert abs(result["loss"] - metrics["loss"]) <= 1e-5 * max(1.0, abs(metrics["loss"])), mode
+        for name, p in policy.named_parameters():
+            assert_rel_close(result["grads"][name], p.grad, 1e-5, f"{mode} grad {name}")
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])
