@@ -2,6 +2,8 @@
 
     alignfuse train {sft,rm,dpo,kto,orpo,simpo} --config file.yaml [key=value ...] [--resume]
     alignfuse demo [key=value ...]      the main job: DPO on the embedded default
+    alignfuse train {grpo,ppo} [--config file.yaml] [key=value ...] [--resume]
+    alignfuse demo --task grpo [key=value ...]   GRPO main job (engine/rl_tasks.py)
 
 Every key of `engine/loop.py::TrainConfig` may be set in the YAML file or as `key=value`
 (the command line wins). A bad key or value stops the run with a message naming the key.
@@ -30,7 +32,13 @@ DEMO_METRICS = (("rewards/accuracy", "reward accuracy"), ("rewards/margin", "rew
 
 def _train(args: argparse.Namespace) -> int:
     from .loop import load_config_file, make_config, train
+    from .rl_tasks import ONLINE_ALGORITHMS, make_online_config, train_online
 
+    if args.algorithm in ONLINE_ALGORITHMS:  # GRPO/PPO: OnlineConfig keys (engine/rl_tasks.py)
+        values = load_config_file(args.config) if args.config else {}
+        train_online(make_online_config(values, args.overrides, algorithm=args.algorithm),
+                     resume=args.resume)
+        return 0
     values = load_config_file(args.config) if args.config else {}
     if values.get("algorithm", args.algorithm) != args.algorithm:
         print(f"alignfuse: error: the config says algorithm={values['algorithm']!r} but the "
@@ -45,6 +53,11 @@ def _train(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .loop import make_config, train
 
+    if args.task == "grpo":
+        from .rl_tasks import run_grpo_demo
+
+        run_grpo_demo(args.overrides, resume=args.resume)
+        return 0
     cfg = make_config(DEMO_CONFIG, args.overrides)
     print(f"alignfuse demo: DPO on the built-in addition task ({cfg.num_examples} pairs, "
           f"{cfg.sft_warmup_steps} SFT warm-up steps, {cfg.steps} DPO steps, model "
@@ -75,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train with one algorithm from a config")
-    train.add_argument("algorithm", choices=ALGORITHMS)
+    train.add_argument("algorithm", choices=(*ALGORITHMS, "grpo", "ppo"))
     train.add_argument("--config", help="YAML file of TrainConfig keys")
     train.add_argument("--resume", action="store_true",
                        help="continue exactly from the latest checkpoint in out_dir")
@@ -83,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     train.set_defaults(func=_train)
     demo = sub.add_parser("demo", help="run the main job (DPO) on the embedded default")
     demo.add_argument("--resume", action="store_true")
+    demo.add_argument("--task", choices=("dpo", "grpo"), default="dpo",
+                      help="dpo (default) or grpo: the GRPO main job (verifiable reward)")
     demo.add_argument("overrides", nargs="*", metavar="key=value",
                       help="change the demo's config, e.g. steps=20")
     demo.set_defaults(func=_demo)
