@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from alignfuse.kernels import linear_logprobs, logprobs_from_logits
+from alignfuse.kernels.backends import registered
 from alignfuse.kernels.logprobs import reference
 from helpers import assert_rel_close
 
@@ -19,7 +20,9 @@ def formula(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.
     log_p = torch.log_softmax(z, dim=-1)
     valid = targets != ignore_index
     logp = log_p.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
-    entropy = -(log_p.exp() * log_p).sum(-1)
+    p = log_p.exp()
+    # 0 log 0 = 0 at -inf logits (where() before the product keeps NaN out of the gradient)
+    entropy = -(p * torch.where(p > 0, log_p, 0.0)).sum(-1)
     return torch.where(valid, logp, 0.0), torch.where(valid, entropy, 0.0)
 
 
@@ -34,6 +37,18 @@ def make_inputs(N=37, H=48, V=1031, *, dtype=torch.float32, device="cpu", lead=N
     return [x.to(dtype).requires_grad_() for x in (hidden, weight, bias)] + [targets]
 
 
+def has_linear(backend: str) -> bool:
+    """linear_logprobs has torch and triton backends; cuda covers logprobs_from_logits only."""
+    return backend in registered("linear_logprobs")
+
+
+@pytest.fixture
+def linear_backend(backend):
+    if not has_linear(backend):
+        pytest.skip(f"linear_logprobs has no {backend} backend (its GPU kernel is triton)")
+    return backend
+
+
 def grads_of(outputs, inputs, weights):
     loss = sum((o.to(torch.float64) * w).sum() for o, w in zip(outputs, weights))
     return torch.autograd.grad(loss, inputs, retain_graph=True)
@@ -41,11 +56,11 @@ def grads_of(outputs, inputs, weights):
 
 @pytest.mark.parametrize("use_bias", [False, True])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_linear_logprobs_matches_float64(backend, device, use_bias, temperature):
+def test_linear_logprobs_matches_float64(linear_backend, device, use_bias, temperature):
     hidden, weight, bias, targets = make_inputs(device=device)
     bias = bias if use_bias else None
     logp, ent = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
-                                return_entropy=True, backend=backend)
+                                return_entropy=True, backend=linear_backend)
     assert logp.dtype == torch.float32 and ent.dtype == torch.float32
     h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
     b64 = bias.detach().double().requires_grad_() if use_bias else None
@@ -91,35 +106,53 @@ def test_logprobs_from_logits_matches_float64(backend, device, temperature):
 def test_leading_dims_and_all_ignored_row(backend, device):
     hidden, weight, bias, targets = make_inputs(H=24, V=301, lead=(3, 5), device=device)
     targets[1] = IGNORE  # a whole sequence ignored
-    logp, ent = linear_logprobs(hidden, weight, targets, bias=bias, return_entropy=True,
-                                backend=backend)
-    assert logp.shape == (3, 5) and ent.shape == (3, 5)
-    assert bool((logp[1] == 0).all()) and bool((ent[1] == 0).all())
     ref_logp, ref_ent = formula(hidden.double() @ weight.double().T + bias.double(), targets)
-    assert_rel_close(logp, ref_logp, 2e-6, "logp [B, T]")
-    assert_rel_close(ent, ref_ent, 2e-6, "entropy [B, T]")
-    g_h, = torch.autograd.grad((logp + ent).sum(), hidden)
-    assert bool(torch.isfinite(g_h).all()) and bool((g_h[1] == 0).all())
+    if has_linear(backend):
+        logp, ent = linear_logprobs(hidden, weight, targets, bias=bias, return_entropy=True,
+                                    backend=backend)
+        assert logp.shape == (3, 5) and ent.shape == (3, 5)
+        assert bool((logp[1] == 0).all()) and bool((ent[1] == 0).all())
+        assert_rel_close(logp, ref_logp, 2e-6, "logp [B, T]")
+        assert_rel_close(ent, ref_ent, 2e-6, "entropy [B, T]")
+        g_h, = torch.autograd.grad((logp + ent).sum(), hidden)
+        assert bool(torch.isfinite(g_h).all()) and bool((g_h[1] == 0).all())
     # the same through the logits entry point
-    logits = (hidden @ weight.T + bias).detach()
-    lp2 = logprobs_from_logits(logits, targets, backend=backend)
-    assert lp2.shape == (3, 5)
+    logits = (hidden @ weight.T + bias).detach().requires_grad_()
+    lp2, ent2 = logprobs_from_logits(logits, targets, return_entropy=True, backend=backend)
+    assert lp2.shape == ent2.shape == (3, 5)
     assert_rel_close(lp2, ref_logp, 2e-6, "logits [B, T]")
+    assert_rel_close(ent2, ref_ent, 2e-6, "logits entropy [B, T]")
+    (g,) = torch.autograd.grad((lp2 + ent2).sum(), logits)
+    assert bool(torch.isfinite(g).all()) and bool((g[1] == 0).all())
 
 
-def test_every_target_ignored(backend, device):
+def test_every_target_ignored(linear_backend, device):
     hidden, weight, _, targets = make_inputs(N=9, H=16, V=67, device=device)
     targets = torch.full_like(targets, IGNORE)
-    logp, ent = linear_logprobs(hidden, weight, targets, return_entropy=True, backend=backend)
+    logp, ent = linear_logprobs(hidden, weight, targets, return_entropy=True, backend=linear_backend)
     assert bool((logp == 0).all()) and bool((ent == 0).all())
     g_h, g_w = torch.autograd.grad((logp + ent).sum(), (hidden, weight))
     assert bool((g_h == 0).all()) and bool((g_w == 0).all())
 
 
-def test_custom_ignore_index(backend, device):
+def test_empty_batch(backend, device):
+    hidden = torch.randn(2, 0, 8, device=device, requires_grad=True)
+    weight = torch.randn(11, 8, device=device, requires_grad=True)
+    targets = torch.zeros(2, 0, dtype=torch.long, device=device)
+    if has_linear(backend):
+        logp, ent = linear_logprobs(hidden, weight, targets, return_entropy=True,
+                                    backend=backend)
+        assert logp.shape == ent.shape == (2, 0)
+        (logp.sum() + ent.sum()).backward()
+        assert bool((weight.grad == 0).all())
+    assert logprobs_from_logits(torch.randn(0, 11, device=device), targets.reshape(0),
+                                backend=backend).shape == (0,)
+
+
+def test_custom_ignore_index(linear_backend, device):
     hidden, weight, _, targets = make_inputs(N=13, H=16, V=67, ignore_frac=0.0, device=device)
     targets[:4] = 5  # ignore_index may be a real token id (as in torch's cross_entropy)
-    logp = linear_logprobs(hidden, weight, targets, ignore_index=5, backend=backend)
+    logp = linear_logprobs(hidden, weight, targets, ignore_index=5, backend=linear_backend)
     ref, _ = formula(hidden.double() @ weight.double().T, targets, ignore_index=5)
     assert bool((logp[targets == 5] == 0).all())
     assert_rel_close(logp, ref, 2e-6, "logp")
@@ -127,38 +160,62 @@ def test_custom_ignore_index(backend, device):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_huge_logits_do_not_overflow(backend, device, dtype):
-    if backend == "cuda" and dtype == torch.float64:
-        pytest.skip("cuda takes float16/bfloat16/float32")
-    hidden, weight, _, targets = make_inputs(N=19, H=32, V=257, dtype=dtype, device=device)
-    with torch.no_grad():
-        hidden.mul_(100)
-        weight.mul_(100 * 32 ** 0.5 / 3)  # logits ~ 1e4
-    logp, ent = linear_logprobs(hidden, weight, targets, return_entropy=True, backend=backend)
-    logits = hidden.detach().double() @ weight.detach().double().T
-    assert float(logits.abs().max()) > 5e3
-    ref_logp, ref_ent = formula(logits, targets)
-    assert bool(torch.isfinite(logp).all()) and bool(torch.isfinite(ent).all())
-    assert_rel_close(logp, ref_logp, 1e-5, "logp")
-    # entropy is tiny (near one-hot) here: compare absolutely
-    assert float((ent.detach().double() - ref_ent).abs().max()) < 1e-2
-    g_h, g_w = torch.autograd.grad(logp.sum() + ent.sum(), (hidden, weight))
-    assert bool(torch.isfinite(g_h.float()).all()) and bool(torch.isfinite(g_w.float()).all())
+    if has_linear(backend):
+        hidden, weight, _, targets = make_inputs(N=19, H=32, V=257, dtype=dtype, device=device)
+        with torch.no_grad():
+            hidden.mul_(100)
+            weight.mul_(100 * 32 ** 0.5 / 3)  # logits ~ 1e4
+        logp, ent = linear_logprobs(hidden, weight, targets, return_entropy=True,
+                                    backend=backend)
+        logits = hidden.detach().double() @ weight.detach().double().T
+        assert float(logits.abs().max()) > 5e3
+        ref_logp, ref_ent = formula(logits, targets)
+        assert bool(torch.isfinite(logp).all()) and bool(torch.isfinite(ent).all())
+        assert_rel_close(logp, ref_logp, 1e-5, "logp")
+        # entropy is tiny (near one-hot) here: compare absolutely
+        assert float((ent.detach().double() - ref_ent).abs().max()) < 1e-2
+        g_h, g_w = torch.autograd.grad(logp.sum() + ent.sum(), (hidden, weight))
+        assert bool(torch.isfinite(g_h.float()).all())
+        assert bool(torch.isfinite(g_w.float()).all())
     big = (torch.randn(7, 101, device=device) * 1e4).to(dtype).requires_grad_()
     t = torch.randint(0, 101, (7,), device=device)
     lp, en = logprobs_from_logits(big, t, return_entropy=True, backend=backend)
-    rl, re = formula(big.double(), t)
+    rl, re = formula(big.detach().double(), t)
     assert_rel_close(lp, rl, 1e-5, "logp from 1e4 logits")
     assert float((en.detach().double() - re).abs().max()) < 1e-2
     (g,) = torch.autograd.grad(lp.sum() + en.sum(), big)
     assert bool(torch.isfinite(g.float()).all())
 
 
-def test_bf16_inputs_match_fp32_of_the_same_values(backend, device):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_minus_inf_logits(backend, device, dtype):
+    """Logits masked to -inf (e.g. padded vocabulary) have p = 0: finite results, 0 gradient."""
+    logits = torch.randn(9, 131, device=device) * 2
+    logits[:, 100:] = float("-inf")
+    logits[3, ::2] = float("-inf")
+    targets = torch.randint(0, 50, (9,), device=device) * 2 + 1  # odd ids: never masked
+    logits = logits.to(dtype).requires_grad_()
+    logp, ent = logprobs_from_logits(logits, targets, temperature=0.9, return_entropy=True,
+                                     backend=backend)
+    l64 = logits.detach().double().requires_grad_()
+    ref_logp, ref_ent = formula(l64, targets, 0.9)
+    assert bool(torch.isfinite(logp).all()) and bool(torch.isfinite(ent).all())
+    assert_rel_close(logp, ref_logp, 1e-5, "logp")
+    assert_rel_close(ent, ref_ent, 1e-5, "entropy")
+    weights = [torch.randn(9, dtype=torch.float64, device=device) for _ in range(2)]
+    (g,) = grads_of([logp, ent], [logits], weights)
+    (w,) = grads_of([ref_logp, ref_ent], [l64], weights)
+    assert bool(torch.isfinite(g.float()).all())
+    assert bool((g[:, 100:] == 0).all())
+    assert_rel_close(g, w, 1e-2 if dtype == torch.bfloat16 else 1e-5, "grad_logits")
+
+
+def test_bf16_inputs_match_fp32_of_the_same_values(linear_backend, device):
     """bf16 inputs are upcast and accumulated in fp32: compare with the same values in float64."""
     hidden, weight, bias, targets = make_inputs(N=21, H=40, V=333, dtype=torch.bfloat16,
                                                 device=device)
     logp, ent = linear_logprobs(hidden, weight, targets, bias=bias, return_entropy=True,
-                                backend=backend)
+                                backend=linear_backend)
     assert logp.dtype == torch.float32
     ref_logp, ref_ent = formula(hidden.double() @ weight.double().T + bias.double(), targets)
     assert_rel_close(logp, ref_logp, 1e-5, "bf16 logp")
@@ -291,16 +348,19 @@ def test_bf16_gpu_real_vocab(backend, V):
     N, H = 300, 896
     hidden, weight, bias, targets = make_inputs(N=N, H=H, V=V, dtype=torch.bfloat16,
                                                 device="cuda", scale=4.0)
-    logp, ent = linear_logprobs(hidden, weight, targets, return_entropy=True, backend=backend)
-    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
-    ref_logp, ref_ent = formula(h64 @ w64.T, targets)
-    assert_rel_close(logp, ref_logp, 1e-5, "logp")
-    assert_rel_close(ent, ref_ent, 1e-5, "entropy")
-    weights = [torch.randn_like(ref_logp), torch.randn_like(ref_ent)]
-    got = grads_of([logp, ent], [hidden, weight], weights)
-    want = grads_of([ref_logp, ref_ent], [h64, w64], weights)
-    for name, g, w in zip(["grad_hidden", "grad_weight"], got, want):
-        assert_rel_close(g, w, 1e-2, name)
+    if has_linear(backend):
+        logp, ent = linear_logprobs(hidden, weight, targets, return_entropy=True,
+                                    backend=backend)
+        h64 = hidden.detach().double().requires_grad_()
+        w64 = weight.detach().double().requires_grad_()
+        ref_logp, ref_ent = formula(h64 @ w64.T, targets)
+        assert_rel_close(logp, ref_logp, 1e-5, "logp")
+        assert_rel_close(ent, ref_ent, 1e-5, "entropy")
+        weights = [torch.randn_like(ref_logp), torch.randn_like(ref_ent)]
+        got = grads_of([logp, ent], [hidden, weight], weights)
+        want = grads_of([ref_logp, ref_ent], [h64, w64], weights)
+        for name, g, w in zip(["grad_hidden", "grad_weight"], got, want):
+            assert_rel_close(g, w, 1e-2, name)
     logits = (hidden @ weight.T).detach().requires_grad_()
     lp, en = logprobs_from_logits(logits, targets, return_entropy=True, backend=backend)
     rl, re = formula(logits.double(), targets)
@@ -358,12 +418,19 @@ def cuda_row_math(tmp_path_factory):
 
 
 @pytest.mark.parametrize("V,scale,temperature", [(1031, 3.0, 1.0), (1031, 1e4, 0.7),
-                                                 (7, 2.0, 1.3), (300, 1e4, 1.0)])
+                                                 (7, 2.0, 1.3), (300, 1e4, 1.0),
+                                                 (1031, "masked", 1.0)])
 def test_cuda_row_math_matches_formula_on_host(cuda_row_math, V, scale, temperature):
     run = cuda_row_math
     rows = 5
-    logits = (torch.randn(rows, V) * scale).float()
     targets = torch.randint(0, V, (rows,))
+    if scale == "masked":  # -inf logits everywhere but the targets and a few others
+        logits = torch.full((rows, V), float("-inf"))
+        logits[:, :40] = torch.randn(rows, 40)
+        logits[torch.arange(rows), targets] = 1.0
+        scale = 1.0
+    else:
+        logits = (torch.randn(rows, V) * scale).float()
     g_logp, g_entropy = torch.randn(rows), torch.randn(rows)
     lines = [f"{V} 256 {1 / temperature:.9g} {int(t)} {gl:.9g} {ge:.9g} "
              + " ".join(f"{v:.9g}" for v in row.tolist())

@@ -34,6 +34,7 @@ struct SoftmaxState {
   float b = 0.f;       // sum exp(z - m) (z - m)
 
   __host__ __device__ __forceinline__ void add(float z) {
+    if (z == -INFINITY) return;  // a masked logit: p = 0, and -inf would poison m and b
     if (s == 0.f) {  // first element
       m = z;
       s = 1.f;
@@ -67,7 +68,8 @@ __host__ __device__ __forceinline__ float grad_logit(float z, float lse, float e
                                                      float g_entropy, bool is_target, float inv_temp) {
   const float log_p = z - lse;
   const float p = expf(log_p);
-  float dz = -p * (g_logp + g_entropy * (log_p + entropy));
+  // p = 0 (a masked -inf logit) contributes nothing, even though log p = -inf.
+  float dz = p > 0.f ? -p * (g_logp + g_entropy * (log_p + entropy)) : 0.f;
   if (is_target) dz += g_logp;
   return dz * inv_temp;
 }

@@ -32,6 +32,10 @@ import torch
 MIN_BUDGET_BYTES = 8 << 20
 MAX_BUDGET_BYTES = 256 << 20
 CHUNK_BUDGET_BYTES: int | None = None
+# log p below this is treated as this (p = 0 there either way): masked -inf logits give
+# 0 * LOG_P_FLOOR = 0 in the entropy and its gradient instead of 0 * -inf = NaN. Small enough
+# in magnitude that g_entropy * LOG_P_FLOOR cannot overflow.
+LOG_P_FLOOR = -1.0e30
 # Live [rows, V] compute-dtype buffers per chunk (the logits, and p or the gradient).
 _LIVE_BUFFERS = 2
 
@@ -82,8 +86,9 @@ def token_stats(z: torch.Tensor, p: torch.Tensor, targets: torch.Tensor, valid: 
     logp = (shifted.gather(1, targets[:, None]) - log_s).squeeze(1)
     entropy = None
     if want_entropy:
-        log_p = shifted.sub_(log_s)
-        # -sum p log p (not lse - sum p z): no cancellation when |z| ~ 1e4.
+        # -sum p log p (not lse - sum p z): no cancellation when |z| ~ 1e4. Masked (-inf)
+        # logits have p = 0 and log p = -inf; the clamp makes their 0 * log p a 0, not NaN.
+        log_p = shifted.sub_(log_s).clamp_(min=LOG_P_FLOOR)
         entropy = torch.where(valid, -p.div_(log_s.exp()).mul_(log_p).sum(-1), 0.0)
     return torch.where(valid, logp, 0.0), lse, entropy
 
@@ -99,6 +104,7 @@ def grad_scaled_logits(z: torch.Tensor, p: torch.Tensor, targets: torch.Tensor,
     """
     log_p = z.sub_(lse[:, None])
     p = torch.exp(log_p, out=p)
+    log_p.clamp_(min=LOG_P_FLOOR)  # -inf logits: p = 0 must give a 0 gradient, not NaN
     if g_entropy is not None:
         coef = log_p.add_(entropy[:, None]).mul_(g_entropy[:, None]).add_(g_logp[:, None])
     else:

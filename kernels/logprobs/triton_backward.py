@@ -43,7 +43,8 @@ def dlogits_tile(z, cols, targets, lse, entropy, g_logp, g_entropy, col_mask,
     p = tl.exp(log_p)
     coef = g_logp[:, None] + tl.zeros_like(z)
     if HAS_ENTROPY:
-        coef += g_entropy[:, None] * (log_p + entropy[:, None])
+        # log p is taken as 0 where p = 0 (a masked -inf logit): p * coef is then 0, not NaN.
+        coef += g_entropy[:, None] * (tl.where(p > 0, log_p, 0.0) + entropy[:, None])
     dz = tl.where(cols[None, :] == targets[:, None], g_logp[:, None], 0.0) - p * coef
     return tl.where(col_mask[None, :], dz, 0.0)
 

@@ -63,10 +63,11 @@ def online_lse_update(m, s, b, z, col_mask):
     z_max = tl.where(col_mask[None, :], z, float("-inf"))
     m_new = tl.maximum(m, tl.max(z_max, axis=1))
     alpha = tl.exp(m - m_new)
-    e = tl.exp(z_max - m_new[:, None])  # 0 outside col_mask
-    d = tl.where(col_mask[None, :], z - m_new[:, None], 0.0)
+    e = tl.exp(z_max - m_new[:, None])  # 0 outside col_mask and at -inf logits
+    # z - m is taken as 0 where e = 0: a masked (-inf) logit must not give 0 * -inf = NaN.
+    ed = e * tl.where(e > 0, z - m_new[:, None], 0.0)
     # b was relative to the old max: sum e' (z - m) -> alpha * (b + s (m - m_new)) relative to m_new
-    b = alpha * (b + s * (m - m_new)) + tl.sum(e * d, axis=1)
+    b = alpha * (b + s * (m - m_new)) + tl.sum(ed, axis=1)
     s = alpha * s + tl.sum(e, axis=1)
     return m_new, s, b
 
