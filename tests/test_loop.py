@@ -1,0 +1,184 @@
+"""The ready loop, checkpoints and the command line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignfuse.engine import checkpoint as ckpt
+from alignfuse.engine.cli import main
+from alignfuse.engine.data import DataFormatError
+from alignfuse.engine.loop import ConfigError, make_config, records_for_step, train
+from alignfuse.engine.metrics import read_metrics
+
+# A run small enough for a busy 2-core machine: tiny model, a few steps.
+SMALL = ["num_examples=24", "batch_size=6", "max_tokens=64", "sft_warmup_steps=2",
+         "lr=1e-3", "progress=false", "tensorboard=false", "num_threads=1"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # The machine is shared: two oversubscribed threads were 5-15x slower than one here.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_unknown_or_bad_config_keys_are_named():
+    with pytest.raises(ConfigError, match="'stepz'.*did you mean steps"):
+        make_config(overrides=["stepz=3"])
+    with pytest.raises(ConfigError, match="^steps must be int"):
+        make_config(overrides=["steps=many"])
+    with pytest.raises(ConfigError, match="^lr must be > 0"):
+        make_config({"lr": 0})
+    with pytest.raises(ConfigError, match="^reference must be one of"):
+        make_config({"reference": "none"})
+    with pytest.raises(ConfigError, match="key=value"):
+        make_config(overrides=["steps"])
+    with pytest.raises(ConfigError, match="^max_grad_norm must be"):
+        make_config({"max_grad_norm": "big"})
+    assert make_config(overrides=["lr=1e-3", "max_grad_norm=null"]).lr == 1e-3
+
+
+def test_cli_reports_config_errors_with_the_key(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("algorithm: dpo\nbeta: [1, 2]\n")
+    assert main(["train", "dpo", "--config", str(config)]) == 2
+    assert "beta must be float" in capsys.readouterr().err
+    config.write_text("algorithm: dpo\n  bad: : yaml\n")
+    assert main(["train", "dpo", "--config", str(config)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    assert main(["train", "sft", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_malformed_data_stops_the_run_before_training(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"instruction": "1+1=", "chosen": "2", "rejected": "3"}\n'
+                    '{"instruction": "2+2=", "chosen": 4, "rejected": "5"}\n')
+    cfg = make_config(overrides=[f"data={data}", f"out_dir={tmp_path / 'run'}", *SMALL])
+    with pytest.raises(DataFormatError, match=r"pairs.jsonl: line 2: field 'chosen'"):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    with pytest.raises(ConfigError, match="data: file .* does not exist"):
+        train(make_config(overrides=[f"data={tmp_path / 'nope.jsonl'}", *SMALL]))
+
+
+def test_data_order_is_a_function_of_the_step():
+    a = [records_for_step(50, 8, seed=3, step=s) for s in range(12)]
+    b = [records_for_step(50, 8, seed=3, step=s) for s in range(12)]
+    assert a == b
+    epoch = sorted(sum(a[:6], []))
+    assert len(set(epoch)) == 48  # one epoch: no record twice
+
+
+def test_checkpoint_is_atomic(tmp_path, monkeypatch):
+    root = tmp_path / "ck"
+    ckpt.save_checkpoint(root, 1, {"value": torch.tensor([1.0])})
+    real_replace = os.replace
+
+    def crash_on_directory(src, dst):
+        if Path(src).is_dir():
+            raise OSError("simulated crash while switching the checkpoint")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_directory)
+    with pytest.raises(OSError, match="simulated"):
+        ckpt.save_checkpoint(root, 2, {"value": torch.tensor([2.0])})
+    monkeypatch.setattr(os, "replace", real_replace)
+    state = ckpt.load_checkpoint(root)
+    assert state["step"] == 1 and float(state["value"]) == 1.0
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000001"]
+    ckpt.save_checkpoint(root, 2, {"value": torch.tensor([2.0])})
+    assert ckpt.load_checkpoint(root)["step"] == 2
+
+
+def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "alignfuse.engine.cli", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _train_rows(path: Path) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "tokens_per_s"}
+            for row in read_metrics(path) if row["split"] == "train"]
+
+
+@pytest.mark.parametrize("algorithm", ["dpo"])
+def test_killed_run_resumes_exactly(tmp_path, algorithm):
+    """A run that dies after step 3 (checkpoint at 2) and is resumed ends bit-identical to
+    the uninterrupted run: model, optimizer, scheduler, RNG and data position restored."""
+    common = [*SMALL, "steps=4", "save_every=2", "eval_every=0"]
+    full = _cli(["train", algorithm, f"out_dir={tmp_path / 'full'}", *common], tmp_path)
+    assert full.returncode == 0, full.stderr[-3000:]
+    crashed = _cli(["train", algorithm, f"out_dir={tmp_path / 'cut'}", *common,
+                    "crash_after_steps=3"], tmp_path)
+    assert crashed.returncode != 0 and "injected crash" in crashed.stderr
+    assert (tmp_path / "cut" / "checkpoints" / "latest").read_text() == "step-000002"
+    resumed = _cli(["train", algorithm, "--resume", f"out_dir={tmp_path / 'cut'}", *common],
+                   tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    a = ckpt.load_checkpoint(tmp_path / "full" / "checkpoints", restore_rng=False)
+    b = ckpt.load_checkpoint(tmp_path / "cut" / "checkpoints", restore_rng=False)
+    assert a["step"] == b["step"] == 4
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    for (ka, sa), (kb, sb) in zip(a["optimizer"]["state"].items(), b["optimizer"]["state"].items()):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"],
+                                                                          sb["exp_avg_sq"])
+    assert a["scheduler"] == b["scheduler"]
+    assert _train_rows(tmp_path / "full" / "metrics.jsonl") == \
+        _train_rows(tmp_path / "cut" / "metrics.jsonl")
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    common = [*SMALL, "steps=2", f"out_dir={tmp_path}"]
+    train(make_config(overrides=common))
+    with pytest.raises(ConfigError, match=r"differs from the checkpoint's in \['beta'\]"):
+        train(make_config(overrides=[*common, "beta=0.5"]), resume=True)
+
+
+def test_demo_at_reduced_size(tmp_path, capsys):
+    """The main job, shrunk: it runs end to end and DPO learns the training pairs. (At this
+    size the held-out prompts do not improve yet; the full demo's numbers are in README.)"""
+    rc = main(["demo", f"out_dir={tmp_path}", "num_examples=128", "steps=20",
+               "sft_warmup_steps=20", "eval_every=10", "batch_size=16", "progress=false",
+               "tensorboard=false", "lr=2e-3", "beta=0.2", "num_threads=1"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "before -> after dpo" in out and "reward accuracy" in out
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    evals = [r for r in rows if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 10, 20]
+    # Before DPO the policy IS the reference: every implicit reward is exactly 0.
+    assert evals[0]["rewards/accuracy"] == 0.0 and evals[0]["rewards/margin"] == 0.0
+    train_rows = [r for r in rows if r["split"] == "train"]
+    assert len(train_rows) == 20
+    late = train_rows[-10:]
+    assert sum(r["rewards/margin"] for r in late) / len(late) > 0.05
+    assert sum(r["rewards/accuracy"] for r in late) / len(late) > 0.55
+    assert sum(r["loss"] for r in late) / len(late) < 0.69  # below log 2, the starting loss
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("algorithm", ["sft", "rm", "kto", "orpo", "simpo"])
+def test_every_algorithm_trains_from_the_command_line(tmp_path, algorithm):
+    extra = []
+    if algorithm == "kto":
+        data = tmp_path / "kto.jsonl"
+        data.write_text("".join(
+            f'{{"instruction": "{a}+{b}=", "output": "{a + b + (a % 2)}", '
+            f'"kto_tag": {"true" if a % 2 == 0 else "false"}}}\n'
+            for a in range(4) for b in range(3)))
+        extra = [f"data={data}"]
+    rc = main(["train", algorithm, f"out_dir={tmp_path / 'run'}", "steps=2", *SMALL, *extra])
+    assert rc == 0
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2]
+    assert all(r["loss"] is not None for r in rows)
