@@ -384,8 +384,9 @@ def test_grpo_main_job_raises_the_reward(tmp_path):
     """The GRPO main job at reduced size: the reward rises clearly."""
     from alignfuse.engine.rl_tasks import run_grpo_demo
 
-    summary = run_grpo_demo([f"out_dir={tmp_path}", "iterations=20", "tensorboard=false"])
+    # Half the main job's iterations (measured here: 0.390 -> 0.675 in 60 s unloaded).
+    summary = run_grpo_demo([f"out_dir={tmp_path}", "iterations=30", "tensorboard=false"])
     assert summary["rollout"] == ("VLLMRollout" if vllm_available() else "HFRollout")
-    assert summary["reward_after"] > summary["reward_before"] + 0.1, summary
-    assert len(summary["reward_curve"]) == 20
+    assert summary["reward_after"] > summary["reward_before"] + 0.15, summary
+    assert len(summary["reward_curve"]) == 30
     assert (tmp_path / "metrics.jsonl").exists() and (tmp_path / "summary.json").exists()
