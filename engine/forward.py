@@ -203,9 +203,12 @@ def precompute_reference_logps(model: nn.Module, batches: Iterable, *,
     """
     was_training = unwrap_model(model).training
     model.eval()
+    device = next(model.parameters()).device
     found: dict[int, float] = {}
     try:
         for packed in batches:
+            if packed.input_ids.device != device:
+                packed = packed.to(device)
             logps = sequence_logprobs(model, packed, temperature=temperature).float().cpu()
             for index, value in zip(packed.seq_index.tolist(), logps.tolist()):
                 if index in found:

@@ -20,7 +20,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -228,15 +228,23 @@ def build_dataset(cfg: TrainConfig, records, tokenizer):
     from .data import tokenize_records
 
     dataset = tokenize_records(records, tokenizer)
-    if cfg.algorithm == "sft":  # DPO-shaped data: learn the chosen answers only
-        keep = [i for i, c in enumerate(dataset.extras.get("chosen", [True] * len(dataset))) if c]
-        dataset = dataclasses.replace(
-            dataset, prompt_ids=[dataset.prompt_ids[i] for i in keep],
-            completion_ids=[dataset.completion_ids[i] for i in keep],
-            record_index=[dataset.record_index[i] for i in keep], extras={})
+    if cfg.algorithm == "sft":  # preference data: learn the preferred answers only
+        dataset = preferred_only(dataset)
     if cfg.algorithm == "kto":
         dataset = kto_dataset(dataset)
     return dataset
+
+
+def preferred_only(tokenized):
+    """The preferred completions of a tokenized dataset (chosen / desirable / best-ranked;
+    all of them for data without such a label), one record each."""
+    good = tokenized.extras.get("chosen") or tokenized.extras.get("desirable")
+    if good is None and "rank" in tokenized.extras:
+        good = [rank == 0 for rank in tokenized.extras["rank"]]
+    keep = [i for i in range(len(tokenized)) if good is None or good[i]]
+    return dataclasses.replace(tokenized, prompt_ids=[tokenized.prompt_ids[i] for i in keep],
+                               completion_ids=[tokenized.completion_ids[i] for i in keep],
+                               record_index=list(range(len(keep))), extras={})
 
 
 def make_algorithm(cfg: TrainConfig, model, ref_model=None):
@@ -270,6 +278,8 @@ def records_for_step(num_records: int, batch_size: int, seed: int, step: int) ->
 
 def run_batches(algorithm, batches, *, train: bool) -> dict[str, float]:
     """One optimizer step's micro-batches (or an evaluation): unit-weighted mean metrics."""
+    device = next(algorithm.model.parameters()).device
+    batches = [b.to(device) for b in batches]
     total = sum(algorithm.num_units(b) for b in batches)
     sums: dict[str, float] = {}
     for batch in batches:
@@ -323,14 +333,7 @@ def sft_warmup(cfg: TrainConfig, model, records, tokenizer) -> None:
     from .algorithms import SFT
     from .data import tokenize_records
 
-    tokenized = tokenize_records(records, tokenizer)
-    good = tokenized.extras.get("chosen") or tokenized.extras.get("desirable")
-    if good is None and "rank" in tokenized.extras:
-        good = [rank == 0 for rank in tokenized.extras["rank"]]
-    keep = [i for i in range(len(tokenized)) if good is None or good[i]]
-    data = dataclasses.replace(tokenized, prompt_ids=[tokenized.prompt_ids[i] for i in keep],
-                               completion_ids=[tokenized.completion_ids[i] for i in keep],
-                               record_index=list(range(len(keep))), extras={})
+    data = preferred_only(tokenize_records(records, tokenizer))
     sft = SFT(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr)
     for step in range(cfg.sft_warmup_steps):
