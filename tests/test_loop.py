@@ -167,9 +167,20 @@ def test_demo_at_reduced_size(tmp_path, capsys):
     assert (tmp_path / "curves.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("algorithm", ["sft", "rm", "kto", "orpo", "simpo"])
+@pytest.mark.parametrize("algorithm", ["sft", "rm", "rm-pointwise", "rm-listwise", "kto",
+                                       "orpo", "simpo"])
 def test_every_algorithm_trains_from_the_command_line(tmp_path, algorithm):
     extra = []
+    if algorithm == "rm-pointwise":
+        data = tmp_path / "scored.jsonl"
+        data.write_text("".join(f'{{"prompt": "{a}+1=", "completion": "{a + 1 + b}", '
+                                f'"score": {1.0 - b}}}\n' for a in range(5) for b in range(2)))
+        algorithm, extra = "rm", [f"data={data}", "rm_kind=pointwise"]
+    if algorithm == "rm-listwise":
+        data = tmp_path / "ranked.jsonl"
+        data.write_text("".join(f'{{"prompt": "{a}+2=", "responses": ["{a + 2}", "{a + 3}", '
+                                f'"{a + 9}"]}}\n' for a in range(6)))
+        algorithm, extra = "rm", [f"data={data}", "rm_kind=listwise"]
     if algorithm == "kto":
         data = tmp_path / "kto.jsonl"
         data.write_text("".join(
@@ -182,3 +193,25 @@ def test_every_algorithm_trains_from_the_command_line(tmp_path, algorithm):
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2]
     assert all(r["loss"] is not None for r in rows)
+
+
+def test_builtin_tasks_have_checkable_answers():
+    from alignfuse.engine.tasks import (addition_preferences, arithmetic_problems,
+                                        arithmetic_reward, held_out_addition_prompts, solve)
+
+    held_out = held_out_addition_prompts()
+    train_pairs = addition_preferences(300, seed=1, exclude=held_out)
+    eval_pairs = addition_preferences(50, seed=2, only=held_out)
+    assert not {p.prompt for p in train_pairs} & held_out
+    assert {p.prompt for p in eval_pairs} <= held_out
+    for pair in train_pairs + eval_pairs:
+        assert arithmetic_reward(pair.prompt, pair.chosen) == 1.0
+        assert arithmetic_reward(pair.prompt, pair.rejected) == 0.0
+    for problem in arithmetic_problems(40, seed=3, ops="+-*"):
+        right = str(problem["answer"])
+        assert arithmetic_reward(problem["prompt"], right + "<eos>junk") == 1.0
+        assert arithmetic_reward(problem["prompt"], str(problem["answer"] + 1)) == 0.0
+        assert arithmetic_reward(problem["prompt"], "no number") == 0.0
+    assert solve("12-30=") == -18
+    with pytest.raises(ValueError, match="prompt must look like"):
+        solve("what is 2+2?")
