@@ -96,7 +96,9 @@ def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, *,
 
 
 # ---------------------------------------------------------------------------------------
-# triton backend: autograd around triton_forward.py / triton_backward.py
+# kernel backends: autograd around triton_forward.py / triton_backward.py, and around
+# cuda.py for logprobs_from_logits. Forward saves only per-token lse (and entropy); backward
+# recomputes the logits from them.
 
 
 def _kernel_ready(x: torch.Tensor) -> torch.Tensor:
