@@ -4,10 +4,11 @@
 # VENV picks where the virtual environment lives (CI puts it outside the checkout).
 PYTHON ?= python3
 VENV ?= .venv
-EXTRAS ?= test,train,cpu
+# bench: Liger-Kernel and cut-cross-entropy, the baselines the benchmark smoke test runs.
+EXTRAS ?= test,train,cpu,bench
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench-cpu clean
+.PHONY: setup demo demo-grpo test bench-cpu clean
 
 setup: $(VENV)/.alignfuse-installed
 
@@ -23,6 +24,12 @@ $(VENV)/.alignfuse-installed: setup.py pyproject.toml $(wildcard csrc/*/*)
 
 demo: setup
 	$(BIN)/alignfuse demo
+
+demo-grpo: setup
+	$(BIN)/alignfuse demo --task grpo
+
+bench-cpu: setup
+	$(BIN)/python -m bench run --preset cpu
 
 test: setup
 	$(BIN)/python -m pytest -q
