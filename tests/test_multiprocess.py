@@ -1,6 +1,6 @@
 """`torchrun --nproc_per_node 2` on CPU (gloo): a DPO step with the policy under FSDP2
 (`fully_shard`) and under DDP matches the single-process step on the same global batch, in
-loss and in every gradient.
+loss and in every gradient; so does a KTO step under DDP (z0 gathered across ranks).
 
 The pytest process spawns torchrun on this same file (its `__main__` part is the worker).
 Each rank gets its share of the pairs from `pack(..., num_ranks=2, rank=r)`; each micro-
@@ -38,6 +38,13 @@ def make_models():
     from alignfuse.engine.tiny import tiny_model
 
     return tiny_model("llama", VOCAB, seed=22), tiny_model("llama", VOCAB, seed=23).eval()
+
+
+def make_kto_examples():
+    gen = torch.Generator().manual_seed(24)
+    prompts = [torch.randint(6, VOCAB, (3,), generator=gen).tolist() for _ in range(6)]
+    completions = [torch.randint(6, VOCAB, (4,), generator=gen).tolist() for _ in range(6)]
+    return prompts, completions, [True, False, True, True, False, False]
 
 
 def worker(out_path: str) -> None:
@@ -83,6 +90,24 @@ def worker(out_path: str) -> None:
                                                   else g).detach().clone()
         results[mode] = {"loss": float(weighted_loss / total), "grads": grads,
                          "num_batches": len(batches)}
+    # KTO: z0 comes from the mismatched pairs of every rank (gathered), as in one process.
+    from alignfuse.engine.algorithms import KTO, kto_sequences
+
+    data = kto_sequences(*make_kto_examples())
+    (kto_batch,) = pack(data["sequences"], max_tokens=400, prompt_lengths=data["prompt_lengths"],
+                        groups=data["groups"], extras=data["extras"], num_ranks=world, rank=rank)
+    policy, ref = make_models()
+    model = torch.nn.parallel.DistributedDataParallel(policy)
+    algo = KTO(model, ref, beta=0.3)
+    units = algo.num_units(kto_batch)
+    total = torch.tensor(float(units))
+    dist.all_reduce(total)
+    metrics = algo.step(kto_batch, loss_scale=units * world / float(total))
+    weighted_loss = torch.tensor(metrics["loss"] * units)
+    dist.all_reduce(weighted_loss)
+    results["kto-ddp"] = {"loss": float(weighted_loss / total), "num_batches": 1,
+                          "grads": {n: p.grad.detach().clone()
+                                    for n, p in policy.named_parameters()}}
     if rank == 0:
         torch.save(results, out_path)
     dist.barrier()
@@ -109,11 +134,24 @@ def test_torchrun_two_processes_match_one(tmp_path):
     policy, ref = make_models()
     metrics = DPO(policy, ref, beta=0.3).step(whole)
     results = torch.load(out, weights_only=False)
+    kto_result = results.pop("kto-ddp")
     for mode, result in results.items():
         assert result["num_batches"] >= 1
         assert abs(result["loss"] - metrics["loss"]) <= 1e-5 * max(1.0, abs(metrics["loss"])), mode
         for name, p in policy.named_parameters():
             assert_rel_close(result["grads"][name], p.grad, 1e-5, f"{mode} grad {name}")
+
+    # KTO under DDP: z0 from both ranks' mismatched pairs equals the one-process z0.
+    from alignfuse.engine.algorithms import KTO, kto_sequences
+
+    data = kto_sequences(*make_kto_examples())
+    (whole,) = pack(data["sequences"], max_tokens=400, prompt_lengths=data["prompt_lengths"],
+                    groups=data["groups"], extras=data["extras"])
+    policy, ref = make_models()
+    metrics = KTO(policy, ref, beta=0.3).step(whole)
+    assert abs(kto_result["loss"] - metrics["loss"]) <= 1e-5 * max(1.0, abs(metrics["loss"]))
+    for name, p in policy.named_parameters():
+        assert_rel_close(kto_result["grads"][name], p.grad, 1e-5, f"kto grad {name}")
 
 
 if __name__ == "__main__":

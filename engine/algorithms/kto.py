@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from alignfuse.kernels.preference import kto_kl, kto_loss
@@ -86,7 +87,7 @@ class KTO(Algorithm):
         matched, mismatched = split_pairs(batch, "KTO")
         policy = self.policy_sequence_logps(batch)
         ref = reference_sequence_logps(batch, self.ref_model, self.temperature, "KTO")
-        z0 = kto_kl(policy[mismatched], ref[mismatched])
+        z0 = kto_kl(gather_ranks(policy[mismatched].detach()), gather_ranks(ref[mismatched]))
         desirable = batch.extras["desirable"][matched].to(torch.bool)
         losses, rewards = kto_loss(policy[matched], ref[matched], desirable, z0,
                                    beta=self.beta, desirable_weight=self.desirable_weight,
@@ -97,3 +98,20 @@ class KTO(Algorithm):
         if bool((~desirable).any()):
             metrics["rewards/rejected"] = float(rewards[~desirable].mean())
         return losses.mean(), metrics
+
+
+def gather_ranks(values: torch.Tensor) -> torch.Tensor:
+    """`[k]` per rank -> `[sum of k]` on every rank (ranks may hold different k); the values
+    themselves outside a process group. No gradient flows through it."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    world = dist.get_world_size()
+    count = torch.tensor([values.numel()], device=values.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    longest = int(max(int(c) for c in counts))
+    padded = values.new_zeros(longest)
+    padded[:values.numel()] = values
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:int(c)] for part, c in zip(parts, counts)])
