@@ -107,9 +107,9 @@ def grad_scaled_logits(z: torch.Tensor, p: torch.Tensor, targets: torch.Tensor,
     log_p.clamp_(min=LOG_P_FLOOR)  # -inf logits: p = 0 must give a 0 gradient, not NaN
     if g_entropy is not None:
         coef = log_p.add_(entropy[:, None]).mul_(g_entropy[:, None]).add_(g_logp[:, None])
+        grad = coef.mul_(p).neg_()
     else:
-        coef = log_p.copy_(g_logp[:, None].expand_as(log_p))
-    grad = coef.mul_(p).neg_()
+        grad = torch.mul(p, g_logp.neg()[:, None], out=log_p)  # one pass: -p g_logp
     grad.scatter_add_(1, targets[:, None], g_logp[:, None])
     return grad
 
@@ -181,7 +181,8 @@ class LinearLogprobs(torch.autograd.Function):
                                     None if entropy is None else entropy[s],
                                     _incoming(g_logp, valid, cdt, s),
                                     _incoming(g_entropy, valid, cdt, s))
-            dz.div_(T)  # d/d(raw logit) = d/dz / T
+            if T != 1.0:
+                dz.div_(T)  # d/d(raw logit) = d/dz / T
             if need_h:
                 grad_h[s] = dz @ w
             if need_w:
@@ -210,7 +211,9 @@ class LogitsLogprobs(torch.autograd.Function):
         for start in range(0, N, work.z.shape[0]):
             s = slice(start, min(start + work.z.shape[0], N))
             z, p = work.chunk(s.stop - s.start)
-            z = z.copy_(logits[s]).div_(temperature)
+            z = z.copy_(logits[s])
+            if temperature != 1.0:
+                z.div_(temperature)
             logp[s], lse[s], ent = token_stats(z, p, safe_targets[s], valid[s], want_entropy)
             if want_entropy:
                 entropy[s] = ent
@@ -232,12 +235,14 @@ class LogitsLogprobs(torch.autograd.Function):
         for start in range(0, N, work.z.shape[0]):
             s = slice(start, min(start + work.z.shape[0], N))
             z, p = work.chunk(s.stop - s.start)
-            z = z.copy_(logits[s]).div_(T)
+            z = z.copy_(logits[s])
+            if T != 1.0:
+                z.div_(T)
             dz = grad_scaled_logits(z, p, targets[s], lse[s],
                                     None if entropy is None else entropy[s],
                                     _incoming(g_logp, valid, cdt, s),
                                     _incoming(g_entropy, valid, cdt, s))
-            grad[s] = dz.div_(T)
+            grad[s] = dz.div_(T) if T != 1.0 else dz
         return grad, None, None, None, None
 
 
