@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -109,32 +111,59 @@ def _train_rows(path: Path) -> list[dict]:
             for row in read_metrics(path) if row["split"] == "train"]
 
 
-@pytest.mark.parametrize("algorithm", ["dpo"])
-def test_killed_run_resumes_exactly(tmp_path, algorithm):
+def assert_same_run(full: Path, cut: Path, steps: int) -> None:
+    a = ckpt.load_checkpoint(full / "checkpoints", restore_rng=False)
+    b = ckpt.load_checkpoint(cut / "checkpoints", restore_rng=False)
+    assert a["step"] == b["step"] == steps
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"])
+        assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    assert a["scheduler"] == b["scheduler"]
+    assert _train_rows(full / "metrics.jsonl") == _train_rows(cut / "metrics.jsonl")
+
+
+def test_crashed_run_resumes_exactly(tmp_path):
     """A run that dies after step 3 (checkpoint at 2) and is resumed ends bit-identical to
     the uninterrupted run: model, optimizer, scheduler, RNG and data position restored."""
     common = [*SMALL, "steps=4", "save_every=2", "eval_every=0"]
-    full = _cli(["train", algorithm, f"out_dir={tmp_path / 'full'}", *common], tmp_path)
+    full = _cli(["train", "dpo", f"out_dir={tmp_path / 'full'}", *common], tmp_path)
     assert full.returncode == 0, full.stderr[-3000:]
-    crashed = _cli(["train", algorithm, f"out_dir={tmp_path / 'cut'}", *common,
+    crashed = _cli(["train", "dpo", f"out_dir={tmp_path / 'cut'}", *common,
                     "crash_after_steps=3"], tmp_path)
     assert crashed.returncode != 0 and "injected crash" in crashed.stderr
     assert (tmp_path / "cut" / "checkpoints" / "latest").read_text() == "step-000002"
-    resumed = _cli(["train", algorithm, "--resume", f"out_dir={tmp_path / 'cut'}", *common],
+    resumed = _cli(["train", "dpo", "--resume", f"out_dir={tmp_path / 'cut'}", *common],
                    tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(tmp_path / "full", tmp_path / "cut", 4)
 
-    a = ckpt.load_checkpoint(tmp_path / "full" / "checkpoints", restore_rng=False)
-    b = ckpt.load_checkpoint(tmp_path / "cut" / "checkpoints", restore_rng=False)
-    assert a["step"] == b["step"] == 4
-    for name, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][name]), name
-    for (ka, sa), (kb, sb) in zip(a["optimizer"]["state"].items(), b["optimizer"]["state"].items()):
-        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"],
-                                                                          sb["exp_avg_sq"])
-    assert a["scheduler"] == b["scheduler"]
-    assert _train_rows(tmp_path / "full" / "metrics.jsonl") == \
-        _train_rows(tmp_path / "cut" / "metrics.jsonl")
+
+def test_sigkilled_run_resumes_exactly(tmp_path):
+    """SIGKILL at an arbitrary moment (possibly mid-checkpoint): the resumed run still ends
+    bit-identical to the uninterrupted one."""
+    common = [*SMALL, "steps=6", "save_every=1", "eval_every=0", "sft_warmup_steps=0"]
+    full = _cli(["train", "sft", f"out_dir={tmp_path / 'full'}", *common], tmp_path)
+    assert full.returncode == 0, full.stderr[-3000:]
+    proc = subprocess.Popen([sys.executable, "-m", "alignfuse.engine.cli", "train", "sft",
+                             f"out_dir={tmp_path / 'cut'}", *common], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = tmp_path / "cut" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if latest.exists() and latest.read_text() >= "step-000002":
+            break
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = latest.read_text()
+    assert "step-000002" <= killed_at < "step-000006"
+    resumed = _cli(["train", "sft", "--resume", f"out_dir={tmp_path / 'cut'}", *common],
+                   tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(tmp_path / "full", tmp_path / "cut", 6)
 
 
 def test_resume_refuses_a_changed_config(tmp_path):
