@@ -83,6 +83,20 @@ def document_causal_mask(cu_seqlens: torch.Tensor) -> torch.Tensor:
     return allowed[None, None]
 
 
+def document_block_mask(cu_seqlens: torch.Tensor):
+    """flex_attention's `BlockMask` of the same rule as `document_causal_mask`, without an
+    `[N, N]` tensor (blocks wholly outside every document are skipped)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    doc = document_ids(cu_seqlens)
+
+    def same_document_causal(batch, head, q, k):
+        return (doc[q] == doc[k]) & (k <= q)
+
+    n = doc.numel()
+    return create_block_mask(same_document_causal, None, None, n, n, device=doc.device)
+
+
 def _flash_attn_importable() -> bool:
     try:
         import flash_attn  # noqa: F401
@@ -114,18 +128,9 @@ def attention_inputs(model: nn.Module, packed) -> dict:
         # FlashAttentionKwargs: the varlen kernel reads document boundaries from these.
         return {"cu_seq_lens_q": cu32, "cu_seq_lens_k": cu32,
                 "max_length_q": max_len, "max_length_k": max_len}
-    from torch.nn.attention.flex_attention import create_block_mask
-
     if impl != "flex_attention":
         inner.set_attn_implementation("flex_attention")
-    doc = document_ids(cu)
-
-    def same_document_causal(b, h, q, k):
-        return (doc[q] == doc[k]) & (k <= q)
-
-    n = doc.numel()
-    return {"attention_mask": create_block_mask(same_document_causal, None, None, n, n,
-                                                device=doc.device)}
+    return {"attention_mask": document_block_mask(cu)}
 
 
 def run_decoder(model: nn.Module, packed, on_hidden: Callable[[torch.Tensor], object]):

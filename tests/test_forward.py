@@ -134,6 +134,24 @@ def test_isolation_is_what_makes_it_correct(model, monkeypatch):
     assert float((broken.double() - expected).abs().max()) > 1e-3
 
 
+def test_flex_attention_document_mask(model):
+    """The CUDA fallback path (flex_attention + document BlockMask), checked forward-only on
+    CPU, where flex_attention has no backward."""
+    gen = torch.Generator().manual_seed(12)
+    seqs = random_sequences(gen, [10, 7, 15])
+    (batch,) = pack(seqs, max_tokens=32)
+    with torch.no_grad():
+        model.set_attn_implementation("flex_attention")
+        try:
+            logits = model(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None],
+                           attention_mask=forward.document_block_mask(batch.cu_seqlens)).logits[0]
+        finally:
+            model.set_attn_implementation("sdpa")
+        expected = torch.cat([model(input_ids=torch.tensor(seqs[i])[None]).logits[0]
+                              for i in batch.seq_index.tolist()])
+    assert_rel_close(logits, expected, 1e-5, "flex document mask")
+
+
 def test_tied_embeddings():
     model = tiny_model("qwen2", VOCAB, seed=2, tie_word_embeddings=True)
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
