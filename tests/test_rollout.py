@@ -8,6 +8,7 @@ engines agree to ~5e-7 (measured); the tolerance is 1e-5 absolute per token.
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -160,6 +161,43 @@ def test_hf_weights_merges_lora():
     with torch.no_grad():
         torch.testing.assert_close(plain(input_ids=ids).logits, model(input_ids=ids).logits,
                                    atol=1e-5, rtol=1e-5)
+
+
+_FSDP2_SCRIPT = """
+import os, sys, torch, torch.distributed as dist
+dist.init_process_group("gloo", rank=0, world_size=1)
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from alignfuse.engine.tiny import tiny_model
+from alignfuse.engine.rollout import hf_weights
+bare = {k: v.clone() for k, v in tiny_model("llama", 128, seed=3).state_dict().items()}
+model = tiny_model("llama", 128, seed=3)
+for layer in model.model.layers:
+    fully_shard(layer)
+fully_shard(model)
+assert any(isinstance(v, DTensor) for v in model.state_dict().values())
+got = dict(hf_weights(model))
+assert set(got) == set(bare), set(got) ^ set(bare)
+for k, v in got.items():
+    assert not isinstance(v, DTensor) and torch.equal(v, bare[k]), k
+print("OK")
+"""
+
+
+def test_hf_weights_gathers_fsdp2_shards():
+    """FSDP2 (DTensor) parameters are gathered one at a time under their HF names. In a
+    subprocess: a gloo process group of one, apart from vLLM's own in this process."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    result = subprocess.run([sys.executable, "-c", _FSDP2_SCRIPT], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-2000:]
 
 
 def test_sampling_config_rejects_bad_values():
