@@ -214,6 +214,24 @@ def _merge(batches, grpo):
                         completion_tensor(packed, samp), completion_tensor(packed, old))
 
 
+def test_grpo_scores_with_a_reward_model():
+    """A `RewardModel` as the reward: each sample's score equals the reward model's score of
+    its prompt + completion alone (packing does not leak between samples)."""
+    from alignfuse.engine.algorithms import RewardModel
+
+    policy = tiny_model("llama", 128, seed=10)
+    scorer = RewardModel(tiny_model("llama", 128, seed=11), kind="pointwise")
+    torch.nn.init.normal_(scorer.model.reward_head.weight, std=0.5)
+    grpo = GRPO(policy, HFRollout(policy), scorer, group_size=2, sampling=sampling(seed=4))
+    samples, _ = grpo.generate(PROMPTS)
+    scores = grpo.score(samples)
+    for s, score in zip(samples, scores):
+        (alone,) = pack([s.prompt_token_ids + s.completion_token_ids], max_tokens=64)
+        with torch.no_grad():
+            assert abs(float(scorer.scores(alone)[0]) - float(score)) < 1e-5
+    assert scores.std() > 0
+
+
 def test_grpo_rejects_bad_options():
     model = tiny_model("llama", 128, seed=0)
     rollout = HFRollout(model)
