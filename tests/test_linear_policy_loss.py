@@ -169,7 +169,7 @@ def test_per_sequence_advantages(backend):
     loss_seq, _, grads_seq = run(batch, backend, per_seq_adv=True)
     batch["adv"] = batch["seq_adv"][:, None].expand(B, T).contiguous()
     loss_tok, _, grads_tok = run(batch, backend)
-    assert_rel_close(loss_seq, loss_tok, 1e-6, "loss")
+    assert float(loss_seq) == pytest.approx(float(loss_tok), rel=1e-6, abs=1e-7)
     for g_seq, g_tok in zip(grads_seq, grads_tok):
         assert_rel_close(g_seq, g_tok, 1e-6, "grad")
 
@@ -192,9 +192,9 @@ def test_padded_and_packed_agree(backend):
     kwargs = dict(kl_coef=0.1, entropy_coef=0.01, loss_agg="seq-mean-token-sum-norm")
     padded = run(batch, backend, **kwargs)
     packed = run(batch, backend, layout="packed", **kwargs)
-    assert_rel_close(packed[0], padded[0], 1e-6, "loss")
+    assert float(packed[0]) == pytest.approx(float(padded[0]), rel=1e-5, abs=2e-6)
     for name in padded[1]:
-        assert float(packed[1][name]) == pytest.approx(float(padded[1][name]), rel=1e-5, abs=1e-7)
+        assert float(packed[1][name]) == pytest.approx(float(padded[1][name]), rel=1e-5, abs=2e-6)
     for g_pad, g_pack in zip(padded[2], packed[2]):
         assert_rel_close(g_pack, g_pad, 1e-5, "grad")
 
@@ -240,9 +240,11 @@ def test_chunking_splits_and_agrees(backend, monkeypatch):
         counted = int((batch["mask"] & (batch["targets"] != IGNORE)).sum())
         # GSPO: a statistics pass and a gradient pass, each in ceil(counted / 7) chunks
         assert launches == ([7] * (counted // 7) + ([counted % 7] if counted % 7 else [])) * 2
-    assert_rel_close(many[0], one[0], 1e-6, "loss")
+    # chunk sizes change the GEMMs' fp32 rounding (~1e-7 per logit); the loss is a sum of
+    # O(1) terms that may cancel, so it is compared on an absolute scale
+    assert float(many[0]) == pytest.approx(float(one[0]), rel=1e-5, abs=2e-6)
     for name in one[1]:
-        assert float(many[1][name]) == pytest.approx(float(one[1][name]), rel=1e-5, abs=1e-7)
+        assert float(many[1][name]) == pytest.approx(float(one[1][name]), rel=1e-5, abs=2e-6)
     for g_one, g_many in zip(one[2], many[2]):
         assert_rel_close(g_many, g_one, 1e-5, "grad")
 

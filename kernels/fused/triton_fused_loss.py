@@ -128,6 +128,19 @@ def _fused_chunk_kernel(z_ptr, dz_ptr, t_ptr, w_ptr, old_ptr, adv_ptr, ref_ptr, 
                      mask=mask)
 
 
+def _interpreted(t: torch.Tensor) -> bool:
+    return t.device.type != "cuda"
+
+
+def _blocks(z: torch.Tensor) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_V): on GPU the log-prob logits kernels' (a few rows, long vocabulary
+    strips: memory-bound sweeps). The interpreter runs programs one after another and pays
+    per tile op, so it gets one program of large tiles per chunk."""
+    if _interpreted(z):
+        return min(512, triton.next_power_of_2(max(z.shape[0], 1))), 1024
+    return logits_blocks(z)
+
+
 def fused_chunk_loss(z: torch.Tensor, dz: torch.Tensor | None, targets: torch.Tensor,
                      weights: torch.Tensor, stats: torch.Tensor, temperature: float, *,
                      loss: int, old_logps: torch.Tensor | None = None,
@@ -146,7 +159,7 @@ def fused_chunk_loss(z: torch.Tensor, dz: torch.Tensor | None, targets: torch.Te
     C, V = z.shape
     if C == 0:
         return
-    block_n, block_v = logits_blocks(z)
+    block_n, block_v = _blocks(z)
     need_grad = dz is not None
     policy = loss == POLICY
     dummy = weights
