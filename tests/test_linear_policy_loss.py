@@ -411,3 +411,46 @@ def test_fused_path_peak_memory_vs_naive():
     assert naive["extra_kib"] * 1024 > _N * _V * 4  # the naive path's [N, V] logits are seen
     assert abs(fused["grad_norm"] - naive["grad_norm"]) <= 1e-3 * naive["grad_norm"]
     assert ratio <= 0.15, f"the fused path used {ratio:.3f} of the naive path's extra memory"
+
+
+# ---------------------------------------------------------------------------------------
+# For tests/test_triton_sm90.py's VARIANTS (the fused kernel's constexpr switches):
+#     "linear_policy_loss": test_linear_policy_loss.sm90_variants,
+#     "linear_cross_entropy": test_linear_policy_loss.sm90_variants,
+
+
+def sm90_variants(dtype):
+    """(label, run) pairs that launch triton_fused_loss's kernel in every constexpr setting."""
+    from alignfuse.kernels import linear_cross_entropy
+
+    def policy(**kwargs):
+        n, h, v = 19, 40, 301
+        hidden = torch.randn(n, h).to(dtype).requires_grad_()
+        weight = (torch.randn(v, h) * 0.2).to(dtype).requires_grad_()
+        targets = torch.randint(0, v, (n,))
+        targets[1] = IGNORE
+        cu = torch.tensor([0, 5, 12, 12, 19], dtype=torch.int32)
+        old, ref = torch.randn(n) - 5.0, torch.randn(n) - 5.0
+        loss, _ = linear_policy_loss(hidden, weight, targets, old, torch.randn(4),
+                                     cu_seqlens=cu, ref_logps=ref, backend="triton", **kwargs)
+        loss.float().backward()
+
+    def cross_entropy(**kwargs):
+        hidden = torch.randn(13, 40).to(dtype).requires_grad_()
+        weight = (torch.randn(301, 40) * 0.2).to(dtype).requires_grad_()
+        bias = torch.randn(301).to(dtype).requires_grad_()
+        loss = linear_cross_entropy(hidden, weight, torch.randint(0, 301, (13,)), bias=bias,
+                                    backend="triton", **kwargs)
+        loss.float().sum().backward()
+
+    yield "linear_policy_loss[token]", lambda: policy()
+    yield "linear_policy_loss[gspo,dual_clip]", lambda: policy(importance_level="sequence",
+                                                               dual_clip=3.0)
+    yield "linear_policy_loss[entropy]", lambda: policy(entropy_coef=0.01, temperature=0.7)
+    for estimator in ("k1", "k2", "k3", "abs"):
+        yield (f"linear_policy_loss[kl_estimator={estimator}]",
+               lambda e=estimator: policy(kl_coef=0.1, kl_estimator=e))
+    yield "linear_cross_entropy[mean]", lambda: cross_entropy()
+    yield "linear_cross_entropy[sum,smoothing]", lambda: cross_entropy(reduction="sum",
+                                                                      label_smoothing=0.1)
+    yield "linear_cross_entropy[none]", lambda: cross_entropy(reduction="none")
