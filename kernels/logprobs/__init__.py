@@ -41,6 +41,17 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     No backend holds the `[N, V]` logits: torch works in memory-budgeted chunks, triton in
     tiles.
     """
+    H, flat_targets, temperature = check_linear_inputs(hidden, weight, bias, targets,
+                                                       ignore_index, temperature)
+    logps, entropy = dispatch("linear_logprobs", backend, hidden.device,
+                              hidden.reshape(-1, H), weight, bias, flat_targets,
+                              temperature, ignore_index, bool(return_entropy))
+    return _unflatten(logps, entropy, targets.shape, return_entropy)
+
+
+def check_linear_inputs(hidden, weight, bias, targets, ignore_index, temperature):
+    """linear_logprobs' argument checks (also used by the fused LM-head losses).
+    Returns (H, targets flattened to `[N]` int64, temperature as a float)."""
     checks.floating("hidden", hidden)
     if hidden.dim() < 1:
         raise ValueError("hidden must be [..., H], got a 0-D tensor")
@@ -65,10 +76,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     flat_targets = _check_targets(targets, hidden.shape[:-1], "hidden[..., H]", hidden, V,
                                   ignore_index)
     temperature = _check_temperature(temperature)
-    logps, entropy = dispatch("linear_logprobs", backend, hidden.device,
-                              hidden.reshape(-1, H), weight, bias, flat_targets,
-                              temperature, ignore_index, bool(return_entropy))
-    return _unflatten(logps, entropy, targets.shape, return_entropy)
+    return H, flat_targets, temperature
 
 
 def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, *,
