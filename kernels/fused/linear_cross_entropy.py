@@ -30,9 +30,9 @@ import torch
 from .. import checks
 from ..autograd import fused_local_grad
 from ..backends import dispatch, register
-from ..logprobs import linear_logprobs
+from ..logprobs import check_linear_inputs, linear_logprobs
 from .chunked import FusedLinearLoss
-from .lm_head import check_lm_head, needed_grads
+from .lm_head import needed_grads
 
 __all__ = ["linear_cross_entropy"]
 
@@ -53,8 +53,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     Returns a float32 scalar ("mean"/"sum") or per-token `[...]` ("none"); float64 inputs
     give float64. Differentiable with respect to hidden, weight and bias.
     """
-    H, flat_targets = check_lm_head(hidden, weight, bias, targets, ignore_index, temperature,
-                                    token_dims=hidden.dim() - 1)
+    H, flat_targets, temperature = check_linear_inputs(hidden, weight, bias, targets,
+                                                       ignore_index, temperature)
     checks.one_of("reduction", reduction, REDUCTIONS)
     if (not isinstance(label_smoothing, (int, float)) or isinstance(label_smoothing, bool)
             or not 0.0 <= label_smoothing <= 1.0):

@@ -48,12 +48,12 @@ from .. import checks
 from ..autograd import fused_local_grad
 from ..backends import dispatch, register
 from ..layout import TokenLayout
-from ..logprobs import linear_logprobs
+from ..logprobs import check_linear_inputs, linear_logprobs
 from ..policy.aggregation import aggregate, masked_token_mean, sequence_weights, valid_counts
 from ..policy.kl import KL_ESTIMATOR_CODES, compute_dtype
 from ..policy.policy_loss import METRIC_NAMES, PolicyLossOptions, check_policy_inputs
 from .chunked import FusedLinearLoss
-from .lm_head import check_lm_head, needed_grads
+from .lm_head import needed_grads
 
 __all__ = ["linear_policy_loss"]
 
@@ -87,8 +87,8 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     detached scalars (clipfrac, dual_clipfrac, approx_kl, kl when ref_logps is given,
     ratio_mean, ratio_max, pg_loss) plus `entropy`, the mean entropy over counted tokens.
     """
-    H, flat_targets = check_lm_head(hidden, weight, bias, targets, ignore_index, temperature,
-                                    token_dims=hidden.dim() - 1)
+    H, flat_targets, temperature = check_linear_inputs(hidden, weight, bias, targets,
+                                                       ignore_index, temperature)
     checks.non_empty("targets", targets)
     layout, flat_old, flat_adv, flat_ref, options = check_policy_inputs(
         targets, old_logps, advantages, ref_logps, mask=mask, cu_seqlens=cu_seqlens,
