@@ -75,6 +75,13 @@ def test_padded_batch_shape(backend, reduction):
     check(backend, make_inputs((3, 13)), reduction=reduction, label_smoothing=0.05)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_bf16_inputs(backend, reduction):
+    # the GPU dtype, here on CPU: bf16 d loss / d logits buffer, fp32 logits
+    check(backend, make_inputs(dtype=torch.bfloat16), tol=1e-3, reduction=reduction,
+          label_smoothing=0.1)
+
+
 def test_no_bias_and_full_smoothing(backend):
     hidden, weight, _, targets = make_inputs()
     want, (gh, gw, _) = reference(hidden, weight, torch.zeros(V), targets, label_smoothing=1.0)

@@ -109,7 +109,9 @@ def run(batch, backend, *, layout="padded", per_seq_adv=False, with_ref=True, **
 def check_against_reference(batch, backend, *, tol=2e-5, layout="padded", **kwargs):
     want_loss, want_metrics, want_grads = reference(batch, **kwargs)
     loss, metrics, grads = run(batch, backend, layout=layout, **kwargs)
-    assert loss.dtype == torch.float32
+    assert loss.dtype == (torch.float64 if batch["hidden"].dtype == torch.float64
+                          else torch.float32)
+    assert all(g.dtype == batch["hidden"].dtype for g in grads)
     scale = float(want_metrics.pop("_scale"))
     assert abs(float(loss) - float(want_loss)) <= tol * scale, (float(loss), float(want_loss))
     assert set(metrics) == set(want_metrics), (set(metrics), set(want_metrics))
@@ -269,6 +271,18 @@ def test_no_grad_and_partial_grads(backend):
                                  backend=backend)
     loss.backward()
     assert_rel_close(hidden.grad, with_grad[2][0], 1e-6, "grad_hidden")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_bf16_and_float64_inputs(backend, dtype, monkeypatch):
+    """bf16 (the GPU dtype: a bf16 d loss / d logits buffer, fp32 weight-gradient slices) and
+    float64 (gradcheck inputs) against float64 of the same input values."""
+    from alignfuse.kernels.fused import chunked
+
+    monkeypatch.setattr(chunked, "WEIGHT_GRAD_ROWS", 300)  # 4 slices of the 1031 rows
+    tol = 1e-3 if dtype == torch.bfloat16 else 2e-5
+    check_against_reference(make_batch(dtype=dtype), backend, tol=tol, kl_coef=0.1,
+                            entropy_coef=0.01, layout="packed")
 
 
 def test_float64_gradcheck_of_the_reference():
