@@ -293,9 +293,11 @@ def test_ppo_loss_matches_unfused(kl_in_reward):
     pairs = recover_samples(batch)
     old = [plain_logps(model, p, c).detach() for p, c in pairs]
     ref_lp = [plain_logps(ref, p, c).detach() for p, c in pairs]
-    old_values = [plain_values(ppo, p, c).detach() for p, c in pairs]
-    for got, want in zip(per_sequence(batch, "values"), old_values):
-        assert_rel_close(got, want, 1e-4, "values")
+    for got, (p, c) in zip(per_sequence(batch, "values"), pairs):
+        assert_rel_close(got, plain_values(ppo, p, c), 1e-4, "values")
+    # From here on the batch's own values (packed and unpacked fp32 forwards differ by
+    # ~1e-6, which whitening by a small std can amplify past any tight tolerance).
+    old_values = per_sequence(batch, "values")
     advs, rets = [], []
     for (p, c), o, r_, v in zip(pairs, old, ref_lp, old_values):
         rewards = torch.zeros(len(c), dtype=torch.float64)
