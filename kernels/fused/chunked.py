@@ -98,8 +98,10 @@ class FusedLinearLoss:
         grad_h = torch.zeros(N, H, device=device, dtype=dtype) if need_h else None
         grad_w = torch.zeros(V, H, **f32) if need_w else None
         grad_b = torch.zeros(V, **f32) if need_b else None
+        # fp32 logits, plus the half-precision gradient buffer; chunk_rows budgets two
+        # buffers of element_bytes each, hence the half
         bytes_per_logit = 4 + (w.element_size() if half and need_grad else 0)
-        rows_per_chunk = chunk_rows(max(self.num_rows, 1), V, bytes_per_logit // 2 or 1,
+        rows_per_chunk = chunk_rows(max(self.num_rows, 1), V, bytes_per_logit // 2,
                                     V * H * 4)
         z_buf = torch.empty(rows_per_chunk, V, **f32)
         dz_buf = (torch.empty(rows_per_chunk, V, device=device, dtype=dtype)

@@ -132,13 +132,23 @@ def _interpreted(t: torch.Tensor) -> bool:
     return t.device.type != "cuda"
 
 
+# Programs a chunk should give the GPU at least (several per SM of an H100/H200), before
+# rows are grouped: a budget-sized chunk of a 150k vocabulary has only ~300 rows.
+MIN_PROGRAMS = 512
+
+
 def _blocks(z: torch.Tensor) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_V): on GPU the log-prob logits kernels' (a few rows, long vocabulary
-    strips: memory-bound sweeps). The interpreter runs programs one after another and pays
-    per tile op, so it gets one program of large tiles per chunk."""
+    """(BLOCK_N, BLOCK_V). On GPU: long vocabulary strips (the log-prob logits kernels'
+    BLOCK_V) and up to their BLOCK_N rows per program, fewer when the chunk has too few rows
+    to fill the GPU (the sweeps are memory-bound). The interpreter runs programs one after
+    another and pays per tile op, so it gets one program of large tiles per chunk."""
+    C = max(z.shape[0], 1)
     if _interpreted(z):
-        return min(512, triton.next_power_of_2(max(z.shape[0], 1))), 1024
-    return logits_blocks(z)
+        return min(512, triton.next_power_of_2(C)), 1024
+    block_n, block_v = logits_blocks(z)
+    while block_n > 1 and C // block_n < MIN_PROGRAMS:
+        block_n //= 2
+    return block_n, block_v
 
 
 def fused_chunk_loss(z: torch.Tensor, dz: torch.Tensor | None, targets: torch.Tensor,
