@@ -63,17 +63,17 @@ class FusedLinearLoss:
 
     hidden `[N, H]`, weight `[V, H]`, bias `[V]` or None (one floating dtype; float64 is
     computed in float32), rows: int64 `[M]` indices of the counted tokens or None (all).
-    `launch(z, dz, chunk)` runs the Triton kernel on one chunk (`chunk` a slice of [0, M)),
-    writing d loss / d(raw logits) into dz when dz is not None.
+    `launch(z, dz, chunk)` runs the Triton kernel on one chunk of raw logits z (`chunk` a
+    slice of [0, M)); it applies the temperature and writes d loss / d(raw logits) into dz
+    when dz is not None.
     """
 
     def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 rows: torch.Tensor | None, temperature: float):
+                 rows: torch.Tensor | None):
         if hidden.dtype == torch.float64:  # gradcheck inputs: no fp64 tensor-core path
             hidden, weight = hidden.float(), weight.float()
             bias = None if bias is None else bias.float()
         self.hidden, self.weight, self.bias, self.rows = hidden, weight, bias, rows
-        self.temperature = temperature
         self.num_rows = hidden.shape[0] if rows is None else rows.numel()
 
     def _hidden_rows(self, chunk: slice) -> torch.Tensor:

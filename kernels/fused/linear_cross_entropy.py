@@ -131,7 +131,7 @@ def _linear_cross_entropy_triton(hidden, weight, bias, targets, ignore_index, te
     inputs = [hidden, weight] + ([bias] if bias is not None else [])
 
     def kernel(h, w, *b):
-        engine = FusedLinearLoss(h, w, b[0] if b else None, rows, temperature)
+        engine = FusedLinearLoss(h, w, b[0] if b else None, rows)
         stats = torch.empty(NUM_STATS, M, device=hidden.device, dtype=torch.float32)
         grads = engine.run(lambda z, dz, c: fused_chunk_loss(
             z, dz, t[c], token_weight[c], stats[:, c], temperature, loss=CROSS_ENTROPY,

@@ -157,8 +157,8 @@ def _linear_policy_loss_triton(hidden, weight, bias, targets, old_logps, advanta
                                          options.horizon)[layout.seq_ids])
     if advantages.shape != (N,):
         advantages = advantages[layout.seq_ids]  # per sequence -> per token
-    t, old, adv = pick(targets), pick(old_logps), pick(advantages)
-    t = t.to(torch.int64)
+    old, adv = pick(old_logps), pick(advantages)
+    t = (targets if rows is None else targets[rows]).contiguous()  # int64, not via fp32
     ref = None if ref_logps is None else pick(ref_logps)
     M = t.numel()
     policy_args = dict(clip_low=options.clip_low, clip_high=options.clip_high,
@@ -169,7 +169,7 @@ def _linear_policy_loss_triton(hidden, weight, bias, targets, old_logps, advanta
     inputs = [hidden, weight] + ([bias] if bias is not None else [])
 
     def kernel(h, w, *b):
-        engine = FusedLinearLoss(h, w, b[0] if b else None, rows, temperature)
+        engine = FusedLinearLoss(h, w, b[0] if b else None, rows)
         stats = torch.empty(NUM_STATS, M, device=device, dtype=torch.float32)
         seq_lr = None
         if options.importance_level == "sequence":
