@@ -34,7 +34,8 @@ from ..logprobs.triton_forward import (finish_stats, logits_blocks, online_lse_u
 from ..policy.triton_token_loss import policy_token_loss
 
 POLICY, CROSS_ENTROPY = 0, 1
-# rows of the per-token stats buffer
+# rows of the per-token stats buffer (the kernel writes them by these numbers: a jit
+# function cannot read plain module globals)
 STAT_LOGP, STAT_ENTROPY, STAT_LOSS, STAT_PG, STAT_RATIO, STAT_CLIPPED, STAT_DUAL, STAT_KL = range(8)
 NUM_STATS = 8
 
