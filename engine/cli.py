@@ -3,7 +3,7 @@
     alignfuse train {sft,rm,dpo,kto,orpo,simpo} --config file.yaml [key=value ...] [--resume]
     alignfuse demo [key=value ...]      the main job: DPO on the embedded default
     alignfuse train {grpo,ppo} [--config file.yaml] [key=value ...] [--resume]
-    alignfuse demo --task grpo [key=value ...]   GRPO main job (engine/rl_tasks.py)
+    alignfuse demo --task grpo [key=value ...]   GRPO main job (engine/online_loop.py)
 
 Every key of `engine/loop.py::TrainConfig` may be set in the YAML file or as `key=value`
 (the command line wins). A bad key or value stops the run with a message naming the key.
@@ -32,9 +32,9 @@ DEMO_METRICS = (("rewards/accuracy", "reward accuracy"), ("rewards/margin", "rew
 
 def _train(args: argparse.Namespace) -> int:
     from .loop import load_config_file, make_config, train
-    from .rl_tasks import ONLINE_ALGORITHMS, make_online_config, train_online
+    from .online_loop import ONLINE_ALGORITHMS, make_online_config, train_online
 
-    if args.algorithm in ONLINE_ALGORITHMS:  # GRPO/PPO: OnlineConfig keys (engine/rl_tasks.py)
+    if args.algorithm in ONLINE_ALGORITHMS:  # GRPO/PPO: OnlineConfig keys (engine/online_loop.py)
         values = load_config_file(args.config) if args.config else {}
         train_online(make_online_config(values, args.overrides, algorithm=args.algorithm),
                      resume=args.resume)
@@ -54,7 +54,7 @@ def _demo(args: argparse.Namespace) -> int:
     from .loop import make_config, train
 
     if args.task == "grpo":
-        from .rl_tasks import run_grpo_demo
+        from .online_loop import run_grpo_demo
 
         run_grpo_demo(args.overrides, resume=args.resume)
         return 0

@@ -402,7 +402,7 @@ def test_grpo_and_ppo_user_loops_with_vllm(vllm_policy):
 @pytest.mark.vllm
 def test_grpo_main_job_raises_the_reward(tmp_path):
     """The GRPO main job at reduced size: the reward rises clearly."""
-    from alignfuse.engine.rl_tasks import run_grpo_demo
+    from alignfuse.engine.online_loop import run_grpo_demo
 
     # Half the main job's iterations (measured here: 0.390 -> 0.675 in 60 s unloaded).
     summary = run_grpo_demo([f"out_dir={tmp_path}", "iterations=30", "tensorboard=false"])
@@ -415,7 +415,7 @@ def test_grpo_main_job_raises_the_reward(tmp_path):
 def test_online_loop_resumes_exactly(tmp_path):
     """`alignfuse train grpo --resume` after a crash ends with the uninterrupted run's weights
     (prompts and sampling seeds are functions of (seed, iteration); Adam and RNG restored)."""
-    from alignfuse.engine.rl_tasks import make_online_config, train_online
+    from alignfuse.engine.online_loop import make_online_config, train_online
 
     small = ["max_operand=1", "prompts_per_iteration=4", "group_size=4", "sft_warmup_steps=2",
              "sft_examples=8", "iterations=3", "eval_samples=1", "rollout=hf",
