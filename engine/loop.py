@@ -131,6 +131,14 @@ def make_config(values: dict[str, Any] | None = None, overrides: list[str] | Non
                 **kwargs) -> TrainConfig:
     """A validated `TrainConfig` from a mapping (a parsed YAML file), `key=value` strings
     (the command line; values parsed as YAML scalars) and keyword arguments, later wins."""
+    return build_config(TrainConfig, values, overrides, kwargs)
+
+
+def build_config(config_class: type, values: dict[str, Any] | None,
+                 overrides: list[str] | None, kwargs: dict[str, Any]):
+    """`config_class(**merged).validate()`, merged from `values`, then `key=value` strings
+    (values parsed as YAML scalars), then `kwargs`, later wins. The one parser of
+    `TrainConfig` and `OnlineConfig`: unknown keys raise ConfigError with a suggestion."""
     import yaml
 
     merged: dict[str, Any] = {}
@@ -145,7 +153,7 @@ def make_config(values: dict[str, Any] | None = None, overrides: list[str] | Non
         key, raw = item.split("=", 1)
         merged[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
     merged.update(kwargs)
-    types = {f.name: str(f.type) for f in fields(TrainConfig)}
+    types = {f.name: str(f.type) for f in fields(config_class)}
     for key, value in merged.items():
         if key not in types:
             close = difflib.get_close_matches(str(key), types, n=2)
@@ -157,7 +165,7 @@ def make_config(values: dict[str, Any] | None = None, overrides: list[str] | Non
                 merged[key] = float(value)
             except ValueError:
                 pass
-    return TrainConfig(**merged).validate()
+    return config_class(**merged).validate()
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -348,10 +356,12 @@ RESUMABLE_CHANGES = ("steps", "crash_after_steps", "progress", "save_every", "ev
                      "log_every", "tensorboard", "keep_checkpoints", "num_threads")
 
 
-def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
-    """Run training from a validated config. Returns a summary: `before`/`after` evaluation
-    metrics, the final train metrics, and the paths written."""
-    cfg.validate()
+def open_run(cfg, *, resume: bool, resumable: tuple[str, ...]
+             ) -> tuple[Path, Path, dict[str, Any] | None]:
+    """Create `cfg.out_dir` and, when resuming, load its latest checkpoint (RNG not yet
+    restored) and check that `cfg` matches the checkpoint's config except in `resumable`
+    keys. Returns (out_dir, checkpoint root, checkpoint state or None). Shared by `train`
+    and the online loop."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_root = out / "checkpoints"
@@ -360,9 +370,17 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         raise FileNotFoundError(f"resume: no checkpoint under {ckpt_root}")
     if state is not None:
         changed = [k for k, v in dataclasses.asdict(cfg).items()
-                   if k not in RESUMABLE_CHANGES and state["config"].get(k) != v]
+                   if k not in resumable and state["config"].get(k) != v]
         if changed:
             raise ConfigError(f"resume: the config differs from the checkpoint's in {changed}")
+    return out, ckpt_root, state
+
+
+def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
+    """Run training from a validated config. Returns a summary: `before`/`after` evaluation
+    metrics, the final train metrics, and the paths written."""
+    cfg.validate()
+    out, ckpt_root, state = open_run(cfg, resume=resume, resumable=RESUMABLE_CHANGES)
 
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)

@@ -64,17 +64,26 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_metrics(path: str | os.PathLike, png: str | os.PathLike) -> Path | None:
-    """Plot loss and reward curves (train and eval) from a metrics JSONL file to `png`.
-
-    Returns the PNG path, or None when matplotlib is not installed or there is nothing to plot.
-    """
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend, or None when matplotlib is not
+    installed (plots are optional)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except Exception:
+        return None
+    return plt
+
+
+def plot_metrics(path: str | os.PathLike, png: str | os.PathLike) -> Path | None:
+    """Plot loss and reward curves (train and eval) from a metrics JSONL file to `png`.
+
+    Returns the PNG path, or None when matplotlib is not installed or there is nothing to plot.
+    """
+    plt = pyplot()
+    if plt is None:
         return None
     rows = read_metrics(path)
     panels = [("loss", ["loss"]),

@@ -21,9 +21,7 @@ GRPO maximises.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
-import os
 import random
 import time
 from dataclasses import dataclass, fields
@@ -33,13 +31,17 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
-from .metrics import MetricsLogger, plot_metrics
+from .loop import ConfigError, _check_type, build_config, open_run
+from .metrics import MetricsLogger, plot_metrics, pyplot, read_metrics
 from .packing import pack
 from .rollout import HFRollout, Rollout, SamplingConfig, VLLMRollout, vllm_available
-from .tasks import arithmetic_reward, solve
+from .tasks import addition_prompts, arithmetic_reward, solve
 from .tiny import tiny_model, tiny_tokenizer
 
 ONLINE_ALGORITHMS = ("grpo", "ppo")
+# Keys that may change between a run and its resumption (they do not change the numbers).
+RESUMABLE_CHANGES = ("iterations", "crash_after_iterations", "save_every", "tensorboard",
+                     "keep_checkpoints", "num_threads")
 
 
 @dataclass
@@ -94,8 +96,6 @@ class OnlineConfig:
     crash_after_iterations: int | None = None  # testing aid: a crash to resume from
 
     def validate(self) -> "OnlineConfig":
-        from .loop import ConfigError, _check_type
-
         for f in fields(self):
             _check_type(f.name, getattr(self, f.name), f.type)
         if self.algorithm not in ONLINE_ALGORITHMS:
@@ -119,37 +119,11 @@ def make_online_config(values: dict[str, Any] | None = None,
     """A validated `OnlineConfig` from a mapping, `key=value` strings and keywords (later
     wins); values are parsed as YAML scalars, as `alignfuse train` does for the other
     algorithms."""
-    import yaml
-
-    from .loop import ConfigError
-
-    merged: dict[str, Any] = dict(values or {})
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key=value")
-        key, raw = item.split("=", 1)
-        merged[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
-    merged.update(kwargs)
-    types = {f.name: str(f.type) for f in fields(OnlineConfig)}
-    for key, value in list(merged.items()):
-        if key not in types:
-            close = difflib.get_close_matches(str(key), types, n=2)
-            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-            raise ConfigError(f"unknown config key {key!r}{hint}")
-        if "float" in types[key] and isinstance(value, str):
-            try:
-                merged[key] = float(value)
-            except ValueError:
-                pass
-    return OnlineConfig(**merged).validate()
+    return build_config(OnlineConfig, values, overrides, kwargs)
 
 
 # ---------------------------------------------------------------------------------------
 # The task
-
-
-def addition_prompts(max_operand: int) -> list[str]:
-    return [f"{a}+{b}=" for a in range(max_operand + 1) for b in range(max_operand + 1)]
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
@@ -237,22 +211,8 @@ def train_online(cfg: OnlineConfig, *, resume: bool = False, rollout: Rollout | 
     rollout: an existing rollout to reuse (tests share one vLLM engine); it must have been
         built on a model of the same architecture, and is synced from the new model first.
     """
-    from .loop import ConfigError
-
     cfg.validate()
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_root = out / "checkpoints"
-    state = ckpt.load_checkpoint(ckpt_root, restore_rng=False) if resume else None
-    if resume and state is None:
-        raise FileNotFoundError(f"resume: no checkpoint under {ckpt_root}")
-    if state is not None:
-        changed = [k for k, v in dataclasses.asdict(cfg).items()
-                   if k not in ("iterations", "crash_after_iterations", "save_every",
-                                "tensorboard", "keep_checkpoints", "num_threads")
-                   and state["config"].get(k) != v]
-        if changed:
-            raise ConfigError(f"resume: the config differs from the checkpoint's in {changed}")
+    out, ckpt_root, state = open_run(cfg, resume=resume, resumable=RESUMABLE_CHANGES)
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
@@ -336,7 +296,7 @@ def train_online(cfg: OnlineConfig, *, resume: bool = False, rollout: Rollout | 
     logger.log(cfg.iterations, {"reward": summary["reward_after"]}, split="eval")
     logger.close()
     summary["seconds"] = time.perf_counter() - start_time
-    summary["reward_curve"] = [row["reward"] for row in _read_rows(logger.path)
+    summary["reward_curve"] = [row["reward"] for row in read_metrics(logger.path)
                                if row["split"] == "train"]
     summary["metrics"] = str(logger.path)
     summary["plot"] = str(plot_metrics(logger.path, out / "curves.png") or "")
@@ -352,20 +312,10 @@ def train_online(cfg: OnlineConfig, *, resume: bool = False, rollout: Rollout | 
     return summary
 
 
-def _read_rows(path) -> list[dict]:
-    from .metrics import read_metrics
-
-    return read_metrics(path)
-
-
 def plot_reward(summary: dict, png) -> Path | None:
     """The batch reward per iteration, with the evaluated reward before and after."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:
+    plt = pyplot()
+    if plt is None:
         return None
     curve = summary["reward_curve"]
     fig, ax = plt.subplots(figsize=(6, 3.5))

@@ -50,9 +50,14 @@ def _wrong_answer(rng: random.Random, right: int) -> int:
             return wrong
 
 
+def addition_prompts(max_operand: int) -> list[str]:
+    """Every `"a+b="` prompt with a, b in 0..max_operand, in order."""
+    return [f"{a}+{b}=" for a in range(max_operand + 1) for b in range(max_operand + 1)]
+
+
 def held_out_addition_prompts(max_operand: int = 9, fraction: float = 0.2) -> set[str]:
     """A fixed set of `"a+b="` prompts never trained on, to evaluate generalization."""
-    prompts = [f"{a}+{b}=" for a in range(max_operand + 1) for b in range(max_operand + 1)]
+    prompts = addition_prompts(max_operand)
     random.Random(12345).shuffle(prompts)
     return set(prompts[:max(1, int(fraction * len(prompts)))])
 
