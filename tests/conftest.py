@@ -5,6 +5,7 @@
 - `backend` parametrizes a test over every backend that can run on this machine: torch and
   triton always (triton under the interpreter on CPU), cuda where the module and a GPU exist.
 - `device` is cuda when a GPU is present, else cpu.
+- `one_torch_thread` (module scope, opt-in) runs a module's tests on one torch thread.
 - The `gpu` marker skips tests that need CUDA on CPU-only machines.
 """
 
@@ -39,6 +40,16 @@ def backend(request) -> str:
 @pytest.fixture
 def device() -> torch.device:
     return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module (`pytestmark = pytest.mark.usefixtures(...)`): the
+    machine is shared, and two oversubscribed threads were 5-15x slower than one here."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

@@ -16,13 +16,8 @@ from helpers import assert_rel_close
 VOCAB = 61
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # The machine is shared: two oversubscribed threads were 5-15x slower than one here.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# The machine is shared: two oversubscribed threads were 5-15x slower than one here.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def pair_data(seed: int, num_pairs: int = 4):

@@ -22,13 +22,8 @@ VOCAB = 97
 FAMILIES = ("llama", "qwen2")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # The machine is shared: two oversubscribed threads were 5-15x slower than one here.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# The machine is shared: two oversubscribed threads were 5-15x slower than one here.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_sequences(gen: torch.Generator, lengths) -> list[list[int]]:

@@ -23,13 +23,8 @@ SMALL = ["num_examples=24", "batch_size=6", "max_tokens=64", "sft_warmup_steps=2
          "lr=1e-3", "progress=false", "tensorboard=false", "num_threads=1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # The machine is shared: two oversubscribed threads were 5-15x slower than one here.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# The machine is shared: two oversubscribed threads were 5-15x slower than one here.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_unknown_or_bad_config_keys_are_named():
