@@ -182,3 +182,18 @@ _CUDA_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torc
 
 def cuda_dtype_code(t: torch.Tensor) -> int:
     return _CUDA_DTYPE_CODES[t.dtype]
+
+
+# The input dtypes the compiled loss/advantage kernels read (csrc/cuda/*.cu).
+CUDA_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def cuda_kernel_inputs(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """`tensors` in the one dtype the compiled kernels read them in (their common dtype when
+    they share one of CUDA_KERNEL_DTYPES, else float32: mixed dtypes, float64), contiguous
+    (the kernels take raw pointers of dense buffers)."""
+    dtypes = {t.dtype for t in tensors}
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    if dtype not in CUDA_KERNEL_DTYPES:
+        dtype = torch.float32
+    return [t.to(dtype).contiguous() for t in tensors]

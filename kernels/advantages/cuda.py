@@ -8,21 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from ..backends import cuda_dtype_code, cuda_module, current_stream_handle, register
+from ..backends import (cuda_dtype_code, cuda_kernel_inputs, cuda_module,
+                        current_stream_handle, register)
 from .group import ESTIMATOR_CODES, SCALE_CODES
-
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _kernel_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    dtypes = {t.dtype for t in tensors}
-    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    return dtype if dtype in _KERNEL_DTYPES else torch.float32
-
 
 @register("group_advantages", "cuda")
 def _group_advantages_cuda(rewards, group_size, estimator, scale, eps):
-    r = rewards.detach().to(_kernel_dtype(rewards)).contiguous()
+    (r,) = cuda_kernel_inputs(rewards.detach())
     out = torch.empty(r.numel(), device=r.device, dtype=torch.float32)
     scale_code = SCALE_CODES[scale]
     rank_batch = estimator == "rank" and scale == "batch"
@@ -43,9 +35,7 @@ def _group_advantages_cuda(rewards, group_size, estimator, scale, eps):
 
 @register("gae", "cuda")
 def _gae_cuda(rewards, values, layout, gamma, lam):
-    dtype = _kernel_dtype(rewards, values)
-    r = rewards.detach().to(dtype).contiguous()
-    v = values.detach().to(dtype).contiguous()
+    r, v = cuda_kernel_inputs(rewards.detach(), values.detach())
     adv = torch.empty(r.numel(), device=r.device, dtype=torch.float32)
     ret = torch.empty_like(adv)
     cu = layout.cu_seqlens.to(torch.int32).contiguous()

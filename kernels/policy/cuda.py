@@ -12,28 +12,17 @@ from __future__ import annotations
 import torch
 
 from ..autograd import fused_local_grad
-from ..backends import cuda_dtype_code, cuda_module, current_stream_handle, register
+from ..backends import (cuda_dtype_code, cuda_kernel_inputs, cuda_module,
+                        current_stream_handle, register)
 from .aggregation import sequence_weights, valid_counts
 from .kl import KL_ESTIMATOR_CODES, compute_dtype
 from .policy_loss import run_fused_policy_loss
 
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _one_dtype(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """Contiguous tensors of one kernel dtype (float32 unless they already share one)."""
-    dtypes = {t.dtype for t in tensors}
-    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    if dtype not in _KERNEL_DTYPES:
-        dtype = torch.float32
-    return [t.to(dtype).contiguous() for t in tensors]
-
-
 def _policy_loss_forward(logps, old_logps, advantages, ref_logps, layout, options, weights):
     """Same contract as triton_policy_loss.policy_loss_forward."""
     has_ref = ref_logps is not None
-    lp, old, adv, ref = _one_dtype(logps, old_logps, advantages,
-                                   ref_logps if has_ref else logps)
+    lp, old, adv, ref = cuda_kernel_inputs(logps, old_logps, advantages,
+                                           ref_logps if has_ref else logps)
     num_seqs, device = layout.num_seqs, lp.device
     grad = torch.empty(lp.numel(), device=device, dtype=torch.float32)
     partials = torch.zeros(num_seqs, 8, device=device, dtype=torch.float32)
@@ -64,7 +53,7 @@ def _value_loss_cuda(values, old_values, returns, layout, clip, loss_agg, horizo
     cu = layout.cu_seqlens.to(torch.int32).contiguous()
 
     def kernel(v):
-        vv, old, ret = _one_dtype(v, old_values, returns)
+        vv, old, ret = cuda_kernel_inputs(v, old_values, returns)
         grad = torch.empty(vv.numel(), device=vv.device, dtype=torch.float32)
         partials = torch.zeros(layout.num_seqs, 4, device=vv.device, dtype=torch.float32)
         cuda_module().value_loss(
@@ -86,7 +75,7 @@ def _kl_penalty_cuda(logps, ref_logps, estimator):
     dtype = compute_dtype(logps, ref_logps)
 
     def kernel(lp):
-        lp32, ref = _one_dtype(lp, ref_logps.reshape(-1))
+        lp32, ref = cuda_kernel_inputs(lp, ref_logps.reshape(-1))
         kl = torch.empty(lp32.numel(), device=lp32.device, dtype=torch.float32)
         grad = torch.empty_like(kl)
         cuda_module().kl_penalty(lp32.data_ptr(), ref.data_ptr(), cuda_dtype_code(lp32),

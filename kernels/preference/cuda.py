@@ -12,21 +12,10 @@ import math
 import torch
 
 from ..autograd import fused_local_grad
-from ..backends import cuda_dtype_code, cuda_module, current_stream_handle
+from ..backends import (cuda_dtype_code, cuda_kernel_inputs, cuda_module,
+                        current_stream_handle)
 from .dpo import DPOProblem
 from .kto import KTOProblem
-
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _one_dtype(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """Contiguous tensors of one kernel dtype (float32 unless they already share one)."""
-    dtypes = {t.dtype for t in tensors}
-    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    if dtype not in _KERNEL_DTYPES:
-        dtype = torch.float32
-    return [t.to(dtype).contiguous() for t in tensors]
-
 
 def _float_buffers(n: int, S: int, device: torch.device) -> list[torch.Tensor]:
     return [torch.empty(S, device=device, dtype=torch.float32) for _ in range(n)]
@@ -37,7 +26,7 @@ def dpo_loss_cuda(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chos
     """The "cuda" backend of `dpo_loss` (interface of `dpo._dpo_torch`)."""
 
     def kernel(pc, pr, rc, rr):
-        pc, pr, rc, rr = _one_dtype(pc, pr, rc, rr)
+        pc, pr, rc, rr = cuda_kernel_inputs(pc, pr, rc, rr)
         S, device = pc.numel(), pc.device
         loss, g_pc, g_pr, g_rc, g_rr, rew_c, rew_r = _float_buffers(7, S, device)
         len_c = chosen_lengths.float().contiguous() if problem.normalize else loss  # unread if not
@@ -63,7 +52,7 @@ def kto_loss_cuda(policy_logps, ref_logps, desirable, kl, problem: KTOProblem):
     z0 = kl.float().contiguous()
 
     def kernel(policy, ref):
-        policy, ref = _one_dtype(policy, ref)
+        policy, ref = cuda_kernel_inputs(policy, ref)
         S, device = policy.numel(), policy.device
         loss, g_policy, g_ref, reward = _float_buffers(4, S, device)
         cuda_module().kto_loss(
