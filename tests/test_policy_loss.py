@@ -661,24 +661,24 @@ def test_cuda_bindings_policy_ops(monkeypatch, dtype):
     cases = [dict(importance_level="token", dual_clip=1.5, loss_agg="seq-mean-token-mean",
                   clip_low=0.15, clip_high=0.3),
              dict(importance_level="sequence", loss_agg="token-mean", clip_low=0.1)]
-    expected = []
-    for kw in cases:
-        for a in (adv, seq_adv):
-            x = lp.clone().requires_grad_()
-            loss, metrics = policy_loss(x, old, a, mask=mask, ref_logps=ref, kl_coef=0.1,
-                                        kl_estimator="k2", backend="torch", **kw)
-            expected.append((loss, torch.autograd.grad(loss, x)[0], metrics))
+
+    def policy_losses(backend: str) -> list[tuple]:
+        """(loss, grad, metrics) of every case, with token and sequence advantages."""
+        out = []
+        for kw in cases:
+            for a in (adv, seq_adv):
+                x = lp.clone().requires_grad_()
+                loss, metrics = policy_loss(x, old, a, mask=mask, ref_logps=ref, kl_coef=0.1,
+                                            kl_estimator="k2", backend=backend, **kw)
+                out.append((loss, torch.autograd.grad(loss, x)[0], metrics))
+        return out
+
+    expected = policy_losses("torch")
     v_exp = value_loss(lp, old, ref, mask=mask, clip=0.1, backend="torch")
     kl_exp = kl_penalty(lp, ref, "k3", backend="torch")
 
     use_pointer_cuda(monkeypatch, policy_module, value_module, kl_module)
-    got = []
-    for kw in cases:
-        for a in (adv, seq_adv):
-            x = lp.clone().requires_grad_()
-            loss, metrics = policy_loss(x, old, a, mask=mask, ref_logps=ref, kl_coef=0.1,
-                                        kl_estimator="k2", backend="cuda", **kw)
-            got.append((loss, torch.autograd.grad(loss, x)[0], metrics))
+    got = policy_losses("cuda")
     grad_tol = 1e-5 if dtype == torch.float64 else 1e-2
     for (le, ge, me), (lg, gg, mg) in zip(expected, got):
         assert_rel_close(lg, le, 1e-5, "loss")
