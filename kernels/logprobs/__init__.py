@@ -121,6 +121,17 @@ def _incoming(grad: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor | 
     return None if grad is None else torch.where(valid, grad.float(), 0.0).contiguous()
 
 
+def _kernel_outputs(logp: torch.Tensor, entropy: torch.Tensor | None, valid: torch.Tensor,
+                    input_dtype: torch.dtype):
+    """The kernels' fp32 `[N]` logp (and entropy, when not None) as the op returns them: 0 at
+    ignored positions, float64 for float64 inputs, else float32."""
+    out_dtype = torch.float64 if input_dtype == torch.float64 else torch.float32
+    logp = torch.where(valid, logp, 0.0).to(out_dtype)
+    if entropy is not None:
+        return logp, torch.where(valid, entropy, 0.0).to(out_dtype)
+    return logp
+
+
 class _LinearLogprobsTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, want_entropy):
@@ -133,11 +144,7 @@ class _LinearLogprobsTriton(torch.autograd.Function):
         ctx.save_for_backward(h, w, b, targets, valid, lse, entropy if want_entropy else None)
         ctx.temperature = temperature
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        logp = torch.where(valid, logp, 0.0).to(out_dtype)
-        if want_entropy:
-            return logp, torch.where(valid, entropy, 0.0).to(out_dtype)
-        return logp
+        return _kernel_outputs(logp, entropy if want_entropy else None, valid, hidden.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -177,11 +184,7 @@ class _LogitsLogprobsKernel(torch.autograd.Function):
         ctx.save_for_backward(z, targets, valid, lse, entropy)
         ctx.backend, ctx.temperature, ctx.ignore_index = backend, temperature, ignore_index
         ctx.dtype = logits.dtype
-        out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        logp = torch.where(valid, logp, 0.0).to(out_dtype)
-        if want_entropy:
-            return logp, torch.where(valid, entropy, 0.0).to(out_dtype)
-        return logp
+        return _kernel_outputs(logp, entropy if want_entropy else None, valid, logits.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
