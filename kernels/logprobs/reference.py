@@ -127,6 +127,26 @@ def _scaled_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
     return z.div_(temperature) if temperature != 1.0 else z
 
 
+def _chunked_token_stats(work: Workspace, targets: torch.Tensor, valid: torch.Tensor,
+                         want_entropy: bool, scaled_logits
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`token_stats` of all N = len(targets) rows, one workspace chunk at a time: `[N]` logp,
+    lse and entropy (None unless wanted) in the workspace dtype. `scaled_logits(s, z)` fills
+    the chunk buffer z with the scaled logits of rows s and returns it."""
+    N, rows = targets.shape[0], work.z.shape[0]
+    like = dict(device=work.z.device, dtype=work.z.dtype)
+    logp, lse = torch.empty(N, **like), torch.empty(N, **like)
+    entropy = torch.empty(N, **like) if want_entropy else None
+    for start in range(0, N, rows):
+        s = slice(start, min(start + rows, N))
+        z, p = work.chunk(s.stop - s.start)
+        logp[s], lse[s], ent = token_stats(scaled_logits(s, z), p, targets[s], valid[s],
+                                           want_entropy)
+        if want_entropy:
+            entropy[s] = ent
+    return logp, lse, entropy
+
+
 class LinearLogprobs(torch.autograd.Function):
     """Chunked `logprobs(softmax((hidden @ weight.T + bias) / T))` with recompute in backward."""
 
@@ -139,18 +159,10 @@ class LinearLogprobs(torch.autograd.Function):
         # Upcast once: bf16/fp16 logits are accumulated and reduced in fp32, like the kernels.
         w = weight.to(cdt)
         b = None if bias is None else bias.to(cdt)
-        logp = torch.empty(N, device=hidden.device, dtype=cdt)
-        lse = torch.empty(N, device=hidden.device, dtype=cdt)
-        entropy = torch.empty(N, device=hidden.device, dtype=cdt) if want_entropy else None
         rows = chunk_rows(N, V, w.element_size(), w.numel() * w.element_size())
-        work = Workspace(rows, V, hidden, cdt)
-        for start in range(0, N, rows):
-            s = slice(start, min(start + rows, N))
-            z, p = work.chunk(s.stop - s.start)
-            z = _scaled_logits(hidden[s].to(cdt), w, b, temperature, out=z)
-            logp[s], lse[s], ent = token_stats(z, p, safe_targets[s], valid[s], want_entropy)
-            if want_entropy:
-                entropy[s] = ent
+        logp, lse, entropy = _chunked_token_stats(
+            Workspace(rows, V, hidden, cdt), safe_targets, valid, want_entropy,
+            lambda s, z: _scaled_logits(hidden[s].to(cdt), w, b, temperature, out=z))
         ctx.save_for_backward(hidden, weight, bias, safe_targets, valid, lse, entropy)
         ctx.temperature = temperature
         if want_entropy:
@@ -204,19 +216,14 @@ class LogitsLogprobs(torch.autograd.Function):
         cdt = compute_dtype(logits.dtype)
         valid = targets != ignore_index
         safe_targets = torch.where(valid, targets, 0)
-        logp = torch.empty(N, device=logits.device, dtype=cdt)
-        lse = torch.empty(N, device=logits.device, dtype=cdt)
-        entropy = torch.empty(N, device=logits.device, dtype=cdt) if want_entropy else None
-        work = Workspace(_logits_chunk_rows(logits, cdt), V, logits, cdt)
-        for start in range(0, N, work.z.shape[0]):
-            s = slice(start, min(start + work.z.shape[0], N))
-            z, p = work.chunk(s.stop - s.start)
+
+        def scaled_logits(s: slice, z: torch.Tensor) -> torch.Tensor:
             z = z.copy_(logits[s])
-            if temperature != 1.0:
-                z.div_(temperature)
-            logp[s], lse[s], ent = token_stats(z, p, safe_targets[s], valid[s], want_entropy)
-            if want_entropy:
-                entropy[s] = ent
+            return z.div_(temperature) if temperature != 1.0 else z
+
+        logp, lse, entropy = _chunked_token_stats(
+            Workspace(_logits_chunk_rows(logits, cdt), V, logits, cdt), safe_targets, valid,
+            want_entropy, scaled_logits)
         ctx.save_for_backward(logits, safe_targets, valid, lse, entropy)
         ctx.temperature = temperature
         if want_entropy:
