@@ -17,3 +17,32 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def assert_rel_close(actual, expected, tol: float, what: str = "") -> None:
     err = rel_err(actual, expected)
     assert err <= tol, f"{what} relative error {err:.3e} > {tol:.1e}"
+
+
+def build_host_harness(tmp_path, source: str):
+    """Compile `source` (which includes a csrc/cuda/*.cu file) into a host executable."""
+    import pathlib
+    import shutil
+    import subprocess
+    import sysconfig
+
+    import pybind11
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    (tmp_path / "harness.cu").write_text(source)
+    libdir = sysconfig.get_config_var("LIBDIR")
+    cmd = [shutil.which("nvcc"), "-std=c++17", "-O1", "-I", str(root / "csrc" / "cuda"),
+           "-I", pybind11.get_include(), "-I", sysconfig.get_paths()["include"],
+           str(tmp_path / "harness.cu"), "-o", str(tmp_path / "harness"), "-L", libdir,
+           f"-lpython{sysconfig.get_config_var('LDVERSION')}", "-Xlinker", f"-rpath={libdir}"]
+    build = subprocess.run(cmd, capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-4000:]
+
+    def run(lines: list[str]) -> torch.Tensor:
+        out = subprocess.run([str(tmp_path / "harness")], input="\n".join(lines) + "\n",
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return torch.tensor([[float(v) for v in line.split()] for line in out.stdout.splitlines()],
+                            dtype=torch.float64)
+
+    return run

@@ -137,7 +137,7 @@ int main() {  // "n gamma lam" then n lines "reward value mask"; prints n lines 
 
 @pytest.mark.skipif(__import__("shutil").which("nvcc") is None, reason="nvcc not on PATH")
 def test_cuda_gae_sequence_matches_closed_form_on_host(tmp_path):
-    from test_policy_loss import build_host_harness
+    from helpers import build_host_harness
 
     run = build_host_harness(tmp_path, _HOST_HARNESS)
     rewards, values, mask = make(B=4, T=53, dtype=torch.float32)

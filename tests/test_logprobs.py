@@ -399,7 +399,7 @@ int main() {  // per row: V threads inv_temp target g_logp g_entropy, then V log
 def cuda_row_math(tmp_path_factory):
     if __import__("shutil").which("nvcc") is None:
         pytest.skip("nvcc not on PATH")
-    from test_policy_loss import build_host_harness
+    from helpers import build_host_harness
 
     return build_host_harness(tmp_path_factory.mktemp("logprobs_cu"), _HOST_HARNESS)
 

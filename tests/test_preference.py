@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from alignfuse.kernels.preference import (LOSS_TYPES, dpo_loss, kto_kl, kto_loss, orpo_loss,
                                           simpo_loss)
-from helpers import assert_rel_close
+from helpers import assert_rel_close, build_host_harness
 
 S = 37
 FWD_TOL, GRAD_TOL = 2e-5, 1e-4
@@ -468,24 +468,9 @@ int main() {  // lines "0 formula beta eps tau c r delta" (DPO) or "1 x z0 desir
 def test_cuda_formulas_match_formula_on_host(tmp_path):
     """csrc/cuda/preference.cu's dpo_formula (loss, d/dc, d/dr) for every formula, compiled
     for the host with nvcc, against the float64 references above. No GPU needed."""
-    import pathlib
-    import shutil
-    import subprocess
-    import sysconfig
-
-    import pybind11
-
     from alignfuse.kernels.preference.dpo import FORMULAS
 
-    root = pathlib.Path(__file__).resolve().parents[1]
-    (tmp_path / "harness.cu").write_text(_HOST_HARNESS)
-    libdir = sysconfig.get_config_var("LIBDIR")
-    cmd = [shutil.which("nvcc"), "-std=c++17", "-O1", "-I", str(root / "csrc" / "cuda"),
-           "-I", pybind11.get_include(), "-I", sysconfig.get_paths()["include"],
-           str(tmp_path / "harness.cu"), "-o", str(tmp_path / "harness"), "-L", libdir,
-           f"-lpython{sysconfig.get_config_var('LDVERSION')}", "-Xlinker", f"-rpath={libdir}"]
-    build = subprocess.run(cmd, capture_output=True, text=True)
-    assert build.returncode == 0, build.stderr[-4000:]
+    run = build_host_harness(tmp_path, _HOST_HARNESS)
 
     n, delta = 23, 0.3
     cases, lines = [], []
@@ -500,11 +485,7 @@ def test_cuda_formulas_match_formula_on_host(tmp_path):
     x = torch.cat([torch.tensor([80.0, -80.0, 80.0, -80.0]), 4 * torch.randn(n - 4)])
     desirable = torch.arange(n) % 2 == 0
     lines += [f"1 {xi:.9g} 0.4 {int(d)} 0.7 1.3 0.6" for xi, d in zip(x.tolist(), desirable.tolist())]
-    run = subprocess.run([str(tmp_path / "harness")], input="\n".join(lines) + "\n",
-                         capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-    got = torch.tensor([[float(v) for v in line.split()] for line in run.stdout.splitlines()],
-                       dtype=torch.float64).reshape(len(cases) + 1, n, 3)
+    got = run(lines).reshape(len(cases) + 1, n, 3)
     x64 = x.double().requires_grad_(True)
     kto, _ = ref_kto(x64, torch.zeros(n, dtype=torch.float64), desirable, 0.4, 0.7, 1.3, 0.6)
     kto.sum().backward()
