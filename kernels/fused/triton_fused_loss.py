@@ -3,9 +3,9 @@
 The host (`chunked.py`) computes a chunk of raw logits `[C, V]` with one fp32-accumulating
 matmul; this kernel then makes two sweeps over the chunk's rows, BLOCK_N rows per program:
 
-1. statistics: the log-prob tiles' `online_lse_update` / `target_logit` / `finish_stats`
-   (`logprobs/triton_forward.py`) give each row's lse, entropy and target log-prob (and, for
-   label smoothing, the sum of its logits);
+1. statistics: the log-prob forward's own sweep `row_stats` (`logprobs/triton_forward.py`)
+   gives each row's lse, entropy and target log-prob (and, for label smoothing, the sum of
+   its logits);
 2. the per-token loss and its derivatives with respect to the log-prob and the entropy:
    - LOSS == POLICY: `policy_token_loss` (`policy/triton_token_loss.py`, the policy loss's
      own per-token math) plus the entropy bonus -entropy_coef * H_t;
@@ -29,8 +29,7 @@ import triton
 import triton.language as tl
 
 from ..logprobs.triton_backward import dlogits_tile
-from ..logprobs.triton_forward import (finish_stats, logits_blocks, online_lse_update,
-                                       target_logit)
+from ..logprobs.triton_forward import logits_blocks, row_stats
 from ..policy.triton_token_loss import policy_token_loss
 
 POLICY, CROSS_ENTROPY = 0, 1
@@ -55,22 +54,9 @@ def _fused_chunk_kernel(z_ptr, dz_ptr, t_ptr, w_ptr, old_ptr, adv_ptr, ref_ptr, 
     targets = tl.load(t_ptr + rows, mask=row_mask, other=-1)
     z_rows = z_ptr + rows.to(tl.int64)[:, None] * stride_zn
 
-    # sweep 1: row statistics (the running max starts finite: m - m_new never meets inf - inf)
-    m = tl.full([BLOCK_N], -1.0e30, dtype=tl.float32)
-    s = tl.zeros([BLOCK_N], dtype=tl.float32)
-    b = tl.zeros([BLOCK_N], dtype=tl.float32)
-    zt = tl.zeros([BLOCK_N], dtype=tl.float32)
-    zsum = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for v in range(0, V, BLOCK_V):
-        cols = v + tl.arange(0, BLOCK_V)
-        col_mask = cols < V
-        z = tl.load(z_rows + cols[None, :], mask=row_mask[:, None] & col_mask[None, :],
-                    other=0.0).to(tl.float32) * inv_temp
-        m, s, b = online_lse_update(m, s, b, z, col_mask)
-        zt += target_logit(z, cols, targets)
-        if SMOOTHING:
-            zsum += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
-    lse, entropy, logp = finish_stats(m, s, b, zt)
+    # sweep 1: row statistics, the log-prob forward's own sweep
+    lse, entropy, logp, zsum = row_stats(z_rows, targets, row_mask, V, inv_temp, SMOOTHING,
+                                         BLOCK_N, BLOCK_V)
 
     # the per-token loss and d loss / d logp, d loss / d entropy (weighted: 0 where not counted)
     weight = tl.load(w_ptr + rows, mask=row_mask, other=0.0)

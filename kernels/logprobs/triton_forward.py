@@ -121,16 +121,16 @@ def _linear_forward_kernel(h_ptr, w_ptr, b_ptr, t_ptr, part_ptr, N, V, H, stride
 
 
 @triton.jit
-def _logits_forward_kernel(z_ptr, t_ptr, lse_ptr, ent_ptr, logp_ptr, N, V, stride_zn, inv_temp,
-                           BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    targets = tl.load(t_ptr + rows, mask=row_mask, other=-1)
-    z_rows = z_ptr + rows.to(tl.int64)[:, None] * stride_zn
+def row_stats(z_rows, targets, row_mask, V, inv_temp, WITH_SUM: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One sweep over BLOCK_N rows of materialized logits (`z_rows`: row base pointers):
+    each row's (lse, entropy, target log-prob, and the sum of its scaled logits if WITH_SUM).
+    The running max starts finite, so m - m_new never meets inf - inf."""
     m = tl.full([BLOCK_N], -1.0e30, dtype=tl.float32)
     s = tl.zeros([BLOCK_N], dtype=tl.float32)
     b = tl.zeros([BLOCK_N], dtype=tl.float32)
     zt = tl.zeros([BLOCK_N], dtype=tl.float32)
+    zsum = tl.zeros([BLOCK_N], dtype=tl.float32)
     for v in range(0, V, BLOCK_V):
         cols = v + tl.arange(0, BLOCK_V)
         col_mask = cols < V
@@ -138,7 +138,21 @@ def _logits_forward_kernel(z_ptr, t_ptr, lse_ptr, ent_ptr, logp_ptr, N, V, strid
                     other=0.0).to(tl.float32) * inv_temp
         m, s, b = online_lse_update(m, s, b, z, col_mask)
         zt += target_logit(z, cols, targets)
+        if WITH_SUM:
+            zsum += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
     lse, entropy, logp = finish_stats(m, s, b, zt)
+    return lse, entropy, logp, zsum
+
+
+@triton.jit
+def _logits_forward_kernel(z_ptr, t_ptr, lse_ptr, ent_ptr, logp_ptr, N, V, stride_zn, inv_temp,
+                           BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    targets = tl.load(t_ptr + rows, mask=row_mask, other=-1)
+    z_rows = z_ptr + rows.to(tl.int64)[:, None] * stride_zn
+    lse, entropy, logp, _ = row_stats(z_rows, targets, row_mask, V, inv_temp, False,
+                                      BLOCK_N, BLOCK_V)
     tl.store(lse_ptr + rows, lse, mask=row_mask)
     tl.store(ent_ptr + rows, entropy, mask=row_mask)
     tl.store(logp_ptr + rows, logp, mask=row_mask)
