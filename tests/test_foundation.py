@@ -131,13 +131,19 @@ def test_segment_sum_and_mean(backend, device, lengths):
     expected = torch.stack([values[a:b].sum() for a, b in zip(cu[:-1], cu[1:])])
     got = segment_sum(values, cu, backend=backend)
     assert got.dtype in (torch.float32, torch.float64)
-    assert_rel_close(got, expected, 1e-6, "segment_sum")
+    # fp32 accumulation (triton, cuda): the error scales with sum |v|, not with a sum that
+    # may nearly cancel, so each segment is held to 1e-6 of its sum of magnitudes
+    magnitude = torch.stack([values[a:b].abs().sum() for a, b in zip(cu[:-1], cu[1:])])
+    assert bool(((got.double() - expected).abs() <= 1e-6 * magnitude + 1e-12).all()), \
+        (got, expected)
     weights = torch.randn(len(lengths), device=device, dtype=torch.float64)
     (g_got,) = torch.autograd.grad((got * weights).sum(), values)
     (g_exp,) = torch.autograd.grad((expected * weights).sum(), values)
     assert_rel_close(g_got, g_exp, 1e-6, "segment_sum grad")
     lens = torch.tensor(lengths, dtype=torch.float64, device=device).clamp(min=1)
-    assert_rel_close(segment_mean(values, cu, backend=backend), expected / lens, 1e-6, "segment_mean")
+    mean = segment_mean(values, cu, backend=backend).double()
+    assert bool(((mean - expected / lens).abs() <= (1e-6 * magnitude + 1e-12) / lens).all()), \
+        (mean, expected / lens)
 
 
 def test_segment_sum_gradcheck():
