@@ -71,22 +71,42 @@ class BuildExt(build_ext):
             super().build_extension(ext)
 
     def build_cuda(self, ext: CUDAExtension) -> None:
+        """Compile each .cu to an object in parallel, then link one shared module.
+
+        One nvcc process per source: nvcc compiles its inputs one after another, and the
+        build is on the clock in a GPU session (bench/gpu_session.sh). `--threads` then
+        splits each source's per-arch compilations over the cores left.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
         nvcc = find_nvcc()
         assert nvcc is not None  # filtered in cuda_extensions()
         out = self.get_ext_fullpath(ext.name)
         os.makedirs(os.path.dirname(out), exist_ok=True)
+        objects_dir = os.path.join(self.build_temp, "cuda")
+        os.makedirs(objects_dir, exist_ok=True)
         archs = os.environ.get("ALIGNFUSE_CUDA_ARCHS", DEFAULT_CUDA_ARCHS)
-        cmd = [
-            nvcc, "-shared", "-std=c++17", "-O3", "-Xcompiler", "-fPIC",
-            "--threads", str(max(1, os.cpu_count() or 1)),
-            "-cudart", "static", "-lineinfo",
+        gencode = cuda_gencode_flags(archs)
+        cores = max(1, os.cpu_count() or 1)
+        compile_flags = [
+            "-std=c++17", "-O3", "-Xcompiler", "-fPIC", "-lineinfo",
+            "--threads", str(max(1, cores // len(ext.sources))),
             f'-DALIGNFUSE_CUDA_ARCHS="{archs}"',
             "-I", _pybind11_include(), "-I", sysconfig.get_paths()["include"],
-            "-I", os.path.join(ROOT, "csrc", "cuda"),
-            *cuda_gencode_flags(archs), *ext.sources, "-o", out,
+            "-I", os.path.join(ROOT, "csrc", "cuda"), *gencode,
         ]
-        print("alignfuse: building the CUDA module:\n  " + " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True)
+        jobs = [[nvcc, "-c", *compile_flags, src, "-o",
+                 os.path.join(objects_dir, os.path.basename(src) + ".o")]
+                for src in ext.sources]
+        print(f"alignfuse: building the CUDA module ({len(jobs)} sources in parallel):\n  "
+              + " ".join(jobs[0]), flush=True)
+        with ThreadPoolExecutor(max_workers=min(len(jobs), cores)) as pool:
+            failed = [job[-3] for job, rc in zip(jobs, pool.map(
+                lambda job: subprocess.run(job).returncode, jobs)) if rc != 0]
+        if failed:
+            raise SystemExit(f"alignfuse: nvcc failed on {', '.join(failed)} (output above)")
+        subprocess.run([nvcc, "-shared", "-cudart", "static", *[job[-1] for job in jobs],
+                        "-o", out], check=True)
 
 
 def cuda_extensions() -> list[Extension]:
