@@ -12,8 +12,9 @@ matmul; this kernel then makes two sweeps over the chunk's rows, BLOCK_N rows pe
    - LOSS == CROSS_ENTROPY: -logp_t, or with label smoothing eps
      (1 - eps)(-logp_t) + eps (lse - mean_j z_j);
    each multiplied by the token's aggregation weight (known before the launch);
-3. (NEED_GRAD) a second sweep overwrites the chunk with d loss / d(raw logits) through the
-   log-prob backward's `dlogits_tile` (`logprobs/triton_backward.py`); the buffer may be the
+3. (NEED_GRAD) a second sweep overwrites the chunk with d loss / d(raw logits): the
+   log-prob backward's own sweep `dlogits_rows` (`logprobs/triton_backward.py`, with its
+   label-smoothing switch); the buffer may be the
    logits buffer itself (same dtype: in place) or a half-precision one for the bf16 GEMMs.
 
 ONE kernel serves both losses (a constexpr switch), and no tile math is copied: a change to
@@ -28,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..logprobs.triton_backward import dlogits_tile
+from ..logprobs.triton_backward import dlogits_rows
 from ..logprobs.triton_forward import logits_blocks, row_stats
 from ..policy.triton_token_loss import policy_token_loss
 
@@ -98,21 +99,8 @@ def _fused_chunk_kernel(z_ptr, dz_ptr, t_ptr, w_ptr, old_ptr, adv_ptr, ref_ptr, 
     # sweep 2: overwrite the chunk with d loss / d(raw logits)
     if NEED_GRAD:
         dz_rows = dz_ptr + rows.to(tl.int64)[:, None] * stride_dzn
-        for v in range(0, V, BLOCK_V):
-            cols = v + tl.arange(0, BLOCK_V)
-            col_mask = cols < V
-            mask = row_mask[:, None] & col_mask[None, :]
-            z = tl.load(z_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * inv_temp
-            dz = dlogits_tile(z, cols, targets, lse, entropy, g_logp, g_entropy, col_mask,
-                              HAS_ENTROPY)
-            if SMOOTHING:
-                # d/dz_j of eps (lse - mean z) minus the eps share dlogits_tile gave the
-                # target: w eps (1[j=t] - 1/V)
-                one_hot = (cols[None, :] == targets[:, None]).to(tl.float32)
-                dz += tl.where(col_mask[None, :],
-                               (weight * smoothing)[:, None] * (one_hot - 1.0 / V), 0.0)
-            tl.store(dz_rows + cols[None, :], (dz * inv_temp).to(dz_ptr.dtype.element_ty),
-                     mask=mask)
+        dlogits_rows(z_rows, dz_rows, targets, row_mask, lse, entropy, g_logp, g_entropy,
+                     weight * smoothing, V, inv_temp, HAS_ENTROPY, SMOOTHING, BLOCK_V)
 
 
 def _interpreted(t: torch.Tensor) -> bool:

@@ -4,6 +4,8 @@ Reusable tiles (a fused loss kernel calls these, it does not copy them):
 - `dlogits_tile`: per-token coefficients (g_logp, g_entropy) and the saved (lse, entropy)
   -> d loss / d z for one `[BLOCK_N, BLOCK_V]` tile of scaled logits z:
       dz_j = g_logp (1[j=t] - p_j) - g_entropy p_j (log p_j + entropy)
+- `dlogits_rows`: the sweep of `dlogits_tile` over whole rows of materialized logits
+  (the logits backward here, and the fused loss kernel's gradient sweep);
 - `accumulate_grad_tile`: a tile of d loss / d(raw logits) -> its contributions
   dz @ W_tile to grad_hidden and dz.T @ h_tile to grad_weight (fp32 atomics).
 
@@ -47,6 +49,32 @@ def dlogits_tile(z, cols, targets, lse, entropy, g_logp, g_entropy, col_mask,
         coef += g_entropy[:, None] * (tl.where(p > 0, log_p, 0.0) + entropy[:, None])
     dz = tl.where(cols[None, :] == targets[:, None], g_logp[:, None], 0.0) - p * coef
     return tl.where(col_mask[None, :], dz, 0.0)
+
+
+@triton.jit
+def dlogits_rows(z_rows, dz_rows, targets, row_mask, lse, entropy, g_logp, g_entropy,
+                 smoothing_weight, V, inv_temp, HAS_ENTROPY: tl.constexpr,
+                 SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One sweep over BLOCK_N rows of materialized raw logits (`z_rows`, `dz_rows`: row base
+    pointers) writing d loss / d(raw logits) in dz's dtype; dz may alias z (in place: each
+    tile is read before it is written).
+
+    SMOOTHING adds label smoothing's own term, smoothing_weight_t (1[j=t] - 1/V): the
+    derivative of eps (lse - mean_j z_j) minus the eps share that g_logp already gave the
+    target (smoothing_weight = aggregation weight * eps, per row)."""
+    for v in range(0, V, BLOCK_V):
+        cols = v + tl.arange(0, BLOCK_V)
+        col_mask = cols < V
+        mask = row_mask[:, None] & col_mask[None, :]
+        z = tl.load(z_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * inv_temp
+        dz = dlogits_tile(z, cols, targets, lse, entropy, g_logp, g_entropy, col_mask,
+                          HAS_ENTROPY)
+        if SMOOTHING:
+            one_hot = (cols[None, :] == targets[:, None]).to(tl.float32)
+            dz += tl.where(col_mask[None, :], smoothing_weight[:, None] * (one_hot - 1.0 / V),
+                           0.0)
+        tl.store(dz_rows + cols[None, :], (dz * inv_temp).to(dz_rows.dtype.element_ty),
+                 mask=mask)
 
 
 @triton.jit
@@ -140,14 +168,8 @@ def _logits_backward_kernel(z_ptr, t_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, g
         entropy = tl.load(ent_ptr + rows, mask=row_mask, other=0.0)
     z_rows = z_ptr + rows.to(tl.int64)[:, None] * stride_zn
     gz_rows = gz_ptr + rows.to(tl.int64)[:, None] * V
-    for v in range(0, V, BLOCK_V):
-        cols = v + tl.arange(0, BLOCK_V)
-        col_mask = cols < V
-        mask = row_mask[:, None] & col_mask[None, :]
-        z = tl.load(z_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * inv_temp
-        dz = dlogits_tile(z, cols, targets, lse, entropy, g_logp, g_entropy, col_mask,
-                          HAS_ENTROPY) * inv_temp
-        tl.store(gz_rows + cols[None, :], dz.to(gz_ptr.dtype.element_ty), mask=mask)
+    dlogits_rows(z_rows, gz_rows, targets, row_mask, lse, entropy, g_logp, g_entropy, g_logp,
+                 V, inv_temp, HAS_ENTROPY, False, BLOCK_V)
 
 
 def linear_backward(hidden, weight, bias, targets, lse, entropy, g_logp, g_entropy,
