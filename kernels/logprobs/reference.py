@@ -147,6 +147,24 @@ def _chunked_token_stats(work: Workspace, targets: torch.Tensor, valid: torch.Te
     return logp, lse, entropy
 
 
+def _chunked_grad_logits(work: Workspace, targets: torch.Tensor, valid: torch.Tensor,
+                         lse: torch.Tensor, entropy: torch.Tensor | None,
+                         g_logp: torch.Tensor, g_entropy: torch.Tensor | None,
+                         temperature: float, scaled_logits):
+    """Yield (rows s, d loss / d(raw logits) of rows s) one workspace chunk at a time: the
+    backward twin of `_chunked_token_stats`, with the same `scaled_logits(s, z)`. The yielded
+    chunk lives in the workspace and is overwritten by the next one."""
+    N, rows, cdt = targets.shape[0], work.z.shape[0], work.z.dtype
+    for start in range(0, N, rows):
+        s = slice(start, min(start + rows, N))
+        z, p = work.chunk(s.stop - s.start)
+        dz = grad_scaled_logits(scaled_logits(s, z), p, targets[s], lse[s],
+                                None if entropy is None else entropy[s],
+                                _incoming(g_logp, valid, cdt, s),
+                                _incoming(g_entropy, valid, cdt, s))
+        yield s, dz.div_(temperature) if temperature != 1.0 else dz  # d/d(raw) = d/dz / T
+
+
 class LinearLogprobs(torch.autograd.Function):
     """Chunked `logprobs(softmax((hidden @ weight.T + bias) / T))` with recompute in backward."""
 
@@ -183,22 +201,13 @@ class LinearLogprobs(torch.autograd.Function):
         grad_w = torch.zeros_like(w) if need_w else None
         grad_b = torch.zeros(V, device=hidden.device, dtype=cdt) if need_b else None
         rows = chunk_rows(N, V, w.element_size(), w.numel() * w.element_size())
-        work = Workspace(rows, V, hidden, cdt)
-        for start in range(0, N, rows):
-            s = slice(start, min(start + rows, N))
-            z, p = work.chunk(s.stop - s.start)
-            h = hidden[s].to(cdt)
-            z = _scaled_logits(h, w, b, T, out=z)
-            dz = grad_scaled_logits(z, p, targets[s], lse[s],
-                                    None if entropy is None else entropy[s],
-                                    _incoming(g_logp, valid, cdt, s),
-                                    _incoming(g_entropy, valid, cdt, s))
-            if T != 1.0:
-                dz.div_(T)  # d/d(raw logit) = d/dz / T
+        for s, dz in _chunked_grad_logits(
+                Workspace(rows, V, hidden, cdt), targets, valid, lse, entropy, g_logp,
+                g_entropy, T, lambda s, z: _scaled_logits(hidden[s].to(cdt), w, b, T, out=z)):
             if need_h:
                 grad_h[s] = dz @ w
             if need_w:
-                grad_w.addmm_(dz.T, h)
+                grad_w.addmm_(dz.T, hidden[s].to(cdt))
             if need_b:
                 grad_b += dz.sum(0)
         return (grad_h,
@@ -216,14 +225,9 @@ class LogitsLogprobs(torch.autograd.Function):
         cdt = compute_dtype(logits.dtype)
         valid = targets != ignore_index
         safe_targets = torch.where(valid, targets, 0)
-
-        def scaled_logits(s: slice, z: torch.Tensor) -> torch.Tensor:
-            z = z.copy_(logits[s])
-            return z.div_(temperature) if temperature != 1.0 else z
-
         logp, lse, entropy = _chunked_token_stats(
             Workspace(_logits_chunk_rows(logits, cdt), V, logits, cdt), safe_targets, valid,
-            want_entropy, scaled_logits)
+            want_entropy, _copy_scaled(logits, temperature))
         ctx.save_for_backward(logits, safe_targets, valid, lse, entropy)
         ctx.temperature = temperature
         if want_entropy:
@@ -235,22 +239,22 @@ class LogitsLogprobs(torch.autograd.Function):
     def backward(ctx, g_logp, g_entropy=None):
         logits, targets, valid, lse, entropy = ctx.saved_tensors
         T = ctx.temperature
-        N, V = logits.shape
+        V = logits.shape[1]
         cdt = lse.dtype
         grad = torch.empty_like(logits)
-        work = Workspace(_logits_chunk_rows(logits, cdt), V, logits, cdt)
-        for start in range(0, N, work.z.shape[0]):
-            s = slice(start, min(start + work.z.shape[0], N))
-            z, p = work.chunk(s.stop - s.start)
-            z = z.copy_(logits[s])
-            if T != 1.0:
-                z.div_(T)
-            dz = grad_scaled_logits(z, p, targets[s], lse[s],
-                                    None if entropy is None else entropy[s],
-                                    _incoming(g_logp, valid, cdt, s),
-                                    _incoming(g_entropy, valid, cdt, s))
-            grad[s] = dz.div_(T) if T != 1.0 else dz
+        for s, dz in _chunked_grad_logits(
+                Workspace(_logits_chunk_rows(logits, cdt), V, logits, cdt), targets, valid, lse,
+                entropy, g_logp, g_entropy, T, _copy_scaled(logits, T)):
+            grad[s] = dz
         return grad, None, None, None, None
+
+
+def _copy_scaled(logits: torch.Tensor, temperature: float):
+    """`scaled_logits(s, z)` of the logits ops: rows s of the caller's logits, / T, into z."""
+    def scaled_logits(s: slice, z: torch.Tensor) -> torch.Tensor:
+        z = z.copy_(logits[s])
+        return z.div_(temperature) if temperature != 1.0 else z
+    return scaled_logits
 
 
 def _logits_chunk_rows(logits: torch.Tensor, cdt: torch.dtype) -> int:
