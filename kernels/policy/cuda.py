@@ -14,9 +14,10 @@ import torch
 from ..autograd import fused_local_grad
 from ..backends import (cuda_dtype_code, cuda_kernel_inputs, cuda_module,
                         current_stream_handle, register)
-from .aggregation import sequence_weights, valid_counts
 from .kl import KL_ESTIMATOR_CODES, compute_dtype
 from .policy_loss import run_fused_policy_loss
+from .value_loss import run_fused_value_loss
+
 
 def _policy_loss_forward(logps, old_logps, advantages, ref_logps, layout, options, weights):
     """Same contract as triton_policy_loss.policy_loss_forward."""
@@ -46,28 +47,24 @@ def _policy_loss_cuda(logps, old_logps, advantages, ref_logps, layout, options):
                                  layout, options)
 
 
+def _value_loss_forward(values, old_values, returns, layout, clip, weights):
+    """The cuda twin of triton_value_loss.value_loss_forward: (partials [S, 4], grad [N])."""
+    vv, old, ret = cuda_kernel_inputs(values, old_values, returns)
+    cu = layout.cu_seqlens.to(torch.int32).contiguous()
+    grad = torch.empty(vv.numel(), device=vv.device, dtype=torch.float32)
+    partials = torch.zeros(layout.num_seqs, 4, device=vv.device, dtype=torch.float32)
+    cuda_module().value_loss(
+        vv.data_ptr(), old.data_ptr(), ret.data_ptr(), cuda_dtype_code(vv),
+        layout.mask.data_ptr(), cu.data_ptr(), weights.data_ptr(), grad.data_ptr(),
+        partials.data_ptr(), layout.num_seqs, 0.0 if clip is None else clip,
+        int(clip is not None), current_stream_handle(vv.device))
+    return partials, grad
+
+
 @register("value_loss", "cuda")
 def _value_loss_cuda(values, old_values, returns, layout, clip, loss_agg, horizon):
-    weights = sequence_weights(valid_counts(layout), loss_agg, horizon).contiguous()
-    dtype = compute_dtype(values, old_values, returns)
-    cu = layout.cu_seqlens.to(torch.int32).contiguous()
-
-    def kernel(v):
-        vv, old, ret = cuda_kernel_inputs(v, old_values, returns)
-        grad = torch.empty(vv.numel(), device=vv.device, dtype=torch.float32)
-        partials = torch.zeros(layout.num_seqs, 4, device=vv.device, dtype=torch.float32)
-        cuda_module().value_loss(
-            vv.data_ptr(), old.data_ptr(), ret.data_ptr(), cuda_dtype_code(vv),
-            layout.mask.data_ptr(), cu.data_ptr(), weights.data_ptr(), grad.data_ptr(),
-            partials.data_ptr(), layout.num_seqs, 0.0 if clip is None else clip,
-            int(clip is not None), current_stream_handle(vv.device))
-        loss = (0.5 * (weights * partials[:, 0]).sum()).to(dtype)
-        count = partials[:, 1].sum().clamp(min=1)
-        stats = torch.stack([partials[:, 2].sum() / count, partials[:, 3].sum() / count])
-        return loss, [grad], stats
-
-    loss, stats = fused_local_grad(kernel, [values], extra_outputs=1)
-    return loss, {"vf_clipfrac": stats[0], "vpred_mean": stats[1]}
+    return run_fused_value_loss(_value_loss_forward, values, old_values, returns, layout, clip,
+                                loss_agg, horizon)
 
 
 @register("kl_penalty", "cuda")

@@ -76,15 +76,17 @@ def _value_loss_torch(values, old_values, returns, layout: TokenLayout, clip, lo
     return loss, metrics
 
 
-@register("value_loss", "triton")
-def _value_loss_triton(values, old_values, returns, layout, clip, loss_agg, horizon):
-    from .triton_value_loss import value_loss_forward
+def run_fused_value_loss(forward, values, old_values, returns, layout, clip, loss_agg,
+                         horizon):
+    """Run a fused forward (triton or cuda) under autograd; the backward is a multiply.
 
-    weights = sequence_weights(valid_counts(layout), loss_agg, horizon)
+    `forward(v, old_values, returns, layout, clip, weights)` returns per-sequence partials
+    `[S, 4]` (sum of L_t, valid tokens, clipped tokens, sum of v) and grad `[N]` fp32."""
+    weights = sequence_weights(valid_counts(layout), loss_agg, horizon).contiguous()
     dtype = compute_dtype(values, old_values, returns)
 
     def kernel(v):
-        partials, grad = value_loss_forward(v, old_values, returns, layout, clip, weights)
+        partials, grad = forward(v, old_values, returns, layout, clip, weights)
         loss = (0.5 * (weights * partials[:, 0]).sum()).to(dtype)
         count = partials[:, 1].sum().clamp(min=1)
         stats = torch.stack([partials[:, 2].sum() / count, partials[:, 3].sum() / count])
@@ -92,3 +94,11 @@ def _value_loss_triton(values, old_values, returns, layout, clip, loss_agg, hori
 
     loss, stats = fused_local_grad(kernel, [values], extra_outputs=1)
     return loss, {"vf_clipfrac": stats[0], "vpred_mean": stats[1]}
+
+
+@register("value_loss", "triton")
+def _value_loss_triton(values, old_values, returns, layout, clip, loss_agg, horizon):
+    from .triton_value_loss import value_loss_forward
+
+    return run_fused_value_loss(value_loss_forward, values, old_values, returns, layout, clip,
+                                loss_agg, horizon)
