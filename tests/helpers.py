@@ -19,6 +19,21 @@ def assert_rel_close(actual, expected, tol: float, what: str = "") -> None:
     assert err <= tol, f"{what} relative error {err:.3e} > {tol:.1e}"
 
 
+def preference_pairs(gen: torch.Generator, vocab: int, num_pairs: int,
+                     max_completion: int = 8) -> tuple[list[list[int]], list[int], list[int]]:
+    """`num_pairs` pairs [chosen, rejected] sharing a random prompt of 2..5 tokens, each
+    completion 2..max_completion tokens, ids in [6, vocab) (clear of the special tokens):
+    (sequences, prompt length of each, group of each: its pair's index)."""
+    seqs, prompts = [], []
+    for _ in range(num_pairs):
+        prompt = torch.randint(6, vocab, (int(torch.randint(2, 6, (1,), generator=gen)),),
+                               generator=gen).tolist()
+        for n in torch.randint(2, max_completion + 1, (2,), generator=gen).tolist():
+            seqs.append(prompt + torch.randint(6, vocab, (n,), generator=gen).tolist())
+            prompts.append(len(prompt))
+    return seqs, prompts, [i // 2 for i in range(len(seqs))]
+
+
 def build_host_harness(tmp_path, source: str):
     """Compile `source` (which includes a csrc/cuda/*.cu file) into a host executable."""
     import pathlib

@@ -11,7 +11,7 @@ from alignfuse.engine.packing import pack
 from alignfuse.engine.tiny import tiny_model
 from alignfuse.kernels.preference import dpo_loss
 from alignfuse.kernels.preference.dpo import LENGTH_NORMALIZED, LOSS_TYPES
-from helpers import assert_rel_close
+from helpers import assert_rel_close, preference_pairs
 
 VOCAB = 61
 
@@ -22,15 +22,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def pair_data(seed: int, num_pairs: int = 4):
     """Pairs `[chosen, rejected]` sharing a prompt: sequences, prompt lengths, groups."""
-    gen = torch.Generator().manual_seed(seed)
-    seqs, prompts = [], []
-    for _ in range(num_pairs):
-        prompt = torch.randint(6, VOCAB, (int(torch.randint(2, 6, (1,), generator=gen)),),
-                               generator=gen).tolist()
-        for n in torch.randint(2, 8, (2,), generator=gen).tolist():
-            seqs.append(prompt + torch.randint(6, VOCAB, (n,), generator=gen).tolist())
-            prompts.append(len(prompt))
-    return seqs, prompts, [i // 2 for i in range(len(seqs))]
+    return preference_pairs(torch.Generator().manual_seed(seed), VOCAB, num_pairs,
+                            max_completion=7)
 
 
 def grads(model) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ from alignfuse.engine.packing import pack
 from alignfuse.engine.tiny import tiny_model
 from alignfuse.kernels.preference import dpo_loss, kto_kl, kto_loss, orpo_loss, simpo_loss
 from alignfuse.kernels.reward_model import listwise_rm_loss, pairwise_rm_loss, pointwise_rm_loss
-from helpers import assert_rel_close
+from helpers import assert_rel_close, preference_pairs
 
 VOCAB = 97
 FAMILIES = ("llama", "qwen2")
@@ -196,17 +196,6 @@ def test_precompute_reference_logps_over_several_batches(model):
 # Each algorithm's loss, packed, against the same loss from unpacked per-sequence values.
 
 
-def pair_data(gen, num_pairs=3):
-    seqs, prompts = [], []
-    for _ in range(num_pairs):
-        prompt = random_sequences(gen, [int(torch.randint(2, 6, (1,), generator=gen))])[0]
-        for n in torch.randint(2, 9, (2,), generator=gen).tolist():
-            seqs.append(prompt + random_sequences(gen, [n])[0])
-            prompts.append(len(prompt))
-    groups = [i // 2 for i in range(len(seqs))]
-    return seqs, prompts, groups
-
-
 def completion_lengths(seqs, prompts):
     return torch.tensor([len(s) - p for s, p in zip(seqs, prompts)], dtype=torch.float64)
 
@@ -215,7 +204,7 @@ def completion_lengths(seqs, prompts):
 def test_algorithm_loss_packed_equals_unpacked(model, name):
     gen = torch.Generator().manual_seed(9)
     ref_model = tiny_model(model.config.model_type, VOCAB, seed=11).eval()
-    seqs, prompts, groups = pair_data(gen)
+    seqs, prompts, groups = preference_pairs(gen, VOCAB, 3)
     lengths = completion_lengths(seqs, prompts)
     if name == "kto":
         data = kto_sequences([s[:p] for s, p in zip(seqs[::2], prompts[::2])],

@@ -17,21 +17,14 @@ import sys
 
 import pytest
 import torch
+from helpers import preference_pairs
 
 VOCAB = 53
 NUM_PAIRS = 6
 
 
 def make_pairs():
-    gen = torch.Generator().manual_seed(21)
-    seqs, prompts = [], []
-    for _ in range(NUM_PAIRS):
-        prompt = torch.randint(6, VOCAB, (int(torch.randint(2, 6, (1,), generator=gen)),),
-                               generator=gen).tolist()
-        for n in torch.randint(2, 9, (2,), generator=gen).tolist():
-            seqs.append(prompt + torch.randint(6, VOCAB, (n,), generator=gen).tolist())
-            prompts.append(len(prompt))
-    return seqs, prompts, [i // 2 for i in range(len(seqs))]
+    return preference_pairs(torch.Generator().manual_seed(21), VOCAB, NUM_PAIRS)
 
 
 def make_models():
