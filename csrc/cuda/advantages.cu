@@ -99,20 +99,10 @@ __global__ void gae_kernel(const T* __restrict__ rewards, const T* __restrict__ 
   gae_sequence(rewards, values, mask, cu[seq], cu[seq + 1], gamma, lam, adv, ret);
 }
 
-template <typename Launch>
-void by_dtype(int dtype, const char* what, Launch&& launch) {
-  switch (static_cast<DType>(dtype)) {
-    case DType::kFloat32: launch(float{}); break;
-    case DType::kFloat16: launch(__half{}); break;
-    case DType::kBFloat16: launch(__nv_bfloat16{}); break;
-    default: throw std::invalid_argument(std::string(what) + ": inputs must be float32, float16 or bfloat16");
-  }
-}
-
 void group_advantages(std::uintptr_t rewards, int dtype, std::uintptr_t out, int64_t num_groups, int64_t group_size,
                       float eps, float batch_denominator, int estimator, int scale, std::uintptr_t stream) {
   if (num_groups == 0) return;
-  by_dtype(dtype, "group_advantages", [&](auto tag) {
+  by_float_dtype(dtype, "group_advantages: rewards", [&](auto tag) {
     using T = decltype(tag);
     group_advantages_kernel<T><<<num_groups, kThreads, 0, as_stream(stream)>>>(
         as_ptr<const T>(rewards), as_ptr<float>(out), group_size, eps, batch_denominator, estimator, scale);
@@ -124,7 +114,7 @@ void gae(std::uintptr_t rewards, std::uintptr_t values, int dtype, std::uintptr_
          std::uintptr_t adv, std::uintptr_t ret, int64_t num_seqs, float gamma, float lam, std::uintptr_t stream) {
   if (num_seqs == 0) return;
   const int64_t blocks = (num_seqs + kThreads - 1) / kThreads;
-  by_dtype(dtype, "gae", [&](auto tag) {
+  by_float_dtype(dtype, "gae: rewards and values", [&](auto tag) {
     using T = decltype(tag);
     gae_kernel<T><<<blocks, kThreads, 0, as_stream(stream)>>>(
         as_ptr<const T>(rewards), as_ptr<const T>(values), as_ptr<const float>(mask), as_ptr<const int32_t>(cu),

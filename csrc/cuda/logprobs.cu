@@ -155,19 +155,10 @@ void logprobs_forward(std::uintptr_t logits, int dtype, std::uintptr_t targets, 
   if (N == 0) return;
   const float inv_temp = static_cast<float>(1.0 / temperature);
   auto s = as_stream(stream);
-  switch (static_cast<DType>(dtype)) {
-    case DType::kFloat32:
-      launch_forward<float>(logits, targets, N, V, row_stride, inv_temp, ignore_index, logp, lse, entropy, s);
-      break;
-    case DType::kFloat16:
-      launch_forward<__half>(logits, targets, N, V, row_stride, inv_temp, ignore_index, logp, lse, entropy, s);
-      break;
-    case DType::kBFloat16:
-      launch_forward<__nv_bfloat16>(logits, targets, N, V, row_stride, inv_temp, ignore_index, logp, lse, entropy, s);
-      break;
-    default:
-      throw std::invalid_argument("logprobs_forward: logits must be float32, float16 or bfloat16");
-  }
+  by_float_dtype(dtype, "logprobs_forward: logits", [&](auto tag) {
+    using T = decltype(tag);
+    launch_forward<T>(logits, targets, N, V, row_stride, inv_temp, ignore_index, logp, lse, entropy, s);
+  });
   check_launch("logprobs_forward");
 }
 
@@ -181,22 +172,11 @@ void logprobs_backward(std::uintptr_t logits, int dtype, std::uintptr_t targets,
   if (N == 0) return;
   const float inv_temp = static_cast<float>(1.0 / temperature);
   auto s = as_stream(stream);
-  switch (static_cast<DType>(dtype)) {
-    case DType::kFloat32:
-      launch_backward<float>(logits, targets, N, V, row_stride, inv_temp, ignore_index, lse, entropy, g_logp,
-                             g_entropy, grad, s);
-      break;
-    case DType::kFloat16:
-      launch_backward<__half>(logits, targets, N, V, row_stride, inv_temp, ignore_index, lse, entropy, g_logp,
-                              g_entropy, grad, s);
-      break;
-    case DType::kBFloat16:
-      launch_backward<__nv_bfloat16>(logits, targets, N, V, row_stride, inv_temp, ignore_index, lse, entropy,
-                                     g_logp, g_entropy, grad, s);
-      break;
-    default:
-      throw std::invalid_argument("logprobs_backward: logits must be float32, float16 or bfloat16");
-  }
+  by_float_dtype(dtype, "logprobs_backward: logits", [&](auto tag) {
+    using T = decltype(tag);
+    launch_backward<T>(logits, targets, N, V, row_stride, inv_temp, ignore_index, lse, entropy, g_logp,
+                       g_entropy, grad, s);
+  });
   check_launch("logprobs_backward");
 }
 

@@ -202,16 +202,6 @@ __global__ void kl_penalty_kernel(const T* __restrict__ logp, const T* __restric
   }
 }
 
-template <typename Launch>
-void by_dtype(int dtype, const char* what, Launch&& launch) {
-  switch (static_cast<DType>(dtype)) {
-    case DType::kFloat32: launch(float{}); break;
-    case DType::kFloat16: launch(__half{}); break;
-    case DType::kBFloat16: launch(__nv_bfloat16{}); break;
-    default: throw std::invalid_argument(std::string(what) + ": inputs must be float32, float16 or bfloat16");
-  }
-}
-
 void policy_loss(std::uintptr_t logp, std::uintptr_t old_logp, std::uintptr_t adv, std::uintptr_t ref_logp,
                  int dtype, std::uintptr_t mask, std::uintptr_t cu, std::uintptr_t weights,
                  std::uintptr_t grad, std::uintptr_t partials, std::uintptr_t ratio_max, int64_t num_seqs,
@@ -221,7 +211,7 @@ void policy_loss(std::uintptr_t logp, std::uintptr_t old_logp, std::uintptr_t ad
   if (num_seqs == 0) return;
   const PolicyParams p{clip_low, clip_high, dual_clip, kl_coef, log_ratio_min, log_ratio_max,
                        use_dual_clip, has_ref, kl_estimator};
-  by_dtype(dtype, "policy_loss", [&](auto tag) {
+  by_float_dtype(dtype, "policy_loss: log-probs", [&](auto tag) {
     using T = decltype(tag);
     policy_loss_kernel<T><<<num_seqs, kThreads, 0, as_stream(stream)>>>(
         as_ptr<const T>(logp), as_ptr<const T>(old_logp), as_ptr<const T>(adv), as_ptr<const T>(ref_logp),
@@ -235,7 +225,7 @@ void value_loss(std::uintptr_t values, std::uintptr_t old_values, std::uintptr_t
                 std::uintptr_t mask, std::uintptr_t cu, std::uintptr_t weights, std::uintptr_t grad,
                 std::uintptr_t partials, int64_t num_seqs, float clip, int use_clip, std::uintptr_t stream) {
   if (num_seqs == 0) return;
-  by_dtype(dtype, "value_loss", [&](auto tag) {
+  by_float_dtype(dtype, "value_loss: values", [&](auto tag) {
     using T = decltype(tag);
     value_loss_kernel<T><<<num_seqs, kThreads, 0, as_stream(stream)>>>(
         as_ptr<const T>(values), as_ptr<const T>(old_values), as_ptr<const T>(returns), as_ptr<const float>(mask),
@@ -250,7 +240,7 @@ void kl_penalty(std::uintptr_t logp, std::uintptr_t ref_logp, int dtype, std::ui
   if (n == 0) return;
   const int64_t blocks = (n + kThreads - 1) / kThreads;
   const unsigned grid = static_cast<unsigned>(blocks < 65536 ? blocks : 65536);  // grid-stride beyond
-  by_dtype(dtype, "kl_penalty", [&](auto tag) {
+  by_float_dtype(dtype, "kl_penalty: log-probs", [&](auto tag) {
     using T = decltype(tag);
     kl_penalty_kernel<T><<<grid, kThreads, 0, as_stream(stream)>>>(
         as_ptr<const T>(logp), as_ptr<const T>(ref_logp), as_ptr<float>(kl), as_ptr<float>(grad), n, estimator);

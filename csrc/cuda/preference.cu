@@ -221,19 +221,10 @@ void dpo_loss(std::uintptr_t pc, std::uintptr_t pr, std::uintptr_t rc, std::uint
   if (S == 0) return;
   const DPOParams p{beta, eps, tau, exo_log_eps, exo_log1m_eps, formula, normalize != 0};
   auto s = as_stream(stream);
-  switch (static_cast<DType>(dtype)) {
-    case DType::kFloat32:
-      launch_dpo<float>(pc, pr, rc, rr, len_c, len_r, delta, loss, g_pc, g_pr, g_rc, g_rr, rew_c, rew_r, S, p, s);
-      break;
-    case DType::kFloat16:
-      launch_dpo<__half>(pc, pr, rc, rr, len_c, len_r, delta, loss, g_pc, g_pr, g_rc, g_rr, rew_c, rew_r, S, p, s);
-      break;
-    case DType::kBFloat16:
-      launch_dpo<__nv_bfloat16>(pc, pr, rc, rr, len_c, len_r, delta, loss, g_pc, g_pr, g_rc, g_rr, rew_c, rew_r, S, p, s);
-      break;
-    default:
-      throw std::invalid_argument("dpo_loss: log-probs must be float32, float16 or bfloat16");
-  }
+  by_float_dtype(dtype, "dpo_loss: log-probs", [&](auto tag) {
+    using T = decltype(tag);
+    launch_dpo<T>(pc, pr, rc, rr, len_c, len_r, delta, loss, g_pc, g_pr, g_rc, g_rr, rew_c, rew_r, S, p, s);
+  });
   check_launch("dpo_loss");
 }
 
@@ -253,19 +244,11 @@ void kto_loss(std::uintptr_t policy, std::uintptr_t ref, int dtype, std::uintptr
               float undesirable_weight, std::uintptr_t stream) {
   if (S == 0) return;
   auto s = as_stream(stream);
-  switch (static_cast<DType>(dtype)) {
-    case DType::kFloat32:
-      launch_kto<float>(policy, ref, desirable, kl, loss, g_policy, g_ref, reward, S, beta, desirable_weight, undesirable_weight, s);
-      break;
-    case DType::kFloat16:
-      launch_kto<__half>(policy, ref, desirable, kl, loss, g_policy, g_ref, reward, S, beta, desirable_weight, undesirable_weight, s);
-      break;
-    case DType::kBFloat16:
-      launch_kto<__nv_bfloat16>(policy, ref, desirable, kl, loss, g_policy, g_ref, reward, S, beta, desirable_weight, undesirable_weight, s);
-      break;
-    default:
-      throw std::invalid_argument("kto_loss: log-probs must be float32, float16 or bfloat16");
-  }
+  by_float_dtype(dtype, "kto_loss: log-probs", [&](auto tag) {
+    using T = decltype(tag);
+    launch_kto<T>(policy, ref, desirable, kl, loss, g_policy, g_ref, reward, S, beta, desirable_weight,
+                  undesirable_weight, s);
+  });
   check_launch("kto_loss");
 }
 

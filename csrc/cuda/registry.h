@@ -10,6 +10,8 @@
 // - dtype codes: see DType below; the Python side checks dtypes and contiguity.
 // - errors from the launch are raised as Python RuntimeError by check_launch().
 #pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
 
@@ -27,6 +29,18 @@ struct CudaRegistrar {
 };
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3, kInt32 = 4, kInt64 = 5 };
+
+// Calls launch(T{}) with T the C++ type of a floating dtype code: float, __half or
+// __nv_bfloat16. `what` names the op and its argument ("logprobs_forward: logits") for the error.
+template <typename Launch>
+void by_float_dtype(int dtype, const char* what, Launch&& launch) {
+  switch (static_cast<DType>(dtype)) {
+    case DType::kFloat32: launch(float{}); break;
+    case DType::kFloat16: launch(__half{}); break;
+    case DType::kBFloat16: launch(__nv_bfloat16{}); break;
+    default: throw std::invalid_argument(std::string(what) + " must be float32, float16 or bfloat16");
+  }
+}
 
 inline cudaStream_t as_stream(std::uintptr_t handle) { return reinterpret_cast<cudaStream_t>(handle); }
 

@@ -23,19 +23,11 @@ void segment_sum(std::uintptr_t values, int dtype, std::uintptr_t cu, std::uintp
   if (num_segments == 0) return;
   constexpr int kThreads = 256;
   auto s = as_stream(stream);
-  switch (static_cast<DType>(dtype)) {
-    case DType::kFloat32:
-      segment_sum_kernel<<<num_segments, kThreads, 0, s>>>(as_ptr<const float>(values), as_ptr<const int32_t>(cu), as_ptr<float>(out));
-      break;
-    case DType::kFloat16:
-      segment_sum_kernel<<<num_segments, kThreads, 0, s>>>(as_ptr<const __half>(values), as_ptr<const int32_t>(cu), as_ptr<float>(out));
-      break;
-    case DType::kBFloat16:
-      segment_sum_kernel<<<num_segments, kThreads, 0, s>>>(as_ptr<const __nv_bfloat16>(values), as_ptr<const int32_t>(cu), as_ptr<float>(out));
-      break;
-    default:
-      throw std::invalid_argument("segment_sum: values must be float32, float16 or bfloat16");
-  }
+  by_float_dtype(dtype, "segment_sum: values", [&](auto tag) {
+    using T = decltype(tag);
+    segment_sum_kernel<<<num_segments, kThreads, 0, s>>>(as_ptr<const T>(values), as_ptr<const int32_t>(cu),
+                                                         as_ptr<float>(out));
+  });
   check_launch("segment_sum");
 }
 
