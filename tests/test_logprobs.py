@@ -7,7 +7,8 @@ import torch
 
 from alignfuse.kernels import linear_logprobs, logprobs_from_logits
 from alignfuse.kernels.backends import registered
-from alignfuse.kernels.logprobs import reference
+from alignfuse.kernels.logprobs import LINEAR_STRATEGIES, reference
+from conftest import runnable_backends
 from helpers import assert_rel_close
 
 IGNORE = -100
@@ -42,10 +43,23 @@ def has_linear(backend: str) -> bool:
     return backend in registered("linear_logprobs")
 
 
-@pytest.fixture
-def linear_backend(backend):
-    if not has_linear(backend):
-        pytest.skip(f"linear_logprobs has no {backend} backend (its GPU kernel is triton)")
+def linear_backends() -> list[str]:
+    """linear_logprobs' runnable backends, triton once per strategy ("triton:fused")."""
+    names = []
+    for backend in runnable_backends():
+        if backend == "triton":
+            names += [f"triton:{strategy}" for strategy in LINEAR_STRATEGIES]
+        elif has_linear(backend):
+            names.append(backend)
+    return names
+
+
+@pytest.fixture(params=linear_backends())
+def linear_backend(request, monkeypatch):
+    """The backend= to pass; for triton, its strategy is set in ALIGNFUSE_LINEAR_STRATEGY."""
+    backend, _, strategy = request.param.partition(":")
+    if strategy:
+        monkeypatch.setenv("ALIGNFUSE_LINEAR_STRATEGY", strategy)
     return backend
 
 
@@ -266,9 +280,11 @@ def test_torch_chunking_is_exact(monkeypatch):
 @pytest.mark.parametrize("path, N, H, V", [
     pytest.param("torch", 200_003, 8, 17, id="torch"),
     pytest.param("triton", 70_001, 16, 16, marks=pytest.mark.slow, id="triton")])
-def test_large_n(path, N, H, V):
+def test_large_n(path, N, H, V, monkeypatch):
     """Many rows: 200k tokens (tiny H, V) on the chunked torch path; more rows than a grid
-    dim 1/2 could hold (65,536) through the Triton kernels."""
+    dim 1/2 could hold (65,536) through the Triton kernels (the fused strategy's GEMM
+    kernels, and the logits kernels)."""
+    monkeypatch.setenv("ALIGNFUSE_LINEAR_STRATEGY", "fused")
     hidden, weight, _, targets = make_inputs(N=N, H=H, V=V, scale=3.0)
     logp, ent = linear_logprobs(hidden, weight, targets, return_entropy=True, backend=path)
     ref_logp, ref_ent = formula(hidden.double() @ weight.double().T, targets)
@@ -320,6 +336,13 @@ def test_bad_inputs():
         linear_logprobs(hidden, weight, targets, backend="cudnn")
 
 
+def test_unknown_linear_strategy_is_refused(monkeypatch):
+    hidden, weight, _, targets = make_inputs(N=5, H=8, V=11)
+    monkeypatch.setenv("ALIGNFUSE_LINEAR_STRATEGY", "tiles")
+    with pytest.raises(ValueError, match="ALIGNFUSE_LINEAR_STRATEGY must be one of"):
+        linear_logprobs(hidden, weight, targets, backend="triton")
+
+
 def test_weight_on_another_device_is_refused():
     hidden, weight, _, targets = make_inputs(N=6, H=8, V=11)
     with pytest.raises(ValueError, match="weight is on meta but hidden is on cpu"):
@@ -330,24 +353,27 @@ def test_weight_on_another_device_is_refused():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("V", [151936, 128256])
-def test_bf16_gpu_real_vocab(backend, V):
+def test_bf16_gpu_real_vocab(backend, V, monkeypatch):
     """Real vocabulary sizes, H=896, bf16 on GPU, against float64 of the same bf16 values."""
     N, H = 300, 896
     hidden, weight, bias, targets = make_inputs(N=N, H=H, V=V, dtype=torch.bfloat16,
                                                 device="cuda", scale=4.0)
-    if has_linear(backend):
+    for strategy in LINEAR_STRATEGIES if backend == "triton" else ("",):
+        if not has_linear(backend):
+            break
+        monkeypatch.setenv("ALIGNFUSE_LINEAR_STRATEGY", strategy or "chunked")
         logp, ent = linear_logprobs(hidden, weight, targets, return_entropy=True,
                                     backend=backend)
         h64 = hidden.detach().double().requires_grad_()
         w64 = weight.detach().double().requires_grad_()
         ref_logp, ref_ent = formula(h64 @ w64.T, targets)
-        assert_rel_close(logp, ref_logp, 1e-5, "logp")
-        assert_rel_close(ent, ref_ent, 1e-5, "entropy")
+        assert_rel_close(logp, ref_logp, 1e-5, f"logp {strategy}")
+        assert_rel_close(ent, ref_ent, 1e-5, f"entropy {strategy}")
         weights = [torch.randn_like(ref_logp), torch.randn_like(ref_ent)]
         got = grads_of([logp, ent], [hidden, weight], weights)
         want = grads_of([ref_logp, ref_ent], [h64, w64], weights)
         for name, g, w in zip(["grad_hidden", "grad_weight"], got, want):
-            assert_rel_close(g, w, 1e-2, name)
+            assert_rel_close(g, w, 1e-2, f"{name} {strategy}")
     logits = (hidden @ weight.T).detach().requires_grad_()
     lp, en = logprobs_from_logits(logits, targets, return_entropy=True, backend=backend)
     rl, re = formula(logits.double(), targets)

@@ -121,22 +121,28 @@ def _logprobs_variants() -> Iterator[Variant]:
                                    return_entropy=entropy, backend="triton")
         _backward(*(out if entropy else (out,)))
 
-    def linear_case(dtype, n, V, H, entropy, bias, grads):
+    def linear_case(dtype, strategy, n, V, H, entropy, bias, grads):
         hidden = _leaf((n, H), dtype).requires_grad_("h" in grads)
         weight = _leaf((V, H), dtype, scale=0.2).requires_grad_("w" in grads)
         b = _leaf(V, dtype).requires_grad_("b" in grads) if bias else None
-        out = linear_logprobs(hidden, weight, targets(n, V), bias=b, temperature=0.7,
-                              return_entropy=entropy, backend="triton")
-        _backward(*(out if entropy else (out,)))
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("ALIGNFUSE_LINEAR_STRATEGY", strategy)
+            out = linear_logprobs(hidden, weight, targets(n, V), bias=b, temperature=0.7,
+                                  return_entropy=entropy, backend="triton")
+        _backward(*(out if entropy else (out,)))  # the strategy is kept for backward
 
-    # (label, dtype, n, V, H, entropy, bias, grads wanted: h(idden) w(eight) b(ias)).
-    # 144 rows are several row blocks (num_n_blocks = 1 would be specialized as a constexpr).
-    for label, dtype, n, V, H, entropy, bias, grads in (
-            ("aligned,entropy,bias", BF16, 144, 256, 64, True, True, "hwb"),
-            ("odd,frozen head", BF16, 13, 301, 40, False, False, "h"),
-            ("odd,bias,grad weight only", F32, 13, 301, 40, False, True, "w")):
+    # (label, dtype, strategy, n, V, H, entropy, bias, grads wanted: h(idden) w(eight)
+    # b(ias)). 144 rows are several row blocks (num_n_blocks = 1 would be specialized as a
+    # constexpr). The chunked strategy runs the logits kernels on fp32 logits chunks, with a
+    # bf16 gradient buffer for bf16 inputs and in place for fp32.
+    for label, dtype, strategy, n, V, H, entropy, bias, grads in (
+            ("aligned,entropy,bias", BF16, "fused", 144, 256, 64, True, True, "hwb"),
+            ("odd,frozen head", BF16, "fused", 13, 301, 40, False, False, "h"),
+            ("odd,bias,grad weight only", F32, "fused", 13, 301, 40, False, True, "w"),
+            ("chunked,entropy,bias", BF16, "chunked", 144, 256, 64, True, True, "hwb"),
+            ("chunked,odd", F32, "chunked", 13, 301, 40, False, False, "hw")):
         yield (f"linear_logprobs[{label}]", dtype,
-               lambda d, a=(n, V, H, entropy, bias, grads): linear_case(d, *a))
+               lambda d, a=(strategy, n, V, H, entropy, bias, grads): linear_case(d, *a))
     for label, dtype, n, V, entropy in (("aligned,entropy", BF16, 32, 1024, True),
                                         ("aligned", BF16, 32, 1024, False),
                                         ("odd", F32, 13, 301, False)):

@@ -5,6 +5,9 @@
 Contenders, each in its own documented form:
 - alignfuse/<backend>: `alignfuse.kernels.linear_logprobs(hidden, weight, targets, backend=)`
   for every backend (triton, cuda, torch); one that cannot run here is skipped with why.
+  alignfuse/triton-fused is the triton backend with ALIGNFUSE_LINEAR_STRATEGY=fused (GEMMs
+  inside Triton kernels) beside the default chunked strategy (cuBLAS GEMMs), so that one
+  run says which to keep as the default.
 - linear_cross_entropy/triton: alignfuse's SFT op with reduction="none", negated: the
   same computation as the two cross-entropy baselines below.
 - torch-eager: what a training loop does without fused kernels (TRL's
@@ -25,6 +28,9 @@ can reach at most 75% of the fwd+bwd floor; eager stores them instead and pays i
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 
 from ..harness import Case, Contender, InputSet
@@ -34,13 +40,37 @@ from .common import (alignfuse_op, backend_unavailable, dtype_name, generator,
 SUITE = "logprobs"
 
 
-def _alignfuse(backend: str) -> Contender:
+def _alignfuse(backend: str, strategy: str | None = None) -> Contender:
+    """`strategy` (triton only): ALIGNFUSE_LINEAR_STRATEGY for the call; None: the default.
+    The forward records it for its backward, so only the forward call needs it set."""
     def run(t):
         fn = alignfuse_op("kernels", "linear_logprobs")
-        return {"logps": fn(t["hidden"], t["weight"], t["targets"], backend=backend)}
+        with _linear_strategy(strategy):
+            return {"logps": fn(t["hidden"], t["weight"], t["targets"], backend=backend)}
 
-    return Contender(f"alignfuse/{backend}", "subject", run,
-                     lambda device: backend_unavailable("linear_logprobs", backend, device))
+    name = f"alignfuse/{backend}" + (f"-{strategy}" if strategy else "")
+    note = (f"ALIGNFUSE_LINEAR_STRATEGY={strategy}" if strategy else
+            "default strategy (chunked: cuBLAS GEMMs + Triton logits kernels)"
+            if backend == "triton" else "")
+    return Contender(name, "subject", run,
+                     lambda device: backend_unavailable("linear_logprobs", backend, device),
+                     note=note)
+
+
+@contextlib.contextmanager
+def _linear_strategy(strategy: str | None):
+    if strategy is None:
+        yield
+        return
+    before = os.environ.get("ALIGNFUSE_LINEAR_STRATEGY")
+    os.environ["ALIGNFUSE_LINEAR_STRATEGY"] = strategy
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("ALIGNFUSE_LINEAR_STRATEGY")
+        else:
+            os.environ["ALIGNFUSE_LINEAR_STRATEGY"] = before
 
 
 def _cross_entropy(backend: str) -> Contender:
@@ -144,7 +174,8 @@ def case(N: int, H: int, V: int, dtype: torch.dtype, device: torch.device) -> Ca
 
     # The torch backend (chunked, not meant to be fast on GPU) goes last: a run that meets
     # its time budget drops it first.
-    contenders = [_alignfuse("triton"), _alignfuse("cuda"), _cross_entropy("triton"),
+    contenders = [_alignfuse("triton"), _alignfuse("triton", "fused"), _alignfuse("cuda"),
+                  _cross_entropy("triton"),
                   Contender("torch-eager", "baseline", _eager,
                             note="logits = h @ W.T (model dtype), float32 log_softmax, gather"),
                   _liger(),

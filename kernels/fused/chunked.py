@@ -59,7 +59,9 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class FusedLinearLoss:
-    """Runs the chunk loop over `rows` of hidden for one fused loss.
+    """Runs the chunk loop over `rows` of hidden for one fused loss (and for each phase of
+    linear_logprobs' chunked strategy, `logprobs/linear_chunked.py`: its forward needs no
+    gradient, its backward launches the log-prob gradient kernel).
 
     hidden `[N, H]`, weight `[V, H]`, bias `[V]` or None (one floating dtype; float64 is
     computed in float32), rows: int64 `[M]` indices of the counted tokens or None (all).

@@ -12,6 +12,7 @@ This module holds the argument checks and the autograd Functions of the kernel b
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -38,8 +39,10 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     Returns logps `[...]` float32 (float64 for float64 input), 0 where the target is
     `ignore_index`; with `return_entropy=True` the pair `(logps, entropy)`, entropy `[...]`
     also 0 at ignored positions. Gradients flow to hidden, weight and bias from both outputs.
-    No backend holds the `[N, V]` logits: torch works in memory-budgeted chunks, triton in
-    tiles.
+    No backend holds the `[N, V]` logits: torch works in memory-budgeted chunks; triton
+    either does the same with cuBLAS GEMMs and its logits kernels, skipping ignored tokens
+    (the default), or keeps the GEMMs inside its kernels, in tiles (environment
+    `ALIGNFUSE_LINEAR_STRATEGY=chunked|fused`, see `linear_strategy`).
     """
     H, flat_targets, temperature = check_linear_inputs(hidden, weight, bias, targets,
                                                        ignore_index, temperature)
@@ -132,31 +135,63 @@ def _kernel_outputs(logp: torch.Tensor, entropy: torch.Tensor | None, valid: tor
     return logp
 
 
+# How linear_logprobs' triton backend runs its GEMMs (environment ALIGNFUSE_LINEAR_STRATEGY):
+# - "chunked" (default): cuBLAS GEMMs a chunk of counted tokens at a time, the logits
+#   kernels in between (`linear_chunked.py`);
+# - "fused": the GEMMs inside Triton kernels, no logits chunk at all (`triton_forward.py`,
+#   `triton_backward.py`); its backward accumulates through fp32 atomics.
+# Both are exact to the same tolerance; which is faster is for `bench/` to say (see
+# linear_chunked.py for why chunked is the default before any GPU measurement).
+LINEAR_STRATEGIES = ("chunked", "fused")
+
+
+def linear_strategy() -> str:
+    """The strategy named by ALIGNFUSE_LINEAR_STRATEGY (default "chunked")."""
+    strategy = os.environ.get("ALIGNFUSE_LINEAR_STRATEGY", "chunked").strip().lower()
+    if strategy not in LINEAR_STRATEGIES:
+        raise ValueError(f"ALIGNFUSE_LINEAR_STRATEGY must be one of {LINEAR_STRATEGIES}, "
+                         f"got {strategy!r}")
+    return strategy
+
+
+def _linear_kernels(strategy: str):
+    """(forward, backward) host functions of a linear_logprobs strategy, one signature:
+    forward(h, w, b, targets, temperature, ignore_index) -> (logp, lse, entropy) `[N]` fp32;
+    backward(h, w, b, targets, lse, entropy, g_logp, g_entropy, temperature, need,
+    ignore_index) -> (grad_hidden, grad_weight, grad_bias)."""
+    if strategy == "chunked":
+        from .linear_chunked import linear_backward, linear_forward
+        return linear_forward, linear_backward
+    from .triton_backward import linear_backward
+    from .triton_forward import linear_forward
+    return (lambda h, w, b, t, temperature, _ignore: linear_forward(h, w, b, t, temperature),
+            lambda *args, ignore_index: linear_backward(*args))
+
+
 class _LinearLogprobsTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, want_entropy):
-        from .triton_forward import linear_forward
-
+        strategy = linear_strategy()
+        forward, _ = _linear_kernels(strategy)
         h, w = _kernel_ready(hidden), _kernel_ready(weight)
         b = None if bias is None else _kernel_ready(bias)
-        logp, lse, entropy = linear_forward(h, w, b, targets, temperature)
+        logp, lse, entropy = forward(h, w, b, targets, temperature, ignore_index)
         valid = targets != ignore_index
         ctx.save_for_backward(h, w, b, targets, valid, lse, entropy if want_entropy else None)
-        ctx.temperature = temperature
+        ctx.temperature, ctx.ignore_index, ctx.strategy = temperature, ignore_index, strategy
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return _kernel_outputs(logp, entropy if want_entropy else None, valid, hidden.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_logp, g_entropy=None):
-        from .triton_backward import linear_backward
-
+        _, backward = _linear_kernels(ctx.strategy)
         h, w, b, targets, valid, lse, entropy = ctx.saved_tensors
         need = tuple(ctx.needs_input_grad[:3])
         need = (need[0], need[1], need[2] and b is not None)
-        grads = linear_backward(h, w, b, targets, lse, entropy, _incoming(g_logp, valid),
-                                _incoming(g_entropy if entropy is not None else None, valid),
-                                ctx.temperature, need)
+        grads = backward(h, w, b, targets, lse, entropy, _incoming(g_logp, valid),
+                         _incoming(g_entropy if entropy is not None else None, valid),
+                         ctx.temperature, need, ignore_index=ctx.ignore_index)
         grads = [None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)]
         return (*grads, None, None, None, None)
 

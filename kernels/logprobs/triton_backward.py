@@ -199,11 +199,12 @@ def linear_backward(hidden, weight, bias, targets, lse, entropy, g_logp, g_entro
 
 
 def logits_backward(logits, targets, lse, entropy, g_logp, g_entropy, temperature: float,
-                    ignore_index: int):
-    """grad_logits `[N, V]` (logits' dtype) from g_logp / g_entropy `[N]` fp32, which must be
-    0 where ignored (so ignore_index is not needed here). Same signature as cuda.logits_backward."""
+                    ignore_index: int, out: torch.Tensor | None = None):
+    """grad_logits `[N, V]` (logits' dtype, or written into `out`, contiguous `[N, V]`, which
+    may be `logits` itself) from g_logp / g_entropy `[N]` fp32, which must be 0 where ignored
+    (so ignore_index is not needed here). Same signature as cuda.logits_backward."""
     N, V = logits.shape
-    grad = torch.empty(N, V, device=logits.device, dtype=logits.dtype)
+    grad = torch.empty(N, V, device=logits.device, dtype=logits.dtype) if out is None else out
     block_n, block_v = logits_blocks(logits)
     has_entropy = g_entropy is not None
     _logits_backward_kernel[(triton.cdiv(N, block_n),)](
