@@ -58,6 +58,32 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
+# Whether torch.addmm takes an fp32 accumulator with bf16/fp16 matrices (out_dtype=): it
+# depends on the torch version; asked once, on the first CUDA call.
+_ADDMM_INTO_FP32: bool | None = None
+
+
+def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b for an fp32 `acc` and half-precision a, b.
+
+    On CUDA, one cuBLAS GEMM with beta = 1 where torch allows it: no temporary, and acc is
+    read and written once. Otherwise the product is made in fp32 WEIGHT_GRAD_ROWS rows at a
+    time and added, which moves each block of acc three more times."""
+    global _ADDMM_INTO_FP32
+    if a.is_cuda and _ADDMM_INTO_FP32 is not False:
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            _ADDMM_INTO_FP32 = True
+            return
+        except (TypeError, RuntimeError):
+            if _ADDMM_INTO_FP32:  # it worked before: this failure is real
+                raise
+            _ADDMM_INTO_FP32 = False
+    for v in range(0, acc.shape[0], WEIGHT_GRAD_ROWS):
+        rows = slice(v, min(v + WEIGHT_GRAD_ROWS, acc.shape[0]))
+        acc[rows] += _mm_fp32(a[rows], b)
+
+
 class FusedLinearLoss:
     """Runs the chunk loop over `rows` of hidden for one fused loss (and for each phase of
     linear_logprobs' chunked strategy, `logprobs/linear_chunked.py`: its forward needs no
@@ -134,9 +160,7 @@ class FusedLinearLoss:
                     grad_h.index_copy_(0, self.rows[chunk], gh.to(dtype))
             if need_w:
                 if half:
-                    for v in range(0, V, WEIGHT_GRAD_ROWS):
-                        cols = slice(v, min(v + WEIGHT_GRAD_ROWS, V))
-                        grad_w[cols] += _mm_fp32(dz[:, cols].T, h)
+                    _accumulate_fp32(grad_w, dz.T, h)
                 else:
                     grad_w.addmm_(dz.T, h)
             if need_b:
