@@ -56,6 +56,7 @@ def one_torch_thread():
 def _seed_and_env(monkeypatch):
     # Fresh random inputs on every run, but reproducible within a run when re-seeded by a test.
     monkeypatch.delenv("ALIGNFUSE_BACKEND", raising=False)
+    monkeypatch.delenv("ALIGNFUSE_LINEAR_STRATEGY", raising=False)
     yield
 
 
