@@ -23,6 +23,13 @@ are the ones a GPU launch with the same Python arguments would compile.
 
 Run as a script (what `compile_in_subprocesses` does):
     TRITON_INTERPRET=0 python tests/triton_capture.py LAUNCHES.json RESULTS.json ARCH
+
+The same script checks the kernels against ANOTHER Triton (e.g. the GPU image's, older than
+the one torch pins here): record with this environment, compile with the other one, in
+which alignfuse is installed (`pip install --no-deps --no-build-isolation .`):
+    pytest -p no:cacheprovider --basetemp /tmp/sm90 tests/test_triton_sm90.py
+    TRITON_INTERPRET=0 OTHER/python tests/triton_capture.py \
+        /tmp/sm90/sm900/launches.json /tmp/other.json 90
 """
 
 from __future__ import annotations
