@@ -35,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from ..logprobs.reference import chunk_rows
+from ..logprobs.reference import MAX_BUDGET_BYTES, chunk_rows
 
 # the gradients to compute: (hidden, weight, bias)
 Need = tuple[bool, bool, bool]
@@ -45,8 +45,38 @@ Need = tuple[bool, bool, bool]
 # the temporary to WEIGHT_GRAD_ROWS x H fp32 instead of a second [V, H].
 WEIGHT_GRAD_ROWS = 16384
 
+# The chunk budget's cap on CUDA. Each chunk of C tokens reads and writes the fp32 [V, H]
+# weight gradient once (8 V H bytes) next to its 6 C H V GEMM FLOPs, 0.75 C FLOPs per byte:
+# the accumulation stays under ~10% of the GEMM time on an H100 (~240 FLOPs per byte of
+# HBM bandwidth) only from C ~ 3000 rows, i.e. a chunk about as large as that fp32
+# gradient (the reference_bytes the loop passes). The CPU cap (reference.MAX_BUDGET_BYTES,
+# 256 MiB) would give ~350 rows at V = 128k, and the accumulation would cost as much as the
+# GEMMs. Reasoned from the roofline, not measured.
+CUDA_MAX_BUDGET_BYTES = 2 << 30
 
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+
+def budget_cap(device: torch.device) -> int:
+    return CUDA_MAX_BUDGET_BYTES if device.type == "cuda" else MAX_BUDGET_BYTES
+
+
+def logits_into(z: torch.Tensor, h: torch.Tensor, w: torch.Tensor,
+                b: torch.Tensor | None) -> torch.Tensor:
+    """z (fp32, [C, V']) = h @ w.T (+ b): on CUDA a half-precision GEMM writes its fp32
+    result straight into z; elsewhere the operands are upcast (pass w upcast already to do
+    that once for many chunks)."""
+    if h.dtype != torch.float32 and h.is_cuda:
+        try:
+            torch.mm(h, w.T, out_dtype=torch.float32, out=z)
+        except (TypeError, RuntimeError):  # torch without mm(out_dtype=)
+            z.copy_(mm_fp32(h, w.T))
+    else:
+        torch.mm(h.float(), w.float().T, out=z)
+    if b is not None:
+        z += b.float()
+    return z
+
+
+def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b with an fp32 result and fp32 accumulation, whatever the (common) input dtype."""
     if a.dtype == torch.float32:
         return a @ b
@@ -63,7 +93,7 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 _ADDMM_INTO_FP32: bool | None = None
 
 
-def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+def accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc += a @ b for an fp32 `acc` and half-precision a, b.
 
     On CUDA, one cuBLAS GEMM with beta = 1 where torch allows it: no temporary, and acc is
@@ -81,7 +111,7 @@ def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Non
             _ADDMM_INTO_FP32 = False
     for v in range(0, acc.shape[0], WEIGHT_GRAD_ROWS):
         rows = slice(v, min(v + WEIGHT_GRAD_ROWS, acc.shape[0]))
-        acc[rows] += _mm_fp32(a[rows], b)
+        acc[rows] += mm_fp32(a[rows], b)
 
 
 class FusedLinearLoss:
@@ -130,7 +160,7 @@ class FusedLinearLoss:
         # buffers of element_bytes each, hence the half
         bytes_per_logit = 4 + (w.element_size() if half and need_grad else 0)
         rows_per_chunk = chunk_rows(max(self.num_rows, 1), V, bytes_per_logit // 2,
-                                    V * H * 4)
+                                    V * H * 4, budget_cap(device))
         z_buf = torch.empty(rows_per_chunk, V, **f32)
         dz_buf = (torch.empty(rows_per_chunk, V, device=device, dtype=dtype)
                   if half and need_grad else z_buf)
@@ -138,16 +168,7 @@ class FusedLinearLoss:
             chunk = slice(start, min(start + rows_per_chunk, self.num_rows))
             C = chunk.stop - chunk.start
             h = self._hidden_rows(chunk)
-            z = z_buf[:C]
-            if half and w.is_cuda:
-                try:  # bf16 GEMM with an fp32 result written straight into the chunk buffer
-                    torch.mm(h, w.T, out_dtype=torch.float32, out=z)
-                except (TypeError, RuntimeError):
-                    z.copy_(_mm_fp32(h, w.T))
-            else:
-                torch.mm(h.to(w_mm.dtype), w_mm.T, out=z)
-            if b is not None:
-                z += b.float()
+            z = logits_into(z_buf[:C], h, w_mm, b)
             dz = dz_buf[:C] if need_grad else None
             launch(z, dz, chunk)
             if not need_grad:
@@ -160,7 +181,7 @@ class FusedLinearLoss:
                     grad_h.index_copy_(0, self.rows[chunk], gh.to(dtype))
             if need_w:
                 if half:
-                    _accumulate_fp32(grad_w, dz.T, h)
+                    accumulate_fp32(grad_w, dz.T, h)
                 else:
                     grad_w.addmm_(dz.T, h)
             if need_b:

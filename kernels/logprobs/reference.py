@@ -40,12 +40,14 @@ LOG_P_FLOOR = -1.0e30
 _LIVE_BUFFERS = 2
 
 
-def chunk_rows(num_rows: int, vocab: int, element_bytes: int, reference_bytes: int) -> int:
+def chunk_rows(num_rows: int, vocab: int, element_bytes: int, reference_bytes: int,
+               max_bytes: int = MAX_BUDGET_BYTES) -> int:
     """Token rows per chunk (at least 1, at most `num_rows`) for a budget sized like
-    `reference_bytes` (clamped), unless CHUNK_BUDGET_BYTES forces one."""
+    `reference_bytes` (clamped to [MIN_BUDGET_BYTES, max_bytes]), unless CHUNK_BUDGET_BYTES
+    forces one."""
     budget = CHUNK_BUDGET_BYTES
     if budget is None:
-        budget = min(max(reference_bytes, MIN_BUDGET_BYTES), MAX_BUDGET_BYTES)
+        budget = min(max(reference_bytes, MIN_BUDGET_BYTES), max_bytes)
     rows = budget // max(1, vocab * element_bytes * _LIVE_BUFFERS)
     return int(max(1, min(num_rows, rows)))
 
