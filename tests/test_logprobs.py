@@ -277,6 +277,33 @@ def test_torch_chunking_is_exact(monkeypatch):
         assert_rel_close(a, b, 1e-6, "chunked")
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.bfloat16, 1e-2)])
+def test_chunked_strategy_many_chunks_and_vocab_blocks(monkeypatch, dtype, tol):
+    """The chunked strategy with a tiny budget: forward chunks of 3-5 tokens, backward blocks
+    of 40 vocabulary columns (the last ones partial), against float64 of the same values."""
+    monkeypatch.setenv("ALIGNFUSE_LINEAR_STRATEGY", "chunked")
+    N, H, V = 37, 16, 301
+    hidden, weight, bias, targets = make_inputs(N=N, H=H, V=V, dtype=dtype, ignore_frac=0.0)
+    targets[::5] = IGNORE  # 29 counted tokens
+    M = int((targets != IGNORE).sum())
+    bytes_per_logit = 4 if dtype == torch.float32 else 6
+    budget = 40 * M * (bytes_per_logit // 2) * 2
+    monkeypatch.setattr(reference, "CHUNK_BUDGET_BYTES", budget)
+    assert 1 < reference.chunk_rows(M, V, 2, 0) <= 5  # forward chunks (no gradient buffer)
+    assert reference.chunk_rows(V, M, bytes_per_logit // 2, 0) == 40  # backward blocks
+    logp, ent = linear_logprobs(hidden, weight, targets, bias=bias, temperature=0.8,
+                                return_entropy=True, backend="triton")
+    h64, w64, b64 = (x.detach().double().requires_grad_() for x in (hidden, weight, bias))
+    r_logp, r_ent = formula(h64 @ w64.T + b64, targets, temperature=0.8)
+    assert_rel_close(logp, r_logp, 2e-6 if dtype == torch.float32 else 1e-5, "logp")
+    assert_rel_close(ent, r_ent, 2e-6 if dtype == torch.float32 else 1e-5, "entropy")
+    up = [torch.randn(N, dtype=torch.float64) for _ in range(2)]
+    got = grads_of([logp, ent], [hidden, weight, bias], up)
+    want = grads_of([r_logp, r_ent], [h64, w64, b64], up)
+    for name, g, w in zip(["grad_hidden", "grad_weight", "grad_bias"], got, want):
+        assert_rel_close(g, w, tol, name)
+
+
 @pytest.mark.parametrize("path, N, H, V", [
     pytest.param("torch", 200_003, 8, 17, id="torch"),
     pytest.param("triton", 70_001, 16, 16, marks=pytest.mark.slow, id="triton")])

@@ -2,32 +2,36 @@
 
 Same contract as `triton_forward.linear_forward` / `triton_backward.linear_backward` (the
 "fused" strategy, whose GEMMs run inside Triton kernels), so either strategy's backward
-takes either's saved (lse, entropy). Per chunk of C counted tokens:
+takes either's saved (lse, entropy). With M counted tokens:
 
-    forward:   z = h_chunk @ W.T (+ b)          [C, V] fp32 (cuBLAS)      2 C H V FLOPs
-               `_logits_forward_kernel` on z:   lse, entropy, logp        one read of z
-    backward:  z again                                                    2 C H V
-               `_logits_backward_kernel`:       dz (bf16 for bf16 inputs) read z, write dz
-               grad_hidden[chunk] = dz @ W,  grad_weight += dz.T @ h      4 C H V
+    forward, per chunk of C tokens:
+      z = h_chunk @ W.T (+ b)            [C, V] fp32 (cuBLAS)         2 C H V FLOPs
+      `_logits_forward_kernel` on z:     lse, entropy, logp           one read of z
+    backward, per block of Vb vocabulary columns (see `linear_backward` for why):
+      z = h @ W_block.T (+ b)            [M, Vb] fp32                 2 M H Vb
+      `_logits_backward_kernel`:         dz (bf16 for bf16 inputs)    read z, write dz
+      grad_weight[block] = dz.T @ h      written once                 2 M H Vb
+      grad_hidden += dz @ W_block        [M, H] fp32                  2 M H Vb
 
-8 N H V FLOPs in all, like the fused strategy. Why have both: the fused backward adds
-each tile's dz @ W and dz.T @ h into fp32 gradients with atomics, ~4 BN BV / (BN + BV)
-FLOPs per atomic element (~170 for 64 x 128 tiles), far below an H100's ~1000 FLOPs per
-byte-moved balance, so it is expected to be bound by atomic traffic; here every GEMM is a
-cuBLAS GEMM and the only extra traffic is one [C, V] logits chunk per phase, ~1000 FLOPs
-per byte of it at H = 4096. Reasoned, not measured: `bench/` times both (the `logprobs`
-suite's alignfuse/triton and alignfuse/triton-fused contenders).
+8 M H V FLOPs in all, like the fused strategy. Why have both: the fused backward adds each
+tile's dz @ W and dz.T @ h into fp32 gradients with atomics, ~4 BN BV / (BN + BV) FLOPs per
+4-byte atomic (~170 for 64 x 128 tiles), about 40 FLOPs per byte against an H100's ~240
+FLOPs per byte of HBM bandwidth, so it is expected to be bound by its atomics; here every
+GEMM is cuBLAS's and the extra traffic is the fp32 logits block, ~H / 2 FLOPs per byte of
+it. Reasoned, not measured: `bench/` times both (the `logprobs` suite's alignfuse/triton
+and alignfuse/triton-fused contenders).
 
 Tokens whose target is ignore_index (prompt, padding) never enter a GEMM: their outputs
-are 0 and the chunk loop (`fused/chunked.py`, shared with the fused losses) runs over the
-counted rows only. Finding them costs one host sync (the count sizes the loop).
+are 0, and both loops (the forward's is `fused/chunked.py`'s, shared with the fused
+losses) run over the counted rows only. Finding them costs one host sync (the count sizes the loop).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..fused.chunked import FusedLinearLoss
+from ..fused.chunked import FusedLinearLoss, accumulate_fp32, mm_fp32, budget_cap, logits_into
+from .reference import chunk_rows
 from .triton_backward import logits_backward
 from .triton_forward import logits_forward
 
@@ -67,17 +71,69 @@ def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 def linear_backward(hidden, weight, bias, targets, lse, entropy, g_logp, g_entropy,
                     temperature: float, need: tuple[bool, bool, bool], ignore_index: int):
     """Gradients (hidden, weight, bias) from g_logp / g_entropy `[N]` fp32 (0 where ignored);
-    the same contract as `triton_backward.linear_backward`."""
+    the same contract as `triton_backward.linear_backward`.
+
+    Blocked over the VOCABULARY, not over tokens: with each row's lse (and entropy) saved,
+    a logit's gradient needs only its own column, so a block of Vb columns for all M
+    counted tokens gives grad_weight[block] in ONE GEMM, written once in the weight's
+    dtype, while grad_hidden (M x H, fp32) gathers the blocks' contributions. A token-
+    blocked loop would instead read and write an fp32 [V, H] accumulator per chunk; with
+    M < V (16k tokens against a 128k vocabulary) this moves M / V as many bytes and holds
+    an [M, H] buffer instead of [V, H]."""
+    need_h, need_w, need_b = need
     rows = _counted_rows(targets, ignore_index)
+    h = _take(hidden, rows)
     t, lse_c, ent_c = _take(targets, rows), _take(lse, rows), _take(entropy, rows)
     g_lp, g_ent = _take(g_logp, rows), _take(g_entropy, rows)
+    M, H = h.shape
+    V = weight.shape[0]
+    half = hidden.dtype != torch.float32
+    on_cpu = not hidden.is_cuda
+    w_mm = weight.float() if half and on_cpu else weight  # CPU: upcast once
+    f32 = _f32(hidden)
+    grad_h = torch.zeros(M, H, **f32) if need_h else None
+    grad_w = (torch.empty_like(weight) if M else torch.zeros_like(weight)) if need_w else None
+    grad_b = torch.zeros(V, **f32) if need_b else None
+    # an fp32 block of logits, and a half-precision gradient block for half inputs
+    bytes_per_logit = 4 + (weight.element_size() if half else 0)
+    cols = chunk_rows(V, max(M, 1), bytes_per_logit // 2, V * H * 4, budget_cap(hidden.device))
+    if cols > 256:
+        cols -= cols % 256  # whole GEMM tiles per block
+    # flat buffers, viewed as a contiguous [M, width] per block (the last may be narrower)
+    z_buf = torch.empty(M * cols, **f32)
+    dz_buf = torch.empty(M * cols, device=hidden.device, dtype=hidden.dtype) if half else z_buf
+    for v0 in range(0, V if M and any(need) else 0, cols):
+        block = slice(v0, min(v0 + cols, V))
+        width = block.stop - block.start
+        z = logits_into(z_buf[:M * width].view(M, width), h, w_mm[block],
+                        None if bias is None else bias[block])
+        dz = dz_buf[:M * width].view(M, width)
+        # targets outside the block fall outside [0, width): they match no column
+        logits_backward(z, t - v0, lse_c, ent_c, g_lp, g_ent, temperature, ignore_index,
+                        out=dz)
+        if need_w:
+            if half and on_cpu:
+                grad_w[block] = mm_fp32(dz.T, h)  # fp32 product, rounded once
+            else:
+                torch.mm(dz.T, h, out=grad_w[block])  # fp32 accumulation inside the GEMM
+        if need_h:
+            if half:
+                accumulate_fp32(grad_h, dz, weight[block])
+            else:
+                grad_h.addmm_(dz, weight[block])
+        if need_b:
+            grad_b[block] = dz.sum(0, dtype=torch.float32)
+    return _finish(grad_h, grad_w, grad_b, hidden, rows)
 
-    def launch(z, dz, chunk):
-        logits_backward(z, t[chunk], lse_c[chunk], None if ent_c is None else ent_c[chunk],
-                        g_lp[chunk], None if g_ent is None else g_ent[chunk], temperature,
-                        ignore_index, out=dz)
 
-    return FusedLinearLoss(hidden, weight, bias, rows).run(launch, need)
+def _finish(grad_h, grad_w, grad_b, hidden, rows):
+    """grad_hidden back at all N tokens (0 where ignored), in hidden's dtype."""
+    if grad_h is not None:
+        full = grad_h.to(hidden.dtype)
+        if rows is not None:
+            full = torch.zeros_like(hidden).index_copy_(0, rows, full)
+        grad_h = full
+    return grad_h, grad_w, None if grad_b is None else grad_b.to(hidden.dtype)
 
 
 def _f32(like: torch.Tensor) -> dict:
