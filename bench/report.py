@@ -74,11 +74,16 @@ def _cell(contender: dict, mode: str) -> str:
     return text
 
 
-def _mem_cell(contender: dict, mode: str) -> str:
+def _mem_cell(contender: dict, mode: str, sizes: dict) -> str:
+    """Peak MiB, and as a share of the [N, V] logits where the case says their size (the
+    memory a fused LM-head op exists to avoid)."""
     m = contender["modes"].get(mode) or {}
     if m.get("peak_memory_bytes") is None:
         return "—"
-    return f"{m['peak_memory_bytes'] / 2**20:.4g} MiB"
+    text = f"{m['peak_memory_bytes'] / 2**20:.4g} MiB"
+    if sizes.get("logits_bytes"):
+        text += f" ({100 * m['peak_memory_bytes'] / sizes['logits_bytes']:.3g}% of logits)"
+    return text
 
 
 def _header(path: Path, r: dict, out: Path) -> list[str]:
@@ -119,7 +124,8 @@ def _suite_table(suite: str, body: dict) -> list[str]:
         for mode in case["modes"]:
             cells = [_cell(by_name[n], mode) if n in by_name else "" for n in names]
             lines.append(f"| {case['case']} | {mode} | " + " | ".join(cells) + " |")
-            mem = [_mem_cell(by_name[n], mode) if n in by_name else "" for n in names]
+            mem = [_mem_cell(by_name[n], mode, case["sizes"]) if n in by_name else ""
+                   for n in names]
             if any(m not in ("—", "") for m in mem):
                 memory_rows.append(f"| {case['case']} | {mode} | " + " | ".join(mem) + " |")
         for c in case["contenders"]:
@@ -198,8 +204,9 @@ def plots(r: dict, out: Path) -> list[Path]:
                 continue
             # One op per plot: the case name before its first comma names it.
             op = case["case"].split(",")[0] if "=" not in case["case"].split(",")[0] else suite
+            # logits_bytes follows N: not a size that tells groups apart
             rest = tuple(sorted((k, str(v)) for k, v in case["sizes"].items()
-                                if k not in (axis, "N", "S")))
+                                if k not in (axis, "N", "S", "logits_bytes")))
             groups[(op, axis, rest)].append(case)
         for (op, axis, rest), cases in groups.items():
             modes = cases[0]["modes"]

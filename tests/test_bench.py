@@ -243,3 +243,12 @@ def test_readme_gets_the_latest_gpu_table(cpu_result, tmp_path):
     text = readme.read_text()
     assert "old" not in text and "## after" in text and text.count(README_END) == 1
     assert "[gpu.json](results/gpu.json)" in text and "| case | mode |" in text
+
+
+def test_memory_cell_gives_the_share_of_the_logits():
+    from bench.report import _mem_cell
+
+    contender = {"modes": {"fwd": {"peak_memory_bytes": 3 << 20}, "bwd": {}}}
+    assert _mem_cell(contender, "fwd", {"logits_bytes": 12 << 20}) == "3 MiB (25% of logits)"
+    assert _mem_cell(contender, "fwd", {"N": 7}) == "3 MiB"
+    assert _mem_cell(contender, "bwd", {"logits_bytes": 12 << 20}) == "—"

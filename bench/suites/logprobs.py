@@ -184,8 +184,9 @@ def case(N: int, H: int, V: int, dtype: torch.dtype, device: torch.device) -> Ca
                                  "negated"),
                   _alignfuse("torch")]
     tol = tolerance(dtype)
+    # logits_bytes: the [N, V] logits in the model dtype, the report's yardstick for memory
     return Case(SUITE, f"N={N},H={H},V={V},{dtype_name(dtype)}",
-                {"N": N, "H": H, "V": V, "dtype": dtype_name(dtype)},
+                {"N": N, "H": H, "V": V, "dtype": dtype_name(dtype), "logits_bytes": N * V * size},
                 make_inputs, reference, contenders,
                 tolerances={"logps": tol, "grad_hidden": tol, "grad_weight": tol},
                 grad_inputs=("hidden", "weight"), grad_output="logps", work=work,
