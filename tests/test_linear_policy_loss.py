@@ -189,16 +189,22 @@ def test_entropy_bonus_changes_loss_and_gradient(backend):
     check_against_reference(batch, backend, entropy_coef=0.3)
 
 
+def assert_same_result(got, want):
+    """(loss, metrics, grads) of two runs agree: the loss and metrics, sums of O(1) terms
+    that may cancel, also on an absolute scale; the gradients by relative norm."""
+    assert float(got[0]) == pytest.approx(float(want[0]), rel=1e-5, abs=2e-6)
+    for name in want[1]:
+        assert float(got[1][name]) == pytest.approx(float(want[1][name]), rel=1e-5, abs=2e-6)
+    for g_want, g_got in zip(want[2], got[2]):
+        assert_rel_close(g_got, g_want, 1e-5, "grad")
+
+
 def test_padded_and_packed_agree(backend):
     batch = make_batch()
     kwargs = dict(kl_coef=0.1, entropy_coef=0.01, loss_agg="seq-mean-token-sum-norm")
     padded = run(batch, backend, **kwargs)
     packed = run(batch, backend, layout="packed", **kwargs)
-    assert float(packed[0]) == pytest.approx(float(padded[0]), rel=1e-5, abs=2e-6)
-    for name in padded[1]:
-        assert float(packed[1][name]) == pytest.approx(float(padded[1][name]), rel=1e-5, abs=2e-6)
-    for g_pad, g_pack in zip(padded[2], packed[2]):
-        assert_rel_close(g_pack, g_pad, 1e-5, "grad")
+    assert_same_result(packed, padded)
 
 
 def test_ignored_targets_and_masked_tokens_get_nothing(backend):
@@ -244,11 +250,7 @@ def test_chunking_splits_and_agrees(backend, monkeypatch):
         assert launches == ([7] * (counted // 7) + ([counted % 7] if counted % 7 else [])) * 2
     # chunk sizes change the GEMMs' fp32 rounding (~1e-7 per logit); the loss is a sum of
     # O(1) terms that may cancel, so it is compared on an absolute scale
-    assert float(many[0]) == pytest.approx(float(one[0]), rel=1e-5, abs=2e-6)
-    for name in one[1]:
-        assert float(many[1][name]) == pytest.approx(float(one[1][name]), rel=1e-5, abs=2e-6)
-    for g_one, g_many in zip(one[2], many[2]):
-        assert_rel_close(g_many, g_one, 1e-5, "grad")
+    assert_same_result(many, one)
 
 
 def test_no_grad_and_partial_grads(backend):
