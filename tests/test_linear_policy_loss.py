@@ -150,8 +150,11 @@ def test_without_ref_logps_there_is_no_kl_metric(backend):
 
 def test_dual_clip_and_asymmetric_clip(backend):
     batch = make_batch()
-    # ratios near e for many negative-advantage tokens: the dual clip (c = 1.5) must act
+    # ratios near e for many negative-advantage tokens: the dual clip (c = 1.5) must act;
+    # ratios near e^0.5 for many positive-advantage ones: the upper clip (1.28) must act
+    # (left to the noise alone, one CI draw clipped no token; 0 of 300 seeded draws did)
     batch["old"] = torch.where(batch["adv"] < -0.3, batch["old"] - 1.0, batch["old"])
+    batch["old"] = torch.where(batch["adv"] > 0.3, batch["old"] - 0.5, batch["old"])
     metrics = check_against_reference(batch, backend, dual_clip=1.5, clip_low=0.1,
                                       clip_high=0.28, kl_coef=0.05)
     assert float(metrics["dual_clipfrac"]) > 0, "the batch must trigger the dual clip"
