@@ -159,8 +159,13 @@ class FusedLinearLoss:
         # fp32 logits, plus the half-precision gradient buffer; chunk_rows budgets two
         # buffers of element_bytes each, hence the half
         bytes_per_logit = 4 + (w.element_size() if half and need_grad else 0)
+        # The CUDA cap pays for the fp32 [V, H] weight-gradient accumulation (see
+        # CUDA_MAX_BUDGET_BYTES). Without it (linear_logprobs' forward, a loss without a
+        # weight gradient) MAX_BUDGET_BYTES suffices: ~500 rows at V = 128k, and a chunk's
+        # GEMM does C FLOPs per byte of W it reads, past an H100's ~240. Reasoned, not measured.
+        cap = budget_cap(device) if need_w else MAX_BUDGET_BYTES
         rows_per_chunk = chunk_rows(max(self.num_rows, 1), V, bytes_per_logit // 2,
-                                    V * H * 4, budget_cap(device))
+                                    V * H * 4, cap)
         z_buf = torch.empty(rows_per_chunk, V, **f32)
         dz_buf = (torch.empty(rows_per_chunk, V, device=device, dtype=dtype)
                   if half and need_grad else z_buf)
