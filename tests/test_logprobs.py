@@ -39,7 +39,7 @@ def make_inputs(N=37, H=48, V=1031, *, dtype=torch.float32, device="cpu", lead=N
 
 
 def has_linear(backend: str) -> bool:
-    """linear_logprobs has torch and triton backends; cuda covers logprobs_from_logits only."""
+    """Whether linear_logprobs registers `backend` (torch, triton and cuda all do)."""
     return backend in registered("linear_logprobs")
 
 
@@ -278,9 +278,13 @@ def test_torch_chunking_is_exact(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.bfloat16, 1e-2)])
-def test_chunked_strategy_many_chunks_and_vocab_blocks(monkeypatch, dtype, tol):
+@pytest.mark.parametrize("kernels", ["triton", "cuda-stand-in"])
+def test_chunked_strategy_many_chunks_and_vocab_blocks(monkeypatch, request, kernels, dtype,
+                                                       tol):
     """The chunked strategy with a tiny budget: forward chunks of 3-5 tokens, backward blocks
-    of 40 vocabulary columns (the last ones partial), against float64 of the same values."""
+    of 40 vocabulary columns (the last ones partial), against float64 of the same values.
+    Around the Triton logits kernels, and around the cuda backend's host wrappers (the
+    compiled module stood in for by _StandInCuda: no GPU here), which is the cuda backend."""
     monkeypatch.setenv("ALIGNFUSE_LINEAR_STRATEGY", "chunked")
     N, H, V = 37, 16, 301
     hidden, weight, bias, targets = make_inputs(N=N, H=H, V=V, dtype=dtype, ignore_frac=0.0)
@@ -291,8 +295,15 @@ def test_chunked_strategy_many_chunks_and_vocab_blocks(monkeypatch, dtype, tol):
     monkeypatch.setattr(reference, "CHUNK_BUDGET_BYTES", budget)
     assert 1 < reference.chunk_rows(M, V, 2, 0) <= 5  # forward chunks (no gradient buffer)
     assert reference.chunk_rows(V, M, bytes_per_logit // 2, 0) == 40  # backward blocks
-    logp, ent = linear_logprobs(hidden, weight, targets, bias=bias, temperature=0.8,
-                                return_entropy=True, backend="triton")
+    if kernels == "triton":
+        logp, ent = linear_logprobs(hidden, weight, targets, bias=bias, temperature=0.8,
+                                    return_entropy=True, backend="triton")
+    else:  # dispatch() refuses cuda for CPU tensors: the backend's autograd Function itself
+        from alignfuse.kernels import logprobs as lp_mod
+
+        request.getfixturevalue("stand_in_cuda")
+        logp, ent = lp_mod._LinearLogprobsKernel.apply("cuda", hidden, weight, bias, targets,
+                                                       0.8, IGNORE, True)
     h64, w64, b64 = (x.detach().double().requires_grad_() for x in (hidden, weight, bias))
     r_logp, r_ent = formula(h64 @ w64.T + b64, targets, temperature=0.8)
     assert_rel_close(logp, r_logp, 2e-6 if dtype == torch.float32 else 1e-5, "logp")
@@ -523,29 +534,38 @@ class _StandInCuda:
         if entropy:
             _view(entropy, (N,), torch.float32).copy_(ent)
 
-    def logprobs_backward(self, logits, dtype, targets, N, V, row_stride, temperature,
-                          ignore_index, lse, entropy, g_logp, g_entropy, grad, stream):
+    def logprobs_backward(self, logits, dtype, targets, N, V, row_stride, temperature, lse,
+                          entropy, g_logp, g_entropy, grad, grad_dtype, stream):
+        """The kernel's formula from the saved lse / entropy: dz = g_logp (1[j=t] - p) -
+        g_entropy p (log p + entropy), over T; a target outside [0, V) matches no column."""
         assert stream == 12345
-        z = (_view(logits, (N, V), self.DTYPES[dtype], row_stride).double() / temperature)
+        z = _view(logits, (N, V), self.DTYPES[dtype], row_stride).double() / temperature
         t = _view(targets, (N,), torch.int64)
-        with torch.enable_grad():  # called from inside autograd's backward
-            z.requires_grad_()
-            lp, ent = formula(z, t, 1.0, ignore_index)
-            loss = (lp * _view(g_logp, (N,), torch.float32)).sum()
-            if g_entropy:
-                loss = loss + (ent * _view(g_entropy, (N,), torch.float32)).sum()
-            (g,) = torch.autograd.grad(loss, z)
-        _view(grad, (N * V,), self.DTYPES[dtype]).copy_((g / temperature).reshape(-1))
+        log_p = z - _view(lse, (N,), torch.float32).double()[:, None]
+        p = log_p.exp()
+        gl = _view(g_logp, (N,), torch.float32).double()[:, None]
+        g = gl * ((torch.arange(V) == t[:, None]).double() - p)
+        if entropy:
+            ent = _view(entropy, (N,), torch.float32).double()[:, None]
+            g -= _view(g_entropy, (N,), torch.float32).double()[:, None] * p * (log_p + ent)
+        # after every read: grad may be the logits buffer itself
+        _view(grad, (N * V,), self.DTYPES[grad_dtype]).copy_((g / temperature).reshape(-1))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("entropy", [False, True])
-def test_cuda_host_wrappers_with_stand_in_module(monkeypatch, dtype, entropy):
-    from alignfuse.kernels import logprobs as lp_mod
+@pytest.fixture
+def stand_in_cuda(monkeypatch):
+    """kernels/logprobs/cuda.py talking to _StandInCuda instead of the compiled module."""
     from alignfuse.kernels.logprobs import cuda as cuda_host
 
     monkeypatch.setattr(cuda_host, "cuda_module", lambda: _StandInCuda())
     monkeypatch.setattr(cuda_host, "current_stream_handle", lambda device: 12345)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("entropy", [False, True])
+def test_cuda_host_wrappers_with_stand_in_module(stand_in_cuda, dtype, entropy):
+    from alignfuse.kernels import logprobs as lp_mod
+
     wide = (torch.randn(11, 80) * 3).to(dtype)
     logits = wide[:, :67].detach().requires_grad_()  # row stride 80 != V
     targets = torch.randint(0, 67, (11,))

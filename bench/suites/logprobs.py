@@ -7,7 +7,8 @@ Contenders, each in its own documented form:
   for every backend (triton, cuda, torch); one that cannot run here is skipped with why.
   alignfuse/triton-fused is the triton backend with ALIGNFUSE_LINEAR_STRATEGY=fused (GEMMs
   inside Triton kernels) beside the default chunked strategy (cuBLAS GEMMs), so that one
-  run says which to keep as the default.
+  run says which to keep as the default. alignfuse/cuda is the same chunked loop around the
+  compiled CUDA logits kernels instead of the Triton ones.
 - linear_cross_entropy/triton: alignfuse's SFT op with reduction="none", negated: the
   same computation as the two cross-entropy baselines below.
 - torch-eager: what a training loop does without fused kernels (TRL's
@@ -49,9 +50,9 @@ def _alignfuse(backend: str, strategy: str | None = None) -> Contender:
             return {"logps": fn(t["hidden"], t["weight"], t["targets"], backend=backend)}
 
     name = f"alignfuse/{backend}" + (f"-{strategy}" if strategy else "")
-    note = (f"ALIGNFUSE_LINEAR_STRATEGY={strategy}" if strategy else
-            "default strategy (chunked: cuBLAS GEMMs + Triton logits kernels)"
-            if backend == "triton" else "")
+    notes = {"triton": "default strategy (chunked: cuBLAS GEMMs + Triton logits kernels)",
+             "cuda": "cuBLAS GEMMs + CUDA logits kernels (csrc/cuda/logprobs.cu)"}
+    note = f"ALIGNFUSE_LINEAR_STRATEGY={strategy}" if strategy else notes.get(backend, "")
     return Contender(name, "subject", run,
                      lambda device: backend_unavailable("linear_logprobs", backend, device),
                      note=note)

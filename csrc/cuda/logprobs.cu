@@ -102,24 +102,29 @@ __global__ void logprobs_forward_kernel(const T* __restrict__ logits, const int6
   }
 }
 
-template <typename T>
-__global__ void logprobs_backward_kernel(const T* __restrict__ logits, const int64_t* __restrict__ targets,
-                                         int64_t V, int64_t row_stride, float inv_temp, int64_t ignore_index,
+// The gradient may be written in another dtype than the logits are read in (G != T): the
+// LM-head path (kernels/logprobs/linear_chunked.py) reads fp32 logits and writes the bf16
+// gradient its GEMMs take. Rows pass no gradient where the caller's g_* are 0 (ignored
+// tokens): the kernel itself needs no ignore_index, and a target outside [0, V) matches no
+// column (the LM-head path shifts targets into a vocabulary block this way). grad may be the
+// logits buffer itself (G == T, row_stride == V): each element is read, then written, by
+// the same thread, hence no __restrict__ on those two.
+template <typename T, typename G>
+__global__ void logprobs_backward_kernel(const T* logits, const int64_t* __restrict__ targets,
+                                         int64_t V, int64_t row_stride, float inv_temp,
                                          const float* __restrict__ lse, const float* __restrict__ entropy,
                                          const float* __restrict__ g_logp, const float* __restrict__ g_entropy,
-                                         T* __restrict__ grad) {
+                                         G* grad) {
   const int64_t row = blockIdx.x;
   const T* x = logits + row * row_stride;
-  T* g = grad + row * V;
+  G* g = grad + row * V;
   const int64_t t = targets[row];
-  const bool valid = t != ignore_index && t >= 0 && t < V;
-  // Ignored rows pass no gradient.
-  const float gl = valid ? g_logp[row] : 0.f;
-  const float ge = (valid && g_entropy != nullptr) ? g_entropy[row] : 0.f;
+  const float gl = g_logp[row];
+  const float ge = (g_entropy != nullptr) ? g_entropy[row] : 0.f;
   const float H = (entropy != nullptr) ? entropy[row] : 0.f;
   const float row_lse = lse[row];
   for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
-    g[j] = from_float<T>(grad_logit(to_float(x[j]) * inv_temp, row_lse, H, gl, ge, j == t, inv_temp));
+    g[j] = from_float<G>(grad_logit(to_float(x[j]) * inv_temp, row_lse, H, gl, ge, j == t, inv_temp));
   }
 }
 
@@ -132,14 +137,14 @@ void launch_forward(std::uintptr_t logits, std::uintptr_t targets, int64_t N, in
       as_ptr<float>(logp), as_ptr<float>(lse), as_ptr<float>(entropy));
 }
 
-template <typename T>
+template <typename T, typename G>
 void launch_backward(std::uintptr_t logits, std::uintptr_t targets, int64_t N, int64_t V, int64_t row_stride,
-                     float inv_temp, int64_t ignore_index, std::uintptr_t lse, std::uintptr_t entropy,
-                     std::uintptr_t g_logp, std::uintptr_t g_entropy, std::uintptr_t grad, cudaStream_t s) {
-  logprobs_backward_kernel<T><<<static_cast<unsigned>(N), kThreads, 0, s>>>(
-      as_ptr<const T>(logits), as_ptr<const int64_t>(targets), V, row_stride, inv_temp, ignore_index,
+                     float inv_temp, std::uintptr_t lse, std::uintptr_t entropy, std::uintptr_t g_logp,
+                     std::uintptr_t g_entropy, std::uintptr_t grad, cudaStream_t s) {
+  logprobs_backward_kernel<T, G><<<static_cast<unsigned>(N), kThreads, 0, s>>>(
+      as_ptr<const T>(logits), as_ptr<const int64_t>(targets), V, row_stride, inv_temp,
       as_ptr<const float>(lse), as_ptr<const float>(entropy), as_ptr<const float>(g_logp),
-      as_ptr<const float>(g_entropy), as_ptr<T>(grad));
+      as_ptr<const float>(g_entropy), as_ptr<G>(grad));
 }
 
 void check_sizes(const char* what, int64_t N, int64_t V) {
@@ -162,20 +167,24 @@ void logprobs_forward(std::uintptr_t logits, int dtype, std::uintptr_t targets, 
   check_launch("logprobs_forward");
 }
 
-// entropy_ptr / g_entropy_ptr may be 0 (no entropy output). grad is contiguous [N, V] in
-// the logits' dtype.
+// entropy_ptr / g_entropy_ptr may be 0 (no entropy output). g_logp (and g_entropy) must be 0
+// on ignored rows. grad is contiguous [N, V] in grad_dtype (float32, float16 or bfloat16,
+// independently of the logits' dtype).
 void logprobs_backward(std::uintptr_t logits, int dtype, std::uintptr_t targets, int64_t N, int64_t V,
-                       int64_t row_stride, double temperature, int64_t ignore_index, std::uintptr_t lse,
-                       std::uintptr_t entropy, std::uintptr_t g_logp, std::uintptr_t g_entropy,
-                       std::uintptr_t grad, std::uintptr_t stream) {
+                       int64_t row_stride, double temperature, std::uintptr_t lse, std::uintptr_t entropy,
+                       std::uintptr_t g_logp, std::uintptr_t g_entropy, std::uintptr_t grad, int grad_dtype,
+                       std::uintptr_t stream) {
   check_sizes("logprobs_backward", N, V);
   if (N == 0) return;
   const float inv_temp = static_cast<float>(1.0 / temperature);
   auto s = as_stream(stream);
   by_float_dtype(dtype, "logprobs_backward: logits", [&](auto tag) {
     using T = decltype(tag);
-    launch_backward<T>(logits, targets, N, V, row_stride, inv_temp, ignore_index, lse, entropy, g_logp,
-                       g_entropy, grad, s);
+    by_float_dtype(grad_dtype, "logprobs_backward: grad", [&](auto grad_tag) {
+      using G = decltype(grad_tag);
+      launch_backward<T, G>(logits, targets, N, V, row_stride, inv_temp, lse, entropy, g_logp, g_entropy,
+                            grad, s);
+    });
   });
   check_launch("logprobs_backward");
 }
@@ -185,9 +194,9 @@ CudaRegistrar reg([](pybind11::module_& m) {
         "logits_ptr, dtype_code, targets_ptr (int64), N, V, row_stride, temperature, ignore_index, "
         "logp_ptr, lse_ptr, entropy_ptr (0: none) [all float32 N], stream");
   m.def("logprobs_backward", &logprobs_backward,
-        "logits_ptr, dtype_code, targets_ptr (int64), N, V, row_stride, temperature, ignore_index, "
-        "lse_ptr, entropy_ptr (0: none), g_logp_ptr, g_entropy_ptr (0: none) [float32 N], "
-        "grad_ptr (logits dtype, contiguous [N, V]), stream");
+        "logits_ptr, dtype_code, targets_ptr (int64), N, V, row_stride, temperature, "
+        "lse_ptr, entropy_ptr (0: none), g_logp_ptr, g_entropy_ptr (0: none) [float32 N, 0 on "
+        "ignored rows], grad_ptr (contiguous [N, V]), grad_dtype_code, stream");
 });
 
 }  // namespace

@@ -4,20 +4,23 @@
     logprobs_from_logits(logits, targets, ...)       # for callers that already hold logits
 
 Backends (`backend=`): "torch" (`reference.py`: the specification, and the chunked CPU path),
-"triton" (`triton_forward.py`, `triton_backward.py`), "cuda" (`cuda.py`, logits only).
+"triton" (`triton_forward.py`, `triton_backward.py`; `linear_chunked.py` for linear_logprobs'
+default strategy), "cuda" (`cuda.py`: the logits kernels; linear_logprobs runs them inside
+`linear_chunked.py`'s loop of cuBLAS GEMMs).
 This module holds the argument checks and the autograd Functions of the kernel backends
 (registered here); kernels and their host wrappers live in their own files.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
 import torch
 
 from .. import checks
-from ..backends import dispatch, register
+from ..backends import dispatch, register, set_cuda_preference
 from .reference import linear_logprobs_torch, logprobs_from_logits_torch
 
 __all__ = ["linear_logprobs", "logprobs_from_logits"]
@@ -42,7 +45,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     No backend holds the `[N, V]` logits: torch works in memory-budgeted chunks; triton
     either does the same with cuBLAS GEMMs and its logits kernels, skipping ignored tokens
     (the default), or keeps the GEMMs inside its kernels, in tiles (environment
-    `ALIGNFUSE_LINEAR_STRATEGY=chunked|fused`, see `linear_strategy`).
+    `ALIGNFUSE_LINEAR_STRATEGY=chunked|fused`, see `linear_strategy`); cuda is the chunked
+    loop around the compiled logits kernels.
     """
     H, flat_targets, temperature = check_linear_inputs(hidden, weight, bias, targets,
                                                        ignore_index, temperature)
@@ -154,46 +158,53 @@ def linear_strategy() -> str:
     return strategy
 
 
-def _linear_kernels(strategy: str):
-    """(forward, backward) host functions of a linear_logprobs strategy, one signature:
-    forward(h, w, b, targets, temperature, ignore_index) -> (logp, lse, entropy) `[N]` fp32;
-    backward(h, w, b, targets, lse, entropy, g_logp, g_entropy, temperature, need,
-    ignore_index) -> (grad_hidden, grad_weight, grad_bias)."""
-    if strategy == "chunked":
-        from .linear_chunked import linear_backward, linear_forward
-        return linear_forward, linear_backward
+def _linear_kernels(backend: str, strategy: str):
+    """(forward, backward) host functions of linear_logprobs on a kernel backend, one
+    signature: forward(h, w, b, targets, temperature, ignore_index) -> (logp, lse, entropy)
+    `[N]` fp32; backward(h, w, b, targets, lse, entropy, g_logp, g_entropy, temperature,
+    need, ignore_index) -> (grad_hidden, grad_weight, grad_bias). The cuda backend is the
+    chunked strategy around its own logits kernels."""
+    if strategy == "chunked" or backend == "cuda":
+        from . import linear_chunked
+        kernels = _logits_kernels(backend)
+        return (functools.partial(linear_chunked.linear_forward, kernels=kernels),
+                functools.partial(linear_chunked.linear_backward, kernels=kernels))
     from .triton_backward import linear_backward
     from .triton_forward import linear_forward
     return (lambda h, w, b, t, temperature, _ignore: linear_forward(h, w, b, t, temperature),
             lambda *args, ignore_index: linear_backward(*args))
 
 
-class _LinearLogprobsTriton(torch.autograd.Function):
+class _LinearLogprobsKernel(torch.autograd.Function):
+    """Autograd for linear_logprobs' triton (either strategy) and cuda backends."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, want_entropy):
-        strategy = linear_strategy()
-        forward, _ = _linear_kernels(strategy)
+    def forward(ctx, backend, hidden, weight, bias, targets, temperature, ignore_index,
+                want_entropy):
+        strategy = linear_strategy() if backend == "triton" else "chunked"
+        forward, _ = _linear_kernels(backend, strategy)
         h, w = _kernel_ready(hidden), _kernel_ready(weight)
         b = None if bias is None else _kernel_ready(bias)
         logp, lse, entropy = forward(h, w, b, targets, temperature, ignore_index)
         valid = targets != ignore_index
         ctx.save_for_backward(h, w, b, targets, valid, lse, entropy if want_entropy else None)
-        ctx.temperature, ctx.ignore_index, ctx.strategy = temperature, ignore_index, strategy
+        ctx.temperature, ctx.ignore_index = temperature, ignore_index
+        ctx.backend, ctx.strategy = backend, strategy
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return _kernel_outputs(logp, entropy if want_entropy else None, valid, hidden.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_logp, g_entropy=None):
-        _, backward = _linear_kernels(ctx.strategy)
+        _, backward = _linear_kernels(ctx.backend, ctx.strategy)
         h, w, b, targets, valid, lse, entropy = ctx.saved_tensors
-        need = tuple(ctx.needs_input_grad[:3])
+        need = tuple(ctx.needs_input_grad[1:4])
         need = (need[0], need[1], need[2] and b is not None)
         grads = backward(h, w, b, targets, lse, entropy, _incoming(g_logp, valid),
                          _incoming(g_entropy if entropy is not None else None, valid),
                          ctx.temperature, need, ignore_index=ctx.ignore_index)
         grads = [None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)]
-        return (*grads, None, None, None, None)
+        return (None, *grads, None, None, None, None)
 
 
 def _logits_kernels(backend: str):
@@ -235,9 +246,22 @@ class _LogitsLogprobsKernel(torch.autograd.Function):
 @register("linear_logprobs", "triton")
 def _linear_logprobs_triton(hidden, weight, bias, targets, temperature, ignore_index,
                             return_entropy):
-    out = _LinearLogprobsTriton.apply(hidden, weight, bias, targets.contiguous(), temperature,
-                                      ignore_index, return_entropy)
+    out = _LinearLogprobsKernel.apply("triton", hidden, weight, bias, targets.contiguous(),
+                                      temperature, ignore_index, return_entropy)
     return out if return_entropy else (out, None)
+
+
+@register("linear_logprobs", "cuda")
+def _linear_logprobs_cuda(hidden, weight, bias, targets, temperature, ignore_index,
+                          return_entropy):
+    out = _LinearLogprobsKernel.apply("cuda", hidden, weight, bias, targets.contiguous(),
+                                      temperature, ignore_index, return_entropy)
+    return out if return_entropy else (out, None)
+
+
+# "auto" on CUDA: triton (chunked) before cuda until bench/ has timed both; they share the
+# cuBLAS GEMMs and differ only in the logits kernels.
+set_cuda_preference("linear_logprobs", ("triton", "cuda", "torch"))
 
 
 @register("logprobs_from_logits", "triton")

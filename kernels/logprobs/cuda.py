@@ -30,14 +30,23 @@ def logits_forward(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
 
 def logits_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
                     entropy: torch.Tensor | None, g_logp: torch.Tensor,
-                    g_entropy: torch.Tensor | None, temperature: float, ignore_index: int):
-    """grad_logits `[N, V]` in the logits' dtype; g_* are fp32 `[N]` contiguous."""
+                    g_entropy: torch.Tensor | None, temperature: float, ignore_index: int,
+                    out: torch.Tensor | None = None):
+    """grad_logits `[N, V]` from g_logp / g_entropy `[N]` fp32 contiguous, which must be 0
+    where ignored (the kernel needs no ignore_index; a target outside [0, V) matches no
+    column). Written into `out` when given (contiguous `[N, V]`, any float dtype: fp32
+    logits may give a bf16 gradient; it may be `logits` itself), else into a new tensor in the logits' dtype. Same
+    signature as triton_backward.logits_backward."""
     N, V = logits.shape
-    grad = torch.empty(N, V, device=logits.device, dtype=logits.dtype)
+    if out is None:
+        out = torch.empty(N, V, device=logits.device, dtype=logits.dtype)
+    elif out.shape != (N, V) or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous [{N}, {V}] tensor, got "
+                         f"{tuple(out.shape)} with strides {out.stride()}")
     has_entropy = entropy is not None and g_entropy is not None
     cuda_module().logprobs_backward(
         logits.data_ptr(), cuda_dtype_code(logits), targets.data_ptr(), N, V, logits.stride(0),
-        temperature, ignore_index, lse.data_ptr(), entropy.data_ptr() if has_entropy else 0,
-        g_logp.data_ptr(), g_entropy.data_ptr() if has_entropy else 0, grad.data_ptr(),
-        current_stream_handle(logits.device))
-    return grad
+        temperature, lse.data_ptr(), entropy.data_ptr() if has_entropy else 0,
+        g_logp.data_ptr(), g_entropy.data_ptr() if has_entropy else 0, out.data_ptr(),
+        cuda_dtype_code(out), current_stream_handle(logits.device))
+    return out

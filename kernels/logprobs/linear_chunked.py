@@ -1,15 +1,18 @@
-"""The "chunked" strategy of linear_logprobs' triton backend: cuBLAS GEMMs, logits kernels.
+"""linear_logprobs as cuBLAS GEMMs around a logits kernel: the "chunked" strategy of the
+triton backend, and the whole cuda backend.
 
-Same contract as `triton_forward.linear_forward` / `triton_backward.linear_backward` (the
-"fused" strategy, whose GEMMs run inside Triton kernels), so either strategy's backward
-takes either's saved (lse, entropy). With M counted tokens:
+The logits kernels (`kernels=`) are logprobs_from_logits' of either backend, `(logits_forward,
+logits_backward)` of triton_forward/triton_backward or of cuda.py, which share one host
+signature. Same contract as `triton_forward.linear_forward` / `triton_backward.linear_backward`
+(the triton "fused" strategy, whose GEMMs run inside Triton kernels), so either strategy's
+backward takes either's saved (lse, entropy). With M counted tokens:
 
     forward, per chunk of C tokens:
       z = h_chunk @ W.T (+ b)            [C, V] fp32 (cuBLAS)         2 C H V FLOPs
-      `_logits_forward_kernel` on z:     lse, entropy, logp           one read of z
+      logits forward kernel on z:        lse, entropy, logp           one read of z
     backward, per block of Vb vocabulary columns (see `linear_backward` for why):
       z = h @ W_block.T (+ b)            [M, Vb] fp32                 2 M H Vb
-      `_logits_backward_kernel`:         dz (bf16 for bf16 inputs)    read z, write dz
+      logits backward kernel:            dz (bf16 for bf16 inputs)    read z, write dz
       grad_weight[block] = dz.T @ h      written once                 2 M H Vb
       grad_hidden += dz @ W_block        [M, H] fp32                  2 M H Vb
 
@@ -28,12 +31,15 @@ losses) run over the counted rows only. Finding them costs one host sync (the co
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from ..fused.chunked import FusedLinearLoss, accumulate_fp32, mm_fp32, budget_cap, logits_into
 from .reference import chunk_rows
-from .triton_backward import logits_backward
-from .triton_forward import logits_forward
+
+# (logits_forward, logits_backward) of a backend: see the module docstring
+RowKernels = tuple[Callable, Callable]
 
 
 def _counted_rows(targets: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
@@ -47,9 +53,11 @@ def _take(x: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | N
 
 
 def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   targets: torch.Tensor, temperature: float, ignore_index: int):
+                   targets: torch.Tensor, temperature: float, ignore_index: int, *,
+                   kernels: RowKernels):
     """hidden `[N, H]`, weight `[V, H]`, targets `[N]` int64 -> (logp, lse, entropy) `[N]`
     fp32, 0 at ignored tokens."""
+    logits_forward = kernels[0]
     N = hidden.shape[0]
     rows = _counted_rows(targets, ignore_index)
     counted_targets = _take(targets, rows)
@@ -69,7 +77,8 @@ def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 
 def linear_backward(hidden, weight, bias, targets, lse, entropy, g_logp, g_entropy,
-                    temperature: float, need: tuple[bool, bool, bool], ignore_index: int):
+                    temperature: float, need: tuple[bool, bool, bool], ignore_index: int, *,
+                    kernels: RowKernels):
     """Gradients (hidden, weight, bias) from g_logp / g_entropy `[N]` fp32 (0 where ignored);
     the same contract as `triton_backward.linear_backward`.
 
@@ -81,6 +90,7 @@ def linear_backward(hidden, weight, bias, targets, lse, entropy, g_logp, g_entro
     M < V (16k tokens against a 128k vocabulary) this moves M / V as many bytes and holds
     an [M, H] buffer instead of [V, H]."""
     need_h, need_w, need_b = need
+    logits_backward = kernels[1]
     rows = _counted_rows(targets, ignore_index)
     h = _take(hidden, rows)
     t, lse_c, ent_c = _take(targets, rows), _take(lse, rows), _take(entropy, rows)
