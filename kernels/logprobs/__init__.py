@@ -243,39 +243,33 @@ class _LogitsLogprobsKernel(torch.autograd.Function):
         return None, grad.to(ctx.dtype), None, None, None, None
 
 
-@register("linear_logprobs", "triton")
-def _linear_logprobs_triton(hidden, weight, bias, targets, temperature, ignore_index,
-                            return_entropy):
-    out = _LinearLogprobsKernel.apply("triton", hidden, weight, bias, targets.contiguous(),
-                                      temperature, ignore_index, return_entropy)
-    return out if return_entropy else (out, None)
+def _register_kernel_backend(backend: str) -> None:
+    """Register `backend`'s implementations of both ops: each takes the op's flat arguments
+    (targets `[N]` int64, then temperature, ignore_index, return_entropy) and returns
+    (logps, entropy or None)."""
+
+    def pair(out, return_entropy):
+        return out if return_entropy else (out, None)
+
+    @register("linear_logprobs", backend)
+    def _linear(hidden, weight, bias, targets, temperature, ignore_index, return_entropy):
+        return pair(_LinearLogprobsKernel.apply(backend, hidden, weight, bias,
+                                                targets.contiguous(), temperature,
+                                                ignore_index, return_entropy), return_entropy)
+
+    @register("logprobs_from_logits", backend)
+    def _logits(logits, targets, temperature, ignore_index, return_entropy):
+        return pair(_LogitsLogprobsKernel.apply(backend, logits, targets.contiguous(),
+                                                temperature, ignore_index, return_entropy),
+                    return_entropy)
 
 
-@register("linear_logprobs", "cuda")
-def _linear_logprobs_cuda(hidden, weight, bias, targets, temperature, ignore_index,
-                          return_entropy):
-    out = _LinearLogprobsKernel.apply("cuda", hidden, weight, bias, targets.contiguous(),
-                                      temperature, ignore_index, return_entropy)
-    return out if return_entropy else (out, None)
-
+for _backend in ("triton", "cuda"):
+    _register_kernel_backend(_backend)
 
 # "auto" on CUDA: triton (chunked) before cuda until bench/ has timed both; they share the
 # cuBLAS GEMMs and differ only in the logits kernels.
 set_cuda_preference("linear_logprobs", ("triton", "cuda", "torch"))
-
-
-@register("logprobs_from_logits", "triton")
-def _logprobs_from_logits_triton(logits, targets, temperature, ignore_index, return_entropy):
-    out = _LogitsLogprobsKernel.apply("triton", logits, targets.contiguous(), temperature,
-                                      ignore_index, return_entropy)
-    return out if return_entropy else (out, None)
-
-
-@register("logprobs_from_logits", "cuda")
-def _logprobs_from_logits_cuda(logits, targets, temperature, ignore_index, return_entropy):
-    out = _LogitsLogprobsKernel.apply("cuda", logits, targets.contiguous(), temperature,
-                                      ignore_index, return_entropy)
-    return out if return_entropy else (out, None)
 
 
 # ---------------------------------------------------------------------------------------
