@@ -162,9 +162,9 @@ def _linear_kernels(backend: str, strategy: str):
     """(forward, backward) host functions of linear_logprobs on a kernel backend, one
     signature: forward(h, w, b, targets, temperature, ignore_index) -> (logp, lse, entropy)
     `[N]` fp32; backward(h, w, b, targets, lse, entropy, g_logp, g_entropy, temperature,
-    need, ignore_index) -> (grad_hidden, grad_weight, grad_bias). The cuda backend is the
-    chunked strategy around its own logits kernels."""
-    if strategy == "chunked" or backend == "cuda":
+    need, ignore_index) -> (grad_hidden, grad_weight, grad_bias). "fused" is triton's only;
+    "chunked" runs around either backend's logits kernels."""
+    if strategy == "chunked":
         from . import linear_chunked
         kernels = _logits_kernels(backend)
         return (functools.partial(linear_chunked.linear_forward, kernels=kernels),
