@@ -34,9 +34,9 @@ def logits_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tens
                     out: torch.Tensor | None = None):
     """grad_logits `[N, V]` from g_logp / g_entropy `[N]` fp32 contiguous, which must be 0
     where ignored (the kernel needs no ignore_index; a target outside [0, V) matches no
-    column). Written into `out` when given (contiguous `[N, V]`, any float dtype: fp32
-    logits may give a bf16 gradient; it may be `logits` itself), else into a new tensor in the logits' dtype. Same
-    signature as triton_backward.logits_backward."""
+    column). Written into `out` when given (contiguous `[N, V]` of any float dtype, so fp32
+    logits may give a bf16 gradient; it may be `logits` itself), else into a new tensor in
+    the logits' dtype. Same signature as triton_backward.logits_backward."""
     N, V = logits.shape
     if out is None:
         out = torch.empty(N, V, device=logits.device, dtype=logits.dtype)
