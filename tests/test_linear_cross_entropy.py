@@ -129,6 +129,22 @@ def test_chunking_agrees(backend, monkeypatch):
         assert_rel_close(g_many, g_one, 1e-5, "grad")
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.bfloat16, 1e-3)])
+def test_cuda_bindings_with_stand_in(monkeypatch, reduction, dtype, tol):
+    """The cuda backend's host side (kernels/fused/cuda.py) through test_policy_loss's
+    PointerCuda stand-in (the Triton chunk kernel on the same buffers), in several chunks;
+    the CUDA kernel itself runs on a GPU (-m gpu)."""
+    import importlib
+
+    from test_policy_loss import use_pointer_cuda
+
+    use_pointer_cuda(monkeypatch,
+                     importlib.import_module("alignfuse.kernels.fused.linear_cross_entropy"))
+    monkeypatch.setattr(logprobs_reference, "CHUNK_BUDGET_BYTES", 5 * V * 6)
+    check("cuda", make_inputs(dtype=dtype), tol=tol, reduction=reduction, label_smoothing=0.1)
+
+
 def test_float64_gradcheck_of_the_reference():
     hidden, weight, bias, targets = make_inputs((6,), dtype=torch.float64, seed=0, vocab=9, dim=5)
     for reduction in ("mean", "none"):

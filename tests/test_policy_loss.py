@@ -518,8 +518,8 @@ def test_cuda_token_math_matches_formula_on_host(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------
-# The Python side of the cuda backends (kernels/policy/cuda.py, kernels/advantages/cuda.py)
-# against a stand-in for alignfuse.kernels._cuda that takes the same raw pointers and sizes
+# The Python side of the cuda backends (kernels/policy/cuda.py, kernels/advantages/cuda.py,
+# kernels/fused/cuda.py) against a stand-in for alignfuse.kernels._cuda that takes the same raw pointers and sizes
 # and runs the Triton twin of each kernel on them: checks argument order, dtypes and buffers
 # without a GPU (the GPU run of the backend-parametrized tests checks the kernels).
 
@@ -537,7 +537,8 @@ def _view(ptr: int, n: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 class PointerCuda:
-    """The C++ signatures of csrc/cuda/policy.cu and advantages.cu, run by the Triton kernels."""
+    """The C++ signatures of csrc/cuda/policy.cu, advantages.cu and fused.cu, run by the
+    Triton kernels."""
 
     def policy_loss(self, logp, old, adv, ref, dtype, mask, cu, weights, grad, partials,
                     ratio_max, num_seqs, clip_low, clip_high, dual_clip, kl_coef, lr_min, lr_max,
@@ -591,6 +592,35 @@ class PointerCuda:
             batch_denominator, ESTIMATOR=estimator, SCALE=scale,
             BLOCK=max(16, 1 << (group_size - 1).bit_length()))
 
+    def fused_chunk_loss(self, z, z_dtype, dz, dz_dtype, targets, weights, old, adv, ref,
+                         seq_lr, stats, C, V, stride_z, stride_dz, stride_stats, temperature,
+                         clip_low, clip_high, dual_clip, kl_coef, lr_min, lr_max, use_dual,
+                         has_ref, estimator, loss_kind, sequence_level, entropy_coef,
+                         smoothing, stream):
+        from alignfuse.kernels.fused.chunk_loss import NUM_STATS
+        from alignfuse.kernels.fused.triton_fused_loss import fused_chunk_loss
+
+        assert stream == STREAM
+
+        def rows(ptr, n_rows, width, stride, dtype):
+            n = (n_rows - 1) * stride + width if n_rows else 0
+            return _view(ptr, n, dtype).as_strided((n_rows, width), (stride, 1))
+
+        def per_token(ptr):
+            return _view(ptr, C, torch.float32) if ptr else None
+
+        fused_chunk_loss(
+            rows(z, C, V, stride_z, _DTYPES[z_dtype]),
+            rows(dz, C, V, stride_dz, _DTYPES[dz_dtype]) if dz else None,
+            _view(targets, C, torch.int64), per_token(weights),
+            rows(stats, NUM_STATS, C, stride_stats, torch.float32), temperature,
+            loss=loss_kind, old_logps=per_token(old), advantages=per_token(adv),
+            ref_logps=per_token(ref) if has_ref else None,
+            seq_log_ratio=per_token(seq_lr) if sequence_level else None, clip_low=clip_low,
+            clip_high=clip_high, dual_clip=dual_clip if use_dual else None, kl_coef=kl_coef,
+            kl_estimator_code=estimator, log_ratio_bounds=(lr_min, lr_max),
+            entropy_coef=entropy_coef, label_smoothing=smoothing)
+
     def gae(self, rewards, values, dtype, mask, cu, adv, ret, num_seqs, gamma, lam, stream):
         from alignfuse.kernels.advantages.triton_gae import _gae_kernel
 
@@ -607,10 +637,11 @@ def use_pointer_cuda(monkeypatch, *modules):
     """Route the cuda backends of `modules` (their `dispatch`) to the stand-in, on CPU."""
     from alignfuse.kernels import backends
     from alignfuse.kernels.advantages import cuda as advantages_cuda
+    from alignfuse.kernels.fused import cuda as fused_cuda
     from alignfuse.kernels.policy import cuda as policy_cuda
 
     stand_in = PointerCuda()
-    for mod in (policy_cuda, advantages_cuda):
+    for mod in (policy_cuda, advantages_cuda, fused_cuda):
         monkeypatch.setattr(mod, "cuda_module", lambda: stand_in)
         monkeypatch.setattr(mod, "current_stream_handle", lambda device: STREAM)
     for mod in modules:

@@ -3,8 +3,9 @@
     linear_policy_loss(hidden, weight, targets, old_logps, advantages, ...)  # PPO/GRPO/GSPO
     linear_cross_entropy(hidden, weight, targets, ...)                       # SFT
 
-`chunked.py` holds the chunk loop (GEMMs), `triton_fused_loss.py` the one Triton kernel that
-turns a chunk of logits into losses and d loss / d logits for either loss.
+`chunked.py` holds the chunk loop (GEMMs); the chunk kernel that turns a chunk of logits
+into losses and d loss / d logits for either loss is `triton_fused_loss.py` (Triton) or
+csrc/cuda/fused.cu (CUDA, via `cuda.py`), picked in `chunk_loss.py`.
 """
 
 from .linear_cross_entropy import linear_cross_entropy

@@ -14,16 +14,18 @@ Backends:
   the smoothing term needs lse - mean_j z_j, and mean_j z_j = (hidden . mean_j W_j +
   mean_j b_j) / T is linear, so lse = z_t - logp_t needs only the target rows of W.
   Nothing of size [N, V] is held.
-- "triton": for "mean"/"sum" the fused chunk loop (`chunked.py`, the same Triton kernel as
-  linear_policy_loss with LOSS=CROSS_ENTROPY): 6 N H V FLOPs, gradients computed in the
-  forward. "none" gives per-token outputs, whose weight gradient depends on the incoming
-  per-token gradients, so nothing can be computed ahead: it is linear_logprobs' triton path
-  (recompute in backward, 8 N H V) plus the smoothing term.
+- "triton" and "cuda": for "mean"/"sum" the fused chunk loop (`chunked.py`, the same chunk
+  kernel as linear_policy_loss with loss=CROSS_ENTROPY): 6 N H V FLOPs, gradients computed
+  in the forward. "none" gives per-token outputs, whose weight gradient depends on the
+  incoming per-token gradients, so nothing can be computed ahead: it is linear_logprobs'
+  path on the same backend (recompute in backward, 8 N H V) plus the smoothing term.
 This is the loss of cut-cross-entropy's `linear_cross_entropy` (https://arxiv.org/abs/2411.09009)
 and Liger's fused linear cross-entropy.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -31,6 +33,7 @@ from .. import checks
 from ..autograd import fused_local_grad
 from ..backends import dispatch, register
 from ..logprobs import check_linear_inputs, linear_logprobs
+from .chunk_loss import CROSS_ENTROPY, NUM_STATS, STAT_LOSS, chunk_loss_kernel
 from .chunked import FusedLinearLoss
 from .lm_head import needed_grads
 
@@ -108,17 +111,15 @@ def _linear_cross_entropy_torch(hidden, weight, bias, targets, ignore_index, tem
 
 
 # ---------------------------------------------------------------------------------------
-# triton: the fused chunk loop ("mean", "sum")
+# triton and cuda: the fused chunk loop around the backend's chunk kernel ("mean", "sum")
 
 
-@register("linear_cross_entropy", "triton")
-def _linear_cross_entropy_triton(hidden, weight, bias, targets, ignore_index, temperature,
-                                 reduction, label_smoothing):
+def _linear_cross_entropy_fused(backend, hidden, weight, bias, targets, ignore_index,
+                                temperature, reduction, label_smoothing):
     if reduction == "none":
-        token_loss = _per_token_loss(hidden, weight, bias, targets, ignore_index, temperature,
-                                     label_smoothing, "triton")
-        return token_loss
-    from .triton_fused_loss import CROSS_ENTROPY, NUM_STATS, STAT_LOSS, fused_chunk_loss
+        return _per_token_loss(hidden, weight, bias, targets, ignore_index, temperature,
+                               label_smoothing, backend)
+    fused_chunk_loss = chunk_loss_kernel(backend)
 
     valid = targets != ignore_index
     rows = None if bool(valid.all()) else valid.nonzero().squeeze(1)
@@ -140,3 +141,8 @@ def _linear_cross_entropy_triton(hidden, weight, bias, targets, ignore_index, te
         return loss, [grads[0], grads[1]] + ([grads[2]] if b else [])
 
     return fused_local_grad(kernel, inputs)
+
+
+for _backend in ("triton", "cuda"):
+    register("linear_cross_entropy", _backend)(
+        functools.partial(_linear_cross_entropy_fused, _backend))

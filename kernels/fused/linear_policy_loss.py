@@ -13,12 +13,13 @@ instead of 8:
 Backends:
 - "torch", the specification: `linear_logprobs(backend="torch")` then the torch reference of
   `policy_loss`, and the entropy bonus aggregated like the loss.
-- "triton", the fused path (`chunked.py` + `triton_fused_loss.py`): every mode of the loss
-  is linear in the per-token losses with weights w_t known before any log-prob is (see
+- "triton" and "cuda", the fused path (`chunked.py` around the backend's chunk kernel,
+  `triton_fused_loss.py` or csrc/cuda/fused.cu via `cuda.py`): every mode of the loss is
+  linear in the per-token losses with weights w_t known before any log-prob is (see
   `policy/aggregation.py`), so each chunk of logits is turned into its loss and its
   d loss / d logits in the forward pass, and the two gradient GEMMs run right away.
 - GSPO (`importance_level="sequence"`) needs each sequence's mean log-ratio before any
-  token's coefficient, so the triton path first runs a statistics-only pass over the chunks
+  token's coefficient, so the fused path first runs a statistics-only pass over the chunks
   (one GEMM per chunk: the log-probs), then the gradient pass: 8 N H V FLOPs in that mode,
   still without `[N, V]` memory.
 
@@ -41,6 +42,7 @@ Usage in a GRPO step (engine/algorithms/grpo.py), packed layout:
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -52,6 +54,8 @@ from ..logprobs import check_linear_inputs, linear_logprobs
 from ..policy.aggregation import aggregate, masked_token_mean, sequence_weights, valid_counts
 from ..policy.kl import KL_ESTIMATOR_CODES, compute_dtype
 from ..policy.policy_loss import METRIC_NAMES, PolicyLossOptions, check_policy_inputs
+from .chunk_loss import (CROSS_ENTROPY, NUM_STATS, POLICY, STAT_CLIPPED, STAT_DUAL, STAT_ENTROPY,
+                         STAT_KL, STAT_LOGP, STAT_LOSS, STAT_PG, STAT_RATIO, chunk_loss_kernel)
 from .chunked import FusedLinearLoss
 from .lm_head import needed_grads
 
@@ -130,17 +134,13 @@ def _linear_policy_loss_torch(hidden, weight, bias, targets, old_logps, advantag
 
 
 # ---------------------------------------------------------------------------------------
-# triton: the fused chunk loop
+# triton and cuda: the fused chunk loop around the backend's chunk kernel
 
 
-@register("linear_policy_loss", "triton")
-def _linear_policy_loss_triton(hidden, weight, bias, targets, old_logps, advantages,
-                               ref_logps, layout: TokenLayout, options: PolicyLossOptions,
-                               temperature: float, ignore_index: int, entropy_coef: float):
-    from .triton_fused_loss import (CROSS_ENTROPY, NUM_STATS, POLICY, STAT_CLIPPED, STAT_DUAL,
-                                    STAT_ENTROPY, STAT_KL, STAT_LOGP, STAT_LOSS, STAT_PG,
-                                    STAT_RATIO, fused_chunk_loss)
-
+def _linear_policy_loss_fused(backend, hidden, weight, bias, targets, old_logps, advantages,
+                              ref_logps, layout: TokenLayout, options: PolicyLossOptions,
+                              temperature: float, ignore_index: int, entropy_coef: float):
+    fused_chunk_loss = chunk_loss_kernel(backend)
     N = hidden.shape[0]
     device = hidden.device
     out_dtype = compute_dtype(hidden, old_logps, advantages, ref_logps)
@@ -206,3 +206,7 @@ def _linear_policy_loss_triton(hidden, weight, bias, targets, old_logps, advanta
     loss, stacked = fused_local_grad(kernel, inputs, extra_outputs=1)
     names = METRIC_NAMES + ("entropy",)
     return loss, dict(zip(names, stacked.unbind(0)))
+
+
+for _backend in ("triton", "cuda"):
+    register("linear_policy_loss", _backend)(functools.partial(_linear_policy_loss_fused, _backend))

@@ -20,7 +20,7 @@ matmul; this kernel then makes two sweeps over the chunk's rows, BLOCK_N rows pe
 ONE kernel serves both losses (a constexpr switch), and no tile math is copied: a change to
 the log-prob or policy formulas reaches the fused ops automatically. The sweeps read the
 chunk twice and write it once: memory-bound work next to the chunk's 6 C H V GEMM FLOPs.
-Per-token results go to `stats [NUM_STATS, M]` (see STAT_* below) for the host's metrics.
+Per-token results go to `stats [NUM_STATS, M]` (rows: `chunk_loss.STAT_*`) for the host's metrics.
 """
 
 from __future__ import annotations
@@ -33,11 +33,10 @@ from ..logprobs.triton_backward import dlogits_rows
 from ..logprobs.triton_forward import logits_blocks, row_stats
 from ..policy.triton_token_loss import policy_token_loss
 
-POLICY, CROSS_ENTROPY = 0, 1
-# rows of the per-token stats buffer (the kernel writes them by these numbers: a jit
-# function cannot read plain module globals)
-STAT_LOGP, STAT_ENTROPY, STAT_LOSS, STAT_PG, STAT_RATIO, STAT_CLIPPED, STAT_DUAL, STAT_KL = range(8)
-NUM_STATS = 8
+# The loss codes and the rows of the per-token stats buffer live in chunk_loss.py (shared with
+# the CUDA kernel); the kernel writes the rows by number: a jit function cannot read plain
+# module globals.
+from .chunk_loss import POLICY
 
 
 @triton.jit
