@@ -31,7 +31,7 @@ import torch
 
 from .. import checks
 from ..autograd import fused_local_grad
-from ..backends import dispatch, register
+from ..backends import dispatch, register, set_cuda_preference
 from ..logprobs import check_linear_inputs, linear_logprobs
 from .chunk_loss import CROSS_ENTROPY, NUM_STATS, STAT_LOSS, chunk_loss_kernel
 from .chunked import FusedLinearLoss
@@ -146,3 +146,7 @@ def _linear_cross_entropy_fused(backend, hidden, weight, bias, targets, ignore_i
 for _backend in ("triton", "cuda"):
     register("linear_cross_entropy", _backend)(
         functools.partial(_linear_cross_entropy_fused, _backend))
+
+# "auto" on CUDA: triton before cuda until bench/ has timed both (same GEMMs, different chunk
+# kernels).
+set_cuda_preference("linear_cross_entropy", ("triton", "cuda", "torch"))

@@ -48,7 +48,7 @@ import torch
 
 from .. import checks
 from ..autograd import fused_local_grad
-from ..backends import dispatch, register
+from ..backends import dispatch, register, set_cuda_preference
 from ..layout import TokenLayout
 from ..logprobs import check_linear_inputs, linear_logprobs
 from ..policy.aggregation import aggregate, masked_token_mean, sequence_weights, valid_counts
@@ -210,3 +210,7 @@ def _linear_policy_loss_fused(backend, hidden, weight, bias, targets, old_logps,
 
 for _backend in ("triton", "cuda"):
     register("linear_policy_loss", _backend)(functools.partial(_linear_policy_loss_fused, _backend))
+
+# "auto" on CUDA: triton before cuda until bench/ has timed both (same GEMMs, different chunk
+# kernels).
+set_cuda_preference("linear_policy_loss", ("triton", "cuda", "torch"))
