@@ -134,7 +134,7 @@ def test_chunking_agrees(backend, monkeypatch):
 def test_cuda_bindings_with_stand_in(monkeypatch, reduction, dtype, tol):
     """The cuda backend's host side (kernels/fused/cuda.py) through test_policy_loss's
     PointerCuda stand-in (the Triton chunk kernel on the same buffers), in several chunks;
-    the CUDA kernel itself runs on a GPU (-m gpu)."""
+    the CUDA kernel itself runs on a GPU in test_bf16_gpu_real_vocab (-m gpu)."""
     import importlib
 
     from test_policy_loss import use_pointer_cuda

@@ -292,8 +292,8 @@ def test_bf16_and_float64_inputs(backend, dtype, monkeypatch):
 
 # The cuda backend's host side (kernels/fused/cuda.py: pointers, strides, dtype codes and the
 # argument order of csrc/cuda/fused.cu) through test_policy_loss's PointerCuda stand-in, which
-# runs the Triton chunk kernel on the same buffers. The CUDA kernel itself runs on a GPU
-# (-m gpu), where "cuda" joins every backend-parametrized test of this file.
+# runs the Triton chunk kernel on the same buffers. The CUDA kernel itself runs on a GPU, in
+# test_bf16_gpu_real_vocab (-m gpu), where the backend fixture includes "cuda".
 @pytest.mark.parametrize("kwargs", [
     dict(layout="packed", dual_clip=1.5, clip_low=0.05, clip_high=0.4, kl_coef=0.05,
          entropy_coef=0.01, loss_agg="seq-mean-token-mean"),
