@@ -4,6 +4,7 @@
   set here, before anything imports triton (triton reads it when a kernel is decorated).
 - `backend` parametrizes a test over every backend that can run on this machine: torch and
   triton always (triton under the interpreter on CPU), cuda where the module and a GPU exist.
+  On a CUDA machine, a test without the `device` fixture (CPU tensors) runs torch only.
 - `device` is cuda when a GPU is present, else cpu.
 - `one_torch_thread` (module scope, opt-in) runs a module's tests on one torch thread.
 - The `gpu` marker skips tests that need CUDA on CPU-only machines.
@@ -34,6 +35,13 @@ def runnable_backends() -> list[str]:
 
 @pytest.fixture(params=runnable_backends())
 def backend(request) -> str:
+    # A test that does not ask for `device` builds CPU tensors. On a CUDA machine only the
+    # torch backend takes those (Triton runs CPU tensors only under its interpreter, which
+    # is off there, and the cuda backend needs CUDA tensors): the others are skipped, not
+    # failed. On CPU machines nothing is skipped.
+    if HAS_CUDA and request.param != "torch" and "device" not in request.fixturenames:
+        pytest.skip(f"builds CPU tensors: the {request.param} backend runs them only on "
+                    "machines without CUDA (take the `device` fixture to run on the GPU)")
     return request.param
 
 

@@ -65,50 +65,54 @@ def check(backend, inputs, *, tol=2e-5, **kwargs):
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_matches_f_cross_entropy(backend, reduction, label_smoothing):
-    check(backend, make_inputs(), reduction=reduction, label_smoothing=label_smoothing,
+def test_matches_f_cross_entropy(backend, device, reduction, label_smoothing):
+    check(backend, make_inputs(device=device), reduction=reduction,
+          label_smoothing=label_smoothing,
           temperature=0.7)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_padded_batch_shape(backend, reduction):
-    check(backend, make_inputs((3, 13)), reduction=reduction, label_smoothing=0.05)
+def test_padded_batch_shape(backend, device, reduction):
+    check(backend, make_inputs((3, 13), device=device), reduction=reduction,
+          label_smoothing=0.05)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_bf16_inputs(backend, reduction):
+def test_bf16_inputs(backend, device, reduction):
     # the GPU dtype, here on CPU: bf16 d loss / d logits buffer, fp32 logits
-    check(backend, make_inputs(dtype=torch.bfloat16), tol=1e-3, reduction=reduction,
+    check(backend, make_inputs(dtype=torch.bfloat16, device=device), tol=1e-3,
+          reduction=reduction,
           label_smoothing=0.1)
 
 
-def test_no_bias_and_full_smoothing(backend):
-    hidden, weight, _, targets = make_inputs()
-    want, (gh, gw, _) = reference(hidden, weight, torch.zeros(V), targets, label_smoothing=1.0)
+def test_no_bias_and_full_smoothing(backend, device):
+    hidden, weight, _, targets = make_inputs(device=device)
+    want, (gh, gw, _) = reference(hidden, weight, torch.zeros(V, device=device), targets,
+                                  label_smoothing=1.0)
     got = linear_cross_entropy(hidden, weight, targets, label_smoothing=1.0, backend=backend)
     assert_rel_close(got, want, 2e-5, "loss")
     for g, w in zip(torch.autograd.grad(got, (hidden, weight)), (gh, gw)):
         assert_rel_close(g, w, 2e-4, "grad")
 
 
-def test_ignored_tokens_get_no_gradient(backend):
-    hidden, weight, bias, targets = make_inputs()
+def test_ignored_tokens_get_no_gradient(backend, device):
+    hidden, weight, bias, targets = make_inputs(device=device)
     loss = linear_cross_entropy(hidden, weight, targets, bias=bias, backend=backend)
     (grad_h,) = torch.autograd.grad(loss, hidden)
     ignored = targets == IGNORE
     assert grad_h[ignored].abs().max() == 0 and grad_h[~ignored].abs().sum(-1).min() > 0
 
 
-def test_all_ignored_gives_zero_not_nan(backend):
-    hidden, weight, bias, targets = make_inputs()
+def test_all_ignored_gives_zero_not_nan(backend, device):
+    hidden, weight, bias, targets = make_inputs(device=device)
     targets[:] = IGNORE
     loss = linear_cross_entropy(hidden, weight, targets, bias=bias, backend=backend)
     (grad_h,) = torch.autograd.grad(loss, hidden)
     assert float(loss.detach()) == 0.0 and float(grad_h.abs().max()) == 0.0
 
 
-def test_chunking_agrees(backend, monkeypatch):
-    inputs = make_inputs()
+def test_chunking_agrees(backend, device, monkeypatch):
+    inputs = make_inputs(device=device)
     one = linear_cross_entropy(*inputs[:2], inputs[3], bias=inputs[2], label_smoothing=0.1,
                                backend=backend)
     one_grads = torch.autograd.grad(one, inputs[:3])

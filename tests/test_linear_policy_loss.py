@@ -131,25 +131,26 @@ def check_against_reference(batch, backend, *, tol=2e-5, layout="padded", **kwar
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 @pytest.mark.parametrize("loss_agg", AGG_MODES)
-def test_every_loss_agg_and_layout(backend, loss_agg, layout):
-    check_against_reference(make_batch(), backend, layout=layout, loss_agg=loss_agg,
+def test_every_loss_agg_and_layout(backend, device, loss_agg, layout):
+    check_against_reference(make_batch(device=device), backend, layout=layout,
+                            loss_agg=loss_agg,
                             kl_coef=0.05, entropy_coef=0.01)
 
 
 @pytest.mark.parametrize("kl_estimator", ["k1", "k2", "k3"])
-def test_kl_estimators(backend, kl_estimator):
-    metrics = check_against_reference(make_batch(), backend, kl_coef=0.1,
+def test_kl_estimators(backend, device, kl_estimator):
+    metrics = check_against_reference(make_batch(device=device), backend, kl_coef=0.1,
                                       kl_estimator=kl_estimator)
     assert float(metrics["kl"]) != 0.0
 
 
-def test_without_ref_logps_there_is_no_kl_metric(backend):
-    metrics = check_against_reference(make_batch(), backend, with_ref=False)
+def test_without_ref_logps_there_is_no_kl_metric(backend, device):
+    metrics = check_against_reference(make_batch(device=device), backend, with_ref=False)
     assert "kl" not in metrics
 
 
-def test_dual_clip_and_asymmetric_clip(backend):
-    batch = make_batch()
+def test_dual_clip_and_asymmetric_clip(backend, device):
+    batch = make_batch(device=device)
     # ratios near e for many negative-advantage tokens: the dual clip (c = 1.5) must act;
     # ratios near e^0.5 for many positive-advantage ones: the upper clip (1.28) must act
     # (left to the noise alone, one CI draw clipped no token; 0 of 300 seeded draws did)
@@ -162,13 +163,14 @@ def test_dual_clip_and_asymmetric_clip(backend):
 
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])
-def test_gspo_sequence_level(backend, layout):
-    check_against_reference(make_batch(), backend, layout=layout, importance_level="sequence",
+def test_gspo_sequence_level(backend, device, layout):
+    check_against_reference(make_batch(device=device), backend, layout=layout,
+                            importance_level="sequence",
                             loss_agg="seq-mean-token-mean", kl_coef=0.05, entropy_coef=0.02)
 
 
-def test_per_sequence_advantages(backend):
-    batch = make_batch()
+def test_per_sequence_advantages(backend, device):
+    batch = make_batch(device=device)
     check_against_reference(batch, backend, per_seq_adv=True, layout="packed")
     # [S] advantages equal the same values broadcast per token
     loss_seq, _, grads_seq = run(batch, backend, per_seq_adv=True)
@@ -179,8 +181,8 @@ def test_per_sequence_advantages(backend):
         assert_rel_close(g_seq, g_tok, 1e-6, "grad")
 
 
-def test_entropy_bonus_changes_loss_and_gradient(backend):
-    batch = make_batch()
+def test_entropy_bonus_changes_loss_and_gradient(backend, device):
+    batch = make_batch(device=device)
     base = run(batch, backend, kl_coef=0.05)
     bonus = run(batch, backend, kl_coef=0.05, entropy_coef=0.3)
     # loss drops by 0.3 * (token-mean entropy); the entropy metric is the same either way
@@ -202,16 +204,16 @@ def assert_same_result(got, want):
         assert_rel_close(g_got, g_want, 1e-5, "grad")
 
 
-def test_padded_and_packed_agree(backend):
-    batch = make_batch()
+def test_padded_and_packed_agree(backend, device):
+    batch = make_batch(device=device)
     kwargs = dict(kl_coef=0.1, entropy_coef=0.01, loss_agg="seq-mean-token-sum-norm")
     padded = run(batch, backend, **kwargs)
     packed = run(batch, backend, layout="packed", **kwargs)
     assert_same_result(packed, padded)
 
 
-def test_ignored_targets_and_masked_tokens_get_nothing(backend):
-    batch = make_batch()
+def test_ignored_targets_and_masked_tokens_get_nothing(backend, device):
+    batch = make_batch(device=device)
     _, _, (grad_h, _, _) = run(batch, backend, kl_coef=0.1, entropy_coef=0.01)
     counted = batch["mask"] & (batch["targets"] != IGNORE)
     assert grad_h[~counted].abs().max() == 0
@@ -224,8 +226,8 @@ def test_ignored_targets_and_masked_tokens_get_nothing(backend):
     assert torch.isfinite(loss_after) and float(loss_after) == pytest.approx(float(loss_before))
 
 
-def test_no_counted_token_gives_zero(backend):
-    batch = make_batch()
+def test_no_counted_token_gives_zero(backend, device):
+    batch = make_batch(device=device)
     batch["mask"][:] = False
     loss, metrics, grads = run(batch, backend, kl_coef=0.1, entropy_coef=0.01)
     assert float(loss) == 0.0
@@ -233,8 +235,8 @@ def test_no_counted_token_gives_zero(backend):
     assert all(float(g.abs().max()) == 0.0 for g in grads)
 
 
-def test_chunking_splits_and_agrees(backend, monkeypatch):
-    batch = make_batch()
+def test_chunking_splits_and_agrees(backend, device, monkeypatch):
+    batch = make_batch(device=device)
     kwargs = dict(kl_coef=0.1, entropy_coef=0.01, importance_level="sequence")
     one = run(batch, backend, **kwargs)
     launches = []
@@ -256,8 +258,8 @@ def test_chunking_splits_and_agrees(backend, monkeypatch):
     assert_same_result(many, one)
 
 
-def test_no_grad_and_partial_grads(backend):
-    batch = make_batch()
+def test_no_grad_and_partial_grads(backend, device):
+    batch = make_batch(device=device)
     with_grad = run(batch, backend, kl_coef=0.1)
     with torch.no_grad():
         loss, metrics = linear_policy_loss(batch["hidden"], batch["weight"], batch["targets"],
@@ -279,14 +281,15 @@ def test_no_grad_and_partial_grads(backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
-def test_bf16_and_float64_inputs(backend, dtype, monkeypatch):
+def test_bf16_and_float64_inputs(backend, device, dtype, monkeypatch):
     """bf16 (the GPU dtype: a bf16 d loss / d logits buffer, fp32 weight-gradient slices) and
     float64 (gradcheck inputs) against float64 of the same input values."""
     from alignfuse.kernels.fused import chunked
 
     monkeypatch.setattr(chunked, "WEIGHT_GRAD_ROWS", 300)  # 4 slices of the 1031 rows
     tol = 1e-3 if dtype == torch.bfloat16 else 2e-5
-    check_against_reference(make_batch(dtype=dtype), backend, tol=tol, kl_coef=0.1,
+    check_against_reference(make_batch(dtype=dtype, device=device), backend, tol=tol,
+                            kl_coef=0.1,
                             entropy_coef=0.01, layout="packed")
 
 
@@ -305,7 +308,8 @@ def test_cuda_bindings_with_stand_in(monkeypatch, kwargs):
 
     from test_policy_loss import use_pointer_cuda
 
-    use_pointer_cuda(monkeypatch, importlib.import_module("alignfuse.kernels.fused.linear_policy_loss"))
+    use_pointer_cuda(monkeypatch,
+                     importlib.import_module("alignfuse.kernels.fused.linear_policy_loss"))
     # several chunks: the stats columns of a chunk are a strided slice
     monkeypatch.setattr(logprobs_reference, "CHUNK_BUDGET_BYTES", 7 * V * 6)
     kwargs = dict(kwargs)
