@@ -109,7 +109,7 @@ def _check_dpo(loss_type, eps, backend, beta=0.3, n=S, scale=3.0, dtype=torch.fl
         assert a.shape == (n,)
         assert_rel_close(a, e, fwd_tol, f"{loss_type} {name}")
     assert not out[1].requires_grad and not out[2].requires_grad
-    weights = torch.rand(n, dtype=torch.float64) + 0.5
+    weights = torch.rand(n, dtype=torch.float64, device=device) + 0.5
     (out[0] * weights.to(out[0].device, torch.float32)).sum().backward()
     (ref[0] * weights).sum().backward()
     for name, a, e in zip(("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected"),
@@ -119,35 +119,36 @@ def _check_dpo(loss_type, eps, backend, beta=0.3, n=S, scale=3.0, dtype=torch.fl
 
 
 @pytest.mark.parametrize("loss_type,eps", CASES)
-def test_dpo_matches_formula(loss_type, eps, backend):
-    _check_dpo(loss_type, eps, backend)
+def test_dpo_matches_formula(loss_type, eps, backend, device):
+    _check_dpo(loss_type, eps, backend, device=device)
 
 
 @pytest.mark.parametrize("beta", [0.05, 1.0])
 @pytest.mark.parametrize("loss_type", ["sigmoid", "discopop", "apo_down", "nca_pair"])
-def test_dpo_other_betas(loss_type, beta, backend):
-    _check_dpo(loss_type, 0.0, backend, beta=beta)
+def test_dpo_other_betas(loss_type, beta, backend, device):
+    _check_dpo(loss_type, 0.0, backend, beta=beta, device=device)
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "aot_unpaired", "bco_pair"])
-def test_dpo_batch_spanning_several_blocks(loss_type, backend):
-    _check_dpo(loss_type, 0.0, backend, n=1031)  # > 2 kernel blocks of 512, ragged tail
+def test_dpo_batch_spanning_several_blocks(loss_type, backend, device):
+    # > 2 kernel blocks of 512, ragged tail
+    _check_dpo(loss_type, 0.0, backend, n=1031, device=device)
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_dpo_size_one_batch(loss_type, backend):
-    _check_dpo(loss_type, 0.0, backend, n=1)
+def test_dpo_size_one_batch(loss_type, backend, device):
+    _check_dpo(loss_type, 0.0, backend, n=1, device=device)
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_dpo_extreme_log_ratios_do_not_overflow(loss_type, backend):
+def test_dpo_extreme_log_ratios_do_not_overflow(loss_type, backend, device):
     """Log-ratios of +-80 (beta=1: z up to +-160): finite, and equal to float64."""
-    signs = torch.tensor([1.0, -1.0, 1.0, -1.0, 0.5, -0.5])
-    pc = torch.full((6,), -100.0)
-    pr = torch.full((6,), -100.0)
+    signs = torch.tensor([1.0, -1.0, 1.0, -1.0, 0.5, -0.5], device=device)
+    pc = torch.full((6,), -100.0, device=device)
+    pr = torch.full((6,), -100.0, device=device)
     rc = pc - 80 * signs
     rr = pr + 80 * signs.flip(0)
-    kw = _length_kwargs(loss_type, 6)
+    kw = _length_kwargs(loss_type, 6, device)
     leaves = [x.clone().requires_grad_(True) for x in (pc, pr, rc, rr)]
     beta = 1.0
     losses, _, _ = dpo_loss(*leaves, beta=beta, loss_type=loss_type, backend=backend, **kw)
@@ -173,27 +174,28 @@ def test_dpo_extreme_log_ratios_do_not_overflow(loss_type, backend):
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "aot", "bco_pair", "discopop"])
-def test_dpo_bf16_inputs_give_fp32_loss(loss_type, backend):
-    _check_dpo(loss_type, 0.0, backend, dtype=torch.bfloat16, grad_tol=1e-2)
+def test_dpo_bf16_inputs_give_fp32_loss(loss_type, backend, device):
+    _check_dpo(loss_type, 0.0, backend, dtype=torch.bfloat16, grad_tol=1e-2, device=device)
 
 
-def test_dpo_mixed_input_dtypes(backend):
-    pc, rc = _logps()
-    pr, rr = _logps()
+def test_dpo_mixed_input_dtypes(backend, device):
+    pc, rc = _logps(device=device)
+    pr, rr = _logps(device=device)
     out = dpo_loss(pc.bfloat16(), pr.bfloat16(), rc, rr, backend=backend)
     ref = ref_dpo(pc.bfloat16(), pr.bfloat16(), rc, rr, "sigmoid", 0.1)
     assert_rel_close(out[0], ref[0], FWD_TOL, "mixed dtypes")
 
 
-def test_bco_explicit_delta(backend):
-    _check_dpo("bco_pair", 0.0, backend, bco_delta=0.0)  # TRL 1.x: no shift
-    _check_dpo("bco_pair", 0.0, backend, bco_delta=0.37)
-    _check_dpo("bco_pair", 0.0, backend, bco_delta=torch.tensor(-0.2))
+def test_bco_explicit_delta(backend, device):
+    _check_dpo("bco_pair", 0.0, backend, bco_delta=0.0, device=device)  # TRL 1.x: no shift
+    _check_dpo("bco_pair", 0.0, backend, bco_delta=0.37, device=device)
+    _check_dpo("bco_pair", 0.0, backend, bco_delta=torch.tensor(-0.2, device=device),
+               device=device)
 
 
-def test_aot_rewards_in_input_order(backend):
-    pc, rc = _logps()
-    pr, rr = _logps()
+def test_aot_rewards_in_input_order(backend, device):
+    pc, rc = _logps(device=device)
+    pr, rr = _logps(device=device)
     _, chosen_rewards, rejected_rewards = dpo_loss(pc, pr, rc, rr, loss_type="aot",
                                                    beta=0.2, backend=backend)
     assert_rel_close(chosen_rewards, 0.2 * (pc.double() - rc.double()), FWD_TOL)
@@ -275,10 +277,10 @@ def ref_kto(policy, ref, desirable, z0, beta, wd, wu):
 
 
 def _check_kto(backend, n=S, dtype=torch.float32, scale=3.0, beta=0.2, wd=1.3, wu=0.7,
-               grad_tol=GRAD_TOL):
-    policy, ref = _logps(n, scale, dtype)
-    desirable = torch.rand(n) < 0.5
-    z0 = kto_kl(*_logps(n, 0.5))
+               grad_tol=GRAD_TOL, device="cpu"):
+    policy, ref = _logps(n, scale, dtype, device)
+    desirable = torch.rand(n, device=device) < 0.5
+    z0 = kto_kl(*_logps(n, 0.5, device=device))
     leaves = [x.clone().requires_grad_(True) for x in (policy, ref)]
     losses, rewards = kto_loss(*leaves, desirable, z0, beta=beta, desirable_weight=wd,
                                undesirable_weight=wu, backend=backend)
@@ -288,7 +290,7 @@ def _check_kto(backend, n=S, dtype=torch.float32, scale=3.0, beta=0.2, wd=1.3, w
     assert not rewards.requires_grad
     assert_rel_close(losses, exp_losses, FWD_TOL, "kto losses")
     assert_rel_close(rewards, exp_rewards, FWD_TOL, "kto rewards")
-    weights = torch.rand(n, dtype=torch.float64) + 0.5
+    weights = torch.rand(n, dtype=torch.float64, device=device) + 0.5
     (losses * weights.float()).sum().backward()
     (exp_losses * weights).sum().backward()
     for a, e in zip(leaves, refs):
@@ -296,21 +298,23 @@ def _check_kto(backend, n=S, dtype=torch.float32, scale=3.0, beta=0.2, wd=1.3, w
         assert_rel_close(a.grad, e.grad, grad_tol, "kto grad")
 
 
-def test_kto_matches_formula(backend):
-    _check_kto(backend)
+def test_kto_matches_formula(backend, device):
+    _check_kto(backend, device=device)
 
 
-def test_kto_size_one_large_and_bf16(backend):
-    _check_kto(backend, n=1)
-    _check_kto(backend, n=1031)
-    _check_kto(backend, dtype=torch.bfloat16, grad_tol=1e-2)
+def test_kto_size_one_large_and_bf16(backend, device):
+    _check_kto(backend, n=1, device=device)
+    _check_kto(backend, n=1031, device=device)
+    _check_kto(backend, dtype=torch.bfloat16, grad_tol=1e-2, device=device)
 
 
-def test_kto_extreme_log_ratios(backend):
-    policy = torch.full((4,), -100.0, requires_grad=True)
-    ref = torch.tensor([-20.0, -180.0, -20.0, -180.0], requires_grad=True)  # x = -80, +80
-    desirable = torch.tensor([True, True, False, False])
-    losses, _ = kto_loss(policy, ref, desirable, torch.tensor(0.5), beta=1.0, backend=backend)
+def test_kto_extreme_log_ratios(backend, device):
+    policy = torch.full((4,), -100.0, requires_grad=True, device=device)
+    ref = torch.tensor([-20.0, -180.0, -20.0, -180.0], requires_grad=True,
+                       device=device)  # x = -80, +80
+    desirable = torch.tensor([True, True, False, False], device=device)
+    losses, _ = kto_loss(policy, ref, desirable, torch.tensor(0.5, device=device), beta=1.0,
+                         backend=backend)
     losses.sum().backward()
     assert torch.isfinite(losses).all() and torch.isfinite(policy.grad).all()
     expected, _ = ref_kto(policy.detach(), ref.detach(), desirable, 0.5, 1.0, 1.0, 1.0)
@@ -588,4 +592,4 @@ def test_cuda_binding_passes_the_right_buffers(loss_type, eps, pointer_cuda_back
 def test_cuda_binding_kto_and_mixed_dtypes(pointer_cuda_backend):
     _check_kto(pointer_cuda_backend)
     _check_kto(pointer_cuda_backend, dtype=torch.bfloat16, grad_tol=1e-2)
-    test_dpo_mixed_input_dtypes(pointer_cuda_backend)
+    test_dpo_mixed_input_dtypes(pointer_cuda_backend, "cpu")
