@@ -66,7 +66,8 @@ $PY -c "import alignfuse.kernels.backends as b; m = b.cuda_module(); print('cuda
 
 if [ "$DRY" != 1 ]; then
   stage "GPU tests (pytest -m gpu)"
-  timeout 150 $PY -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
+  ALIGNFUSE_TEST_DEVICE=cuda timeout 150 $PY -m pytest -q -m gpu -p no:cacheprovider \
+      --continue-on-collection-errors \
       tests > "$OUT/pytest_gpu.log" 2>&1
   echo "pytest exit $?" | tee -a "$LOG"
   tail -15 "$OUT/pytest_gpu.log" | tee -a "$LOG"

@@ -1,7 +1,12 @@
 """Test setup shared by every test.
 
-- On a machine without CUDA, Triton kernels run under the interpreter: TRITON_INTERPRET=1 is
-  set here, before anything imports triton (triton reads it when a kernel is decorated).
+- The suite runs on the CPU on every machine, GPU or not, exactly as CI runs it: a GPU is
+  hidden (CUDA_VISIBLE_DEVICES="") unless ALIGNFUSE_TEST_DEVICE=cuda asks for it, which is
+  how the `gpu` tests run (`ALIGNFUSE_TEST_DEVICE=cuda pytest -m gpu`, bench/gpu_session.sh).
+  Many CPU tests run Triton kernels on CPU tensors, which needs the interpreter, and the
+  interpreter cannot be on for the GPU's kernels in the same process.
+- Without CUDA, Triton kernels run under the interpreter: TRITON_INTERPRET=1 is set here,
+  before anything imports triton (triton reads it when a kernel is decorated).
 - `backend` parametrizes a test over every backend that can run on this machine: torch and
   triton always (triton under the interpreter on CPU), cuda where the module and a GPU exist.
   On a CUDA machine, a test without the `device` fixture (CPU tensors) runs torch only.
@@ -14,7 +19,13 @@ from __future__ import annotations
 
 import os
 
-import torch
+TEST_DEVICE = os.environ.get("ALIGNFUSE_TEST_DEVICE", "cpu").strip().lower()
+if TEST_DEVICE not in ("cpu", "cuda"):
+    raise ValueError(f"ALIGNFUSE_TEST_DEVICE must be 'cpu' or 'cuda', got {TEST_DEVICE!r}")
+if TEST_DEVICE == "cpu":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything initializes CUDA
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -71,7 +82,8 @@ def _seed_and_env(monkeypatch):
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on a lent GPU: bench/gpu_session.sh)")
+    skip = pytest.mark.skip(reason="needs a CUDA GPU and ALIGNFUSE_TEST_DEVICE=cuda "
+                                   "(bench/gpu_session.sh runs them on a lent GPU)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

@@ -183,6 +183,6 @@ def test_bad_input_names_the_argument():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_bf16_gpu_real_vocab(backend, reduction):
-    inputs = make_inputs((300,), dtype=torch.bfloat16, device="cuda", vocab=151936, dim=896)
+def test_bf16_gpu_real_vocab(backend, device, reduction):
+    inputs = make_inputs((300,), dtype=torch.bfloat16, device=device, vocab=151936, dim=896)
     check(backend, inputs, tol=1e-3, reduction=reduction, label_smoothing=0.1)

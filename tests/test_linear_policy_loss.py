@@ -383,13 +383,13 @@ def test_bad_input_names_the_argument():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("importance_level", ["token", "sequence"])
-def test_bf16_gpu_real_vocab(backend, importance_level):
+def test_bf16_gpu_real_vocab(backend, device, importance_level):
     """bf16 inputs, real vocabulary, against float64 of the same bf16 values."""
     global B, T, H, V
     saved = B, T, H, V
     B, T, H, V = 4, 75, 896, 151936
     try:
-        batch = make_batch(dtype=torch.bfloat16, device="cuda", lengths=[75, 60, 33, 75])
+        batch = make_batch(dtype=torch.bfloat16, device=device, lengths=[75, 60, 33, 75])
         # bf16 gradients are rounded once at the end: compare loosely
         check_against_reference(batch, backend, tol=1e-3, kl_coef=0.05, entropy_coef=0.01,
                                 importance_level=importance_level)

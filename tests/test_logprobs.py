@@ -391,11 +391,11 @@ def test_weight_on_another_device_is_refused():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("V", [151936, 128256])
-def test_bf16_gpu_real_vocab(backend, V, monkeypatch):
+def test_bf16_gpu_real_vocab(backend, device, V, monkeypatch):
     """Real vocabulary sizes, H=896, bf16 on GPU, against float64 of the same bf16 values."""
     N, H = 300, 896
     hidden, weight, bias, targets = make_inputs(N=N, H=H, V=V, dtype=torch.bfloat16,
-                                                device="cuda", scale=4.0)
+                                                device=device, scale=4.0)
     for strategy in LINEAR_STRATEGIES if backend == "triton" else ("",):
         if not has_linear(backend):
             break
