@@ -522,9 +522,10 @@ def test_cuda_token_math_matches_formula_on_host(tmp_path):
 
 # ---------------------------------------------------------------------------------------
 # The Python side of the cuda backends (kernels/policy/cuda.py, kernels/advantages/cuda.py,
-# kernels/fused/cuda.py) against a stand-in for alignfuse.kernels._cuda that takes the same raw pointers and sizes
-# and runs the Triton twin of each kernel on them: checks argument order, dtypes and buffers
-# without a GPU (the GPU run of the backend-parametrized tests checks the kernels).
+# kernels/fused/cuda.py) against a stand-in for alignfuse.kernels._cuda that takes the same
+# raw pointers and sizes and runs the Triton twin of each kernel on them: checks argument
+# order, dtypes and buffers without a GPU (the GPU run of the backend-parametrized tests
+# checks the kernels).
 
 _DTYPES = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16}
 STREAM = 12345
