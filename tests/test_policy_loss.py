@@ -601,7 +601,7 @@ class PointerCuda:
                          clip_low, clip_high, dual_clip, kl_coef, lr_min, lr_max, use_dual,
                          has_ref, estimator, loss_kind, sequence_level, entropy_coef,
                          smoothing, stream):
-        from alignfuse.kernels.fused.chunk_loss import NUM_STATS
+        from alignfuse.kernels.fused.chunk_loss import NUM_STATS, ChunkLoss
         from alignfuse.kernels.fused.triton_fused_loss import fused_chunk_loss
 
         assert stream == STREAM
@@ -618,12 +618,13 @@ class PointerCuda:
             rows(dz, C, V, stride_dz, _DTYPES[dz_dtype]) if dz else None,
             _view(targets, C, torch.int64), per_token(weights),
             rows(stats, NUM_STATS, C, stride_stats, torch.float32), temperature,
-            loss=loss_kind, old_logps=per_token(old), advantages=per_token(adv),
+            ChunkLoss(loss_kind, clip_low=clip_low, clip_high=clip_high,
+                      dual_clip=dual_clip if use_dual else None, kl_coef=kl_coef,
+                      kl_estimator_code=estimator, log_ratio_bounds=(lr_min, lr_max),
+                      entropy_coef=entropy_coef, label_smoothing=smoothing),
+            old_logps=per_token(old), advantages=per_token(adv),
             ref_logps=per_token(ref) if has_ref else None,
-            seq_log_ratio=per_token(seq_lr) if sequence_level else None, clip_low=clip_low,
-            clip_high=clip_high, dual_clip=dual_clip if use_dual else None, kl_coef=kl_coef,
-            kl_estimator_code=estimator, log_ratio_bounds=(lr_min, lr_max),
-            entropy_coef=entropy_coef, label_smoothing=smoothing)
+            seq_log_ratio=per_token(seq_lr) if sequence_level else None)
 
     def gae(self, rewards, values, dtype, mask, cu, adv, ret, num_seqs, gamma, lam, stream):
         from alignfuse.kernels.advantages.triton_gae import _gae_kernel

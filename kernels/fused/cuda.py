@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..backends import cuda_dtype_code, cuda_module, current_stream_handle
-from .chunk_loss import CROSS_ENTROPY, POLICY
+from .chunk_loss import POLICY, ChunkLoss
 
 
 def _ptr(t: torch.Tensor | None, name: str) -> int:
@@ -23,24 +23,17 @@ def _ptr(t: torch.Tensor | None, name: str) -> int:
 
 
 def fused_chunk_loss(z: torch.Tensor, dz: torch.Tensor | None, targets: torch.Tensor,
-                     weights: torch.Tensor, stats: torch.Tensor, temperature: float, *,
-                     loss: int, old_logps: torch.Tensor | None = None,
+                     weights: torch.Tensor, stats: torch.Tensor, temperature: float,
+                     loss: ChunkLoss, *, old_logps: torch.Tensor | None = None,
                      advantages: torch.Tensor | None = None,
                      ref_logps: torch.Tensor | None = None,
-                     seq_log_ratio: torch.Tensor | None = None, clip_low: float = 0.0,
-                     clip_high: float = 0.0, dual_clip: float | None = None,
-                     kl_coef: float = 0.0, kl_estimator_code: int = 0,
-                     log_ratio_bounds: tuple[float, float] = (-20.0, 20.0),
-                     entropy_coef: float = 0.0, label_smoothing: float = 0.0) -> None:
+                     seq_log_ratio: torch.Tensor | None = None) -> None:
     """Launch on one chunk: z `[C, V]` raw logits (unit stride in V); dz `[C, V]` contiguous
     (may be z itself, or half precision for the bf16 GEMMs) receives d loss / d(raw logits),
     or None for statistics only; targets `[C]` int64; weights `[C]` fp32 (0: does not count);
     stats `[NUM_STATS, C]` fp32 with unit stride in C. Per-token policy inputs `[C]` fp32
-    contiguous when loss == POLICY."""
+    contiguous when loss.kind == POLICY."""
     C, V = z.shape
-    if loss not in (POLICY, CROSS_ENTROPY):
-        raise ValueError(f"loss must be POLICY ({POLICY}) or CROSS_ENTROPY ({CROSS_ENTROPY}), "
-                         f"got {loss!r}")
     if z.stride(1) != 1:
         raise ValueError(f"z must have unit stride in V, got strides {z.stride()}")
     if dz is not None and (dz.shape != (C, V) or dz.stride(1) != 1):
@@ -52,8 +45,8 @@ def fused_chunk_loss(z: torch.Tensor, dz: torch.Tensor | None, targets: torch.Te
     if stats.dtype != torch.float32 or stats.stride(1) != 1:
         raise ValueError(f"stats must be float32 with unit stride in C, got {stats.dtype} "
                          f"with strides {stats.stride()}")
-    policy = loss == POLICY
-    lr_min, lr_max = log_ratio_bounds
+    policy = loss.kind == POLICY
+    lr_min, lr_max = loss.log_ratio_bounds
     cuda_module().fused_chunk_loss(
         z.data_ptr(), cuda_dtype_code(z), 0 if dz is None else dz.data_ptr(),
         cuda_dtype_code(z if dz is None else dz), targets.data_ptr(), _ptr(weights, "weights"),
@@ -62,8 +55,8 @@ def fused_chunk_loss(z: torch.Tensor, dz: torch.Tensor | None, targets: torch.Te
         _ptr(ref_logps if policy else None, "ref_logps"),
         _ptr(seq_log_ratio if policy else None, "seq_log_ratio"), stats.data_ptr(), C, V,
         z.stride(0), V if dz is None else dz.stride(0), stats.stride(0), temperature,
-        clip_low, clip_high, 0.0 if dual_clip is None else dual_clip, kl_coef,
-        max(lr_min, -3.0e38), lr_max, int(dual_clip is not None),
-        int(policy and ref_logps is not None), kl_estimator_code, loss,
-        int(policy and seq_log_ratio is not None), entropy_coef, label_smoothing,
+        loss.clip_low, loss.clip_high, 0.0 if loss.dual_clip is None else loss.dual_clip,
+        loss.kl_coef, max(lr_min, -3.0e38), lr_max, int(loss.dual_clip is not None),
+        int(policy and ref_logps is not None), loss.kl_estimator_code, loss.kind,
+        int(policy and seq_log_ratio is not None), loss.entropy_coef, loss.label_smoothing,
         current_stream_handle(z.device))

@@ -15,8 +15,8 @@ Backends:
   mean_j b_j) / T is linear, so lse = z_t - logp_t needs only the target rows of W.
   Nothing of size [N, V] is held.
 - "triton" and "cuda": for "mean"/"sum" the fused chunk loop (`chunked.py`, the same chunk
-  kernel as linear_policy_loss with loss=CROSS_ENTROPY): 6 N H V FLOPs, gradients computed
-  in the forward. "none" gives per-token outputs, whose weight gradient depends on the
+  kernel as linear_policy_loss, with ChunkLoss(CROSS_ENTROPY)): 6 N H V FLOPs, gradients
+  computed in the forward. "none" gives per-token outputs, whose weight gradient depends on the
   incoming per-token gradients, so nothing can be computed ahead: it is linear_logprobs'
   path on the same backend (recompute in backward, 8 N H V) plus the smoothing term.
 This is the loss of cut-cross-entropy's `linear_cross_entropy` (https://arxiv.org/abs/2411.09009)
@@ -33,7 +33,7 @@ from .. import checks
 from ..autograd import fused_local_grad
 from ..backends import dispatch, register, set_cuda_preference
 from ..logprobs import check_linear_inputs, linear_logprobs
-from .chunk_loss import CROSS_ENTROPY, NUM_STATS, STAT_LOSS, chunk_loss_kernel
+from .chunk_loss import CROSS_ENTROPY, NUM_STATS, STAT_LOSS, ChunkLoss, chunk_loss_kernel
 from .chunked import FusedLinearLoss
 from .lm_head import needed_grads
 
@@ -134,9 +134,9 @@ def _linear_cross_entropy_fused(backend, hidden, weight, bias, targets, ignore_i
     def kernel(h, w, *b):
         engine = FusedLinearLoss(h, w, b[0] if b else None, rows)
         stats = torch.empty(NUM_STATS, M, device=hidden.device, dtype=torch.float32)
+        loss_kind = ChunkLoss(CROSS_ENTROPY, label_smoothing=label_smoothing)
         grads = engine.run(lambda z, dz, c: fused_chunk_loss(
-            z, dz, t[c], token_weight[c], stats[:, c], temperature, loss=CROSS_ENTROPY,
-            label_smoothing=label_smoothing), need)
+            z, dz, t[c], token_weight[c], stats[:, c], temperature, loss_kind), need)
         loss = (token_weight * stats[STAT_LOSS]).sum().to(out_dtype)
         return loss, [grads[0], grads[1]] + ([grads[2]] if b else [])
 

@@ -55,7 +55,8 @@ from ..policy.aggregation import aggregate, masked_token_mean, sequence_weights,
 from ..policy.kl import KL_ESTIMATOR_CODES, compute_dtype
 from ..policy.policy_loss import METRIC_NAMES, PolicyLossOptions, check_policy_inputs
 from .chunk_loss import (CROSS_ENTROPY, NUM_STATS, POLICY, STAT_CLIPPED, STAT_DUAL, STAT_ENTROPY,
-                         STAT_KL, STAT_LOGP, STAT_LOSS, STAT_PG, STAT_RATIO, chunk_loss_kernel)
+                         STAT_KL, STAT_LOGP, STAT_LOSS, STAT_PG, STAT_RATIO, ChunkLoss,
+                         chunk_loss_kernel)
 from .chunked import FusedLinearLoss
 from .lm_head import needed_grads
 
@@ -161,7 +162,7 @@ def _linear_policy_loss_fused(backend, hidden, weight, bias, targets, old_logps,
     t = (targets if rows is None else targets[rows]).contiguous()  # int64, not via fp32
     ref = None if ref_logps is None else pick(ref_logps)
     M = t.numel()
-    policy_args = dict(clip_low=options.clip_low, clip_high=options.clip_high,
+    policy = ChunkLoss(POLICY, clip_low=options.clip_low, clip_high=options.clip_high,
                        dual_clip=options.dual_clip, kl_coef=options.kl_coef,
                        kl_estimator_code=KL_ESTIMATOR_CODES[options.kl_estimator],
                        log_ratio_bounds=options.log_ratio_bounds, entropy_coef=entropy_coef)
@@ -176,16 +177,16 @@ def _linear_policy_loss_fused(backend, hidden, weight, bias, targets, old_logps,
             # GSPO pass 1: log-probs only, for each sequence's mean log-ratio
             engine.run(lambda z, dz, c: fused_chunk_loss(z, None, t[c], token_weight[c],
                                                          stats[:, c], temperature,
-                                                         loss=CROSS_ENTROPY), (False,) * 3)
+                                                         ChunkLoss(CROSS_ENTROPY)), (False,) * 3)
             lr_sum = torch.zeros(layout.num_seqs, device=device, dtype=torch.float32)
             lr_sum.index_add_(0, seq_ids, stats[STAT_LOGP] - old)
             seq_lr = (lr_sum / valid_counts(layout).clamp(min=1))[seq_ids].contiguous()
 
         def launch(z, dz, c):
-            fused_chunk_loss(z, dz, t[c], token_weight[c], stats[:, c], temperature,
-                             loss=POLICY, old_logps=old[c], advantages=adv[c],
+            fused_chunk_loss(z, dz, t[c], token_weight[c], stats[:, c], temperature, policy,
+                             old_logps=old[c], advantages=adv[c],
                              ref_logps=None if ref is None else ref[c],
-                             seq_log_ratio=None if seq_lr is None else seq_lr[c], **policy_args)
+                             seq_log_ratio=None if seq_lr is None else seq_lr[c])
 
         grads = engine.run(launch, need)
         loss = (token_weight * stats[STAT_LOSS]).sum().to(out_dtype)

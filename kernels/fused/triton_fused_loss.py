@@ -36,7 +36,7 @@ from ..policy.triton_token_loss import policy_token_loss
 # The loss codes and the rows of the per-token stats buffer live in chunk_loss.py (shared with
 # the CUDA kernel); the kernel writes the rows by number: a jit function cannot read plain
 # module globals.
-from .chunk_loss import POLICY
+from .chunk_loss import POLICY, ChunkLoss
 
 
 @triton.jit
@@ -126,37 +126,34 @@ def _blocks(z: torch.Tensor) -> tuple[int, int]:
 
 
 def fused_chunk_loss(z: torch.Tensor, dz: torch.Tensor | None, targets: torch.Tensor,
-                     weights: torch.Tensor, stats: torch.Tensor, temperature: float, *,
-                     loss: int, old_logps: torch.Tensor | None = None,
+                     weights: torch.Tensor, stats: torch.Tensor, temperature: float,
+                     loss: ChunkLoss, *, old_logps: torch.Tensor | None = None,
                      advantages: torch.Tensor | None = None,
                      ref_logps: torch.Tensor | None = None,
-                     seq_log_ratio: torch.Tensor | None = None, clip_low: float = 0.0,
-                     clip_high: float = 0.0, dual_clip: float | None = None,
-                     kl_coef: float = 0.0, kl_estimator_code: int = 0,
-                     log_ratio_bounds: tuple[float, float] = (-20.0, 20.0),
-                     entropy_coef: float = 0.0, label_smoothing: float = 0.0) -> None:
+                     seq_log_ratio: torch.Tensor | None = None) -> None:
     """Launch on one chunk. z `[C, V]` raw logits (unit stride in V; fp32 recommended);
     dz `[C, V]` (may be z itself) receives d loss / d(raw logits), or None for statistics
     only; targets `[C]` int64 (any value where weights is 0); weights `[C]` fp32, the
     token's aggregation weight (0: does not count); stats `[NUM_STATS, C]` fp32 view.
-    Per-token policy inputs `[C]` fp32 when loss == POLICY."""
+    Per-token policy inputs `[C]` fp32 when loss.kind == POLICY."""
     C, V = z.shape
     if C == 0:
         return
     block_n, block_v = _blocks(z)
     need_grad = dz is not None
-    policy = loss == POLICY
+    policy = loss.kind == POLICY
     dummy = weights
-    lr_min, lr_max = log_ratio_bounds
+    lr_min, lr_max = loss.log_ratio_bounds
     _fused_chunk_kernel[(triton.cdiv(C, block_n),)](
         z, dz if need_grad else z, targets, weights,
         old_logps if policy else dummy, advantages if policy else dummy,
         ref_logps if ref_logps is not None else dummy,
         seq_log_ratio if seq_log_ratio is not None else dummy,
         stats, C, V, z.stride(0), dz.stride(0) if need_grad else z.stride(0), stats.stride(0),
-        1.0 / temperature, clip_low, clip_high, dual_clip if dual_clip is not None else 0.0,
-        kl_coef, max(lr_min, -3.0e38), lr_max, entropy_coef, label_smoothing,
-        LOSS=loss, NEED_GRAD=need_grad, HAS_ENTROPY=policy and entropy_coef != 0.0,
+        1.0 / temperature, loss.clip_low, loss.clip_high,
+        loss.dual_clip if loss.dual_clip is not None else 0.0, loss.kl_coef,
+        max(lr_min, -3.0e38), lr_max, loss.entropy_coef, loss.label_smoothing,
+        LOSS=loss.kind, NEED_GRAD=need_grad, HAS_ENTROPY=policy and loss.entropy_coef != 0.0,
         HAS_REF=ref_logps is not None, SEQUENCE_LEVEL=seq_log_ratio is not None,
-        USE_DUAL_CLIP=dual_clip is not None, KL_ESTIMATOR=kl_estimator_code,
-        SMOOTHING=label_smoothing != 0.0, BLOCK_N=block_n, BLOCK_V=block_v)
+        USE_DUAL_CLIP=loss.dual_clip is not None, KL_ESTIMATOR=loss.kl_estimator_code,
+        SMOOTHING=loss.label_smoothing != 0.0, BLOCK_N=block_n, BLOCK_V=block_v)
