@@ -330,7 +330,10 @@ def test_kto_torch_gradcheck():
 
 def test_kto_kl_is_clamped_detached_mean():
     policy, ref = _logps(S)
-    policy.requires_grad_(True)
+    # every log-ratio >= 0.5, so the mean cannot cancel to a small number whose fp32 relative
+    # error is large (a CI draw: 1.25e-6 on a mean of 0.021; over 1000 draws the worst is now
+    # 2.2e-7, was 9.7e-6). The negative mean is checked below.
+    policy = (ref + (policy - ref).abs() + 0.5).requires_grad_(True)
     z0 = kto_kl(policy, ref)
     assert z0.dim() == 0 and not z0.requires_grad and z0.dtype == torch.float32
     assert_rel_close(z0, (policy.double() - ref.double()).mean().clamp(min=0), 1e-6)
