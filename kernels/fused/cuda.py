@@ -30,9 +30,9 @@ def fused_chunk_loss(z: torch.Tensor, dz: torch.Tensor | None, targets: torch.Te
                      seq_log_ratio: torch.Tensor | None = None) -> None:
     """Launch on one chunk: z `[C, V]` raw logits (unit stride in V); dz `[C, V]` with unit
     stride in V (may be z itself, or half precision for the bf16 GEMMs) receives
-    d loss / d(raw logits), or None for statistics only; targets `[C]` int64; weights `[C]` fp32 (0: does not count);
-    stats `[NUM_STATS, C]` fp32 with unit stride in C. Per-token policy inputs `[C]` fp32
-    contiguous when loss.kind == POLICY."""
+    d loss / d(raw logits), or None for statistics only; targets `[C]` int64; weights `[C]`
+    fp32 (0: does not count); stats `[NUM_STATS, C]` fp32 with unit stride in C. Per-token
+    policy inputs `[C]` fp32 contiguous when loss.kind == POLICY."""
     C, V = z.shape
     if z.stride(1) != 1:
         raise ValueError(f"z must have unit stride in V, got strides {z.stride()}")
