@@ -16,7 +16,21 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def assert_rel_close(actual, expected, tol: float, what: str = "") -> None:
     err = rel_err(actual, expected)
+    _log_margin(err, tol, what)
     assert err <= tol, f"{what} relative error {err:.3e} > {tol:.1e}"
+
+
+def _log_margin(err: float, tol: float, what: str) -> None:
+    """With ALIGNFUSE_TEST_MARGIN_LOG=<file>, append `test, what, err/tol` for every check.
+    Repeated runs of the suite then show which checks sit close to their bound on fresh
+    random inputs (the flaky ones) before CI finds them one failure at a time."""
+    import os
+
+    path = os.environ.get("ALIGNFUSE_TEST_MARGIN_LOG")
+    if path:
+        test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+        with open(path, "a") as f:
+            f.write(f"{test}\t{what}\t{err / tol:.4g}\n")
 
 
 def preference_pairs(gen: torch.Generator, vocab: int, num_pairs: int,
