@@ -78,6 +78,23 @@ def test_group_advantages_match_formula(backend, device, estimator, scale, group
     assert not got.requires_grad
 
 
+@pytest.mark.parametrize("dtype,offset,spread", [(torch.float64, 1000.0, 1e-3),
+                                                  (torch.float32, 100.0, 1e-2)])
+def test_rewards_on_a_large_offset_keep_their_precision(backend, device, dtype, offset, spread):
+    """Reward-model scores often sit on an offset. Centring them in float32 as they are
+    loses the offset's rounding (float32 of 1000 + 1e-3 x errs by 3e-5, 3% of the spread;
+    a float32 group mean of values near 100 by ~4e-6). Every backend centres the
+    differences to the group's first reward, so the advantages stay at the working
+    precision of the spread."""
+    rewards = (offset + spread * torch.randn(7 * 8, dtype=torch.float64)).to(dtype)
+    for estimator in ESTIMATORS:
+        for scale in SCALES:
+            got = group_advantages(rewards.to(device), 8, estimator=estimator, scale=scale,
+                                   backend=backend)
+            exp = reference(rewards.tolist(), 8, estimator, scale, 1e-6)
+            assert_rel_close(got, exp, 1e-6, f"{dtype} {estimator}/{scale}")
+
+
 def test_equal_rewards_give_exact_zero(backend, device):
     rewards = torch.tensor([0.1, 0.1, 0.1, 0.7, 0.7, 0.7, 1.0, 2.0, 3.0], device=device)
     for estimator in ESTIMATORS:
@@ -147,8 +164,15 @@ def test_cuda_bindings_group_advantages(monkeypatch, estimator):
     rewards = torch.cat([torch.randint(0, 3, (12,)).double(), torch.randn(12, dtype=torch.float64)])
     expected = {scale: group_advantages(rewards, 4, estimator=estimator, scale=scale,
                                         backend="torch") for scale in SCALES}
+    # float64 rewards on an offset: the wrapper takes the group differences before its
+    # float32 cast (float32 of 1000 + 1e-3 x errs by 3% of the spread)
+    offset = 1000.0 + 1e-3 * torch.randn(24, dtype=torch.float64)
+    expected_offset = {scale: group_advantages(offset, 4, estimator=estimator, scale=scale,
+                                               backend="torch") for scale in SCALES}
     use_pointer_cuda(monkeypatch, group_module)
     for scale in SCALES:
         got = group_advantages(rewards, 4, estimator=estimator, scale=scale, backend="cuda")
         assert got.dtype == torch.float64
         assert_rel_close(got, expected[scale], 1e-6, scale)
+        got = group_advantages(offset, 4, estimator=estimator, scale=scale, backend="cuda")
+        assert_rel_close(got, expected_offset[scale], 1e-6, f"offset {scale}")

@@ -21,7 +21,9 @@ constexpr int kThreads = 128;
 template <typename T>
 __device__ __forceinline__ float group_value(const T* r, int64_t i, int64_t base, int64_t group_size, int estimator) {
   const float x = to_float(r[i]);
-  if (estimator != kRank) return x;
+  // the difference to the group's first reward (group.py's _centered: every estimator is
+  // shift-invariant, and the difference of two floats that sit on an offset is exact)
+  if (estimator != kRank) return x - to_float(r[base]);
   float less = 0.f, equal = 0.f;
   for (int64_t j = base; j < base + group_size; ++j) {
     const float y = to_float(r[j]);

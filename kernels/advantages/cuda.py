@@ -1,7 +1,8 @@
 """The "cuda" backends of group_advantages and gae: bindings to csrc/cuda/advantages.cu.
 
 Inputs of float64 (or mixed dtypes) are cast to float32 for the kernels; float64 inputs get
-float64 outputs back, as from the other backends.
+float64 outputs back, as from the other backends. group_advantages shifts float64 rewards by
+their group's first one before the cast, so an offset costs no precision.
 """
 
 from __future__ import annotations
@@ -10,17 +11,26 @@ import torch
 
 from ..backends import (cuda_dtype_code, cuda_kernel_inputs, cuda_module,
                         current_stream_handle, register)
-from .group import ESTIMATOR_CODES, SCALE_CODES
+from .group import ESTIMATOR_CODES, SCALE_CODES, batch_std
 
 @register("group_advantages", "cuda")
 def _group_advantages_cuda(rewards, group_size, estimator, scale, eps):
-    (r,) = cuda_kernel_inputs(rewards.detach())
+    rewards = rewards.detach()
+    shifted = rewards
+    if rewards.dtype == torch.float64:
+        # The kernel takes the differences to each group's first reward (group.py's
+        # _centered), but reads float32: take them here, in float64, before the cast.
+        # Ranks too compare these differences, which tie only where float32 cannot tell
+        # two of them apart, not two rewards on an offset.
+        groups = rewards.reshape(-1, group_size)
+        shifted = (groups - groups[:, :1]).reshape(-1)
+    (r,) = cuda_kernel_inputs(shifted)
     out = torch.empty(r.numel(), device=r.device, dtype=torch.float32)
     scale_code = SCALE_CODES[scale]
     rank_batch = estimator == "rank" and scale == "batch"
     batch_denominator = 1.0
     if scale == "batch" and estimator == "grpo" and r.numel() > 1:
-        batch_denominator = float(r.float().std()) + eps
+        batch_denominator = batch_std(rewards) + eps
     if rank_batch:
         scale_code = SCALE_CODES["none"]
     cuda_module().group_advantages(r.data_ptr(), cuda_dtype_code(r), out.data_ptr(),

@@ -52,18 +52,32 @@ def register_advantage_estimator(name: str):
     return decorator
 
 
-def _std(values: torch.Tensor, scale: str, all_values: torch.Tensor) -> torch.Tensor:
-    """The divisor's std for `scale` ("none" -> no division is handled by the caller)."""
-    if scale == "group":
-        return values.std(dim=1, keepdim=True)  # Bessel-corrected, as TRL and verl
-    return all_values.std()
+def batch_std(rewards: torch.Tensor) -> float:
+    """The Bessel std of all rewards, the "grpo"/"batch" divisor of the Triton and CUDA
+    kernels: in float64 for float64 rewards (float32 would round rewards on an offset), else
+    float32."""
+    return float(rewards.to(torch.promote_types(rewards.dtype, torch.float32)).std())
+
+
+def _centered(values: torch.Tensor) -> torch.Tensor:
+    """values - their row's mean, computed from the differences to the row's first value.
+    Every estimator is invariant to a shift of a group, and the shift keeps the precision of
+    values that sit on a large offset (reward-model scores around 100, say): the differences
+    are exact, and the mean of the differences errs relative to the group's spread, not to
+    the offset. The Triton and CUDA kernels do the same."""
+    shifted = values - values[:, :1]
+    return shifted - shifted.mean(dim=1, keepdim=True)
 
 
 def _standardize(values: torch.Tensor, scale: str, eps: float) -> torch.Tensor:
-    centered = values - values.mean(dim=1, keepdim=True)
+    centered = _centered(values)
     if scale == "none":
         return centered
-    return centered / (_std(values, scale, values.reshape(-1)) + eps)
+    if scale == "group":  # Bessel-corrected, as TRL and verl
+        std = (centered.square().sum(dim=1, keepdim=True) / (values.shape[1] - 1)).sqrt()
+    else:
+        std = values.std()
+    return centered / (std + eps)
 
 
 @register_advantage_estimator("grpo")
@@ -73,14 +87,15 @@ def _grpo(rewards: torch.Tensor, scale: str, eps: float) -> torch.Tensor:
 
 @register_advantage_estimator("dr_grpo")
 def _dr_grpo(rewards: torch.Tensor, scale: str, eps: float) -> torch.Tensor:
-    return rewards - rewards.mean(dim=1, keepdim=True)
+    return _centered(rewards)
 
 
 @register_advantage_estimator("rloo")
 def _rloo(rewards: torch.Tensor, scale: str, eps: float) -> torch.Tensor:
     group_size = rewards.shape[1]
-    leave_one_out_mean = (rewards.sum(dim=1, keepdim=True) - rewards) / (group_size - 1)
-    return rewards - leave_one_out_mean
+    shifted = rewards - rewards[:, :1]  # see _centered
+    leave_one_out_mean = (shifted.sum(dim=1, keepdim=True) - shifted) / (group_size - 1)
+    return shifted - leave_one_out_mean
 
 
 def average_ranks(values: torch.Tensor) -> torch.Tensor:

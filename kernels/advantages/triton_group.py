@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .group import ESTIMATOR_CODES, SCALE_CODES
+from .group import ESTIMATOR_CODES, SCALE_CODES, batch_std
 
 
 # group_size is not specialized: Triton would turn a size of 1 into a constexpr
@@ -23,15 +23,21 @@ def _group_advantages_kernel(r_ptr, out_ptr, group_size, eps, batch_denominator,
     lanes = tl.arange(0, BLOCK)
     inb = lanes < group_size
     base = group * group_size
-    r = tl.load(r_ptr + base + lanes, mask=inb, other=0.0).to(tl.float32)
+    r = tl.load(r_ptr + base + lanes, mask=inb, other=0.0)  # in the rewards' own dtype
     n = group_size.to(tl.float32)
-    if ESTIMATOR == 3:
+    if ESTIMATOR == 3:  # ranks compare the rewards as given (float64 ones too)
         other = inb[None, :]
         less = tl.sum((other & (r[None, :] < r[:, None])).to(tl.float32), axis=1)
         equal = tl.sum((other & (r[None, :] == r[:, None])).to(tl.float32), axis=1)
         x = less + (equal + 1.0) * 0.5
     else:
-        x = r
+        # the differences to the group's first reward (group.py's _centered): exact for
+        # 16- and 32-bit rewards, taken in float64 for float64 ones, then float32
+        first = tl.load(r_ptr + base)
+        if r_ptr.dtype.element_ty == tl.float64:
+            x = (r - first).to(tl.float32)
+        else:
+            x = r.to(tl.float32) - first.to(tl.float32)
     mean = tl.sum(tl.where(inb, x, 0.0), axis=0) / n
     centered = tl.where(inb, x - mean, 0.0)
     # all-equal groups (and groups of one) get exactly 0, whatever the rounding of the mean
@@ -62,7 +68,7 @@ def group_advantages_forward(rewards: torch.Tensor, group_size: int, estimator: 
     batch_denominator = 1.0
     rank_batch = estimator == "rank" and scale == "batch"
     if scale == "batch" and estimator == "grpo" and rewards.numel() > 1:
-        batch_denominator = float(rewards.float().std()) + eps
+        batch_denominator = batch_std(rewards) + eps
     if rank_batch:
         scale_code = SCALE_CODES["none"]
     _group_advantages_kernel[(num_groups,)](rewards, out, group_size, eps, batch_denominator,
