@@ -62,9 +62,10 @@ def batch_std(rewards: torch.Tensor) -> float:
 def _centered(values: torch.Tensor) -> torch.Tensor:
     """values - their row's mean, computed from the differences to the row's first value.
     Every estimator is invariant to a shift of a group, and the shift keeps the precision of
-    values that sit on a large offset (reward-model scores around 100, say): the differences
-    are exact, and the mean of the differences errs relative to the group's spread, not to
-    the offset. The Triton and CUDA kernels do the same."""
+    values that sit on a large offset (reward-model scores around 100, say): the difference
+    of two floats within a factor of 2 is exact (Sterbenz), so the mean of the differences
+    errs relative to the group's spread, not to the offset. The Triton and CUDA kernels do
+    the same."""
     shifted = values - values[:, :1]
     return shifted - shifted.mean(dim=1, keepdim=True)
 
