@@ -52,11 +52,11 @@ def register_advantage_estimator(name: str):
     return decorator
 
 
-def batch_std(rewards: torch.Tensor) -> float:
-    """The Bessel std of all rewards, the "grpo"/"batch" divisor of the Triton and CUDA
-    kernels: in float64 for float64 rewards (float32 would round rewards on an offset), else
-    float32."""
-    return float(rewards.to(torch.promote_types(rewards.dtype, torch.float32)).std())
+def batch_std(values: torch.Tensor) -> float:
+    """The Bessel std of all values, the divisor of scale="batch", in float64 whatever their
+    dtype: a float32 std of rewards on an offset (all near 100, say) errs relative to the
+    offset, and this is one reduction over S values."""
+    return float(values.double().std())
 
 
 def _centered(values: torch.Tensor) -> torch.Tensor:
@@ -77,7 +77,7 @@ def _standardize(values: torch.Tensor, scale: str, eps: float) -> torch.Tensor:
     if scale == "group":  # Bessel-corrected, as TRL and verl
         std = (centered.square().sum(dim=1, keepdim=True) / (values.shape[1] - 1)).sqrt()
     else:
-        std = values.std()
+        std = batch_std(values)
     return centered / (std + eps)
 
 
