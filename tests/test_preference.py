@@ -93,7 +93,7 @@ def _length_kwargs(loss_type, n=S, device="cpu"):
 
 
 def _check_dpo(loss_type, eps, backend, beta=0.3, n=S, scale=3.0, dtype=torch.float32,
-               device="cpu", fwd_tol=FWD_TOL, grad_tol=GRAD_TOL, **extra):
+               device="cpu", fwd_tol=FWD_TOL, grad_tol=GRAD_TOL, floor=1e-30, **extra):
     pc, rc = _logps(n, scale, dtype, device)
     pr, rr = _logps(n, scale, dtype, device)
     kw = _length_kwargs(loss_type, n, device)
@@ -107,7 +107,7 @@ def _check_dpo(loss_type, eps, backend, beta=0.3, n=S, scale=3.0, dtype=torch.fl
     for name, a, e in zip(("losses", "chosen_rewards", "rejected_rewards"), out, ref):
         assert a.dtype == torch.float32, f"{name} dtype {a.dtype}"
         assert a.shape == (n,)
-        assert_rel_close(a, e, fwd_tol, f"{loss_type} {name}")
+        assert_rel_close(a, e, fwd_tol, f"{loss_type} {name}", floor)
     assert not out[1].requires_grad and not out[2].requires_grad
     weights = torch.rand(n, dtype=torch.float64, device=device) + 0.5
     (out[0] * weights.to(out[0].device, torch.float32)).sum().backward()
@@ -115,7 +115,7 @@ def _check_dpo(loss_type, eps, backend, beta=0.3, n=S, scale=3.0, dtype=torch.fl
     for name, a, e in zip(("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected"),
                           leaves, ref_leaves):
         assert a.grad.dtype == dtype
-        assert_rel_close(a.grad, e.grad, grad_tol, f"{loss_type} grad {name}")
+        assert_rel_close(a.grad, e.grad, grad_tol, f"{loss_type} grad {name}", floor)
 
 
 @pytest.mark.parametrize("loss_type,eps", CASES)
@@ -137,7 +137,12 @@ def test_dpo_batch_spanning_several_blocks(loss_type, backend, device):
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_dpo_size_one_batch(loss_type, backend, device):
-    _check_dpo(loss_type, 0.0, backend, n=1, device=device)
+    # One pair has no other values to carry the norm: a draw next to a zero of the loss
+    # (IPO with h near 1/(2 beta), a hinge near its kink) leaves float32's ~1e-7 absolute
+    # error over a tiny value (a draw reached 0.32 of the bound). Typical losses, and
+    # gradients of ~beta, are O(0.1) or more, and there the floor of 0.1 changes nothing;
+    # the batches of S pairs keep the pure relative check.
+    _check_dpo(loss_type, 0.0, backend, n=1, device=device, floor=0.1)
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
