@@ -688,7 +688,11 @@ def test_cuda_bindings_policy_ops(monkeypatch, dtype):
     got = policy_losses("cuda")
     grad_tol = 1e-5 if dtype == torch.float64 else 1e-2
     for (le, ge, me), (lg, gg, mg) in zip(expected, got):
-        assert_rel_close(lg, le, 1e-5, "loss")
+        # The loss is a mean of terms of size ~|advantage| ~ 1 and random sign: it can cancel
+        # to a small number that keeps the kernel's float32 absolute error (a draw reached
+        # 1.07x a pure relative bound). Relative to 0.1 at least, as check_against_reference
+        # is relative to the size of the terms.
+        assert_rel_close(lg, le, 1e-5, "loss", floor=0.1)
         assert_rel_close(gg, ge, grad_tol, "grad")
         for name in me:
             assert abs(float(mg[name]) - float(me[name])) < 1e-5, name
