@@ -251,6 +251,10 @@ def _advantage_variants() -> Iterator[Variant]:
                lambda d, e=estimator: group(d, e, "group", 5))
     # BLOCK follows the group size
     yield "group_advantages[grpo,group,G=24]", F32, lambda d: group(d, "grpo", "group", 24)
+    # float64 rewards: the kernel takes the group differences, and ranks, in float64
+    for estimator in ("grpo", "rank"):
+        yield (f"group_advantages[{estimator},group,float64]", torch.float64,
+               lambda d, e=estimator: group(d, e, "group", 5))
     for layout in ("padded", "packed"):
         yield f"gae[{layout}]", F32, lambda d, l=layout: gae_case(d, l, gamma=0.99, lam=0.95)
     yield "gae[packed,whiten]", BF16, lambda d: gae_case(d, "packed", whiten=True)
