@@ -13,11 +13,14 @@
 - `device` is cuda when a GPU is present, else cpu.
 - `one_torch_thread` (module scope, opt-in) runs a module's tests on one torch thread.
 - The `gpu` marker skips tests that need CUDA on CPU-only machines.
+- Every test draws fresh random inputs from its own seed; a failure prints
+  `ALIGNFUSE_TEST_SEED=<seed> python -m pytest '<test id>'`, which draws them again.
 """
 
 from __future__ import annotations
 
 import os
+import random
 
 TEST_DEVICE = os.environ.get("ALIGNFUSE_TEST_DEVICE", "cpu").strip().lower()
 if TEST_DEVICE not in ("cpu", "cuda"):
@@ -30,6 +33,7 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
@@ -71,12 +75,42 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+def _test_seed() -> int:
+    text = os.environ.get("ALIGNFUSE_TEST_SEED", "").strip()
+    if not text:
+        return random.SystemRandom().randrange(2**31)
+    if not text.isdigit() or int(text) >= 2**31:
+        raise ValueError(f"ALIGNFUSE_TEST_SEED must be an integer in [0, 2**31), got {text!r}")
+    return int(text)
+
+
 @pytest.fixture(autouse=True)
-def _seed_and_env(monkeypatch):
-    # Fresh random inputs on every run, but reproducible within a run when re-seeded by a test.
+def _seed_and_env(monkeypatch, request):
+    # Fresh random inputs on every run, and every draw reproducible: each test seeds torch,
+    # random and numpy with a new seed (ALIGNFUSE_TEST_SEED sets it), and a failure prints
+    # the command that draws the same inputs again (pytest_runtest_makereport below). Tests
+    # take their generators' seeds from torch's (helpers.fresh_seed), never torch.seed().
+    seed = _test_seed()
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    request.node.stash[_SEED] = seed
     monkeypatch.delenv("ALIGNFUSE_BACKEND", raising=False)
     monkeypatch.delenv("ALIGNFUSE_LINEAR_STRATEGY", raising=False)
     yield
+
+
+_SEED = pytest.StashKey[int]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    seed = item.stash.get(_SEED, None)
+    if report.failed and seed is not None:
+        report.sections.append(("the same draw again",
+                                f"ALIGNFUSE_TEST_SEED={seed} python -m pytest '{item.nodeid}'"))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -37,6 +37,12 @@ def _log_margin(err: float, tol: float, what: str) -> None:
             f.write(f"{test}\t{what}\t{err / tol:.4g}\n")
 
 
+def fresh_seed() -> int:
+    """A seed for a test's own torch.Generator, drawn from torch's global generator, which
+    conftest seeds per test (so ALIGNFUSE_TEST_SEED reproduces it; torch.seed() would not)."""
+    return int(torch.randint(0, 2**31, ()))
+
+
 def preference_pairs(gen: torch.Generator, vocab: int, num_pairs: int,
                      max_completion: int = 8) -> tuple[list[list[int]], list[int], list[int]]:
     """`num_pairs` pairs [chosen, rejected] sharing a random prompt of 2..5 tokens, each

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from alignfuse.kernels.advantages import gae
-from helpers import assert_rel_close
+from helpers import assert_rel_close, fresh_seed
 
 
 def reference(rewards, values, mask, gamma, lam):
@@ -25,7 +25,7 @@ def reference(rewards, values, mask, gamma, lam):
 
 
 def make(B=5, T=37, dtype=torch.float64, device="cpu"):
-    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    g = torch.Generator().manual_seed(fresh_seed())
     rewards = torch.randn(B, T, generator=g, dtype=torch.float64)
     values = torch.randn(B, T, generator=g, dtype=torch.float64)
     lengths = torch.randint(1, T + 1, (B,), generator=g)

@@ -10,14 +10,14 @@ import torch.nn.functional as F
 
 from alignfuse.kernels import linear_cross_entropy
 from alignfuse.kernels.logprobs import reference as logprobs_reference
-from helpers import assert_rel_close
+from helpers import assert_rel_close, fresh_seed
 
 N, H, V = 37, 48, 1031
 IGNORE = -100
 
 
 def make_inputs(shape=(N,), *, dtype=torch.float32, device="cpu", seed=None, vocab=V, dim=H):
-    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    g = torch.Generator().manual_seed(seed if seed is not None else fresh_seed())
     hidden = torch.randn(*shape, dim, generator=g)
     weight = torch.randn(vocab, dim, generator=g) * (3.0 / dim ** 0.5)
     bias = torch.randn(vocab, generator=g) * 0.5

@@ -15,7 +15,7 @@ import torch
 
 from alignfuse.kernels import linear_policy_loss
 from alignfuse.kernels.logprobs import reference as logprobs_reference
-from helpers import assert_rel_close
+from helpers import assert_rel_close, fresh_seed
 from test_policy_loss import AGG_MODES, ref_aggregate, ref_policy_loss
 
 B, T, H, V = 4, 11, 48, 1031          # padded [4, 11]; packed N = 11 + 10 + 5 + 11 = 37
@@ -29,7 +29,7 @@ def make_batch(seed: int | None = None, *, dtype=torch.float32, device="cpu", le
     mask [B, T] (bool, the tokens that count), old/ref logps [B, T] near the policy's,
     per-token advantages [B, T] and per-sequence ones [B], in_seq [B, T] (inside the length).
     """
-    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    g = torch.Generator().manual_seed(seed if seed is not None else fresh_seed())
     lengths = torch.tensor(lengths or [11, 10, 5, 11])
     in_seq = torch.arange(T)[None, :] < lengths[:, None]
     hidden = torch.randn(B, T, H, generator=g)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from alignfuse.kernels.policy import kl_penalty, policy_loss, value_loss
-from helpers import assert_rel_close, build_host_harness
+from helpers import assert_rel_close, build_host_harness, fresh_seed
 
 AGG_MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 
@@ -93,7 +93,7 @@ def ref_policy_loss(lp, old, adv, mask, ref=None, *, clip_low=0.2, clip_high=0.2
 
 
 def make_batch(B=5, T=37, *, spread=0.5, seed=None, dtype=torch.float64, device="cpu"):
-    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    g = torch.Generator().manual_seed(seed if seed is not None else fresh_seed())
     lp = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
     old = lp + spread * torch.randn(B, T, generator=g, dtype=torch.float64)
     ref = lp + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
@@ -362,7 +362,7 @@ def ref_value_loss(v, old, ret, mask, clip, agg, horizon):
 @pytest.mark.parametrize("loss_agg", AGG_MODES)
 @pytest.mark.parametrize("clip", [None, 0.2])
 def test_value_loss_matches_formula(backend, device, loss_agg, clip):
-    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    g = torch.Generator().manual_seed(fresh_seed())
     B, T = 4, 33
     v = torch.randn(B, T, generator=g, dtype=torch.float64).to(device)
     old = v + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64).to(device)
