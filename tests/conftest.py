@@ -75,6 +75,9 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+_SEED = pytest.StashKey[int]()  # each test item's seed, for its failure report
+
+
 def _test_seed() -> int:
     text = os.environ.get("ALIGNFUSE_TEST_SEED", "").strip()
     if not text:
@@ -98,9 +101,6 @@ def _seed_and_env(monkeypatch, request):
     monkeypatch.delenv("ALIGNFUSE_BACKEND", raising=False)
     monkeypatch.delenv("ALIGNFUSE_LINEAR_STRATEGY", raising=False)
     yield
-
-
-_SEED = pytest.StashKey[int]()
 
 
 @pytest.hookimpl(hookwrapper=True)

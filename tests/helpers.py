@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -28,8 +30,6 @@ def _log_margin(err: float, tol: float, what: str) -> None:
     """With ALIGNFUSE_TEST_MARGIN_LOG=<file>, append `test, what, err/tol` for every check.
     Repeated runs of the suite then show which checks sit close to their bound on fresh
     random inputs (the flaky ones) before CI finds them one failure at a time."""
-    import os
-
     path = os.environ.get("ALIGNFUSE_TEST_MARGIN_LOG")
     if path:
         test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
