@@ -546,8 +546,11 @@ class _PointerModule:
         assert stream == 12345
         assert math.isclose(exo_log_eps, math.log(eps or 1e-3), rel_tol=1e-12)
         assert math.isclose(exo_log1m_eps, math.log1p(-(eps or 1e-3)), rel_tol=1e-12)
+        # Read in their dtype, differentiated in float32 as the kernel does: float32 leaves
+        # keep the local gradients float32 (bf16 leaves would round them, and the check
+        # would meet a second bf16 rounding the real kernel does not make).
         t = self._DTYPES[dtype]
-        inputs = [self._view(p, S, t).clone().requires_grad_(True) for p in (pc, pr, rc, rr)]
+        inputs = [self._view(p, S, t).float().requires_grad_(True) for p in (pc, pr, rc, rr)]
         lengths = [self._view(p, S, torch.float32) for p in (len_c, len_r)] if normalize else [None, None]
         d = self._view(delta, 1, torch.float32) if FORMULAS[formula] == "bco_pair" else None
         problem = DPOProblem(FORMULAS[formula], bool(normalize), beta, eps, tau)
@@ -563,8 +566,8 @@ class _PointerModule:
         from alignfuse.kernels.preference.kto import KTOProblem, _kto_torch
 
         assert stream == 12345
-        t = self._DTYPES[dtype]
-        inputs = [self._view(p, S, t).clone().requires_grad_(True) for p in (policy, ref)]
+        t = self._DTYPES[dtype]  # float32 leaves, as in dpo_loss above
+        inputs = [self._view(p, S, t).float().requires_grad_(True) for p in (policy, ref)]
         flags = self._view(desirable, S, torch.uint8).bool()
         problem = KTOProblem(beta, desirable_weight, undesirable_weight)
         with torch.enable_grad():
