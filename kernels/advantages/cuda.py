@@ -11,7 +11,7 @@ import torch
 
 from ..backends import (cuda_dtype_code, cuda_kernel_inputs, cuda_module,
                         current_stream_handle, register)
-from .group import ESTIMATOR_CODES, SCALE_CODES, batch_std
+from .group import ESTIMATOR_CODES, finish_rank_batch, kernel_scale
 
 @register("group_advantages", "cuda")
 def _group_advantages_cuda(rewards, group_size, estimator, scale, eps):
@@ -26,20 +26,12 @@ def _group_advantages_cuda(rewards, group_size, estimator, scale, eps):
         shifted = (groups - groups[:, :1]).reshape(-1)
     (r,) = cuda_kernel_inputs(shifted)
     out = torch.empty(r.numel(), device=r.device, dtype=torch.float32)
-    scale_code = SCALE_CODES[scale]
-    rank_batch = estimator == "rank" and scale == "batch"
-    batch_denominator = 1.0
-    if scale == "batch" and estimator == "grpo" and r.numel() > 1:
-        batch_denominator = batch_std(rewards) + eps
-    if rank_batch:
-        scale_code = SCALE_CODES["none"]
+    scale_code, batch_denominator = kernel_scale(rewards, estimator, scale, eps)
     cuda_module().group_advantages(r.data_ptr(), cuda_dtype_code(r), out.data_ptr(),
                                    r.numel() // group_size, group_size, eps, batch_denominator,
                                    ESTIMATOR_CODES[estimator], scale_code,
                                    current_stream_handle(r.device))
-    if rank_batch and r.numel() > 1:
-        # every group's mean rank is (G + 1) / 2: the batch std is that of the centred ranks
-        out = out / ((out.square().sum() / (out.numel() - 1)).sqrt() + eps)
+    out = finish_rank_batch(out, estimator, scale, eps)
     return out.double() if rewards.dtype == torch.float64 else out
 
 

@@ -59,6 +59,27 @@ def batch_std(values: torch.Tensor) -> float:
     return float(values.double().std())
 
 
+def kernel_scale(rewards: torch.Tensor, estimator: str, scale: str,
+                 eps: float) -> tuple[int, float]:
+    """(scale code, "grpo"/"batch" divisor) for the Triton and CUDA kernels. "rank" with
+    "batch" runs as "none", and the host divides afterwards (`finish_rank_batch`)."""
+    if estimator == "rank" and scale == "batch":
+        return SCALE_CODES["none"], 1.0
+    if estimator == "grpo" and scale == "batch" and rewards.numel() > 1:
+        return SCALE_CODES[scale], batch_std(rewards) + eps
+    return SCALE_CODES[scale], 1.0
+
+
+def finish_rank_batch(out: torch.Tensor, estimator: str, scale: str,
+                      eps: float) -> torch.Tensor:
+    """The kernels' output, divided by the batch std of the ranks for "rank" with "batch":
+    every group's mean rank is (G + 1) / 2, so that std is the one of the centred ranks the
+    kernel wrote."""
+    if estimator == "rank" and scale == "batch" and out.numel() > 1:
+        return out / ((out.square().sum() / (out.numel() - 1)).sqrt() + eps)
+    return out
+
+
 def _centered(values: torch.Tensor) -> torch.Tensor:
     """values - their row's mean, computed from the differences to the row's first value.
     Every estimator is invariant to a shift of a group, and the shift keeps the precision of

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .group import ESTIMATOR_CODES, SCALE_CODES, batch_std
+from .group import ESTIMATOR_CODES, finish_rank_batch, kernel_scale
 
 
 # group_size is not specialized: Triton would turn a size of 1 into a constexpr
@@ -63,20 +63,9 @@ def group_advantages_forward(rewards: torch.Tensor, group_size: int, estimator: 
     rewards = rewards.detach().contiguous()
     out = torch.empty(rewards.numel(), device=rewards.device, dtype=torch.float32)
     num_groups = rewards.numel() // group_size
-    code = ESTIMATOR_CODES[estimator]
-    scale_code = SCALE_CODES[scale]
-    batch_denominator = 1.0
-    rank_batch = estimator == "rank" and scale == "batch"
-    if scale == "batch" and estimator == "grpo" and rewards.numel() > 1:
-        batch_denominator = batch_std(rewards) + eps
-    if rank_batch:
-        scale_code = SCALE_CODES["none"]
+    scale_code, batch_denominator = kernel_scale(rewards, estimator, scale, eps)
     _group_advantages_kernel[(num_groups,)](rewards, out, group_size, eps, batch_denominator,
-                                            ESTIMATOR=code, SCALE=scale_code,
+                                            ESTIMATOR=ESTIMATOR_CODES[estimator],
+                                            SCALE=scale_code,
                                             BLOCK=max(16, triton.next_power_of_2(group_size)))
-    if rank_batch and rewards.numel() > 1:
-        # every group's mean rank is (G + 1) / 2, so the batch std of the ranks is that of
-        # the centred ranks the kernel wrote
-        std = (out.square().sum() / (out.numel() - 1)).sqrt()
-        out = out / (std + eps)
-    return out
+    return finish_rank_batch(out, estimator, scale, eps)
