@@ -166,6 +166,7 @@ def _linear_policy_loss_fused(backend, hidden, weight, bias, targets, old_logps,
                        dual_clip=options.dual_clip, kl_coef=options.kl_coef,
                        kl_estimator_code=KL_ESTIMATOR_CODES[options.kl_estimator],
                        log_ratio_bounds=options.log_ratio_bounds, entropy_coef=entropy_coef)
+    log_probs_only = ChunkLoss(CROSS_ENTROPY)  # GSPO's first pass reads STAT_LOGP only
     need = needed_grads(hidden, weight, bias)
     inputs = [hidden, weight] + ([bias] if bias is not None else [])
 
@@ -177,7 +178,7 @@ def _linear_policy_loss_fused(backend, hidden, weight, bias, targets, old_logps,
             # GSPO pass 1: log-probs only, for each sequence's mean log-ratio
             engine.run(lambda z, dz, c: fused_chunk_loss(z, None, t[c], token_weight[c],
                                                          stats[:, c], temperature,
-                                                         ChunkLoss(CROSS_ENTROPY)), (False,) * 3)
+                                                         log_probs_only), (False,) * 3)
             lr_sum = torch.zeros(layout.num_seqs, device=device, dtype=torch.float32)
             lr_sum.index_add_(0, seq_ids, stats[STAT_LOGP] - old)
             seq_lr = (lr_sum / valid_counts(layout).clamp(min=1))[seq_ids].contiguous()
