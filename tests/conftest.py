@@ -12,7 +12,12 @@
   On a CUDA machine, a test without the `device` fixture (CPU tensors) runs torch only.
 - `device` is cuda when a GPU is present, else cpu.
 - `one_torch_thread` (module scope, opt-in) runs a module's tests on one torch thread.
-- The `gpu` marker skips tests that need CUDA on CPU-only machines.
+- The `gpu` marker skips tests that need CUDA on CPU-only machines; `cpu_only` marks tests
+  that run Triton kernels on CPU tensors on purpose (interpreter checks, CUDA stand-ins), which
+  are skipped on a CUDA run. So `ALIGNFUSE_TEST_DEVICE=cuda pytest` can run the whole suite.
+  On CPU the marker is kept honest: a test that launches a Triton kernel on CPU tensors
+  without `device`, a non-torch `backend` or `cpu_only` fails, naming the marker (it would fail
+  on a GPU machine, where the interpreter is off).
 - Every test draws fresh random inputs from its own seed; a failure prints
   `ALIGNFUSE_TEST_SEED=<seed> python -m pytest '<test id>'`, which draws them again.
 """
@@ -37,6 +42,30 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
+
+
+class _TritonLaunches:
+    """Counts Triton kernel launches under the interpreter (CPU runs only)."""
+
+    count = 0
+
+    @classmethod
+    def install(cls) -> None:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return
+        from triton.runtime.interpreter import InterpretedFunction
+
+        run = InterpretedFunction.run
+
+        def counted_run(self, *args, **kwargs):
+            if not kwargs.get("warmup"):
+                cls.count += 1
+            return run(self, *args, **kwargs)
+
+        InterpretedFunction.run = counted_run
+
+
+_TritonLaunches.install()
 
 
 def runnable_backends() -> list[str]:
@@ -100,7 +129,22 @@ def _seed_and_env(monkeypatch, request):
     request.node.stash[_SEED] = seed
     monkeypatch.delenv("ALIGNFUSE_BACKEND", raising=False)
     monkeypatch.delenv("ALIGNFUSE_LINEAR_STRATEGY", raising=False)
+    launches = _TritonLaunches.count
     yield
+    if _TritonLaunches.count != launches and _runs_on_cpu_tensors_on_cuda(request):
+        pytest.fail("this test launches Triton kernels on CPU tensors, which runs only under the "
+                    "interpreter: on a CUDA machine (ALIGNFUSE_TEST_DEVICE=cuda) it would fail. "
+                    "Take the `device` fixture, or mark it @pytest.mark.cpu_only", pytrace=False)
+
+
+def _runs_on_cpu_tensors_on_cuda(request) -> bool:
+    """Whether a CUDA run would still run this test on CPU tensors: it is not cpu_only, does
+    not take `device`, and is not a triton/cuda `backend` case (those are skipped there)."""
+    if request.node.get_closest_marker("cpu_only") or "device" in request.fixturenames:
+        return False
+    callspec = getattr(request.node, "callspec", None)
+    backend = callspec.params.get("backend") if callspec else None
+    return backend is None or backend == "torch"
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -115,9 +159,12 @@ def pytest_runtest_makereport(item, call):
 
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU and ALIGNFUSE_TEST_DEVICE=cuda "
-                                   "(bench/gpu_session.sh runs them on a lent GPU)")
+        marker, skip = "cpu_only", pytest.mark.skip(
+            reason="runs Triton on CPU tensors under the interpreter (CPU runs only)")
+    else:
+        marker, skip = "gpu", pytest.mark.skip(
+            reason="needs a CUDA GPU and ALIGNFUSE_TEST_DEVICE=cuda "
+                   "(bench/gpu_session.sh runs them on a lent GPU)")
     for item in items:
-        if "gpu" in item.keywords:
+        if marker in item.keywords:
             item.add_marker(skip)

@@ -152,6 +152,7 @@ def test_group_advantages_errors():
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.cpu_only  # a CUDA stand-in that runs Triton kernels on CPU tensors
 def test_cuda_bindings_group_advantages(monkeypatch, estimator):
     """kernels/advantages/cuda.py against a stand-in of the compiled module (see
     test_policy_loss.PointerCuda): argument order and buffers, without a GPU."""

@@ -157,3 +157,44 @@ def test_segment_bad_input():
         segment_sum(torch.randn(5), torch.tensor([0, 4], dtype=torch.int32))
     with pytest.raises(TypeError, match="values must have dtype"):
         segment_sum(torch.arange(5), torch.tensor([0, 5], dtype=torch.int32))
+
+
+def test_triton_on_cpu_tensors_needs_the_cpu_only_marker(pytester):
+    """The suite's own guard (conftest.py): on CPU, a test that launches a Triton kernel on
+    CPU tensors fails unless it is marked cpu_only or takes `device`, because a CUDA run of
+    the suite (ALIGNFUSE_TEST_DEVICE=cuda, no interpreter) would fail it."""
+    if torch.cuda.is_available():
+        pytest.skip("the guard runs on CPU machines")
+    pytester.makeconftest((ROOT / "tests" / "conftest.py").read_text())
+    pytester.makepyfile(test_guard='''
+import pytest, torch, triton, triton.language as tl
+
+@triton.jit
+def _double(x, y, n: tl.constexpr):
+    o = tl.arange(0, n)
+    tl.store(y + o, 2 * tl.load(x + o))
+
+def launch():
+    x = torch.randn(8)
+    y = torch.empty(8)
+    _double[(1,)](x, y, 8)
+    assert torch.equal(y, 2 * x)
+
+def test_unmarked():
+    launch()
+
+@pytest.mark.cpu_only
+def test_marked():
+    launch()
+
+def test_takes_device(device):
+    launch()
+
+def test_no_triton():
+    assert torch.ones(2).sum() == 2
+''')
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "ignore")
+    # test_unmarked passes its call, then fails in teardown: counted as passed and error
+    result.assert_outcomes(passed=4, errors=1)
+    result.stdout.fnmatch_lines(["*ERROR at teardown of test_unmarked*",
+                                 "*mark it @pytest.mark.cpu_only*"])

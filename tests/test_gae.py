@@ -156,6 +156,7 @@ def test_cuda_gae_sequence_matches_closed_form_on_host(tmp_path):
         assert_rel_close(got[..., 1], exp_ret, 1e-5, "cuda gae returns")
 
 
+@pytest.mark.cpu_only  # a CUDA stand-in that runs Triton kernels on CPU tensors
 def test_cuda_bindings_gae(monkeypatch):
     """kernels/advantages/cuda.py's gae against a stand-in of the compiled module (see
     test_policy_loss.PointerCuda): argument order and buffers, without a GPU."""

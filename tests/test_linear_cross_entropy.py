@@ -135,6 +135,7 @@ def test_chunking_agrees(backend, device, monkeypatch):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.bfloat16, 1e-3)])
+@pytest.mark.cpu_only  # a CUDA stand-in that runs Triton kernels on CPU tensors
 def test_cuda_bindings_with_stand_in(monkeypatch, reduction, dtype, tol):
     """The cuda backend's host side (kernels/fused/cuda.py) through test_policy_loss's
     PointerCuda stand-in (the Triton chunk kernel on the same buffers), in several chunks;

@@ -278,16 +278,20 @@ def test_torch_chunking_is_exact(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.bfloat16, 1e-2)])
-@pytest.mark.parametrize("kernels", ["triton", "cuda-stand-in"])
-def test_chunked_strategy_many_chunks_and_vocab_blocks(monkeypatch, request, kernels, dtype,
-                                                       tol):
+@pytest.mark.parametrize("kernels", ["triton", pytest.param("cuda", marks=pytest.mark.gpu),
+                                     "cuda-stand-in"])
+def test_chunked_strategy_many_chunks_and_vocab_blocks(monkeypatch, request, device, kernels,
+                                                       dtype, tol):
     """The chunked strategy with a tiny budget: forward chunks of 3-5 tokens, backward blocks
     of 40 vocabulary columns (the last ones partial), against float64 of the same values.
-    Around the Triton logits kernels, and around the cuda backend's host wrappers (the
-    compiled module stood in for by _StandInCuda: no GPU here), which is the cuda backend."""
+    Around the Triton logits kernels, around the compiled cuda kernels (on a GPU), and around
+    the cuda backend's host wrappers with the compiled module stood in for by _StandInCuda
+    (CPU tensors, on every machine)."""
     monkeypatch.setenv("ALIGNFUSE_LINEAR_STRATEGY", "chunked")
     N, H, V = 37, 16, 301
-    hidden, weight, bias, targets = make_inputs(N=N, H=H, V=V, dtype=dtype, ignore_frac=0.0)
+    on = "cpu" if kernels == "cuda-stand-in" else device
+    hidden, weight, bias, targets = make_inputs(N=N, H=H, V=V, dtype=dtype, device=on,
+                                                ignore_frac=0.0)
     targets[::5] = IGNORE  # 29 counted tokens
     M = int((targets != IGNORE).sum())
     bytes_per_logit = 4 if dtype == torch.float32 else 6
@@ -295,9 +299,9 @@ def test_chunked_strategy_many_chunks_and_vocab_blocks(monkeypatch, request, ker
     monkeypatch.setattr(reference, "CHUNK_BUDGET_BYTES", budget)
     assert 1 < reference.chunk_rows(M, V, 2, 0) <= 5  # forward chunks (no gradient buffer)
     assert reference.chunk_rows(V, M, bytes_per_logit // 2, 0) == 40  # backward blocks
-    if kernels == "triton":
+    if kernels != "cuda-stand-in":
         logp, ent = linear_logprobs(hidden, weight, targets, bias=bias, temperature=0.8,
-                                    return_entropy=True, backend="triton")
+                                    return_entropy=True, backend=kernels)
     else:  # dispatch() refuses cuda for CPU tensors: the backend's autograd Function itself
         from alignfuse.kernels import logprobs as lp_mod
 
@@ -308,7 +312,7 @@ def test_chunked_strategy_many_chunks_and_vocab_blocks(monkeypatch, request, ker
     r_logp, r_ent = formula(h64 @ w64.T + b64, targets, temperature=0.8)
     assert_rel_close(logp, r_logp, 2e-6 if dtype == torch.float32 else 1e-5, "logp")
     assert_rel_close(ent, r_ent, 2e-6 if dtype == torch.float32 else 1e-5, "entropy")
-    up = [torch.randn(N, dtype=torch.float64) for _ in range(2)]
+    up = [torch.randn(N, dtype=torch.float64, device=on) for _ in range(2)]
     got = grads_of([logp, ent], [hidden, weight, bias], up)
     want = grads_of([r_logp, r_ent], [h64, w64, b64], up)
     for name, g, w in zip(["grad_hidden", "grad_weight", "grad_bias"], got, want):
@@ -318,12 +322,12 @@ def test_chunked_strategy_many_chunks_and_vocab_blocks(monkeypatch, request, ker
 @pytest.mark.parametrize("path, N, H, V", [
     pytest.param("torch", 200_003, 8, 17, id="torch"),
     pytest.param("triton", 70_001, 16, 16, marks=pytest.mark.slow, id="triton")])
-def test_large_n(path, N, H, V, monkeypatch):
+def test_large_n(path, N, H, V, monkeypatch, device):
     """Many rows: 200k tokens (tiny H, V) on the chunked torch path; more rows than a grid
     dim 1/2 could hold (65,536) through the Triton kernels (the fused strategy's GEMM
     kernels, and the logits kernels)."""
     monkeypatch.setenv("ALIGNFUSE_LINEAR_STRATEGY", "fused")
-    hidden, weight, _, targets = make_inputs(N=N, H=H, V=V, scale=3.0)
+    hidden, weight, _, targets = make_inputs(N=N, H=H, V=V, scale=3.0, device=device)
     logp, ent = linear_logprobs(hidden, weight, targets, return_entropy=True, backend=path)
     ref_logp, ref_ent = formula(hidden.double() @ weight.double().T, targets)
     assert_rel_close(logp, ref_logp, 2e-6, "logp")

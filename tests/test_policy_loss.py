@@ -655,6 +655,7 @@ def use_pointer_cuda(monkeypatch, *modules):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.cpu_only  # a CUDA stand-in that runs Triton kernels on CPU tensors
 def test_cuda_bindings_policy_ops(monkeypatch, dtype):
     import importlib
 

@@ -38,7 +38,8 @@ import triton.language as tl
 
 import triton_capture
 
-pytestmark = pytest.mark.slow
+# recording launches runs the kernels under the interpreter, on CPU tensors
+pytestmark = [pytest.mark.slow, pytest.mark.cpu_only]
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SM = 90
