@@ -415,7 +415,8 @@ def test_value_loss_gradcheck_and_errors():
 def test_kl_penalty_matches_formula(backend, device, estimator):
     lp = -torch.rand(7, 13, dtype=torch.float64, device=device) * 4
     ref = lp + torch.randn(7, 13, dtype=torch.float64, device=device)
-    ref[0, :4] = lp[0, :4] + torch.tensor([80.0, -80.0, 25.0, -25.0], dtype=torch.float64)
+    far = torch.tensor([80.0, -80.0, 25.0, -25.0], dtype=torch.float64, device=device)
+    ref[0, :4] = lp[0, :4] + far
     x = lp.clone().requires_grad_()
     kl = kl_penalty(x, ref, estimator, backend=backend)
     w = torch.randn_like(lp)
