@@ -76,7 +76,9 @@ class Case:
     the values to check against, computed in higher precision: output names as returned by
     the contenders, and "grad_<input>" for each name in `grad_inputs` (the gradient of
     `<grad_output> · upstream`). `work(mode)` returns {"flops": F, "bytes": B} of the least
-    work the mode must do (each input read once, each output written once), or None.
+    work the mode must do (each input read once, each output written once), or None; an
+    "out_bytes" key (optional) is the memory every implementation leaves allocated (the
+    outputs and the inputs' gradients), which the peak memory is reported against.
     """
 
     suite: str
@@ -372,7 +374,17 @@ def derived(contenders: list[dict], work: Callable[[str], dict | None],
                 if m["peak_memory_bytes"] is not None and bm.get("peak_memory_bytes"):
                     m["memory_ratio_vs"][b["name"]] = (m["peak_memory_bytes"]
                                                        / bm["peak_memory_bytes"])
-            m["floor"] = floor(work(mode), ceilings, t)
+            w = work(mode)
+            m["floor"] = floor(w, ceilings, t)
+            m["extra_memory_bytes"] = extra_memory(m["peak_memory_bytes"], w)
+
+
+def extra_memory(peak: int | None, w: dict | None) -> int | None:
+    """The peak above what the mode must leave allocated (its outputs and the inputs'
+    gradients, `out_bytes` of the case's work model), or None where either is unknown."""
+    if peak is None or not w or w.get("out_bytes") is None:
+        return None
+    return peak - w["out_bytes"]
 
 
 def floor(w: dict | None, ceilings: dict | None, seconds: float) -> dict | None:

@@ -24,6 +24,9 @@ A result file (one run of one preset):
                  includes the forward), peak_memory_reason,
                  speedup_vs {baseline: baseline median / this median},
                  memory_ratio_vs {baseline: this peak / baseline peak},
+                 extra_memory_bytes (optional, schema 1 files before it lack it: the peak
+                 minus the outputs and input gradients that every implementation holds;
+                 null where unknown: CPU, or no model of them),
                  floor {flops, bytes, compute_s, memory_s, floor_s, bound, fraction_of_floor}
                  (null where the suite has no floor model, with the case's notes saying why)}
 """

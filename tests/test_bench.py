@@ -225,6 +225,8 @@ def test_harness_times_and_measures_memory_on_gpu():
         assert m["time_s"]["median"] > 0
         # Eager holds at least the float32 log_softmax of the [N, V] logits.
         assert m["peak_memory_bytes"] >= N * V * 4, (mode, m["peak_memory_bytes"])
+        # ... which is extra: not an output or a gradient
+        assert m["extra_memory_bytes"] >= N * V * 4, (mode, m["extra_memory_bytes"])
 
 
 @pytest.mark.slow
@@ -248,7 +250,31 @@ def test_readme_gets_the_latest_gpu_table(cpu_result, tmp_path):
 def test_memory_cell_gives_the_share_of_the_logits():
     from bench.report import _mem_cell
 
-    contender = {"modes": {"fwd": {"peak_memory_bytes": 3 << 20}, "bwd": {}}}
+    contender = {"modes": {"fwd": {"peak_memory_bytes": 3 << 20}, "bwd": {},
+                           "fwd+bwd": {"peak_memory_bytes": 6 << 20,
+                                       "extra_memory_bytes": 3 << 19}}}
     assert _mem_cell(contender, "fwd", {"logits_bytes": 12 << 20}) == "3 MiB (25% of logits)"
     assert _mem_cell(contender, "fwd", {"N": 7}) == "3 MiB"
     assert _mem_cell(contender, "bwd", {"logits_bytes": 12 << 20}) == "—"
+    assert (_mem_cell(contender, "fwd+bwd", {"logits_bytes": 12 << 20})
+            == "6 MiB (50% of logits); extra 1.5 MiB (12.5%)")
+
+
+def test_extra_memory_is_the_peak_above_outputs_and_gradients():
+    """The log-prob case's work model says what every implementation must hold after each
+    mode: the [N] float32 log-probs, plus the gradients of hidden [N, H] and weight [V, H]
+    in the model dtype after a backward; the harness subtracts it from the peak."""
+    from bench.suites.logprobs import case as logprobs_case
+
+    N, H, V = 37, 16, 1031
+    case = logprobs_case(N, H, V, torch.bfloat16, torch.device("cpu"))
+    grads = (N * H + V * H) * 2
+    assert case.work("fwd")["out_bytes"] == N * 4
+    assert case.work("bwd")["out_bytes"] == case.work("fwd+bwd")["out_bytes"] == N * 4 + grads
+    assert harness.extra_memory(10_000 + N * 4, case.work("fwd")) == 10_000
+    assert harness.extra_memory(None, case.work("fwd")) is None
+    assert harness.extra_memory(10_000, {"flops": 1, "bytes": 1}) is None
+    contenders = [{"role": "baseline", "modes": {"fwd": {
+        "status": "ok", "time_s": {"median": 1.0}, "peak_memory_bytes": 500 + N * 4}}}]
+    harness.derived(contenders, case.work, ceilings=None)
+    assert contenders[0]["modes"]["fwd"]["extra_memory_bytes"] == 500
