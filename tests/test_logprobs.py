@@ -385,6 +385,31 @@ def test_unknown_linear_strategy_is_refused(monkeypatch):
         linear_logprobs(hidden, weight, targets, backend="triton")
 
 
+@pytest.mark.parametrize("strategy, calls", [
+    ("chunked", ["linear_chunked.linear_forward", "linear_chunked.linear_backward"]),
+    ("fused", ["triton_forward.linear_forward", "triton_backward.linear_backward"]),
+    ("fused-forward", ["triton_forward.linear_forward", "linear_chunked.linear_backward"])])
+def test_each_strategy_runs_its_own_forward_and_backward(monkeypatch, device, strategy, calls):
+    """The strategies differ only in which forward and backward they pair, so a mix-up
+    would pass every accuracy test: record which ones ran."""
+    from alignfuse.kernels.logprobs import linear_chunked, triton_backward, triton_forward
+
+    ran = []
+    for module, name in [(linear_chunked, "linear_forward"), (linear_chunked, "linear_backward"),
+                         (triton_forward, "linear_forward"), (triton_backward, "linear_backward")]:
+        def spy(*args, _real=getattr(module, name),
+                _tag=f"{module.__name__.rsplit('.', 1)[1]}.{name}", **kwargs):
+            ran.append(_tag)
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(module, name, spy)
+    monkeypatch.setenv("ALIGNFUSE_LINEAR_STRATEGY", strategy)
+    hidden, weight, bias, targets = make_inputs(N=13, H=16, V=301, device=device)
+    logp = linear_logprobs(hidden, weight, targets, bias=bias, backend="triton")
+    logp.sum().backward()
+    assert ran == calls
+    assert all(x.grad is not None for x in (hidden, weight, bias))
+
+
 def test_weight_on_another_device_is_refused():
     hidden, weight, _, targets = make_inputs(N=6, H=8, V=11)
     with pytest.raises(ValueError, match="weight is on meta but hidden is on cpu"):

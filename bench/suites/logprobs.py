@@ -7,8 +7,10 @@ Contenders, each in its own documented form:
   for every backend (triton, cuda, torch); one that cannot run here is skipped with why.
   alignfuse/triton-fused is the triton backend with ALIGNFUSE_LINEAR_STRATEGY=fused (GEMMs
   inside Triton kernels) beside the default chunked strategy (cuBLAS GEMMs), so that one
-  run says which to keep as the default. alignfuse/cuda is the same chunked loop around the
-  compiled CUDA logits kernels instead of the Triton ones.
+  run says which to keep as the default; alignfuse/triton-fused-forward is the fused
+  forward with the chunked backward (the least extra memory in the forward). alignfuse/cuda
+  is the same chunked loop around the compiled CUDA logits kernels instead of the Triton
+  ones.
 - linear_cross_entropy/triton: alignfuse's SFT op with reduction="none", negated: the
   same computation as the two cross-entropy baselines below.
 - torch-eager: what a training loop does without fused kernels (TRL's
@@ -190,7 +192,8 @@ def case(N: int, H: int, V: int, dtype: torch.dtype, device: torch.device) -> Ca
                   Contender("cce", "baseline", _cce, _cce_unavailable,
                             note="cut_cross_entropy.linear_cross_entropy(reduction='none'), "
                                  "negated"),
-                  _alignfuse("triton", "fused"), _alignfuse("cuda"), _cross_entropy("triton"),
+                  _alignfuse("triton", "fused"), _alignfuse("cuda"),
+                  _alignfuse("triton", "fused-forward"), _cross_entropy("triton"),
                   _alignfuse("torch")]
     tol = tolerance(dtype)
     # logits_bytes: the [N, V] logits in the model dtype, the report's yardstick for memory

@@ -44,9 +44,10 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     also 0 at ignored positions. Gradients flow to hidden, weight and bias from both outputs.
     No backend holds the `[N, V]` logits: torch works in memory-budgeted chunks; triton
     either does the same with cuBLAS GEMMs and its logits kernels, skipping ignored tokens
-    (the default), or keeps the GEMMs inside its kernels, in tiles (environment
-    `ALIGNFUSE_LINEAR_STRATEGY=chunked|fused`, see `linear_strategy`); cuda is the chunked
-    loop around the compiled logits kernels.
+    (the default), or keeps the GEMMs inside its kernels, in tiles, or does the latter in
+    the forward and the former in the backward (environment
+    `ALIGNFUSE_LINEAR_STRATEGY=chunked|fused|fused-forward`, see `linear_strategy`); cuda is
+    the chunked loop around the compiled logits kernels.
     """
     H, flat_targets, temperature = check_linear_inputs(hidden, weight, bias, targets,
                                                        ignore_index, temperature)
@@ -144,9 +145,14 @@ def _kernel_outputs(logp: torch.Tensor, entropy: torch.Tensor | None, valid: tor
 #   kernels in between (`linear_chunked.py`);
 # - "fused": the GEMMs inside Triton kernels, no logits chunk at all (`triton_forward.py`,
 #   `triton_backward.py`); its backward accumulates through fp32 atomics.
-# Both are exact to the same tolerance; which is faster is for `bench/` to say (see
+# - "fused-forward": fused's forward (no logits chunk: O(N) extra memory) and chunked's
+#   backward (cuBLAS GEMMs, no atomics); the two share one saved state (lse, entropy). A
+#   chunked forward's fp32 chunk cannot shrink much without starving its GEMM (it does C
+#   FLOPs per byte of W: C ~ 240 rows on an H100, 3% of the logits at V = 128k); the
+#   fused forward holds none. Reasoned, not measured.
+# All are exact to the same tolerance; which is faster is for `bench/` to say (see
 # linear_chunked.py for why chunked is the default before any GPU measurement).
-LINEAR_STRATEGIES = ("chunked", "fused")
+LINEAR_STRATEGIES = ("chunked", "fused", "fused-forward")
 
 
 def linear_strategy() -> str:
@@ -162,17 +168,21 @@ def _linear_kernels(backend: str, strategy: str):
     """(forward, backward) host functions of linear_logprobs on a kernel backend, one
     signature: forward(h, w, b, targets, temperature, ignore_index) -> (logp, lse, entropy)
     `[N]` fp32; backward(h, w, b, targets, lse, entropy, g_logp, g_entropy, temperature,
-    need, ignore_index) -> (grad_hidden, grad_weight, grad_bias). "fused" is triton's only;
-    "chunked" runs around either backend's logits kernels."""
-    if strategy == "chunked":
+    need, ignore_index) -> (grad_hidden, grad_weight, grad_bias). "fused" and the fused
+    half of "fused-forward" are triton's only; "chunked" runs around either backend's logits
+    kernels."""
+    if strategy != "fused":
         from . import linear_chunked
         kernels = _logits_kernels(backend)
-        return (functools.partial(linear_chunked.linear_forward, kernels=kernels),
-                functools.partial(linear_chunked.linear_backward, kernels=kernels))
+        chunked = (functools.partial(linear_chunked.linear_forward, kernels=kernels),
+                   functools.partial(linear_chunked.linear_backward, kernels=kernels))
+        if strategy == "chunked":
+            return chunked
     from .triton_backward import linear_backward
     from .triton_forward import linear_forward
-    return (lambda h, w, b, t, temperature, _ignore: linear_forward(h, w, b, t, temperature),
-            lambda *args, ignore_index: linear_backward(*args))
+    fused = (lambda h, w, b, t, temperature, _ignore: linear_forward(h, w, b, t, temperature),
+             lambda *args, ignore_index: linear_backward(*args))
+    return fused if strategy == "fused" else (fused[0], chunked[1])
 
 
 class _LinearLogprobsKernel(torch.autograd.Function):
