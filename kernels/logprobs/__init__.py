@@ -171,18 +171,25 @@ def _linear_kernels(backend: str, strategy: str):
     need, ignore_index) -> (grad_hidden, grad_weight, grad_bias). "fused" and the fused
     half of "fused-forward" are triton's only; "chunked" runs around either backend's logits
     kernels."""
-    if strategy != "fused":
-        from . import linear_chunked
-        kernels = _logits_kernels(backend)
-        chunked = (functools.partial(linear_chunked.linear_forward, kernels=kernels),
-                   functools.partial(linear_chunked.linear_backward, kernels=kernels))
-        if strategy == "chunked":
-            return chunked
+    if strategy == "chunked":
+        return _chunked_pair(backend)
+    if strategy == "fused":
+        return _fused_pair()
+    return _fused_pair()[0], _chunked_pair(backend)[1]  # "fused-forward"
+
+
+def _chunked_pair(backend: str):
+    from . import linear_chunked
+    kernels = _logits_kernels(backend)
+    return (functools.partial(linear_chunked.linear_forward, kernels=kernels),
+            functools.partial(linear_chunked.linear_backward, kernels=kernels))
+
+
+def _fused_pair():
     from .triton_backward import linear_backward
     from .triton_forward import linear_forward
-    fused = (lambda h, w, b, t, temperature, _ignore: linear_forward(h, w, b, t, temperature),
-             lambda *args, ignore_index: linear_backward(*args))
-    return fused if strategy == "fused" else (fused[0], chunked[1])
+    return (lambda h, w, b, t, temperature, _ignore: linear_forward(h, w, b, t, temperature),
+            lambda *args, ignore_index: linear_backward(*args))
 
 
 class _LinearLogprobsKernel(torch.autograd.Function):
