@@ -7,9 +7,12 @@
   interpreter cannot be on for the GPU's kernels in the same process.
 - Without CUDA, Triton kernels run under the interpreter: TRITON_INTERPRET=1 is set here,
   before anything imports triton (triton reads it when a kernel is decorated).
-- `backend` parametrizes a test over every backend that can run on this machine: torch and
-  triton always (triton under the interpreter on CPU), cuda where the module and a GPU exist.
+- `backend` parametrizes a test over every backend: torch and triton always (triton under
+  the interpreter on CPU), cuda on a GPU where the module was built, and emulated without one.
   On a CUDA machine, a test without the `device` fixture (CPU tensors) runs torch only.
+- Without a GPU, the `cuda` case runs csrc/cuda's kernels and launchers, as written, on CPU
+  tensors: tests/cuda_emu builds them against an emulated CUDA runtime (threads as fibers,
+  checked barriers and launch configurations; tests/test_cuda_emu.py checks the emulation).
 - `device` is cuda when a GPU is present, else cpu.
 - `one_torch_thread` (module scope, opt-in) runs a module's tests on one torch thread.
 - The `gpu` marker skips tests that need CUDA on CPU-only machines; `cpu_only` marks tests
@@ -72,8 +75,8 @@ def runnable_backends() -> list[str]:
     from alignfuse.kernels.backends import cuda_module
 
     names = ["torch", "triton"]
-    if HAS_CUDA and cuda_module() is not None:
-        names.append("cuda")
+    if not HAS_CUDA or cuda_module() is not None:
+        names.append("cuda")  # without a GPU: csrc/cuda emulated on the host (tests/cuda_emu)
     return names
 
 
@@ -86,7 +89,55 @@ def backend(request) -> str:
     if HAS_CUDA and request.param != "torch" and "device" not in request.fixturenames:
         pytest.skip(f"builds CPU tensors: the {request.param} backend runs them only on "
                     "machines without CUDA (take the `device` fixture to run on the GPU)")
+    if request.param == "cuda" and not HAS_CUDA:
+        request.getfixturevalue("emulated_cuda")
     return request.param
+
+
+@pytest.fixture(scope="session")
+def cuda_emu_module():
+    """csrc/cuda built for the host against tests/cuda_emu's runtime (built once per source)."""
+    from cuda_emu.build import load
+
+    return load()
+
+
+@pytest.fixture
+def emulated_cuda(monkeypatch, cuda_emu_module, request):
+    """backend="cuda" on CPU tensors: the ops' cuda wrappers call the emulated module, whose
+    kernels run each block's threads in a shuffled order drawn from the test's seed. A test
+    that then launches no kernel fails (a wrapper that fell back to torch would pass every
+    comparison), unless marked `no_cuda_launch`."""
+    import importlib
+    import sys
+
+    from alignfuse.kernels import backends
+
+    importlib.import_module("alignfuse.kernels")  # every op module, before patching their names
+    compiled, stream = backends.cuda_module, backends.current_stream_handle
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("alignfuse.kernels") or module is None:
+            continue
+        if getattr(module, "cuda_module", None) is compiled:
+            monkeypatch.setattr(module, "cuda_module", lambda: cuda_emu_module)
+        if getattr(module, "current_stream_handle", None) is stream:
+            monkeypatch.setattr(module, "current_stream_handle", lambda device: 0)
+    why_unavailable = backends._why_unavailable
+
+    def on_emulated_device(op, backend, device):
+        if backend == "cuda" and device.type == "cpu":
+            device = torch.device("cuda")  # CPU tensors stand for CUDA ones
+        return why_unavailable(op, backend, device)
+
+    monkeypatch.setattr(backends, "_why_unavailable", on_emulated_device)
+    cuda_emu_module.emu_schedule("shuffle", torch.initial_seed())
+    launches = cuda_emu_module.emu_counts()["launches"]
+    yield cuda_emu_module
+    if (cuda_emu_module.emu_counts()["launches"] == launches
+            and not request.node.get_closest_marker("no_cuda_launch")):
+        pytest.fail("backend='cuda' ran no CUDA kernel (emulated on CPU): the op did not reach "
+                    "csrc/cuda. If no launch is right (an empty or all-ignored input), mark the "
+                    "test @pytest.mark.no_cuda_launch", pytrace=False)
 
 
 @pytest.fixture

@@ -103,6 +103,7 @@ def test_ignored_tokens_get_no_gradient(backend, device):
     assert grad_h[ignored].abs().max() == 0 and grad_h[~ignored].abs().sum(-1).min() > 0
 
 
+@pytest.mark.no_cuda_launch  # nothing to compute: the wrapper returns before a launch
 def test_all_ignored_gives_zero_not_nan(backend, device):
     hidden, weight, bias, targets = make_inputs(device=device)
     targets[:] = IGNORE

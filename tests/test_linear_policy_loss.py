@@ -226,6 +226,7 @@ def test_ignored_targets_and_masked_tokens_get_nothing(backend, device):
     assert torch.isfinite(loss_after) and float(loss_after) == pytest.approx(float(loss_before))
 
 
+@pytest.mark.no_cuda_launch  # nothing to compute: the wrapper returns before a launch
 def test_no_counted_token_gives_zero(backend, device):
     batch = make_batch(device=device)
     batch["mask"][:] = False

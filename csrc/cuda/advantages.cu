@@ -106,7 +106,7 @@ void group_advantages(std::uintptr_t rewards, int dtype, std::uintptr_t out, int
   if (num_groups == 0) return;
   by_float_dtype(dtype, "group_advantages: rewards", [&](auto tag) {
     using T = decltype(tag);
-    group_advantages_kernel<T><<<num_groups, kThreads, 0, as_stream(stream)>>>(
+    ALIGNFUSE_LAUNCH(num_groups, kThreads, as_stream(stream), group_advantages_kernel<T>)(
         as_ptr<const T>(rewards), as_ptr<float>(out), group_size, eps, batch_denominator, estimator, scale);
   });
   check_launch("group_advantages");
@@ -118,7 +118,7 @@ void gae(std::uintptr_t rewards, std::uintptr_t values, int dtype, std::uintptr_
   const int64_t blocks = (num_seqs + kThreads - 1) / kThreads;
   by_float_dtype(dtype, "gae: rewards and values", [&](auto tag) {
     using T = decltype(tag);
-    gae_kernel<T><<<blocks, kThreads, 0, as_stream(stream)>>>(
+    ALIGNFUSE_LAUNCH(blocks, kThreads, as_stream(stream), gae_kernel<T>)(
         as_ptr<const T>(rewards), as_ptr<const T>(values), as_ptr<const float>(mask), as_ptr<const int32_t>(cu),
         as_ptr<float>(adv), as_ptr<float>(ret), num_seqs, gamma, lam);
   });

@@ -141,7 +141,7 @@ void fused_chunk_loss(std::uintptr_t z, int z_dtype, std::uintptr_t dz, int dz_d
     using T = decltype(tag);
     auto launch = [&](auto grad_tag) {
       using G = decltype(grad_tag);
-      fused_chunk_kernel<T, G><<<static_cast<unsigned>(C), kThreads, 0, s>>>(
+      ALIGNFUSE_LAUNCH(static_cast<unsigned>(C), kThreads, s, fused_chunk_kernel<T, G>)(
           as_ptr<const T>(z), as_ptr<G>(dz), as_ptr<const int64_t>(targets), as_ptr<const float>(weights),
           as_ptr<const float>(old_logp), as_ptr<const float>(adv), as_ptr<const float>(ref_logp),
           as_ptr<const float>(seq_log_ratio), as_ptr<float>(stats), V, stride_z, stride_dz, stride_stats, cp);

@@ -74,7 +74,7 @@ template <typename T>
 void launch_forward(std::uintptr_t logits, std::uintptr_t targets, int64_t N, int64_t V, int64_t row_stride,
                     float inv_temp, int64_t ignore_index, std::uintptr_t logp, std::uintptr_t lse,
                     std::uintptr_t entropy, cudaStream_t s) {
-  logprobs_forward_kernel<T><<<static_cast<unsigned>(N), kThreads, 0, s>>>(
+  ALIGNFUSE_LAUNCH(static_cast<unsigned>(N), kThreads, s, logprobs_forward_kernel<T>)(
       as_ptr<const T>(logits), as_ptr<const int64_t>(targets), V, row_stride, inv_temp, ignore_index,
       as_ptr<float>(logp), as_ptr<float>(lse), as_ptr<float>(entropy));
 }
@@ -83,7 +83,7 @@ template <typename T, typename G>
 void launch_backward(std::uintptr_t logits, std::uintptr_t targets, int64_t N, int64_t V, int64_t row_stride,
                      float inv_temp, std::uintptr_t lse, std::uintptr_t entropy, std::uintptr_t g_logp,
                      std::uintptr_t g_entropy, std::uintptr_t grad, cudaStream_t s) {
-  logprobs_backward_kernel<T, G><<<static_cast<unsigned>(N), kThreads, 0, s>>>(
+  ALIGNFUSE_LAUNCH(static_cast<unsigned>(N), kThreads, s, logprobs_backward_kernel<T, G>)(
       as_ptr<const T>(logits), as_ptr<const int64_t>(targets), V, row_stride, inv_temp,
       as_ptr<const float>(lse), as_ptr<const float>(entropy), as_ptr<const float>(g_logp),
       as_ptr<const float>(g_entropy), as_ptr<G>(grad));

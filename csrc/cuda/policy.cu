@@ -143,7 +143,7 @@ void policy_loss(std::uintptr_t logp, std::uintptr_t old_logp, std::uintptr_t ad
                        use_dual_clip, has_ref, kl_estimator};
   by_float_dtype(dtype, "policy_loss: log-probs", [&](auto tag) {
     using T = decltype(tag);
-    policy_loss_kernel<T><<<num_seqs, kThreads, 0, as_stream(stream)>>>(
+    ALIGNFUSE_LAUNCH(num_seqs, kThreads, as_stream(stream), policy_loss_kernel<T>)(
         as_ptr<const T>(logp), as_ptr<const T>(old_logp), as_ptr<const T>(adv), as_ptr<const T>(ref_logp),
         as_ptr<const float>(mask), as_ptr<const int32_t>(cu), as_ptr<const float>(weights), as_ptr<float>(grad),
         as_ptr<float>(partials), as_ptr<float>(ratio_max), p, adv_per_seq, sequence_level);
@@ -157,7 +157,7 @@ void value_loss(std::uintptr_t values, std::uintptr_t old_values, std::uintptr_t
   if (num_seqs == 0) return;
   by_float_dtype(dtype, "value_loss: values", [&](auto tag) {
     using T = decltype(tag);
-    value_loss_kernel<T><<<num_seqs, kThreads, 0, as_stream(stream)>>>(
+    ALIGNFUSE_LAUNCH(num_seqs, kThreads, as_stream(stream), value_loss_kernel<T>)(
         as_ptr<const T>(values), as_ptr<const T>(old_values), as_ptr<const T>(returns), as_ptr<const float>(mask),
         as_ptr<const int32_t>(cu), as_ptr<const float>(weights), as_ptr<float>(grad), as_ptr<float>(partials),
         clip, use_clip);
@@ -172,7 +172,7 @@ void kl_penalty(std::uintptr_t logp, std::uintptr_t ref_logp, int dtype, std::ui
   const unsigned grid = static_cast<unsigned>(blocks < 65536 ? blocks : 65536);  // grid-stride beyond
   by_float_dtype(dtype, "kl_penalty: log-probs", [&](auto tag) {
     using T = decltype(tag);
-    kl_penalty_kernel<T><<<grid, kThreads, 0, as_stream(stream)>>>(
+    ALIGNFUSE_LAUNCH(grid, kThreads, as_stream(stream), kl_penalty_kernel<T>)(
         as_ptr<const T>(logp), as_ptr<const T>(ref_logp), as_ptr<float>(kl), as_ptr<float>(grad), n, estimator);
   });
   check_launch("kl_penalty");

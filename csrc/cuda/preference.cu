@@ -205,7 +205,7 @@ void launch_dpo(std::uintptr_t pc, std::uintptr_t pr, std::uintptr_t rc, std::ui
                 std::uintptr_t len_c, std::uintptr_t len_r, std::uintptr_t delta, std::uintptr_t loss,
                 std::uintptr_t g_pc, std::uintptr_t g_pr, std::uintptr_t g_rc, std::uintptr_t g_rr,
                 std::uintptr_t rew_c, std::uintptr_t rew_r, int64_t S, const DPOParams& p, cudaStream_t s) {
-  dpo_kernel<T><<<blocks_for(S), kThreads, 0, s>>>(
+  ALIGNFUSE_LAUNCH(blocks_for(S), kThreads, s, dpo_kernel<T>)(
       as_ptr<const T>(pc), as_ptr<const T>(pr), as_ptr<const T>(rc), as_ptr<const T>(rr),
       as_ptr<const float>(len_c), as_ptr<const float>(len_r), as_ptr<const float>(delta),
       as_ptr<float>(loss), as_ptr<float>(g_pc), as_ptr<float>(g_pr), as_ptr<float>(g_rc),
@@ -232,7 +232,7 @@ template <typename T>
 void launch_kto(std::uintptr_t policy, std::uintptr_t ref, std::uintptr_t desirable, std::uintptr_t kl,
                 std::uintptr_t loss, std::uintptr_t g_policy, std::uintptr_t g_ref, std::uintptr_t reward,
                 int64_t S, float beta, float wd, float wu, cudaStream_t s) {
-  kto_kernel<T><<<blocks_for(S), kThreads, 0, s>>>(
+  ALIGNFUSE_LAUNCH(blocks_for(S), kThreads, s, kto_kernel<T>)(
       as_ptr<const T>(policy), as_ptr<const T>(ref), as_ptr<const uint8_t>(desirable),
       as_ptr<const float>(kl), as_ptr<float>(loss), as_ptr<float>(g_policy), as_ptr<float>(g_ref),
       as_ptr<float>(reward), S, beta, wd, wu);

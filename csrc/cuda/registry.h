@@ -20,6 +20,14 @@
 #include <string>
 #include <vector>
 
+// Every kernel launch is written ALIGNFUSE_LAUNCH(grid, block, stream, kernel<T>)(args...), the
+// launch kernel<T><<<grid, block, 0, stream>>>(args...). tests/cuda_emu defines it first, to run
+// the same kernels and launchers on the host (the kernel comes last: its template arguments
+// hold commas).
+#ifndef ALIGNFUSE_LAUNCH
+#define ALIGNFUSE_LAUNCH(grid, block, stream, ...) __VA_ARGS__<<<(grid), (block), 0, (stream)>>>
+#endif
+
 namespace alignfuse {
 
 struct CudaRegistrar {

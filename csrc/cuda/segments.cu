@@ -25,8 +25,8 @@ void segment_sum(std::uintptr_t values, int dtype, std::uintptr_t cu, std::uintp
   auto s = as_stream(stream);
   by_float_dtype(dtype, "segment_sum: values", [&](auto tag) {
     using T = decltype(tag);
-    segment_sum_kernel<<<num_segments, kThreads, 0, s>>>(as_ptr<const T>(values), as_ptr<const int32_t>(cu),
-                                                         as_ptr<float>(out));
+    ALIGNFUSE_LAUNCH(num_segments, kThreads, s, segment_sum_kernel<T>)(
+        as_ptr<const T>(values), as_ptr<const int32_t>(cu), as_ptr<float>(out));
   });
   check_launch("segment_sum");
 }

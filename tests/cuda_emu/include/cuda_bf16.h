@@ -1,0 +1,3 @@
+// The emulated CUDA runtime (cuda_emu.h), in front of the real cuda_bf16.h in tests/cuda_emu builds.
+#pragma once
+#include "cuda_emu.h"

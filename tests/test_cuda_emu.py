@@ -1,0 +1,127 @@
+"""The host emulation of CUDA (tests/cuda_emu) that runs csrc/cuda's kernels on CPU tensors.
+
+The `cuda` cases of the backend-parametrized tests are only as good as the emulation under
+them, so it is checked here with kernels written right and wrong on purpose
+(tests/cuda_emu/selftest.cu): a missing barrier must change the answer with the order the
+threads run in, a barrier that some threads skip must be an error, the warp shuffles and
+block reductions must be exact, and 16-bit conversions must round as the device does.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.cpu_only  # the emulated module exists on CPU runs only
+
+
+@pytest.fixture
+def emu(cuda_emu_module):
+    yield cuda_emu_module
+    cuda_emu_module.emu_schedule("shuffle", 0)
+
+
+def broadcast(emu, mode: str, with_barrier: bool, blocks=3, threads=96) -> torch.Tensor:
+    out = torch.full((blocks * threads,), -1.0)
+    emu.emu_schedule(mode, 7)
+    emu.emu_selftest_shared_broadcast(out.data_ptr(), blocks, threads, int(with_barrier))
+    return out.view(blocks, threads)
+
+
+def test_a_missing_barrier_shows_in_the_thread_order(emu):
+    expected = torch.arange(1, 4, dtype=torch.float32)[:, None].expand(3, 96)
+    for mode in ("forward", "reverse", "shuffle"):
+        assert torch.equal(broadcast(emu, mode, with_barrier=True), expected), mode
+    # without the barrier, thread 0's write reaches the others only when it happens to run first
+    assert torch.equal(broadcast(emu, "forward", with_barrier=False), expected)
+    assert not torch.equal(broadcast(emu, "reverse", with_barrier=False), expected)
+    assert not torch.equal(broadcast(emu, "shuffle", with_barrier=False), expected)
+
+
+@pytest.mark.parametrize("threads", [32, 96, 256, 1024])
+def test_block_sum_is_the_sum(emu, threads):
+    blocks = 3
+    x = torch.randn(blocks, threads)
+    out = torch.empty(blocks)
+    emu.emu_selftest_block_sums(x.data_ptr(), out.data_ptr(), blocks, threads, threads)
+    torch.testing.assert_close(out, x.sum(1), rtol=1e-5, atol=1e-5)
+
+
+def test_a_barrier_some_threads_skip_is_an_error(emu):
+    x = torch.randn(2 * 128)
+    out = torch.zeros(2)
+    # whole warps return (96 live threads): their lanes miss no shuffle, only the barrier
+    with pytest.raises(RuntimeError, match=r"__syncthreads reached by 96 of 128 threads"):
+        emu.emu_selftest_block_sums(x.data_ptr(), out.data_ptr(), 2, 128, 96)
+    # the module is usable again afterwards (the error is not sticky)
+    emu.emu_selftest_block_sums(x.data_ptr(), out.data_ptr(), 2, 128, 128)
+    torch.testing.assert_close(out, x.view(2, 128).sum(1), rtol=1e-5, atol=1e-5)
+
+
+def test_a_shuffle_some_lanes_skip_is_an_error(emu):
+    x = torch.randn(128)
+    out = torch.zeros(1)
+    # 40 live threads: warp 1 has 8 lanes in block_sum's first warp_sum and 24 returned
+    with pytest.raises(RuntimeError, match=r"warp shuffle that thread \(\d+,0,0\) .* never reaches"):
+        emu.emu_selftest_block_sums(x.data_ptr(), out.data_ptr(), 1, 128, 40)
+
+
+@pytest.mark.parametrize("threads", [0, 1025, 2048])
+def test_a_bad_launch_configuration_is_reported(emu, threads):
+    x = torch.randn(4)
+    with pytest.raises(RuntimeError, match="invalid configuration argument"):
+        emu.emu_selftest_block_sums(x.data_ptr(), x.data_ptr(), 1, threads, threads)
+    with pytest.raises(RuntimeError, match="invalid configuration argument"):
+        emu.emu_selftest_block_sums(x.data_ptr(), x.data_ptr(), 0, 32, 32)  # an empty grid
+
+
+def test_warp_max_and_sum_reach_every_lane(emu):
+    x = torch.randn(64)
+    mx, sm = torch.empty(64), torch.empty(64)
+    emu.emu_selftest_warp_ops(x.data_ptr(), mx.data_ptr(), sm.data_ptr(), 64)
+    for w in range(2):
+        lanes = slice(32 * w, 32 * w + 32)
+        assert torch.equal(mx[lanes], x[lanes].max().expand(32))
+        torch.testing.assert_close(sm[lanes], x[lanes].sum().expand(32), rtol=1e-5, atol=1e-5)
+
+
+def test_16_bit_conversions_round_as_the_device(emu):
+    """Round to nearest even, against torch's conversions: random values, the halfway cases
+    of both formats, their overflow edges, subnormals, infinities and NaN."""
+    g = torch.Generator().manual_seed(torch.initial_seed())
+    random = torch.randn(4000, generator=g) * torch.logspace(-9, 6, 4000)
+    # exact ties: a bf16 value plus half of its last place (float32 holds them exactly)
+    bf = torch.randn(500, generator=g).to(torch.bfloat16).float()
+    bf_ties = bf + bf.abs() * 2.0 ** -8 * torch.where(bf.abs() > 0, 1.0, 0.0)
+    half = (torch.randn(500, generator=g) * 100).half().float()
+    half_ties = torch.nextafter(half, torch.full_like(half, float("inf")))
+    edges = torch.tensor([0.0, -0.0, 65504.0, 65519.0, 65520.0, -65520.0, 6e-8, 3e-8, 1e-40,
+                          3.3895314e38, 3.4028235e38, float("inf"), float("-inf")])
+    x = torch.cat([random, bf_ties, half_ties, edges])
+    got_bf, got_half = torch.empty_like(x), torch.empty_like(x)
+    emu.emu_selftest_round_trip(x.data_ptr(), got_bf.data_ptr(), got_half.data_ptr(), x.numel())
+    assert torch.equal(got_bf, x.bfloat16().float())
+    assert torch.equal(got_half, x.half().float())
+    nan = torch.tensor([float("nan")])
+    emu.emu_selftest_round_trip(nan.data_ptr(), got_bf.data_ptr(), got_half.data_ptr(), 1)
+    assert got_bf[0].isnan() and got_half[0].isnan()
+
+
+def test_schedule_names_are_checked(emu):
+    with pytest.raises(ValueError, match="mode must be forward, reverse or shuffle"):
+        emu.emu_schedule("sideways", 0)
+
+
+def test_the_emulated_module_has_the_compiled_modules_functions(emu):
+    """Every function of csrc/cuda (the names its files register) is in the emulated module,
+    built from the same files."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    names = set()
+    for path in (root / "csrc" / "cuda").glob("*.cu"):
+        names |= set(re.findall(r'm\.def\(\s*"(\w+)"', path.read_text()))
+    assert {"logprobs_forward", "fused_chunk_loss", "policy_loss", "dpo_loss"} <= names
+    assert all(hasattr(emu, name) for name in names), sorted(n for n in names if not hasattr(emu, n))
+    assert emu.build_info()["cuda_runtime"] == 0  # the emulation's mark
