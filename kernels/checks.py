@@ -5,6 +5,7 @@ Nothing silently broadcasts: ops call these before any kernel runs.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -67,6 +68,15 @@ def positive(name: str, value: float) -> float:
 def non_negative(name: str, value: float) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
         raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+    return float(value)
+
+
+def finite_number(name: str, value: float) -> float:
+    """Any finite number (a loss coefficient: NaN or inf would make the loss NaN or inf)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (isinstance(value, int) or math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value)
 
 

@@ -226,6 +226,24 @@ def test_ignored_targets_and_masked_tokens_get_nothing(backend, device):
     assert torch.isfinite(loss_after) and float(loss_after) == pytest.approx(float(loss_before))
 
 
+@pytest.mark.parametrize("bad", ["old", "ref"])
+def test_nan_in_a_counted_token_gives_nan_as_torch(backend, device, bad):
+    # policy_loss's clamps (log-ratio, k3, clip range) keep a NaN old/ref log-prob of a token
+    # that counts: the loss and the metrics it reaches are NaN in the torch reference, and so
+    # in the fused chunk kernels (which share policy_loss's per-token math)
+    batch = make_batch(device=device)
+    batch[bad][1, 3] = float("nan")  # inside the length, past the prompt, a real target
+    exp_loss, exp_metrics, exp_grads = run(batch, "torch", kl_coef=0.1, dual_clip=3.0)
+    exp_grads = [g.clone() for g in exp_grads]
+    loss, metrics, grads = run(batch, backend, kl_coef=0.1, dual_clip=3.0)
+    assert torch.isnan(exp_loss) and torch.isnan(loss)
+    assert torch.isnan(exp_metrics["ratio_max" if bad == "old" else "kl"])
+    for name, want in exp_metrics.items():
+        assert bool(torch.isnan(metrics[name])) == bool(torch.isnan(want)), (name, metrics[name])
+    for name, g, w in zip(("grad_hidden", "grad_weight", "grad_bias"), grads, exp_grads):
+        assert torch.equal(torch.isnan(g), torch.isnan(w)), name
+
+
 @pytest.mark.no_cuda_launch  # nothing to compute: the wrapper returns before a launch
 def test_no_counted_token_gives_zero(backend, device):
     batch = make_batch(device=device)
@@ -367,6 +385,13 @@ def test_bad_input_names_the_argument():
         linear_policy_loss(*args, kl_coef=0.1, **kw)
     with pytest.raises(TypeError, match="entropy_coef"):
         linear_policy_loss(*args, entropy_coef="0.1", **kw)
+    for coef in (float("nan"), float("inf")):  # a NaN or inf loss otherwise
+        with pytest.raises(ValueError, match="entropy_coef must be a finite number"):
+            linear_policy_loss(*args, entropy_coef=coef, **kw)
+        with pytest.raises(ValueError, match="kl_coef must be a finite number"):
+            linear_policy_loss(*args, ref_logps=batch["ref"], kl_coef=coef, **kw)
+    with pytest.raises(ValueError, match="clip_high must be a non-negative number"):
+        linear_policy_loss(*args, clip_high=float("nan"), **kw)
     with pytest.raises(ValueError, match="temperature"):
         linear_policy_loss(*args, temperature=0.0, **kw)
     with pytest.raises(ValueError, match="loss_agg"):

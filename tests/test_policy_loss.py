@@ -306,6 +306,39 @@ def test_policy_loss_masked_padding_may_hold_garbage(backend, device):
     assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
 
 
+@pytest.mark.parametrize("bad,level", [("old_logps", "token"), ("ref_logps", "token"),
+                                       ("old_logps", "sequence")])
+def test_policy_loss_nan_in_a_valid_token_gives_nan_as_torch(backend, device, bad, level):
+    # The torch reference's clamps (log-ratio to +-20 or 10, k3's two, the clip range) keep a
+    # NaN: the loss and the metrics it reaches are NaN. A kernel clamp that turned the NaN into
+    # its bound (tl.minimum/fminf drop NaN) gave a finite, wrong loss instead.
+    lp, old, ref, adv, mask = make_batch(B=3, T=8, dtype=torch.float32, device=device)
+    {"old_logps": old, "ref_logps": ref}[bad][1, 0] = float("nan")  # mask[:, 0] is True
+
+    def run(name):
+        x = lp.clone().requires_grad_()
+        loss, metrics = policy_loss(x, old, adv, mask=mask, ref_logps=ref, kl_coef=0.1,
+                                    kl_estimator="k3", dual_clip=3.0, importance_level=level,
+                                    backend=name)
+        return loss, torch.autograd.grad(loss, x)[0], metrics
+
+    loss, grad, metrics = run(backend)
+    exp_loss, exp_grad, exp_metrics = run("torch")
+    assert torch.isnan(exp_loss) and torch.isnan(loss)
+    for name, value in exp_metrics.items():
+        assert bool(torch.isnan(metrics[name])) == bool(torch.isnan(value)), (name, metrics[name])
+    assert torch.equal(torch.isnan(grad), torch.isnan(exp_grad))
+    assert_rel_close(grad.nan_to_num(), exp_grad.nan_to_num(), 1e-5, "grad")
+
+
+def test_policy_loss_clip_high_inf_is_no_upper_clip(backend, device):
+    # clip_high is checked like clip_low and dual_clip (a non-negative number; NaN is refused,
+    # see test_policy_loss_bad_input): +inf is a valid "no upper clip", as dual_clip=inf
+    lp, old, ref, adv, mask = make_batch(B=3, T=21, device=device)
+    check_against_reference(backend, lp, old, adv, mask, ref, clip_high=float("inf"),
+                            dual_clip=3.0, kl_coef=0.1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_policy_loss_low_precision_inputs_give_float32(backend, device, dtype):
     lp, old, ref, adv, mask = make_batch(B=3, T=21, dtype=dtype, device=device)
@@ -336,6 +369,13 @@ def test_policy_loss_bad_input():
         policy_loss(lp, old, adv, mask=mask, importance_level="segment")
     with pytest.raises(ValueError, match="clip_low must be in"):
         policy_loss(lp, old, adv, mask=mask, clip_low=1.0)
+    with pytest.raises(ValueError, match="clip_high must be a non-negative number, got nan"):
+        policy_loss(lp, old, adv, mask=mask, clip_high=float("nan"))
+    for kl_coef in (float("nan"), float("inf"), -float("inf")):  # a NaN or inf loss otherwise
+        with pytest.raises(ValueError, match="kl_coef must be a finite number"):
+            policy_loss(lp, old, adv, mask=mask, ref_logps=ref, kl_coef=kl_coef)
+    with pytest.raises(TypeError, match="kl_coef must be a number"):
+        policy_loss(lp, old, adv, mask=mask, ref_logps=ref, kl_coef="0.1")
     with pytest.raises(ValueError, match="horizon must be a positive"):
         policy_loss(lp, old, adv, mask=mask, horizon=0)
     with pytest.raises(TypeError, match="advantages must have dtype"):
@@ -391,6 +431,29 @@ def test_value_loss_matches_formula(backend, device, loss_agg, clip):
     assert_rel_close(pgrad, pack([grad], mask)[0][0], 1e-6, "packed value grad")
 
 
+@pytest.mark.parametrize("bad", ["values", "old_values"])
+def test_value_loss_nan_in_a_valid_token_gives_nan_as_torch(backend, device, bad):
+    # the clip clamp and the max keep a NaN in the torch reference: a NaN loss, not the bound
+    g = torch.Generator().manual_seed(fresh_seed())
+    v, old, ret = (torch.randn(3, 9, generator=g).to(device) for _ in range(3))
+    mask = torch.ones(3, 9, dtype=torch.bool, device=device)
+    mask[2, 5:] = False
+    {"values": v, "old_values": old}[bad][1, 4] = float("nan")
+
+    def run(name):
+        x = v.clone().requires_grad_()
+        loss, metrics = value_loss(x, old, ret, mask=mask, clip=0.2, backend=name)
+        return loss, torch.autograd.grad(loss, x)[0], metrics
+
+    loss, grad, metrics = run(backend)
+    exp_loss, exp_grad, exp_metrics = run("torch")
+    assert torch.isnan(exp_loss) and torch.isnan(loss)
+    for name, value in exp_metrics.items():
+        assert bool(torch.isnan(metrics[name])) == bool(torch.isnan(value)), name
+    assert torch.equal(torch.isnan(grad), torch.isnan(exp_grad))
+    assert_rel_close(grad.nan_to_num(), exp_grad.nan_to_num(), 1e-5, "grad")
+
+
 def test_value_loss_gradcheck_and_errors():
     v = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
     old, ret = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
@@ -430,6 +493,19 @@ def test_kl_penalty_matches_formula(backend, device, estimator):
     assert_rel_close(grad, exp_grad, 1e-6, "kl grad")
     if estimator == "k3":
         assert float(kl.detach().min()) >= 0 and float(kl.detach().max()) <= 10
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3", "abs"])
+def test_kl_penalty_nan_gives_nan(backend, device, estimator):
+    # k3's clamps keep a NaN in torch (verl's low_var_kl): a NaN KL, not the clamp's bound 10
+    lp = -torch.rand(2, 5, device=device) * 4
+    ref = lp + torch.randn(2, 5, device=device)
+    lp[0, 1] = float("nan")
+    ref[1, 3] = float("nan")
+    got = kl_penalty(lp, ref, estimator, backend=backend)
+    exp = kl_penalty(lp, ref, estimator, backend="torch")
+    torch.testing.assert_close(got, exp, equal_nan=True)
+    assert int(got.isnan().sum()) == 2
 
 
 def test_kl_penalty_k3_is_unbiased_for_true_kl():

@@ -67,15 +67,17 @@ __global__ void policy_loss_kernel(const T* __restrict__ logp, const T* __restri
     acc[5] -= token_lr;
     acc[6] += t.kl;
     acc[7] += t.ratio;
-    ratio_max = fmaxf(ratio_max, t.ratio);
+    ratio_max = max_nan(ratio_max, t.ratio);
   }
 #pragma unroll
   for (int k = 0; k < kNumPartials; ++k) {
     const float total = block_sum(acc[k]);
     if (threadIdx.x == 0) partials[seq * kNumPartials + k] = total;
   }
+  // block_max (fmaxf) drops NaN, but torch's ratio_max is NaN when a valid token's ratio is
+  const float nan_ratios = block_sum(ratio_max != ratio_max ? 1.f : 0.f);
   ratio_max = block_max(ratio_max);
-  if (threadIdx.x == 0) ratio_max_out[seq] = ratio_max;
+  if (threadIdx.x == 0) ratio_max_out[seq] = nan_ratios > 0.f ? NAN : ratio_max;
 }
 
 template <typename T>
@@ -100,13 +102,13 @@ __global__ void value_loss_kernel(const T* __restrict__ values, const T* __restr
     float g = err;  // d (0.5 err^2) / dv: the 0.5 of the value loss is folded in
     if (use_clip) {
       const float old = to_float(old_values[i]);
-      const float clipped_err = fminf(fmaxf(v, old - clip), old + clip) - ret;
+      const float clipped_err = clamp_nan(v, old - clip, old + clip) - ret;
       const float clipped_loss = clipped_err * clipped_err;
       if (clipped_loss > loss) {  // only when v is outside the clip range: no gradient
-        loss = clipped_loss;
         g = 0.f;
         acc[2] += 1.f;
       }
+      loss = max_nan(loss, clipped_loss);  // a NaN in either term is a NaN loss, as in torch
     }
     grad[i] = g * weight;
     acc[0] += loss;

@@ -11,6 +11,14 @@ namespace alignfuse {
 
 enum KLEstimator : int { kK1 = 0, kK2 = 1, kK3 = 2, kAbs = 3 };
 
+// max, min and clamp with NaN in, NaN out, as torch.maximum / torch.clamp: fmaxf and fminf return
+// the other operand, which turns a NaN input into a clamp bound (a finite, wrong loss).
+__host__ __device__ __forceinline__ float max_nan(float a, float b) { return (a > b || a != a) ? a : b; }
+__host__ __device__ __forceinline__ float min_nan(float a, float b) { return (a < b || a != a) ? a : b; }
+__host__ __device__ __forceinline__ float clamp_nan(float x, float lo, float hi) {
+  return min_nan(max_nan(x, lo), hi);
+}
+
 struct KL {
   float value, grad;  // the estimate and d estimate / d (logp - ref_logp)
 };
@@ -22,11 +30,11 @@ __host__ __device__ __forceinline__ KL kl_token(float d, int estimator) {
     case kK1: return {d, 1.f};
     case kK2: return {0.5f * d * d, d};
     case kK3: {
-      const float x = fminf(fmaxf(-d, -20.f), 20.f);
+      const float x = clamp_nan(-d, -20.f, 20.f);
       const float ex = expf(x);
       const float raw = ex - x - 1.f;
       const bool inside = (-d >= -20.f) && (-d <= 20.f) && (raw >= -10.f) && (raw <= 10.f);
-      return {fminf(fmaxf(raw, -10.f), 10.f), inside ? 1.f - ex : 0.f};
+      return {clamp_nan(raw, -10.f, 10.f), inside ? 1.f - ex : 0.f};
     }
     default: return {fabsf(d), d > 0.f ? 1.f : (d < 0.f ? -1.f : 0.f)};
   }
@@ -48,13 +56,13 @@ struct TokenLoss {
 __host__ __device__ __forceinline__ TokenLoss policy_token_loss(float log_ratio, float adv,
                                                                 float ref_log_ratio, const PolicyParams& p) {
   TokenLoss out;
-  const float clamped = fminf(fmaxf(log_ratio, p.log_ratio_min), p.log_ratio_max);
+  const float clamped = clamp_nan(log_ratio, p.log_ratio_min, p.log_ratio_max);
   const float ratio = expf(clamped);
   const bool in_range = (log_ratio >= p.log_ratio_min) && (log_ratio <= p.log_ratio_max);
   const float unclipped = -adv * ratio;
-  const float clipped_loss = -adv * fminf(fmaxf(ratio, 1.f - p.clip_low), 1.f + p.clip_high);
+  const float clipped_loss = -adv * clamp_nan(ratio, 1.f - p.clip_low, 1.f + p.clip_high);
   out.clipped = clipped_loss > unclipped;
-  float pg = fmaxf(unclipped, clipped_loss);
+  float pg = max_nan(unclipped, clipped_loss);
   // where the clipped term wins, the ratio is outside the clip range: no gradient
   float grad = (out.clipped || !in_range) ? 0.f : -adv * ratio;
   out.dual_clipped = false;

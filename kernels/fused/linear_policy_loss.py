@@ -85,7 +85,7 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     clip_low, clip_high, dual_clip, kl_coef, kl_estimator, importance_level, loss_agg,
         horizon: as in `policy_loss`.
     temperature: the logits are divided by it before the softmax (as in the rollout).
-    entropy_coef: subtracts entropy_coef * H_t per token (aggregated like the loss).
+    entropy_coef: subtracts entropy_coef * H_t per token (aggregated like the loss); finite.
 
     Returns `(loss, metrics)`: loss a float32 scalar (float64 inputs give float64),
     differentiable with respect to hidden, weight and bias; metrics are policy_loss's
@@ -100,8 +100,7 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
         clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
         kl_estimator=kl_estimator, importance_level=importance_level, loss_agg=loss_agg,
         horizon=horizon, name="targets")
-    if not isinstance(entropy_coef, (int, float)) or isinstance(entropy_coef, bool):
-        raise TypeError(f"entropy_coef must be a number, got {type(entropy_coef).__name__}")
+    checks.finite_number("entropy_coef", entropy_coef)
     # A token counts when the layout includes it and its target is a real token.
     counted = (layout.mask > 0) & (flat_targets != ignore_index)
     layout = dataclasses.replace(layout, mask=counted.to(torch.float32))

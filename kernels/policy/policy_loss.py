@@ -76,10 +76,12 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
     logps, old_logps, ref_logps: per-token log-probs, padded `[B, T]` (with `mask`) or packed
         `[N]` (with `cu_seqlens` int32 `[S+1]`, optionally `mask [N]`); any float dtype.
     advantages: per token (same shape) or per sequence (`[B]` / `[S]`, broadcast).
-    clip_low, clip_high: the ratio is clipped to [1 - clip_low, 1 + clip_high].
+    clip_low, clip_high: the ratio is clipped to [1 - clip_low, 1 + clip_high]; clip_low in
+        [0, 1), clip_high >= 0 (inf: no upper clip, as dual_clip=inf is no dual clip; NaN
+        is refused).
     dual_clip: c > 1 bounds the loss of negative-advantage tokens by -A c; None = off.
-    kl_coef, kl_estimator: adds kl_coef * KL_t per token ("k1", "k2", "k3", "abs"); needs
-        `ref_logps` when kl_coef != 0.
+    kl_coef, kl_estimator: adds kl_coef * KL_t per token ("k1", "k2", "k3", "abs"); kl_coef
+        is finite and needs `ref_logps` when != 0.
     importance_level: "token" (PPO/GRPO) or "sequence" (GSPO).
     loss_agg: "token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
         "seq-mean-token-sum-norm" (see `alignfuse.kernels.policy.aggregation`).
@@ -141,8 +143,7 @@ def _options(layout: TokenLayout, clip_low, clip_high, dual_clip, kl_coef, kl_es
         raise ValueError(f"clip_low must be in [0, 1) so that 1 - clip_low > 0, got {clip_low!r}")
     if dual_clip is not None and not (isinstance(dual_clip, (int, float)) and dual_clip > 1):
         raise ValueError(f"dual_clip must be None or a number > 1, got {dual_clip!r}")
-    if not isinstance(kl_coef, (int, float)) or isinstance(kl_coef, bool):
-        raise TypeError(f"kl_coef must be a number, got {type(kl_coef).__name__}")
+    checks.finite_number("kl_coef", kl_coef)
     if kl_coef != 0 and not has_ref:
         raise ValueError(f"kl_coef={kl_coef} needs ref_logps (the reference policy's log-probs)")
     checks.one_of("kl_estimator", kl_estimator, kl_estimator_names())

@@ -25,6 +25,12 @@ NUM_PARTIALS = 8
 
 
 @triton.jit
+def _max_nan(a, b):
+    # tl.max drops NaN (PropagateNan.NONE); torch's ratio_max is NaN when a ratio is
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _policy_loss_kernel(logp_ptr, old_ptr, adv_ptr, ref_ptr, mask_ptr, cu_ptr, weight_ptr,
                         grad_ptr, partial_ptr, ratio_max_ptr,
                         clip_low, clip_high, dual_clip, kl_coef, log_ratio_min, log_ratio_max,
@@ -94,7 +100,7 @@ def _policy_loss_kernel(logp_ptr, old_ptr, adv_ptr, ref_ptr, mask_ptr, cu_ptr, w
         neg_lr_acc += tl.where(valid, -token_lr, 0.0)
         kl_acc += tl.where(valid, kl, 0.0)
         ratio_acc += tl.where(valid, ratio, 0.0)
-        ratio_max = tl.maximum(ratio_max, tl.where(valid, ratio, 0.0))
+        ratio_max = _max_nan(ratio_max, tl.where(valid, ratio, 0.0))
 
     out = partial_ptr + seq * 8
     tl.store(out + 0, tl.sum(loss_acc, axis=0))
@@ -105,7 +111,7 @@ def _policy_loss_kernel(logp_ptr, old_ptr, adv_ptr, ref_ptr, mask_ptr, cu_ptr, w
     tl.store(out + 5, tl.sum(neg_lr_acc, axis=0))
     tl.store(out + 6, tl.sum(kl_acc, axis=0))
     tl.store(out + 7, tl.sum(ratio_acc, axis=0))
-    tl.store(ratio_max_ptr + seq, tl.max(ratio_max, axis=0))
+    tl.store(ratio_max_ptr + seq, tl.reduce(ratio_max, 0, _max_nan))
 
 
 def policy_loss_forward(logps, old_logps, advantages, ref_logps, layout, options, weights):

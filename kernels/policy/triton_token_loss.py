@@ -4,7 +4,8 @@ These are `@triton.jit` functions on tiles (any shape), meant to be called from 
 that produce log-probs in some other way: the fused policy-loss kernel here
 (`triton_policy_loss.py`) loads them from memory; a fused `linear_policy_loss` kernel
 computes them from the LM head and calls `policy_token_loss` on the result, so the loss
-math exists once. Everything is float32. The formulas are those of `policy_loss.py`.
+math exists once. Everything is float32. The formulas are those of `policy_loss.py`; as there,
+a NaN input gives a NaN loss (`clamp_nan`), never a clamp bound.
 
 `policy_token_loss(log_ratio, advantage, ref_log_ratio, clip_low, clip_high, dual_clip,
                    kl_coef, log_ratio_min, log_ratio_max,
@@ -24,6 +25,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+
+@triton.jit
+def clamp_nan(x, lo, hi):
+    """min(max(x, lo), hi) with NaN in, NaN out, as torch.clamp: tl.minimum and tl.maximum
+    default to PropagateNan.NONE, which turns a NaN into the bound (a finite, wrong loss)."""
+    return tl.minimum(tl.maximum(x, lo, propagate_nan=tl.PropagateNan.ALL), hi,
+                      propagate_nan=tl.PropagateNan.ALL)
+
+
 @triton.jit
 def kl_token(d, KL_ESTIMATOR: tl.constexpr):
     """Per-token KL estimate from d = logp - ref_logp and its derivative d kl / d d.
@@ -36,10 +46,10 @@ def kl_token(d, KL_ESTIMATOR: tl.constexpr):
         kl = 0.5 * d * d
         grad = d
     elif KL_ESTIMATOR == 2:  # k3 ("low_var_kl"), clamped like verl: -d to +-20, kl to +-10
-        x = tl.minimum(tl.maximum(-d, -20.0), 20.0)
+        x = clamp_nan(-d, -20.0, 20.0)
         ex = tl.exp(x)
         raw = ex - x - 1.0
-        kl = tl.minimum(tl.maximum(raw, -10.0), 10.0)
+        kl = clamp_nan(raw, -10.0, 10.0)
         inside = (-d >= -20.0) & (-d <= 20.0) & (raw >= -10.0) & (raw <= 10.0)
         grad = tl.where(inside, 1.0 - ex, 0.0)
     else:  # abs
@@ -53,13 +63,13 @@ def policy_token_loss(log_ratio, advantage, ref_log_ratio, clip_low, clip_high, 
                       kl_coef, log_ratio_min, log_ratio_max, USE_DUAL_CLIP: tl.constexpr,
                       HAS_REF: tl.constexpr, KL_ESTIMATOR: tl.constexpr):
     # Clamp before exp so that log-ratios of +-80 cannot overflow; the clamp stops the gradient.
-    clamped = tl.minimum(tl.maximum(log_ratio, log_ratio_min), log_ratio_max)
+    clamped = clamp_nan(log_ratio, log_ratio_min, log_ratio_max)
     ratio = tl.exp(clamped)
     d_ratio = tl.where((log_ratio >= log_ratio_min) & (log_ratio <= log_ratio_max), ratio, 0.0)
     unclipped = -advantage * ratio
-    clipped_loss = -advantage * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
+    clipped_loss = -advantage * clamp_nan(ratio, 1.0 - clip_low, 1.0 + clip_high)
     clipped = clipped_loss > unclipped
-    pg = tl.maximum(unclipped, clipped_loss)
+    pg = tl.maximum(unclipped, clipped_loss, propagate_nan=tl.PropagateNan.ALL)
     # Where the clipped term wins the ratio lies outside the clip range: no gradient.
     grad = tl.where(clipped, 0.0, -advantage * d_ratio)
     if USE_DUAL_CLIP:

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_token_loss import clamp_nan
+
 
 @triton.jit
 def _value_loss_kernel(v_ptr, old_ptr, ret_ptr, mask_ptr, cu_ptr, weight_ptr, grad_ptr,
@@ -34,12 +36,13 @@ def _value_loss_kernel(v_ptr, old_ptr, ret_ptr, mask_ptr, cu_ptr, weight_ptr, gr
         grad = err  # d (0.5 * err^2) / dv
         if USE_CLIP:
             old = tl.load(old_ptr + idx, mask=inb, other=0.0).to(tl.float32)
-            clipped_err = tl.minimum(tl.maximum(v, old - clip), old + clip) - ret
+            # NaN-propagating clamp and max, as torch's: a NaN value is a NaN loss, not the bound
+            clipped_err = clamp_nan(v, old - clip, old + clip) - ret
             clipped_loss = clipped_err * clipped_err
             clipped = clipped_loss > loss
             # the clipped term only wins when v is outside the clip range: no gradient
             grad = tl.where(clipped, 0.0, grad)
-            loss = tl.maximum(loss, clipped_loss)
+            loss = tl.maximum(loss, clipped_loss, propagate_nan=tl.PropagateNan.ALL)
             clip_acc += (valid & clipped).to(tl.float32)
         tl.store(grad_ptr + idx, tl.where(valid, grad * weight, 0.0), mask=inb)
         loss_acc += tl.where(valid, loss, 0.0)
