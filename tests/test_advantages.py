@@ -116,6 +116,18 @@ def test_float32_and_bfloat16_rewards(backend, device):
     assert_rel_close(got, reference(low.float().tolist(), 6, "grpo", "group", 1e-6), 1e-6, "bf16")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rank_of_16_bit_rewards(backend, device, dtype):
+    # ranks order the rewards by value, negative ones and ties included (Triton's interpreter
+    # compares bfloat16 tensors by their bit patterns, so the kernel compares in float32)
+    rewards = torch.tensor([-1.0, 0.5, -2.0, 2.0, 0.25, -0.5, -0.5, 3.0], dtype=dtype,
+                           device=device)
+    for scale in SCALES:
+        got = group_advantages(rewards, 4, estimator="rank", scale=scale, backend=backend)
+        exp = reference(rewards.float().tolist(), 4, "rank", scale, 1e-6)
+        assert_rel_close(got, exp, 1e-6, f"rank {dtype} scale={scale}")
+
+
 def test_rank_is_invariant_to_monotone_transforms(backend, device):
     rewards = torch.randn(16, dtype=torch.float64, device=device)
     a = group_advantages(rewards, 8, estimator="rank", backend=backend)

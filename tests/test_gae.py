@@ -90,6 +90,23 @@ def test_gae_float32_bfloat16_and_whiten(backend, device):
     assert_rel_close(white, exp_white, 1e-5, "whiten")
 
 
+def test_gae_masked_tokens_may_hold_inf_and_nan(backend, device):
+    # masked tokens take no part, whatever they hold (padding, observation tokens): a kernel
+    # that multiplies by the 0 mask instead of selecting leaks 0 * NaN = NaN into valid ones
+    rewards, values, mask = make(B=4, T=150, device=device)  # > one 128-token Triton tile
+    mask[2, 100:140] = False  # a masked run across the tile boundary
+    garbage = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=rewards.dtype,
+                           device=device)
+    pick = torch.randint(0, 3, rewards.shape, device=device)
+    rewards = torch.where(mask, rewards, garbage[pick])
+    values = torch.where(mask, values, garbage[pick.flip(-1)])
+    adv, ret = gae(rewards, values, mask=mask, gamma=0.99, lam=0.95, backend=backend)
+    exp_adv, exp_ret = reference(rewards.cpu(), values.cpu(), mask.cpu(), 0.99, 0.95)
+    assert torch.isfinite(adv).all() and torch.isfinite(ret).all()
+    assert_rel_close(adv, exp_adv, 1e-6, "advantages")
+    assert_rel_close(ret, exp_ret, 1e-6, "returns")
+
+
 def test_gae_has_no_gradient_and_checks_input():
     rewards = torch.randn(2, 5, requires_grad=True)
     adv, ret = gae(rewards, torch.randn(2, 5))

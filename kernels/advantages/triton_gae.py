@@ -51,16 +51,19 @@ def _gae_kernel(r_ptr, v_ptr, mask_ptr, cu_ptr, adv_ptr, ret_ptr, gamma, lam,
         nxt = inb & (t + 1 < end)
         m1 = tl.load(mask_ptr + t + 1, mask=nxt, other=0.0)
         v1 = tl.load(v_ptr + t + 1, mask=nxt, other=0.0).to(tl.float32)
-        a, b = tl.associative_scan((1.0 - m1, m1 * v1), 0, _compose)
+        # select, never multiply by the mask: masked padding may hold inf/NaN, and 0 * NaN
+        # would leak into the valid tokens through the scans
+        a, b = tl.associative_scan((1.0 - m1, tl.where(m1 > 0, v1, 0.0)), 0, _compose)
         w = a * next_value + b
         delta = r + gamma * w - v
-        a, b = tl.associative_scan((m * (gamma * lam) + (1.0 - m), m * delta), 0, _compose)
+        a, b = tl.associative_scan((m * (gamma * lam) + (1.0 - m), tl.where(m > 0, delta, 0.0)),
+                                   0, _compose)
         adv = a * next_adv + b
         valid = inb & (m > 0)
         tl.store(adv_ptr + t, tl.where(valid, adv, 0.0), mask=inb)
         tl.store(ret_ptr + t, tl.where(valid, adv + v, 0.0), mask=inb)
         # out-of-range lanes are identities, so the last lane holds the earliest token's value
-        next_value = _pick_last((1.0 - m) * w + m * v, lanes, BLOCK)
+        next_value = _pick_last(tl.where(m > 0, v, w), lanes, BLOCK)
         next_adv = _pick_last(adv, lanes, BLOCK)
 
 

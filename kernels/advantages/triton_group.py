@@ -26,6 +26,9 @@ def _group_advantages_kernel(r_ptr, out_ptr, group_size, eps, batch_denominator,
     r = tl.load(r_ptr + base + lanes, mask=inb, other=0.0)  # in the rewards' own dtype
     n = group_size.to(tl.float32)
     if ESTIMATOR == 3:  # ranks compare the rewards as given (float64 ones too)
+        if r_ptr.dtype.element_ty != tl.float64:
+            # 16-bit rewards in float32 (exact): the interpreter compares bfloat16 by its bits
+            r = r.to(tl.float32)
         other = inb[None, :]
         less = tl.sum((other & (r[None, :] < r[:, None])).to(tl.float32), axis=1)
         equal = tl.sum((other & (r[None, :] == r[:, None])).to(tl.float32), axis=1)
