@@ -111,6 +111,11 @@ def _segment_sum_torch(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.
     return out.index_add(0, seq_ids, values.to(dtype))
 
 
+def _as_reference_dtype(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A kernel's float32 sums in the torch reference's dtype: float64 values stay float64."""
+    return out.to(torch.float64) if dtype == torch.float64 else out
+
+
 class _SegmentSumTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values, cu_seqlens):
@@ -118,7 +123,7 @@ class _SegmentSumTriton(torch.autograd.Function):
 
         ctx.save_for_backward(cu_seqlens)
         ctx.dtype = values.dtype
-        return segment_sum_forward(values, cu_seqlens)
+        return _as_reference_dtype(segment_sum_forward(values, cu_seqlens), ctx.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -152,7 +157,7 @@ class _SegmentSumCuda(_SegmentSumTriton):
         out = torch.empty(cu.numel() - 1, device=values.device, dtype=torch.float32)
         cuda_module().segment_sum(values.data_ptr(), cuda_dtype_code(values), cu.data_ptr(),
                                   out.data_ptr(), out.numel(), current_stream_handle(values.device))
-        return out
+        return _as_reference_dtype(out, ctx.dtype)
 
 
 def segment_sum(values: torch.Tensor, cu_seqlens: torch.Tensor, *,
@@ -170,7 +175,8 @@ def segment_mean(values: torch.Tensor, cu_seqlens: torch.Tensor, *,
                  backend: str = "auto") -> torch.Tensor:
     """Per-sequence mean over packed tokens: `segment_sum / length`. Empty sequences give 0.
 
-    values: `[N]`; cu_seqlens: int32 `[S+1]`. Returns `[S]` float32.
+    values: `[N]`; cu_seqlens: int32 `[S+1]`. Returns `[S]` float32 (float64 input stays
+    float64).
     """
     total = segment_sum(values, cu_seqlens, backend=backend)
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(total.dtype)

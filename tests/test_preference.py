@@ -191,6 +191,33 @@ def test_dpo_mixed_input_dtypes(backend, device):
     assert_rel_close(out[0], ref[0], FWD_TOL, "mixed dtypes")
 
 
+def test_float64_inputs_give_float64_outputs(backend, device):
+    # as the torch reference (gradcheck runs in float64): losses, rewards and gradients are
+    # float64 when an input is, on every backend (the kernels compute in float32)
+    pc, rc = _logps(dtype=torch.float64, device=device)
+    pr, rr = _logps(dtype=torch.float64, device=device)
+    leaves = [x.clone().requires_grad_(True) for x in (pc, pr, rc, rr)]
+    out = dpo_loss(*leaves, backend=backend)
+    for name, a, e in zip(("losses", "chosen_rewards", "rejected_rewards"), out,
+                          ref_dpo(pc, pr, rc, rr, "sigmoid", 0.1)):
+        assert a.dtype == torch.float64, f"dpo {name} dtype {a.dtype}"
+        assert_rel_close(a, e, FWD_TOL, f"dpo {name}")
+    out[0].sum().backward()
+    assert all(x.grad.dtype == torch.float64 for x in leaves)
+    mixed = dpo_loss(pc, pr.float(), rc.bfloat16(), rr.float(), backend=backend)
+    assert all(a.dtype == torch.float64 for a in mixed)  # one float64 input is enough
+
+    desirable = torch.rand(S, device=device) < 0.5
+    leaves = [x.clone().requires_grad_(True) for x in (pc, rc)]
+    losses, rewards = kto_loss(*leaves, desirable, 0.3, beta=0.2, backend=backend)
+    exp_losses, exp_rewards = ref_kto(pc, rc, desirable, 0.3, 0.2, 1.0, 1.0)
+    assert losses.dtype == torch.float64 and rewards.dtype == torch.float64
+    assert_rel_close(losses, exp_losses, FWD_TOL, "kto losses")
+    assert_rel_close(rewards, exp_rewards, FWD_TOL, "kto rewards")
+    losses.sum().backward()
+    assert all(x.grad.dtype == torch.float64 for x in leaves)
+
+
 def test_bco_explicit_delta(backend, device):
     _check_dpo("bco_pair", 0.0, backend, bco_delta=0.0, device=device)  # TRL 1.x: no shift
     _check_dpo("bco_pair", 0.0, backend, bco_delta=0.37, device=device)

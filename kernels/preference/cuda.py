@@ -2,7 +2,8 @@
 
 The compiled kernels (one launch: losses, local gradients and rewards) take raw pointers of
 one input dtype (float32, float16 or bfloat16); inputs of mixed dtypes or float64 are cast to
-float32 first (an [S] copy). Autograd goes through `kernels.autograd.fused_local_grad`.
+float32 first (an [S] copy), and float64 inputs get float64 losses and rewards back, as from the
+torch reference. Autograd goes through `kernels.autograd.fused_local_grad`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from ..autograd import fused_local_grad
 from ..backends import (cuda_dtype_code, cuda_kernel_inputs, cuda_module,
                         current_stream_handle)
+from ..policy.kl import compute_dtype
 from .dpo import DPOProblem
 from .kto import KTOProblem
 
@@ -26,6 +28,7 @@ def dpo_loss_cuda(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chos
     """The "cuda" backend of `dpo_loss` (interface of `dpo._dpo_torch`)."""
 
     def kernel(pc, pr, rc, rr):
+        dtype = compute_dtype(pc, pr, rc, rr)
         pc, pr, rc, rr = cuda_kernel_inputs(pc, pr, rc, rr)
         S, device = pc.numel(), pc.device
         loss, g_pc, g_pr, g_rc, g_rr, rew_c, rew_r = _float_buffers(7, S, device)
@@ -40,7 +43,7 @@ def dpo_loss_cuda(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chos
             rew_c.data_ptr(), rew_r.data_ptr(), S, problem.beta, problem.label_smoothing,
             problem.discopop_tau, math.log(eps), math.log1p(-eps), problem.code,
             int(problem.normalize), current_stream_handle(device))
-        return loss, [g_pc, g_pr, g_rc, g_rr], rew_c, rew_r
+        return loss.to(dtype), [g_pc, g_pr, g_rc, g_rr], rew_c.to(dtype), rew_r.to(dtype)
 
     return fused_local_grad(kernel, (policy_chosen, policy_rejected, ref_chosen, ref_rejected),
                             extra_outputs=2)
@@ -52,6 +55,7 @@ def kto_loss_cuda(policy_logps, ref_logps, desirable, kl, problem: KTOProblem):
     z0 = kl.float().contiguous()
 
     def kernel(policy, ref):
+        dtype = compute_dtype(policy, ref)
         policy, ref = cuda_kernel_inputs(policy, ref)
         S, device = policy.numel(), policy.device
         loss, g_policy, g_ref, reward = _float_buffers(4, S, device)
@@ -60,6 +64,6 @@ def kto_loss_cuda(policy_logps, ref_logps, desirable, kl, problem: KTOProblem):
             z0.data_ptr(), loss.data_ptr(), g_policy.data_ptr(), g_ref.data_ptr(),
             reward.data_ptr(), S, problem.beta, problem.desirable_weight,
             problem.undesirable_weight, current_stream_handle(device))
-        return loss, [g_policy, g_ref], reward
+        return loss.to(dtype), [g_policy, g_ref], reward.to(dtype)
 
     return fused_local_grad(kernel, (policy_logps, ref_logps), extra_outputs=1)

@@ -209,9 +209,10 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
         backend: "auto", "torch", "triton" or "cuda".
 
     Returns:
-        `(losses [S], chosen_rewards [S], rejected_rewards [S])`, float32. Rewards are
-        detached. `losses.mean()` is TRL's loss. For aot/aot_unpaired the losses are in the
-        sorted order (as in TRL); everything else is in the input order.
+        `(losses [S], chosen_rewards [S], rejected_rewards [S])`, float32 (float64 when an
+        input is float64). Rewards are detached. `losses.mean()` is TRL's loss. For
+        aot/aot_unpaired the losses are in the sorted order (as in TRL); everything else is
+        in the input order.
     """
     _inputs.sequence_tensors(policy_chosen_logps=policy_chosen_logps,
                              policy_rejected_logps=policy_rejected_logps,

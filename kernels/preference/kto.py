@@ -74,7 +74,8 @@ def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: tor
         backend: "auto", "torch", "triton" or "cuda".
 
     Returns:
-        `(losses [S], rewards [S])`, float32; rewards = beta * (policy - ref), detached.
+        `(losses [S], rewards [S])`, float32 (float64 when policy_logps or ref_logps is
+        float64); rewards = beta * (policy - ref), detached.
         TRL's loss is `losses.mean()`.
     """
     _inputs.sequence_tensors(policy_logps=policy_logps, ref_logps=ref_logps)

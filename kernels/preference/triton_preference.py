@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ..autograd import fused_local_grad
+from ..policy.kl import compute_dtype
 from .dpo import FORMULAS, DPOProblem
 from .kto import KTOProblem
 
@@ -174,7 +175,8 @@ def dpo_loss_triton(policy_chosen, policy_rejected, ref_chosen, ref_rejected, ch
             S, problem.beta, problem.label_smoothing, problem.discopop_tau,
             math.log(eps), math.log1p(-eps),
             FORMULA=problem.code, NORMALIZE=problem.normalize, BLOCK=_BLOCK)
-        return loss, [g_pc, g_pr, g_rc, g_rr], rew_c, rew_r
+        dtype = compute_dtype(pc, pr, rc, rr)  # the torch reference's: float64 stays float64
+        return loss.to(dtype), [g_pc, g_pr, g_rc, g_rr], rew_c.to(dtype), rew_r.to(dtype)
 
     return fused_local_grad(kernel, (policy_chosen, policy_rejected, ref_chosen, ref_rejected),
                             extra_outputs=2)
@@ -214,6 +216,7 @@ def kto_loss_triton(policy_logps, ref_logps, desirable, kl, problem: KTOProblem)
             policy.contiguous(), ref.contiguous(), flags, kl, loss, g_policy, g_ref, reward,
             S, problem.beta, problem.desirable_weight, problem.undesirable_weight,
             BLOCK=_BLOCK)
-        return loss, [g_policy, g_ref], reward
+        dtype = compute_dtype(policy, ref)  # the torch reference's: float64 stays float64
+        return loss.to(dtype), [g_policy, g_ref], reward.to(dtype)
 
     return fused_local_grad(kernel, (policy_logps, ref_logps), extra_outputs=1)
