@@ -94,6 +94,9 @@ def backend(request) -> str:
     return request.param
 
 
+EMULATED_STREAM = 0x5EED  # the raw stream handle torch's current stream has under emulation
+
+
 @pytest.fixture(scope="session")
 def cuda_emu_module():
     """csrc/cuda built for the host against tests/cuda_emu's runtime (built once per source)."""
@@ -121,7 +124,7 @@ def emulated_cuda(monkeypatch, cuda_emu_module, request):
         if getattr(module, "cuda_module", None) is compiled:
             monkeypatch.setattr(module, "cuda_module", lambda: cuda_emu_module)
         if getattr(module, "current_stream_handle", None) is stream:
-            monkeypatch.setattr(module, "current_stream_handle", lambda device: 0)
+            monkeypatch.setattr(module, "current_stream_handle", lambda device: EMULATED_STREAM)
     why_unavailable = backends._why_unavailable
 
     def on_emulated_device(op, backend, device):
@@ -131,13 +134,30 @@ def emulated_cuda(monkeypatch, cuda_emu_module, request):
 
     monkeypatch.setattr(backends, "_why_unavailable", on_emulated_device)
     cuda_emu_module.emu_schedule("shuffle", torch.initial_seed())
+    cuda_emu_module.emu_expect_stream(EMULATED_STREAM)
     launches = cuda_emu_module.emu_counts()["launches"]
     yield cuda_emu_module
-    if (cuda_emu_module.emu_counts()["launches"] == launches
-            and not request.node.get_closest_marker("no_cuda_launch")):
+    counts = cuda_emu_module.emu_counts()
+    if counts["launches"] == launches and not request.node.get_closest_marker("no_cuda_launch"):
         pytest.fail("backend='cuda' ran no CUDA kernel (emulated on CPU): the op did not reach "
                     "csrc/cuda. If no launch is right (an empty or all-ignored input), mark the "
                     "test @pytest.mark.no_cuda_launch", pytrace=False)
+    if counts["foreign_stream_launches"]:
+        pytest.fail(f"{counts['foreign_stream_launches']} CUDA launches named another stream than "
+                    "torch's current one (current_stream_handle)", pytrace=False)
+
+
+@pytest.fixture
+def cuda_device(request) -> torch.device:
+    """Where backend="cuda" runs: the GPU, or without one the CPU through the emulation."""
+    if HAS_CUDA:
+        from alignfuse.kernels.backends import cuda_module
+
+        if cuda_module() is None:
+            pytest.fail("a GPU but no alignfuse.kernels._cuda: reinstall with nvcc on PATH")
+        return torch.device("cuda")
+    request.getfixturevalue("emulated_cuda")
+    return torch.device("cpu")
 
 
 @pytest.fixture

@@ -164,16 +164,10 @@ def test_group_advantages_errors():
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
-@pytest.mark.cpu_only  # a CUDA stand-in that runs Triton kernels on CPU tensors
-def test_cuda_bindings_group_advantages(monkeypatch, estimator):
-    """kernels/advantages/cuda.py against a stand-in of the compiled module (see
-    test_policy_loss.PointerCuda): argument order and buffers, without a GPU."""
-    from test_policy_loss import use_pointer_cuda
-
-    import importlib
-
-    group_module = importlib.import_module("alignfuse.kernels.advantages.group")
-
+@pytest.mark.cpu_only  # the CUDA emulation (CPU tensors)
+def test_cuda_bindings_group_advantages(emulated_cuda, estimator):
+    """kernels/advantages/cuda.py with csrc/cuda/advantages.cu emulated on CPU: integer and
+    offset float64 rewards, whose group differences the wrapper takes before its cast."""
     rewards = torch.cat([torch.randint(0, 3, (12,)).double(), torch.randn(12, dtype=torch.float64)])
     expected = {scale: group_advantages(rewards, 4, estimator=estimator, scale=scale,
                                         backend="torch") for scale in SCALES}
@@ -182,7 +176,6 @@ def test_cuda_bindings_group_advantages(monkeypatch, estimator):
     offset = 1000.0 + 1e-3 * torch.randn(24, dtype=torch.float64)
     expected_offset = {scale: group_advantages(offset, 4, estimator=estimator, scale=scale,
                                                backend="torch") for scale in SCALES}
-    use_pointer_cuda(monkeypatch, group_module)
     for scale in SCALES:
         got = group_advantages(rewards, 4, estimator=estimator, scale=scale, backend="cuda")
         assert got.dtype == torch.float64

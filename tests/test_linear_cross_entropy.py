@@ -136,17 +136,10 @@ def test_chunking_agrees(backend, device, monkeypatch):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.bfloat16, 1e-3)])
-@pytest.mark.cpu_only  # a CUDA stand-in that runs Triton kernels on CPU tensors
-def test_cuda_bindings_with_stand_in(monkeypatch, reduction, dtype, tol):
-    """The cuda backend's host side (kernels/fused/cuda.py) through test_policy_loss's
-    PointerCuda stand-in (the Triton chunk kernel on the same buffers), in several chunks;
-    the CUDA kernel itself runs on a GPU in test_bf16_gpu_real_vocab (-m gpu)."""
-    import importlib
-
-    from test_policy_loss import use_pointer_cuda
-
-    use_pointer_cuda(monkeypatch,
-                     importlib.import_module("alignfuse.kernels.fused.linear_cross_entropy"))
+@pytest.mark.cpu_only  # the CUDA emulation (CPU tensors)
+def test_cuda_backend_in_several_chunks(emulated_cuda, monkeypatch, reduction, dtype, tol):
+    """The cuda backend (kernels/fused/cuda.py and csrc/cuda/fused.cu, emulated on CPU) with
+    label smoothing over several chunks; on a GPU, test_bf16_gpu_real_vocab (-m gpu)."""
     monkeypatch.setattr(logprobs_reference, "CHUNK_BUDGET_BYTES", 5 * V * 6)
     check("cuda", make_inputs(dtype=dtype), tol=tol, reduction=reduction, label_smoothing=0.1)
 

@@ -312,24 +312,17 @@ def test_bf16_and_float64_inputs(backend, device, dtype, monkeypatch):
                             entropy_coef=0.01, layout="packed")
 
 
-# The cuda backend's host side (kernels/fused/cuda.py: pointers, strides, dtype codes and the
-# argument order of csrc/cuda/fused.cu) through test_policy_loss's PointerCuda stand-in, which
-# runs the Triton chunk kernel on the same buffers. The CUDA kernel itself runs on a GPU, in
-# test_bf16_gpu_real_vocab (-m gpu), where the backend fixture includes "cuda".
+# The cuda backend (kernels/fused/cuda.py: pointers, strides, dtype codes and the argument
+# order of csrc/cuda/fused.cu, whose kernel is emulated on CPU) over several chunks, whose stats
+# columns are strided slices. On a GPU: test_bf16_gpu_real_vocab (-m gpu).
 @pytest.mark.parametrize("kwargs", [
     dict(layout="packed", dual_clip=1.5, clip_low=0.05, clip_high=0.4, kl_coef=0.05,
          entropy_coef=0.01, loss_agg="seq-mean-token-mean"),
     dict(importance_level="sequence", kl_coef=0.1, kl_estimator="k2", per_seq_adv=True),
     dict(dtype=torch.bfloat16, kl_coef=0.1, entropy_coef=0.01, tol=1e-3)],
     ids=["dual-clip-entropy", "gspo", "bf16"])
-@pytest.mark.cpu_only  # a CUDA stand-in that runs Triton kernels on CPU tensors
-def test_cuda_bindings_with_stand_in(monkeypatch, kwargs):
-    import importlib
-
-    from test_policy_loss import use_pointer_cuda
-
-    use_pointer_cuda(monkeypatch,
-                     importlib.import_module("alignfuse.kernels.fused.linear_policy_loss"))
+@pytest.mark.cpu_only  # the CUDA emulation (CPU tensors)
+def test_cuda_backend_in_several_chunks(emulated_cuda, monkeypatch, kwargs):
     # several chunks: the stats columns of a chunk are a strided slice
     monkeypatch.setattr(logprobs_reference, "CHUNK_BUDGET_BYTES", 7 * V * 6)
     kwargs = dict(kwargs)

@@ -282,18 +282,15 @@ def test_torch_chunking_is_exact(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.bfloat16, 1e-2)])
-@pytest.mark.parametrize("kernels", ["triton", pytest.param("cuda", marks=pytest.mark.gpu),
-                                     "cuda-stand-in"])
+@pytest.mark.parametrize("kernels", ["triton", "cuda"])
 def test_chunked_strategy_many_chunks_and_vocab_blocks(monkeypatch, request, device, kernels,
                                                        dtype, tol):
     """The chunked strategy with a tiny budget: forward chunks of 3-5 tokens, backward blocks
     of 40 vocabulary columns (the last ones partial), against float64 of the same values.
-    Around the Triton logits kernels, around the compiled cuda kernels (on a GPU), and around
-    the cuda backend's host wrappers with the compiled module stood in for by _StandInCuda
-    (CPU tensors, on every machine)."""
+    Around the Triton logits kernels, and around the cuda ones (on a GPU, or emulated)."""
     monkeypatch.setenv("ALIGNFUSE_LINEAR_STRATEGY", "chunked")
     N, H, V = 37, 16, 301
-    on = "cpu" if kernels == "cuda-stand-in" else device
+    on = request.getfixturevalue("cuda_device") if kernels == "cuda" else device
     hidden, weight, bias, targets = make_inputs(N=N, H=H, V=V, dtype=dtype, device=on,
                                                 ignore_frac=0.0)
     targets[::5] = IGNORE  # 29 counted tokens
@@ -303,15 +300,8 @@ def test_chunked_strategy_many_chunks_and_vocab_blocks(monkeypatch, request, dev
     monkeypatch.setattr(reference, "CHUNK_BUDGET_BYTES", budget)
     assert 1 < reference.chunk_rows(M, V, 2, 0) <= 5  # forward chunks (no gradient buffer)
     assert reference.chunk_rows(V, M, bytes_per_logit // 2, 0) == 40  # backward blocks
-    if kernels != "cuda-stand-in":
-        logp, ent = linear_logprobs(hidden, weight, targets, bias=bias, temperature=0.8,
-                                    return_entropy=True, backend=kernels)
-    else:  # dispatch() refuses cuda for CPU tensors: the backend's autograd Function itself
-        from alignfuse.kernels import logprobs as lp_mod
-
-        request.getfixturevalue("stand_in_cuda")
-        logp, ent = lp_mod._LinearLogprobsKernel.apply("cuda", hidden, weight, bias, targets,
-                                                       0.8, IGNORE, True)
+    logp, ent = linear_logprobs(hidden, weight, targets, bias=bias, temperature=0.8,
+                                return_entropy=True, backend=kernels)
     h64, w64, b64 = (x.detach().double().requires_grad_() for x in (hidden, weight, bias))
     r_logp, r_ent = formula(h64 @ w64.T + b64, targets, temperature=0.8)
     assert_rel_close(logp, r_logp, 2e-6 if dtype == torch.float32 else 1e-5, "logp")
@@ -537,81 +527,28 @@ def test_cuda_row_math_matches_formula_on_host(cuda_row_math, V, scale, temperat
 
 
 # ---------------------------------------------------------------------------------------
-# The Python side of the cuda backend (kernels/logprobs/cuda.py) against a stand-in for
-# alignfuse.kernels._cuda that takes the same raw pointers and sizes and computes with torch:
-# checks argument order, dtypes and buffers without a GPU.
-
-
-def _view(ptr: int, shape, dtype: torch.dtype, stride0: int | None = None) -> torch.Tensor:
-    import ctypes
-
-    n = shape[0] if len(shape) == 1 else (shape[0] - 1) * stride0 + shape[1]
-    size = torch.empty(0, dtype=dtype).element_size()
-    flat = torch.frombuffer((ctypes.c_byte * (n * size)).from_address(ptr), dtype=dtype)
-    if len(shape) == 1:
-        return flat
-    return flat.as_strided(shape, (stride0, 1))
-
-
-class _StandInCuda:
-    DTYPES = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16}
-
-    def logprobs_forward(self, logits, dtype, targets, N, V, row_stride, temperature,
-                         ignore_index, logp, lse, entropy, stream):
-        assert stream == 12345
-        z = _view(logits, (N, V), self.DTYPES[dtype], row_stride).double() / temperature
-        t = _view(targets, (N,), torch.int64)
-        lp, ent = formula(z, t, 1.0, ignore_index)
-        _view(logp, (N,), torch.float32).copy_(lp)
-        _view(lse, (N,), torch.float32).copy_(torch.logsumexp(z, -1))
-        if entropy:
-            _view(entropy, (N,), torch.float32).copy_(ent)
-
-    def logprobs_backward(self, logits, dtype, targets, N, V, row_stride, temperature, lse,
-                          entropy, g_logp, g_entropy, grad, grad_dtype, stream):
-        """The kernel's formula from the saved lse / entropy: dz = g_logp (1[j=t] - p) -
-        g_entropy p (log p + entropy), over T; a target outside [0, V) matches no column."""
-        assert stream == 12345
-        z = _view(logits, (N, V), self.DTYPES[dtype], row_stride).double() / temperature
-        t = _view(targets, (N,), torch.int64)
-        log_p = z - _view(lse, (N,), torch.float32).double()[:, None]
-        p = log_p.exp()
-        gl = _view(g_logp, (N,), torch.float32).double()[:, None]
-        g = gl * ((torch.arange(V) == t[:, None]).double() - p)
-        if entropy:
-            ent = _view(entropy, (N,), torch.float32).double()[:, None]
-            g -= _view(g_entropy, (N,), torch.float32).double()[:, None] * p * (log_p + ent)
-        # after every read: grad may be the logits buffer itself
-        _view(grad, (N * V,), self.DTYPES[grad_dtype]).copy_((g / temperature).reshape(-1))
-
-
-@pytest.fixture
-def stand_in_cuda(monkeypatch):
-    """kernels/logprobs/cuda.py talking to _StandInCuda instead of the compiled module."""
-    from alignfuse.kernels.logprobs import cuda as cuda_host
-
-    monkeypatch.setattr(cuda_host, "cuda_module", lambda: _StandInCuda())
-    monkeypatch.setattr(cuda_host, "current_stream_handle", lambda device: 12345)
+# The cuda backend's logits path (kernels/logprobs/cuda.py, csrc/cuda/logprobs.cu) on logits
+# whose row stride is not V; on the GPU, or emulated on CPU.
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("entropy", [False, True])
-def test_cuda_host_wrappers_with_stand_in_module(stand_in_cuda, dtype, entropy):
+def test_cuda_logits_path_on_strided_rows(cuda_device, dtype, entropy):
     from alignfuse.kernels import logprobs as lp_mod
 
-    wide = (torch.randn(11, 80) * 3).to(dtype)
+    wide = (torch.randn(11, 80, device=cuda_device) * 3).to(dtype)
     logits = wide[:, :67].detach().requires_grad_()  # row stride 80 != V
-    targets = torch.randint(0, 67, (11,))
+    targets = torch.randint(0, 67, (11,), device=cuda_device)
     targets[2] = IGNORE
     out = lp_mod._LogitsLogprobsKernel.apply("cuda", logits, targets, 0.8, IGNORE, entropy)
     outs = out if entropy else (out,)
     ref = formula(logits.double(), targets, 0.8)[: len(outs)]
     for got, want in zip(outs, ref):
         assert got.dtype == torch.float32
-        assert_rel_close(got, want, 1e-6, "stand-in forward")
-    weights = [torch.randn(11, dtype=torch.float64) for _ in outs]
+        assert_rel_close(got, want, 1e-6, "forward")
+    weights = [torch.randn(11, dtype=torch.float64, device=cuda_device) for _ in outs]
     (g,) = grads_of(outs, [logits], weights)
     l64 = logits.detach().double().requires_grad_()
     (w,) = grads_of(formula(l64, targets, 0.8)[: len(outs)], [l64], weights)
     assert g.dtype == dtype
-    assert_rel_close(g, w, 1e-2 if dtype == torch.bfloat16 else 1e-6, "stand-in grad")
+    assert_rel_close(g, w, 1e-2 if dtype == torch.bfloat16 else 1e-6, "grad")

@@ -598,149 +598,14 @@ def test_cuda_token_math_matches_formula_on_host(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------
-# The Python side of the cuda backends (kernels/policy/cuda.py, kernels/advantages/cuda.py,
-# kernels/fused/cuda.py) against a stand-in for alignfuse.kernels._cuda that takes the same
-# raw pointers and sizes and runs the Triton twin of each kernel on them: checks argument
-# order, dtypes and buffers without a GPU (the GPU run of the backend-parametrized tests
-# checks the kernels).
-
-_DTYPES = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16}
-STREAM = 12345
-
-
-def _view(ptr: int, n: int, dtype: torch.dtype) -> torch.Tensor:
-    import ctypes
-
-    if n == 0:
-        return torch.empty(0, dtype=dtype)
-    raw = (ctypes.c_char * (n * torch.empty((), dtype=dtype).element_size())).from_address(ptr)
-    return torch.frombuffer(raw, dtype=dtype, count=n)
-
-
-class PointerCuda:
-    """The C++ signatures of csrc/cuda/policy.cu, advantages.cu and fused.cu, run by the
-    Triton kernels."""
-
-    def policy_loss(self, logp, old, adv, ref, dtype, mask, cu, weights, grad, partials,
-                    ratio_max, num_seqs, clip_low, clip_high, dual_clip, kl_coef, lr_min, lr_max,
-                    use_dual, has_ref, estimator, adv_per_seq, sequence_level, stream):
-        from alignfuse.kernels.policy.triton_policy_loss import _policy_loss_kernel
-
-        assert stream == STREAM
-        cu_t = _view(cu, num_seqs + 1, torch.int32)
-        n, t = int(cu_t[-1]), _DTYPES[dtype]
-        _policy_loss_kernel[(num_seqs,)](
-            _view(logp, n, t), _view(old, n, t), _view(adv, num_seqs if adv_per_seq else n, t),
-            _view(ref, n, t), _view(mask, n, torch.float32), cu_t,
-            _view(weights, num_seqs, torch.float32), _view(grad, n, torch.float32),
-            _view(partials, num_seqs * 8, torch.float32),
-            _view(ratio_max, num_seqs, torch.float32), clip_low, clip_high, dual_clip, kl_coef,
-            lr_min, lr_max, HAS_REF=bool(has_ref), ADV_PER_SEQ=bool(adv_per_seq),
-            SEQUENCE_LEVEL=bool(sequence_level), USE_DUAL_CLIP=bool(use_dual),
-            KL_ESTIMATOR=estimator, BLOCK=256)
-
-    def value_loss(self, values, old, returns, dtype, mask, cu, weights, grad, partials,
-                   num_seqs, clip, use_clip, stream):
-        from alignfuse.kernels.policy.triton_value_loss import _value_loss_kernel
-
-        assert stream == STREAM
-        cu_t = _view(cu, num_seqs + 1, torch.int32)
-        n, t = int(cu_t[-1]), _DTYPES[dtype]
-        _value_loss_kernel[(num_seqs,)](
-            _view(values, n, t), _view(old, n, t), _view(returns, n, t),
-            _view(mask, n, torch.float32), cu_t, _view(weights, num_seqs, torch.float32),
-            _view(grad, n, torch.float32), _view(partials, num_seqs * 4, torch.float32), clip,
-            USE_CLIP=bool(use_clip), BLOCK=256)
-
-    def kl_penalty(self, logp, ref, dtype, kl, grad, n, estimator, stream):
-        from alignfuse.kernels.policy.triton_kl import _kl_penalty_kernel
-
-        assert stream == STREAM
-        t = _DTYPES[dtype]
-        _kl_penalty_kernel[(-(-n // 1024),)](_view(logp, n, t), _view(ref, n, t),
-                                             _view(kl, n, torch.float32),
-                                             _view(grad, n, torch.float32), n,
-                                             KL_ESTIMATOR=estimator, BLOCK=1024)
-
-    def group_advantages(self, rewards, dtype, out, num_groups, group_size, eps,
-                         batch_denominator, estimator, scale, stream):
-        from alignfuse.kernels.advantages.triton_group import _group_advantages_kernel
-
-        assert stream == STREAM
-        n = num_groups * group_size
-        _group_advantages_kernel[(num_groups,)](
-            _view(rewards, n, _DTYPES[dtype]), _view(out, n, torch.float32), group_size, eps,
-            batch_denominator, ESTIMATOR=estimator, SCALE=scale,
-            BLOCK=max(16, 1 << (group_size - 1).bit_length()))
-
-    def fused_chunk_loss(self, z, z_dtype, dz, dz_dtype, targets, weights, old, adv, ref,
-                         seq_lr, stats, C, V, stride_z, stride_dz, stride_stats, temperature,
-                         clip_low, clip_high, dual_clip, kl_coef, lr_min, lr_max, use_dual,
-                         has_ref, estimator, loss_kind, sequence_level, entropy_coef,
-                         smoothing, stream):
-        from alignfuse.kernels.fused.chunk_loss import NUM_STATS, ChunkLoss
-        from alignfuse.kernels.fused.triton_fused_loss import fused_chunk_loss
-
-        assert stream == STREAM
-
-        def rows(ptr, n_rows, width, stride, dtype):
-            n = (n_rows - 1) * stride + width if n_rows else 0
-            return _view(ptr, n, dtype).as_strided((n_rows, width), (stride, 1))
-
-        def per_token(ptr):
-            return _view(ptr, C, torch.float32) if ptr else None
-
-        fused_chunk_loss(
-            rows(z, C, V, stride_z, _DTYPES[z_dtype]),
-            rows(dz, C, V, stride_dz, _DTYPES[dz_dtype]) if dz else None,
-            _view(targets, C, torch.int64), per_token(weights),
-            rows(stats, NUM_STATS, C, stride_stats, torch.float32), temperature,
-            ChunkLoss(loss_kind, clip_low=clip_low, clip_high=clip_high,
-                      dual_clip=dual_clip if use_dual else None, kl_coef=kl_coef,
-                      kl_estimator_code=estimator, log_ratio_bounds=(lr_min, lr_max),
-                      entropy_coef=entropy_coef, label_smoothing=smoothing),
-            old_logps=per_token(old), advantages=per_token(adv),
-            ref_logps=per_token(ref) if has_ref else None,
-            seq_log_ratio=per_token(seq_lr) if sequence_level else None)
-
-    def gae(self, rewards, values, dtype, mask, cu, adv, ret, num_seqs, gamma, lam, stream):
-        from alignfuse.kernels.advantages.triton_gae import _gae_kernel
-
-        assert stream == STREAM
-        cu_t = _view(cu, num_seqs + 1, torch.int32)
-        n, t = int(cu_t[-1]), _DTYPES[dtype]
-        _gae_kernel[(num_seqs,)](_view(rewards, n, t), _view(values, n, t),
-                                 _view(mask, n, torch.float32), cu_t,
-                                 _view(adv, n, torch.float32), _view(ret, n, torch.float32),
-                                 gamma, lam, BLOCK=128)
-
-
-def use_pointer_cuda(monkeypatch, *modules):
-    """Route the cuda backends of `modules` (their `dispatch`) to the stand-in, on CPU."""
-    from alignfuse.kernels import backends
-    from alignfuse.kernels.advantages import cuda as advantages_cuda
-    from alignfuse.kernels.fused import cuda as fused_cuda
-    from alignfuse.kernels.policy import cuda as policy_cuda
-
-    stand_in = PointerCuda()
-    for mod in (policy_cuda, advantages_cuda, fused_cuda):
-        monkeypatch.setattr(mod, "cuda_module", lambda: stand_in)
-        monkeypatch.setattr(mod, "current_stream_handle", lambda device: STREAM)
-    for mod in modules:
-        monkeypatch.setattr(mod, "dispatch", lambda op, backend, device, *args:
-                            backends.registered(op)["cuda"](*args))
+# The Python side of the cuda backends (kernels/policy/cuda.py): pointers, dtype codes and the
+# argument order of csrc/cuda/policy.cu, with the kernels themselves emulated on CPU
+# (tests/cuda_emu), on mixed cases the backend-parametrized tests do not draw.
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-@pytest.mark.cpu_only  # a CUDA stand-in that runs Triton kernels on CPU tensors
-def test_cuda_bindings_policy_ops(monkeypatch, dtype):
-    import importlib
-
-    # the packages re-export functions of the same names: take the modules themselves
-    kl_module = importlib.import_module("alignfuse.kernels.policy.kl")
-    policy_module = importlib.import_module("alignfuse.kernels.policy.policy_loss")
-    value_module = importlib.import_module("alignfuse.kernels.policy.value_loss")
-
+@pytest.mark.cpu_only  # the CUDA emulation (CPU tensors)
+def test_cuda_bindings_policy_ops(emulated_cuda, dtype):
     lp, old, ref, adv, mask = make_batch(B=4, T=19, dtype=dtype)
     seq_adv = torch.randn(4, dtype=dtype)
     cases = [dict(importance_level="token", dual_clip=1.5, loss_agg="seq-mean-token-mean",
@@ -762,7 +627,6 @@ def test_cuda_bindings_policy_ops(monkeypatch, dtype):
     v_exp = value_loss(lp, old, ref, mask=mask, clip=0.1, backend="torch")
     kl_exp = kl_penalty(lp, ref, "k3", backend="torch")
 
-    use_pointer_cuda(monkeypatch, policy_module, value_module, kl_module)
     got = policy_losses("cuda")
     grad_tol = 1e-5 if dtype == torch.float64 else 1e-2
     for (le, ge, me), (lg, gg, mg) in zip(expected, got):

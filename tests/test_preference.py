@@ -547,87 +547,21 @@ def test_cuda_formulas_match_formula_on_host(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------
-# The Python side of the cuda backend (kernels/preference/cuda.py) against a stand-in module
-# that reads and writes the raw pointers it is given: checks the argument order and the
-# buffers without a GPU (the GPU run of the tests above checks the kernels themselves).
-
-
-class _PointerModule:
-    """Stand-in for alignfuse.kernels._cuda: the C++ signatures, computed with torch."""
-
-    _DTYPES = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16}
-
-    @staticmethod
-    def _view(ptr, n, dtype):
-        import ctypes
-
-        nbytes = n * torch.empty((), dtype=dtype).element_size()
-        raw = (ctypes.c_char * nbytes).from_address(ptr)
-        return torch.frombuffer(raw, dtype=dtype, count=n)
-
-    def dpo_loss(self, pc, pr, rc, rr, dtype, len_c, len_r, delta, loss, g_pc, g_pr, g_rc, g_rr,
-                 rew_c, rew_r, S, beta, eps, tau, exo_log_eps, exo_log1m_eps, formula,
-                 normalize, stream):
-        from alignfuse.kernels.preference.dpo import FORMULAS, DPOProblem, _dpo_torch
-
-        assert stream == 12345
-        assert math.isclose(exo_log_eps, math.log(eps or 1e-3), rel_tol=1e-12)
-        assert math.isclose(exo_log1m_eps, math.log1p(-(eps or 1e-3)), rel_tol=1e-12)
-        # Read in their dtype, differentiated in float32 as the kernel does: float32 leaves
-        # keep the local gradients float32 (bf16 leaves would round them, and the check
-        # would meet a second bf16 rounding the real kernel does not make).
-        t = self._DTYPES[dtype]
-        inputs = [self._view(p, S, t).float().requires_grad_(True) for p in (pc, pr, rc, rr)]
-        lengths = [self._view(p, S, torch.float32) for p in (len_c, len_r)] if normalize else [None, None]
-        d = self._view(delta, 1, torch.float32) if FORMULAS[formula] == "bco_pair" else None
-        problem = DPOProblem(FORMULAS[formula], bool(normalize), beta, eps, tau)
-        with torch.enable_grad():  # called inside an autograd Function's forward
-            losses, chosen, rejected = _dpo_torch(*inputs, *lengths, d, problem)
-            grads = torch.autograd.grad(losses.sum(), inputs)
-        for ptr, value in zip((loss, g_pc, g_pr, g_rc, g_rr, rew_c, rew_r),
-                              (losses, *grads, chosen, rejected)):
-            self._view(ptr, S, torch.float32).copy_(value.detach())
-
-    def kto_loss(self, policy, ref, dtype, desirable, kl, loss, g_policy, g_ref, reward, S,
-                 beta, desirable_weight, undesirable_weight, stream):
-        from alignfuse.kernels.preference.kto import KTOProblem, _kto_torch
-
-        assert stream == 12345
-        t = self._DTYPES[dtype]  # float32 leaves, as in dpo_loss above
-        inputs = [self._view(p, S, t).float().requires_grad_(True) for p in (policy, ref)]
-        flags = self._view(desirable, S, torch.uint8).bool()
-        problem = KTOProblem(beta, desirable_weight, undesirable_weight)
-        with torch.enable_grad():
-            losses, rewards = _kto_torch(*inputs, flags, self._view(kl, 1, torch.float32),
-                                         problem)
-            grads = torch.autograd.grad(losses.sum(), inputs)
-        for ptr, value in zip((loss, g_policy, g_ref, reward), (losses, *grads, rewards)):
-            self._view(ptr, S, torch.float32).copy_(value.detach())
-
-
-@pytest.fixture
-def pointer_cuda_backend(monkeypatch):
-    """Route backend="cuda" on CPU tensors through cuda.py into `_PointerModule`."""
-    from alignfuse.kernels import backends
-    from alignfuse.kernels.preference import cuda as cuda_binding
-
-    monkeypatch.setattr(cuda_binding, "cuda_module", lambda: _PointerModule())
-    monkeypatch.setattr(cuda_binding, "current_stream_handle", lambda device: 12345)
-    real = backends._why_unavailable
-    monkeypatch.setattr(backends, "_why_unavailable",
-                        lambda op, name, device: None if name == "cuda" else real(op, name, device))
-    return "cuda"
+# The cuda backend (kernels/preference/cuda.py, csrc/cuda/preference.cu emulated on CPU) on
+# the formulas with extra inputs (lengths, the bco delta), bf16, and mixed input dtypes.
 
 
 @pytest.mark.parametrize("loss_type,eps", [("sigmoid", 0.1), ("exo_pair", 0.0), ("ipo", 0.0),
                                            ("bco_pair", 0.0), ("aot", 0.0),
                                            ("sigmoid_norm", 0.0)])
-def test_cuda_binding_passes_the_right_buffers(loss_type, eps, pointer_cuda_backend):
-    _check_dpo(loss_type, eps, pointer_cuda_backend)
-    _check_dpo(loss_type, eps, pointer_cuda_backend, dtype=torch.bfloat16, grad_tol=1e-2)
+@pytest.mark.cpu_only  # the CUDA emulation (CPU tensors)
+def test_cuda_binding_passes_the_right_buffers(loss_type, eps, emulated_cuda):
+    _check_dpo(loss_type, eps, "cuda")
+    _check_dpo(loss_type, eps, "cuda", dtype=torch.bfloat16, grad_tol=1e-2)
 
 
-def test_cuda_binding_kto_and_mixed_dtypes(pointer_cuda_backend):
-    _check_kto(pointer_cuda_backend)
-    _check_kto(pointer_cuda_backend, dtype=torch.bfloat16, grad_tol=1e-2)
-    test_dpo_mixed_input_dtypes(pointer_cuda_backend, "cpu")
+@pytest.mark.cpu_only  # the CUDA emulation (CPU tensors)
+def test_cuda_binding_kto_and_mixed_dtypes(emulated_cuda):
+    _check_kto("cuda")
+    _check_kto("cuda", dtype=torch.bfloat16, grad_tol=1e-2)
+    test_dpo_mixed_input_dtypes("cuda", "cpu")

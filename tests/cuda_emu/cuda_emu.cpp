@@ -119,6 +119,8 @@ struct Scheduler {
   cudaError_t last_error = cudaSuccess;
   std::string message;
   long long launches = 0, blocks = 0;
+  std::uintptr_t expected_stream = 0;
+  long long foreign_stream_launches = 0;  // launches on another stream than expected_stream
 };
 
 Scheduler& sched() {
@@ -267,8 +269,9 @@ void warp_exchange(unsigned mask, const void* in, void* out, std::size_t bytes, 
   wait_here(State::kAtWarpBarrier);  // nobody overwrites a slot before every lane has read
 }
 
-void run_grid(dim3 grid, dim3 block, const std::function<void()>& body) {
+void run_grid(dim3 grid, dim3 block, cudaStream_t stream, const std::function<void()>& body) {
   Scheduler& s = sched();
+  if (reinterpret_cast<std::uintptr_t>(stream) != s.expected_stream) ++s.foreign_stream_launches;
   const unsigned long long threads = 1ull * block.x * block.y * block.z;
   if (threads == 0 || threads > 1024 || block.z > 64 || grid.x == 0 || grid.y == 0 || grid.z == 0 ||
       grid.x > 0x7fffffffu || grid.y > 65535 || grid.z > 65535) {
@@ -320,8 +323,16 @@ alignfuse::CudaRegistrar reg([](pybind11::module_& m) {
     pybind11::dict d;
     d["launches"] = sched().launches;
     d["blocks"] = sched().blocks;
+    d["foreign_stream_launches"] = sched().foreign_stream_launches;
     return d;
-  }, "kernel launches and blocks run so far");
+  }, "kernel launches, blocks run, and launches on another stream than emu_expect_stream's");
+  m.def(
+      "emu_expect_stream",
+      [](std::uintptr_t stream) {
+        sched().expected_stream = stream;
+        sched().foreign_stream_launches = 0;
+      },
+      "the stream handle launches should name (torch's current stream, as the tests fake it)");
 });
 }  // namespace
 

@@ -16,7 +16,8 @@
 //   one is reported by cudaGetLastError;
 // - __shared__ is `static`: one copy, shared by the threads of the running block;
 // - __half and __nv_bfloat16 convert with round-to-nearest-even, as the device does.
-// What is not: memory checking (a stray index reads host memory), timing, streams.
+// What is not: memory checking (a stray index reads host memory), timing, streams (a launch
+// runs at once; which stream it names is recorded, for tests).
 #pragma once
 
 #include <math.h>
@@ -67,26 +68,30 @@ void block_barrier();  // __syncthreads
 const char* last_message();
 
 // Runs body() as every thread of every block of the grid; errors go to cudaGetLastError.
-void run_grid(dim3 grid, dim3 block, const std::function<void()>& body);
+// The stream is only recorded (emu_counts: a launch on another stream than the one tests
+// expect, torch's current one, is counted).
+void run_grid(dim3 grid, dim3 block, cudaStream_t stream, const std::function<void()>& body);
 
 template <typename... P>
 struct Launch {
   dim3 grid, block;
+  cudaStream_t stream;
   void (*kernel)(P...);
   template <typename... A>
   void operator()(A&&... args) const {
-    run_grid(grid, block, [&] { kernel(args...); });
+    run_grid(grid, block, stream, [&] { kernel(args...); });
   }
 };
 
 template <typename... P>
-Launch<P...> launcher(dim3 grid, dim3 block, void (*kernel)(P...)) {
-  return {grid, block, kernel};
+Launch<P...> launcher(dim3 grid, dim3 block, cudaStream_t stream, void (*kernel)(P...)) {
+  return {grid, block, stream, kernel};
 }
 
 }  // namespace alignfuse_emu
 
-#define ALIGNFUSE_LAUNCH(grid, block, stream, ...) ::alignfuse_emu::launcher((grid), (block), __VA_ARGS__)
+#define ALIGNFUSE_LAUNCH(grid, block, stream, ...) \
+  ::alignfuse_emu::launcher((grid), (block), (stream), __VA_ARGS__)
 
 template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
