@@ -102,8 +102,15 @@ def _rows(source) -> Iterator[tuple[str, int, Any]]:
     """(source name, 1-based line or row, parsed object) for a JSONL path or a Dataset."""
     if isinstance(source, (str, os.PathLike)):
         name = os.fspath(source)
-        with open(name, encoding="utf-8") as f:
-            for number, text in enumerate(f, start=1):
+        # Bytes, decoded line by line: a text-mode read raises a bad byte's error with no
+        # line number.
+        with open(name, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataFormatError(name, number, None, f"invalid UTF-8 ({err.reason} "
+                                          f"at byte {err.start})") from None
                 if not text.strip():
                     continue  # blank lines (e.g. a trailing newline) are not records
                 try:
@@ -112,6 +119,9 @@ def _rows(source) -> Iterator[tuple[str, int, Any]]:
                     raise DataFormatError(name, number, None, f"invalid JSON ({err.msg} at "
                                           f"column {err.colno})") from None
         return
+    if isinstance(getattr(source, "column_names", None), dict):  # a DatasetDict: its splits
+        raise TypeError(f"source is a DatasetDict with splits {list(source.column_names)}; "
+                        "pass one split, e.g. source[\"train\"]")
     if hasattr(source, "column_names") and hasattr(source, "__iter__"):  # datasets.Dataset
         for number, row in enumerate(source, start=1):
             yield "dataset", number, row
@@ -188,10 +198,20 @@ def load_scored(source) -> list[ScoredRecord]:
 
 def load_ranked(source) -> list[RankedRecord]:
     """Ranked lists from JSONL or a Dataset: `prompt`, `responses` (>= 2 strings, best first
-    unless `ranks` says otherwise), optional `ranks` (rank of each response, 0 = best)."""
+    unless `ranks` says otherwise, the same number K in every record), optional `ranks`
+    (rank of each response, 0 = best)."""
+    first: list[tuple[int, int]] = []  # (K, line) of the first record
+
     def parse(r: _Fields) -> RankedRecord:
         responses = r.get("responses", lambda v: isinstance(v, list) and len(v) >= 2
                           and all(isinstance(x, str) for x in v), "a list of >= 2 strings")
+        # The listwise loss scores a [prompts, K] block per micro-batch: a record with
+        # another K would stop the run halfway, in whichever step first packs it.
+        if not first:
+            first.append((len(responses), r.line))
+        elif len(responses) != first[0][0]:
+            r.fail("responses", f"expected {first[0][0]} responses (as on line {first[0][1]}; "
+                                f"every record needs the same number), got {len(responses)}")
         ranks = r.get("ranks", lambda v: isinstance(v, list) and all(
             isinstance(x, int) and not isinstance(x, bool) for x in v),
             "a list of ints", optional=True)

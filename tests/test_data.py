@@ -78,8 +78,11 @@ def test_load_ranked_puts_responses_best_first(tmp_path):
     (load_scored, SCORED_ROWS, {"prompt": "p", "score": 1.0}, "completion", "missing"),
     (load_ranked, RANKED_ROWS, {"prompt": "p", "responses": ["only one"]}, "responses",
      "list of >= 2 strings"),
-    (load_ranked, RANKED_ROWS, {"prompt": "p", "responses": ["a", "b"], "ranks": [0, 0]},
+    (load_ranked, RANKED_ROWS, {"prompt": "p", "responses": ["a", "b", "c"], "ranks": [0, 0, 1]},
      "ranks", "permutation"),
+    # Listwise training packs [prompts, K] blocks: another K would fail mid-run.
+    (load_ranked, RANKED_ROWS, {"prompt": "p", "responses": ["a", "b"]}, "responses",
+     "expected 3 responses (as on line 1"),
 ])
 def test_malformed_record_names_file_line_and_field(tmp_path, loader, rows, bad_row, field,
                                                     problem):
@@ -107,6 +110,9 @@ def test_invalid_json_and_non_object_name_the_line(tmp_path):
         load_dpo(str(path))
     with pytest.raises(TypeError, match="source"):
         load_dpo(42)
+    path.write_bytes(json.dumps(DPO_ROWS[0]).encode() + b"\n" + b'{"instruction": "\xff"}\n')
+    with pytest.raises(DataFormatError, match=r"broken\.jsonl: line 2: invalid UTF-8"):
+        load_dpo(str(path))
 
 
 def test_chat_template_is_used():
@@ -201,6 +207,15 @@ def test_datasets_malformed_row_names_row_and_field():
     bad = datasets.Dataset.from_list([{"prompt": "p", "completion": "c", "score": "high"}])
     with pytest.raises(DataFormatError, match=r"row 1: field 'score'"):
         load_scored(bad)
+
+
+def test_datasets_dict_asks_for_a_split():
+    datasets = pytest.importorskip("datasets")
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(SCORED_ROWS),
+                                   "test": datasets.Dataset.from_list(SCORED_ROWS)})
+    with pytest.raises(TypeError, match=r"DatasetDict with splits \['train', 'test'\]"):
+        load_scored(splits)
+    assert load_scored(splits["train"]) == load_scored(datasets.Dataset.from_list(SCORED_ROWS))
 
 
 def test_packed_tokens_match_the_tokenized_sequences(tmp_path):
