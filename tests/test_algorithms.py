@@ -176,3 +176,37 @@ def test_malformed_batches_are_named():
         RewardModel(model, kind="triplet")
     with pytest.raises(TypeError, match="model"):
         SFT("not a model")
+
+
+def test_sft_micro_batch_without_targets_adds_nothing():
+    """A micro-batch whose sequences are all prompt (e.g. truncated) weighs 0 in the step;
+    only a step with no target token at all is an error."""
+    from alignfuse.engine.loop import run_batches
+
+    model = tiny_model("llama", VOCAB, seed=3)
+    seqs, prompts, _ = pair_data(5)
+    with_targets = pack(seqs[:2], max_tokens=400, prompt_lengths=prompts[:2])
+    no_targets = pack(seqs[2:3], max_tokens=400, prompt_lengths=[len(seqs[2])])
+    sft = SFT(model)
+    alone = run_batches(sft, with_targets, train=True)
+    expected = grads(model)
+    model.zero_grad(set_to_none=True)
+    together = run_batches(sft, with_targets + no_targets, train=True)
+    assert together["loss"] == alone["loss"]
+    for name, grad in grads(model).items():
+        assert torch.equal(grad, expected[name]), name
+    with pytest.raises(ValueError, match="nothing to learn from"):
+        run_batches(sft, no_targets, train=True)
+
+
+def test_reward_model_accuracy_counts_ties_as_wrong():
+    """A fresh zero-initialised head scores every response alike: no ranking is right yet,
+    listwise as pairwise."""
+    model = tiny_model("llama", VOCAB, seed=3)
+    seqs, prompts, _ = pair_data(6, num_pairs=3)  # 6 sequences: 2 prompts x K=3 responses
+    (listwise,) = pack(seqs, max_tokens=400, prompt_lengths=prompts, groups=[0, 0, 0, 1, 1, 1])
+    _, metrics = RewardModel(model, kind="listwise").loss(listwise)
+    assert metrics["rewards/top1_accuracy"] == 0.0
+    (pairwise,) = batches_for("rm", seed=6)
+    _, metrics = RewardModel(model, kind="pairwise").loss(pairwise)
+    assert metrics["rewards/accuracy"] == 0.0

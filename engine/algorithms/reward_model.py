@@ -92,5 +92,8 @@ class RewardModel(Algorithm):
         # Responses of a group are packed best first, so the ranking is the identity.
         ranking = torch.arange(scores.shape[1], device=scores.device).expand_as(scores)
         loss = listwise_rm_loss(scores, ranking)
-        top = scores.detach().argmax(dim=1)
-        return loss, {"rewards/top1_accuracy": float((top == 0).float().mean())}
+        # Strictly above every other response, as the pairwise accuracy counts chosen > rejected:
+        # argmax breaks ties towards index 0, so equal scores (a fresh zero head) read as 1.0.
+        scores = scores.detach()
+        top1 = (scores[:, :1] > scores[:, 1:]).all(dim=1)
+        return loss, {"rewards/top1_accuracy": float(top1.float().mean())}

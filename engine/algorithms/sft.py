@@ -12,7 +12,8 @@ class SFT(Algorithm):
     """loss = -sum_i logp_i / #target tokens, over the micro-batch's target tokens.
 
     Units are target tokens: with `loss_scale = tokens(batch) / tokens(all micro-batches)`
-    accumulation equals one big batch.
+    accumulation equals one big batch. A micro-batch without target tokens (e.g. a prompt
+    truncated to fill it) has weight 0: its loss is 0 and it adds nothing.
     """
 
     def num_units(self, batch) -> int:
@@ -21,8 +22,8 @@ class SFT(Algorithm):
     def loss(self, batch) -> tuple[torch.Tensor, dict[str, float]]:
         logps = self.policy_token_logps(batch)
         tokens = self.num_units(batch)
-        if tokens == 0:
-            raise ValueError("the batch has no target tokens (every target is ignore_index): "
-                             "nothing to learn; check prompt_lengths")
-        nll = -logps.sum() / tokens  # ignored targets have logp 0
+        # Ignored targets have logp 0. Zero tokens: a zero loss that still reaches every
+        # parameter (DDP/FSDP wait for a gradient from each rank); the caller, who sees the
+        # whole optimizer step, decides whether no targets at all is an error.
+        nll = -logps.sum() / max(tokens, 1)
         return nll, {"tokens": float(batch.num_tokens), "perplexity": float(nll.detach().exp())}
