@@ -457,20 +457,28 @@ class HFRollout(Rollout):
         if sampling.seed is not None:
             generator_state = torch.random.get_rng_state()
             torch.manual_seed(sampling.seed)
+        from transformers import GenerationConfig
+
+        generation = GenerationConfig(
+            do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k,  # 0 = off
+            top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens,
+            eos_token_id=stop or None, pad_token_id=pad, output_scores=True,
+            return_dict_in_generate=True)
+        # `generate` fills every field left unset from `model.generation_config`, where hub
+        # models ship sampling defaults (repetition_penalty, top_k, ...). vLLM ignores them
+        # (VLLMRollout: generation_config="vllm"); so does this sampler, while it runs: the
+        # log-probs must be those of the distribution SamplingConfig describes.
+        shipped = model.generation_config
         was_training = model.training
         model.eval()
+        model.generation_config = generation
         samples = []
         try:
             # One prompt at a time: no left padding, so positions are exactly the trainer's.
             for index, prompt in enumerate(prompts):
                 ids = torch.tensor([prompt] * n, device=device)
-                out = model.generate(
-                    input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                    temperature=sampling.temperature, top_k=sampling.top_k,  # 0 = off
-                    top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens,
-                    eos_token_id=stop or None, pad_token_id=pad, output_scores=True,
-                    return_dict_in_generate=True,
-                )
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                     generation_config=generation)
                 new = out.sequences[:, len(prompt):]
                 # `scores` are the processed logits the sampler drew from (temperature, top-k,
                 # top-p applied), one [n, V] tensor per step.
@@ -486,6 +494,7 @@ class HFRollout(Rollout):
                     samples.append(Sample(index, prompt, tokens[:length], reason,
                                           logps[row, :length].cpu()))
         finally:
+            model.generation_config = shipped
             model.train(was_training)
             if generator_state is not None:
                 torch.random.set_rng_state(generator_state)

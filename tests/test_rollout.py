@@ -231,6 +231,21 @@ def test_hf_rollout_logprobs_match_training_forward():
     assert [s.completion_token_ids for s in again] == [s.completion_token_ids for s in samples]
 
 
+def test_hf_rollout_ignores_the_models_shipped_generation_config():
+    """Hub models ship sampling defaults (repetition_penalty, top_k, ...) in
+    `model.generation_config`; vLLM ignores them, and so must HFRollout: it samples exactly
+    what SamplingConfig says, so its log-probs stay the trainer's."""
+    model = tiny_model("llama", 128, seed=3)
+    model.generation_config.repetition_penalty = 3.0
+    model.generation_config.top_k = 5
+    model.generation_config.no_repeat_ngram_size = 1
+    sampling = SamplingConfig(max_new_tokens=8, temperature=TEMPERATURE, seed=7,
+                              stop_token_ids=list(range(3, 23)))
+    samples = HFRollout(model).generate(PROMPTS, 3, sampling)
+    assert max_logprob_gap(model, samples) < LOGPROB_TOL
+    assert model.generation_config.repetition_penalty == 3.0  # the model's own is kept
+
+
 def test_hf_rollout_sync_copies_weights_from_a_wrapped_model():
     gen_model, trained = tiny_model("llama", 128, seed=4), tiny_model("llama", 128, seed=5)
     rollout = HFRollout(gen_model)
