@@ -13,13 +13,15 @@ checkpoint or the new one, never a torn one:
    fsync + `os.replace` dance. Resume reads `latest`, so a directory that was renamed but
    not yet pointed to is simply ignored.
 
-Older checkpoints beyond `keep` are removed only after the pointer has moved.
+Older checkpoints beyond `keep` are removed only after the pointer has moved, and so are the
+temporary directories of saves that a kill interrupted.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -100,9 +102,34 @@ def save_checkpoint(root: str | os.PathLike, step: int, state: dict[str, Any], *
         raise
     _fsync_dir(root)
     atomic_write_bytes(root / LATEST, final.name.encode())
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    _prune(root, final, step, keep)
     return final
+
+
+def _step_of(path: Path) -> int | None:
+    match = re.fullmatch(r"step-(\d+)", path.name)
+    return int(match.group(1)) if match else None
+
+
+def _prune(root: Path, final: Path, step: int, keep: int) -> None:
+    """Keep `final` (what `latest` now points to) and the `keep - 1` checkpoints just before
+    it; remove the rest and the temp directories of interrupted saves.
+
+    Ordered by the parsed step, not the name: names stop sorting by step once the number
+    outgrows its 6 digits. Checkpoints numbered above `step` are left over from an older run
+    into the same folder (this run's `latest` no longer points into their history), so they
+    are the first to go rather than this run's own.
+    """
+    others = [(s, p) for p in root.glob("step-*")
+              if p.is_dir() and p != final and (s := _step_of(p)) is not None]
+    others.sort(key=lambda item: (item[0] < step, item[0]), reverse=True)
+    for _, old in others[keep - 1:]:
+        shutil.rmtree(old, ignore_errors=True)
+    # This process's own temp directory is gone (renamed to `final`, or removed on error),
+    # so any left is from a save that was killed midway.
+    for stale in root.glob(".step-*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:

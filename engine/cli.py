@@ -31,19 +31,24 @@ DEMO_METRICS = (("rewards/accuracy", "reward accuracy"), ("rewards/margin", "rew
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .loop import load_config_file, make_config, train
+    from .loop import ConfigError, load_config_file, make_config, train
     from .online_loop import ONLINE_ALGORITHMS, make_online_config, train_online
 
+    values = load_config_file(args.config) if args.config else {}
+    # The command names the algorithm; a config file or override naming another one is a
+    # mistake to report, not a value to silently overrule.
+    given = [(f"the config file {args.config}", values.get("algorithm")
+              if isinstance(values, dict) else None)]
+    given += [("the command line", item.split("=", 1)[1].strip()) for item in args.overrides
+              if "=" in item and item.split("=", 1)[0].strip() == "algorithm"]
+    for where, algorithm in given:
+        if algorithm is not None and algorithm != args.algorithm:
+            raise ConfigError(f"{where} says algorithm={algorithm!r} but the command is "
+                              f"`train {args.algorithm}`")
     if args.algorithm in ONLINE_ALGORITHMS:  # GRPO/PPO: OnlineConfig keys (engine/online_loop.py)
-        values = load_config_file(args.config) if args.config else {}
         train_online(make_online_config(values, args.overrides, algorithm=args.algorithm),
                      resume=args.resume)
         return 0
-    values = load_config_file(args.config) if args.config else {}
-    if values.get("algorithm", args.algorithm) != args.algorithm:
-        print(f"alignfuse: error: the config says algorithm={values['algorithm']!r} but the "
-              f"command is `train {args.algorithm}`", file=sys.stderr)
-        return 2
     cfg = make_config(values, args.overrides, algorithm=args.algorithm)
     summary = train(cfg, resume=args.resume)
     _print_summary(summary, cfg.algorithm)

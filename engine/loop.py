@@ -94,6 +94,13 @@ class TrainConfig:
                               f"got {self.reference!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ConfigError(f"device must be a torch device such as cpu or cuda:0, "
+                              f"got {self.device!r}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device={self.device!r}, but torch sees no CUDA device here")
         for key in ("steps", "batch_size", "max_tokens", "num_examples", "log_every",
                     "keep_checkpoints", "num_threads"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
@@ -106,7 +113,34 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be > 0, got {getattr(self, key)!r}")
         if self.algorithm != "rm" and self.batch_size < 2 and self.algorithm == "kto":
             raise ConfigError("batch_size must be >= 2 for kto (mismatched pairs)")
+        self._check_loss_options()
         return self
+
+    def _check_loss_options(self) -> None:
+        """beta, loss_type, label_smoothing, ...: the algorithm's own loss checks them on one
+        dummy pair, so a bad value stops the run here (not after model load and warm-up)
+        and the valid values keep one definition, the kernels'."""
+        from alignfuse.kernels import dpo_loss, kto_loss, orpo_loss, simpo_loss
+        from alignfuse.kernels.preference.dpo import LENGTH_NORMALIZED
+
+        logps, lengths = torch.full((1,), -1.0), torch.ones(1)
+        try:
+            if self.algorithm == "dpo":
+                extra = ({"chosen_lengths": lengths, "rejected_lengths": lengths}
+                         if self.loss_type in LENGTH_NORMALIZED else {})
+                dpo_loss(logps, logps, logps, logps, beta=self.beta, loss_type=self.loss_type,
+                         label_smoothing=self.label_smoothing, backend="torch", **extra)
+            elif self.algorithm == "kto":
+                kto_loss(logps, logps, torch.ones(1, dtype=torch.bool), 0.0, beta=self.beta,
+                         desirable_weight=self.desirable_weight,
+                         undesirable_weight=self.undesirable_weight, backend="torch")
+            elif self.algorithm == "orpo":
+                orpo_loss(logps, logps, -logps, beta=self.beta, backend="torch")
+            elif self.algorithm == "simpo":
+                simpo_loss(logps, logps, lengths, lengths, beta=self.beta, gamma=self.gamma,
+                           label_smoothing=self.label_smoothing, backend="torch")
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{self.algorithm}: {exc}") from None
 
 
 def _check_type(key: str, value: Any, annotation: str) -> None:
@@ -240,6 +274,16 @@ def build_dataset(cfg: TrainConfig, records, tokenizer):
         dataset = preferred_only(dataset)
     if cfg.algorithm == "kto":
         dataset = kto_dataset(dataset)
+    # The loop packs without truncation (a cut completion would change what is learned),
+    # so a record (its sequences are packed together) must fit one micro-batch.
+    sizes = [0] * dataset.num_records
+    for i, record in enumerate(dataset.record_index):
+        sizes[record] += len(dataset.sequence(i))
+    largest = max(range(len(sizes)), key=sizes.__getitem__, default=None)
+    if largest is not None and sizes[largest] > cfg.max_tokens:
+        raise ConfigError(f"max_tokens={cfg.max_tokens} is too small: record {largest} has "
+                          f"{sizes[largest]} tokens (its sequences are packed together); "
+                          f"raise max_tokens")
     return dataset
 
 
@@ -289,6 +333,10 @@ def run_batches(algorithm, batches, *, train: bool) -> dict[str, float]:
     device = next(algorithm.model.parameters()).device
     batches = [b.to(device) for b in batches]
     total = sum(algorithm.num_units(b) for b in batches)
+    if total == 0:
+        raise ValueError(f"{type(algorithm).__name__}: the step's {len(batches)} micro-batches "
+                         "hold nothing to learn from (num_units is 0; for SFT: no target "
+                         "tokens, every completion cut off or empty)")
     sums: dict[str, float] = {}
     for batch in batches:
         units = algorithm.num_units(batch)
@@ -352,7 +400,9 @@ def sft_warmup(cfg: TrainConfig, model, records, tokenizer) -> None:
 
 
 # Keys that may change between a run and its resumption (they do not change the numbers).
-RESUMABLE_CHANGES = ("steps", "crash_after_steps", "progress", "save_every", "eval_every",
+# Not `steps`: the learning rate decays over `steps` optimizer steps, so a resumed run with
+# another value would jump to a point of a schedule neither run follows.
+RESUMABLE_CHANGES = ("crash_after_steps", "progress", "save_every", "eval_every",
                      "log_every", "tensorboard", "keep_checkpoints", "num_threads")
 
 
@@ -367,12 +417,17 @@ def open_run(cfg, *, resume: bool, resumable: tuple[str, ...]
     ckpt_root = out / "checkpoints"
     state = ckpt.load_checkpoint(ckpt_root, restore_rng=False) if resume else None
     if resume and state is None:
-        raise FileNotFoundError(f"resume: no checkpoint under {ckpt_root}")
+        raise ConfigError(f"resume: no checkpoint under {ckpt_root} (out_dir={cfg.out_dir!r})")
     if state is not None:
+        # Not out_dir: it is where the checkpoint was found, however it is spelled (./r, r,
+        # /abs/r) and wherever the folder was moved since.
         changed = [k for k, v in dataclasses.asdict(cfg).items()
-                   if k not in resumable and state["config"].get(k) != v]
+                   if k not in resumable and k != "out_dir" and state["config"].get(k) != v]
         if changed:
-            raise ConfigError(f"resume: the config differs from the checkpoint's in {changed}")
+            values = ", ".join(f"{k}: {state['config'].get(k)!r} -> {getattr(cfg, k)!r}"
+                               for k in changed)
+            raise ConfigError(f"resume: the config differs from the checkpoint's in {changed} "
+                              f"({values}); only {', '.join(resumable)} may change")
     return out, ckpt_root, state
 
 
@@ -454,9 +509,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
             if cfg.max_grad_norm is not None:
                 train_metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
                     params, cfg.max_grad_norm))
+            train_metrics["lr"] = scheduler.get_last_lr()[0]  # the rate this step ran at
             optimizer.step()
             scheduler.step()
-            train_metrics["lr"] = scheduler.get_last_lr()[0]
             train_metrics["tokens_per_s"] = train_metrics["tokens"] / (time.perf_counter() - t0)
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:

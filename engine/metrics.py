@@ -38,11 +38,28 @@ class MetricsLogger:
     def truncate_after(self, step: int) -> None:
         """Drop rows logged after `step` (they belong to a run that died before its next
         checkpoint and will be logged again)."""
+        from .checkpoint import atomic_write_bytes
+
         if not self.path.exists():
             self.path.write_text("")
             return
-        kept = [line for line in read_metrics(self.path) if line["step"] <= step]
-        self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+        rows = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                # A kill in the middle of `log` leaves a last line without its newline; it
+                # was logged after the checkpoint, so it goes anyway. Anything else is damage.
+                if number == len(lines) and not line.endswith("\n"):
+                    break
+                raise ValueError(f"{self.path}: line {number} is not valid JSON; cannot cut "
+                                 f"the metrics back to step {step}") from None
+        kept = [row for row in rows if row["step"] <= step]
+        # Atomic: a kill while rewriting must not lose the rows of the steps already done.
+        atomic_write_bytes(self.path, "".join(json.dumps(row) + "\n" for row in kept).encode())
 
     def log(self, step: int, metrics: dict[str, float], *, split: str = "train") -> None:
         row = {"step": int(step), "split": split,

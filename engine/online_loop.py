@@ -251,6 +251,8 @@ def train_online(cfg: OnlineConfig, *, resume: bool = False, rollout: Rollout | 
         summary["reward_before"] = state["reward_before"]
         if "kl_coef" in state:
             algorithm.kl_coef = state["kl_coef"]
+        if "kl_controller" in state:  # the adaptive coefficient's next update starts from it
+            algorithm.kl_controller.load_state_dict(state["kl_controller"])
     else:
         summary["reward_before"] = mean_reward(rollout, model, tokenizer, cfg, seed=cfg.seed + 1)
     if sft_losses:
@@ -270,6 +272,8 @@ def train_online(cfg: OnlineConfig, *, resume: bool = False, rollout: Rollout | 
         if hasattr(algorithm, "critic"):
             payload["critic"] = algorithm.critic.state_dict()
             payload["kl_coef"] = algorithm.kl_coef
+            if algorithm.kl_controller is not None:
+                payload["kl_controller"] = algorithm.kl_controller.state_dict()
         ckpt.save_checkpoint(ckpt_root, iteration, payload, keep=cfg.keep_checkpoints)
 
     prompts = addition_prompts(cfg.max_operand)

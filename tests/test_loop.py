@@ -43,6 +43,25 @@ def test_unknown_or_bad_config_keys_are_named():
     assert make_config(overrides=["lr=1e-3", "max_grad_norm=null"]).lr == 1e-3
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["loss_type=sigmoidd"], "dpo: loss_type must be one of .*'sigmoid'"),
+    (["beta=0"], r"dpo: beta must be in \(0"),
+    (["label_smoothing=0.5"], "dpo: label_smoothing must be in"),
+    (["loss_type=hinge", "label_smoothing=0.1"], "label_smoothing is only used by"),
+    (["algorithm=simpo", "beta=-1"], "simpo: beta must be"),
+    (["algorithm=kto", "desirable_weight=-1"], "kto: desirable_weight must be"),
+])
+def test_loss_options_are_checked_before_the_run(tmp_path, capsys, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        make_config(overrides=overrides)
+    algorithm = next((o.split("=")[1] for o in overrides if o.startswith("algorithm=")), "dpo")
+    rest = [o for o in overrides if not o.startswith("algorithm=")]
+    assert main(["train", algorithm, f"out_dir={tmp_path}", *SMALL, *rest]) == 2
+    assert "config error" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # stopped before the warm-up wrote reference.pt
+    make_config(overrides=["loss_type=ipo", "beta=0.5"])  # a valid choice passes
+
+
 def test_cli_reports_config_errors_with_the_key(tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text("algorithm: dpo\nbeta: [1, 2]\n")
@@ -53,6 +72,28 @@ def test_cli_reports_config_errors_with_the_key(tmp_path, capsys):
     assert "not valid YAML" in capsys.readouterr().err
     assert main(["train", "sft", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_reports_usage_mistakes_as_config_errors(tmp_path, capsys, monkeypatch):
+    run = f"out_dir={tmp_path / 'run'}"
+    assert main(["train", "sft", "--resume", run, *SMALL]) == 2
+    assert "resume: no checkpoint under" in capsys.readouterr().err
+    assert main(["train", "dpo", "algorithm=sft", run, *SMALL]) == 2
+    assert "the command line says algorithm='sft' but the command is `train dpo`" in \
+        capsys.readouterr().err
+    config = tmp_path / "c.yaml"
+    config.write_text("algorithm: dpo\n")
+    assert main(["train", "grpo", "--config", str(config), run]) == 2
+    assert "says algorithm='dpo' but the command is `train grpo`" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["train", "sft", "device=cuda", run, *SMALL]) == 2
+    assert "torch sees no CUDA device" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="device must be a torch device"):
+        make_config(overrides=["device=gpu"])
+    # A record longer than a micro-batch: the message names the config key to change.
+    assert main(["train", "dpo", run, *SMALL, "max_tokens=8"]) == 2
+    err = capsys.readouterr().err
+    assert "max_tokens=8 is too small" in err and "truncate" not in err
 
 
 def test_malformed_data_stops_the_run_before_training(tmp_path):
@@ -94,6 +135,54 @@ def test_checkpoint_is_atomic(tmp_path, monkeypatch):
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000001"]
     ckpt.save_checkpoint(root, 2, {"value": torch.tensor([2.0])})
     assert ckpt.load_checkpoint(root)["step"] == 2
+
+
+def test_checkpoint_pruning_orders_by_step_and_keeps_the_new_one(tmp_path):
+    root = tmp_path / "ck"
+    # Left over from an older run into the same folder: higher-numbered than the new run's.
+    for step in (3, 4):
+        ckpt.save_checkpoint(root, step, {"value": torch.tensor([float(step)])})
+    ckpt.save_checkpoint(root, 1, {"value": torch.tensor([1.0])})
+    assert ckpt.load_checkpoint(root)["step"] == 1
+    ckpt.save_checkpoint(root, 2, {"value": torch.tensor([2.0])})
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-000001", "step-000002"]
+    # Past 999999 the name outgrows its width and no longer sorts by step.
+    for step in (999_999, 1_000_000, 1_000_001):
+        ckpt.save_checkpoint(root, step, {"value": torch.tensor([float(step)])})
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-1000000", "step-1000001"]
+    assert ckpt.load_checkpoint(root)["step"] == 1_000_001
+
+
+def test_checkpoint_removes_temp_dirs_of_killed_saves(tmp_path):
+    root = tmp_path / "ck"
+    ckpt.save_checkpoint(root, 1, {"value": torch.tensor([1.0])})
+    (root / ".step-000002.abc123").mkdir()  # a save SIGKILLed before its rename
+    (root / ".step-000002.abc123" / ckpt.STATE).write_bytes(b"torn")
+    ckpt.save_checkpoint(root, 2, {"value": torch.tensor([2.0])})
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000001", "step-000002"]
+
+
+def test_metrics_resume_drops_a_torn_last_line_and_rewrites_atomically(tmp_path, monkeypatch):
+    from alignfuse.engine.metrics import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    for step in (1, 2, 3):
+        logger.log(step, {"loss": 1.0 / step})
+    logger.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "split": "tr')  # killed in the middle of a write
+    before = (tmp_path / "metrics.jsonl").read_text()
+
+    def killed(src, dst):
+        raise OSError("killed while switching the file")
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(OSError, match="killed"):
+        MetricsLogger(tmp_path, tensorboard=False, resume_step=2)
+    assert (tmp_path / "metrics.jsonl").read_text() == before  # untouched by the failed cut
+    monkeypatch.undo()
+    MetricsLogger(tmp_path, tensorboard=False, resume_step=2).close()
+    assert [row["step"] for row in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
 
 
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -161,11 +250,22 @@ def test_sigkilled_run_resumes_exactly(tmp_path):
     assert_same_run(tmp_path / "full", tmp_path / "cut", 6)
 
 
-def test_resume_refuses_a_changed_config(tmp_path):
+def test_resume_refuses_a_changed_config(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="resume: no checkpoint under"):
+        train(make_config(overrides=[*SMALL, f"out_dir={tmp_path}"]), resume=True)
     common = [*SMALL, "steps=2", f"out_dir={tmp_path}"]
     train(make_config(overrides=common))
     with pytest.raises(ConfigError, match=r"differs from the checkpoint's in \['beta'\]"):
         train(make_config(overrides=[*common, "beta=0.5"]), resume=True)
+    # The LR schedule decays over `steps`: another value is a different run.
+    with pytest.raises(ConfigError, match=r"in \['steps'\] \(steps: 2 -> 4\)"):
+        train(make_config(overrides=[*common, "steps=4"]), resume=True)
+    # The same folder, spelled otherwise, is the same run.
+    monkeypatch.chdir(tmp_path.parent)
+    for spelling in (tmp_path.name, f"./{tmp_path.name}"):
+        summary = train(make_config(overrides=[*SMALL, "steps=2", f"out_dir={spelling}"]),
+                        resume=True)
+        assert summary["train"] == {}  # already at its last step: nothing left to train
 
 
 def test_demo_at_reduced_size(tmp_path, capsys):
@@ -217,6 +317,14 @@ def test_every_algorithm_trains_from_the_command_line(tmp_path, algorithm):
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2]
     assert all(r["loss"] is not None for r in rows)
+
+
+def test_logged_lr_is_the_rate_the_step_ran_at(tmp_path):
+    train(make_config(overrides=[*SMALL, "algorithm=sft", "sft_warmup_steps=0", "steps=3",
+                                 "warmup_steps=2", "lr=1e-3", f"out_dir={tmp_path}"]))
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["split"] == "train"]
+    # Linear warm-up over 2 steps, then the decay starts from the full rate.
+    assert [r["lr"] for r in rows] == pytest.approx([5e-4, 1e-3, 1e-3])
 
 
 def test_builtin_tasks_have_checkable_answers():

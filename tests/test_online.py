@@ -412,19 +412,26 @@ def test_grpo_main_job_raises_the_reward(tmp_path):
     assert (tmp_path / "metrics.jsonl").exists() and (tmp_path / "summary.json").exists()
 
 
-def test_online_loop_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo-adaptive-kl"])
+def test_online_loop_resumes_exactly(tmp_path, algorithm):
     """`alignfuse train grpo --resume` after a crash ends with the uninterrupted run's weights
-    (prompts and sampling seeds are functions of (seed, iteration); Adam and RNG restored)."""
+    (prompts and sampling seeds are functions of (seed, iteration); Adam and RNG restored;
+    PPO's adaptive KL controller too: its update after the resume starts from its state)."""
+    from alignfuse.engine.metrics import read_metrics
     from alignfuse.engine.online_loop import make_online_config, train_online
 
     small = ["max_operand=1", "prompts_per_iteration=4", "group_size=4", "sft_warmup_steps=2",
              "sft_examples=8", "iterations=3", "eval_samples=1", "rollout=hf",
              "tensorboard=false", "save_every=1", "max_new_tokens=3"]
+    if algorithm == "ppo-adaptive-kl":
+        small += ["algorithm=ppo", "kl_coef=0.1", "target_kl=0.01"]
     quiet = lambda *a: None  # noqa: E731
     full = train_online(make_online_config(None, [*small, f"out_dir={tmp_path / 'a'}"]),
                         progress=quiet)
+    # Crash after the first iteration: the controller's update in iteration 2 sets the
+    # coefficient iteration 3 uses.
     crash = make_online_config(None, [*small, f"out_dir={tmp_path / 'b'}",
-                                      "crash_after_iterations=2"])
+                                      "crash_after_iterations=1"])
     with pytest.raises(RuntimeError, match="injected crash"):
         train_online(crash, progress=quiet)
     resumed = train_online(make_online_config(None, [*small, f"out_dir={tmp_path / 'b'}"]),
@@ -433,3 +440,6 @@ def test_online_loop_resumes_exactly(tmp_path):
                          resumed["model"].state_dict().values()):
         assert torch.equal(a, b), k
     assert full["reward_curve"] == resumed["reward_curve"]
+    rows = [[{k: v for k, v in row.items() if k.startswith(("kl", "loss", "reward"))}
+             for row in read_metrics(tmp_path / run / "metrics.jsonl")] for run in "ab"]
+    assert rows[0] == rows[1]

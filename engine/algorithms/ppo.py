@@ -71,6 +71,14 @@ class AdaptiveKLController:
         self.value *= 1.0 + error * n_steps / self.horizon
         return self.value
 
+    def state_dict(self) -> dict[str, float]:
+        """What an exact resume needs (the coefficient evolves; target and horizon are
+        configuration)."""
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
 
 class PPO(OnlineAlgorithm):
     """Online PPO with a critic.
