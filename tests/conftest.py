@@ -16,8 +16,8 @@
 - `device` is cuda when a GPU is present, else cpu.
 - `one_torch_thread` (module scope, opt-in) runs a module's tests on one torch thread.
 - The `gpu` marker skips tests that need CUDA on CPU-only machines; `cpu_only` marks tests
-  that run Triton kernels on CPU tensors on purpose (interpreter checks, CUDA stand-ins), which
-  are skipped on a CUDA run. So `ALIGNFUSE_TEST_DEVICE=cuda pytest` can run the whole suite.
+  that run Triton kernels on CPU tensors on purpose (interpreter checks) or the CUDA
+  emulation, which are skipped on a CUDA run. So `ALIGNFUSE_TEST_DEVICE=cuda pytest` can run the whole suite.
   On CPU the marker is kept honest: a test that launches a Triton kernel on CPU tensors
   without `device`, a non-torch `backend` or `cpu_only` fails, naming the marker (it would fail
   on a GPU machine, where the interpreter is off).
