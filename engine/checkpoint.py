@@ -125,11 +125,13 @@ def _prune(root: Path, final: Path, step: int, keep: int) -> None:
     others.sort(key=lambda item: (item[0] < step, item[0]), reverse=True)
     for _, old in others[keep - 1:]:
         shutil.rmtree(old, ignore_errors=True)
-    # This process's own temp directory is gone (renamed to `final`, or removed on error),
-    # so any left is from a save that was killed midway.
+    # This process's own temp directory and pointer file are gone (renamed, or removed on
+    # error), so any left is from a save that was killed midway.
     for stale in root.glob(".step-*"):
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
+    for stale in root.glob(f".{LATEST}.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:

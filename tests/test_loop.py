@@ -158,6 +158,7 @@ def test_checkpoint_removes_temp_dirs_of_killed_saves(tmp_path):
     ckpt.save_checkpoint(root, 1, {"value": torch.tensor([1.0])})
     (root / ".step-000002.abc123").mkdir()  # a save SIGKILLed before its rename
     (root / ".step-000002.abc123" / ckpt.STATE).write_bytes(b"torn")
+    (root / ".latest.k1ll3d.tmp").write_bytes(b"step-0")  # a pointer write killed before its rename
     ckpt.save_checkpoint(root, 2, {"value": torch.tensor([2.0])})
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000001", "step-000002"]
 
