@@ -35,16 +35,9 @@ def _train(args: argparse.Namespace) -> int:
     from .online_loop import ONLINE_ALGORITHMS, make_online_config, train_online
 
     values = load_config_file(args.config) if args.config else {}
-    # The command names the algorithm; a config file or override naming another one is a
-    # mistake to report, not a value to silently overrule.
-    given = [(f"the config file {args.config}", values.get("algorithm")
-              if isinstance(values, dict) else None)]
-    given += [("the command line", item.split("=", 1)[1].strip()) for item in args.overrides
-              if "=" in item and item.split("=", 1)[0].strip() == "algorithm"]
-    for where, algorithm in given:
-        if algorithm is not None and algorithm != args.algorithm:
-            raise ConfigError(f"{where} says algorithm={algorithm!r} but the command is "
-                              f"`train {args.algorithm}`")
+    file_algorithm = values.get("algorithm") if isinstance(values, dict) else None
+    _check_algorithm(args.algorithm, f"train {args.algorithm}", args.overrides,
+                     (f"the config file {args.config}", file_algorithm))
     if args.algorithm in ONLINE_ALGORITHMS:  # GRPO/PPO: OnlineConfig keys (engine/online_loop.py)
         train_online(make_online_config(values, args.overrides, algorithm=args.algorithm),
                      resume=args.resume)
@@ -55,9 +48,23 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_algorithm(algorithm: str, command: str, overrides: list[str],
+                     *given: tuple[str, str | None]) -> None:
+    """The command names the algorithm; a config file or override naming another one is a
+    mistake to report, not a value to silently overrule (or to run under the wrong name)."""
+    from .loop import ConfigError
+
+    given += tuple(("the command line", item.split("=", 1)[1].strip()) for item in overrides
+                   if "=" in item and item.split("=", 1)[0].strip() == "algorithm")
+    for where, named in given:
+        if named is not None and named != algorithm:
+            raise ConfigError(f"{where} says algorithm={named!r} but the command is `{command}`")
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .loop import make_config, train
 
+    _check_algorithm(args.task, f"demo --task {args.task}", args.overrides)
     if args.task == "grpo":
         from .online_loop import run_grpo_demo
 

@@ -85,6 +85,10 @@ def test_cli_reports_usage_mistakes_as_config_errors(tmp_path, capsys, monkeypat
     config.write_text("algorithm: dpo\n")
     assert main(["train", "grpo", "--config", str(config), run]) == 2
     assert "says algorithm='dpo' but the command is `train grpo`" in capsys.readouterr().err
+    assert main(["demo", "algorithm=kto", run]) == 2  # the demo is DPO (it printed DPO results)
+    assert "says algorithm='kto' but the command is `demo --task dpo`" in capsys.readouterr().err
+    assert main(["demo", "--task", "grpo", "algorithm=ppo", run]) == 2
+    assert "but the command is `demo --task grpo`" in capsys.readouterr().err
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["train", "sft", "device=cuda", run, *SMALL]) == 2
     assert "torch sees no CUDA device" in capsys.readouterr().err
