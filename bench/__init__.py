@@ -5,6 +5,7 @@ Run from a checkout:
 
     python -m bench run --preset cpu            # CI smoke, about a minute on 2 cores
     python -m bench run --preset gpu            # on a GPU (bench/gpu_session.sh)
+    python -m bench run --preset gpu-full       # everything, in a device call of its own
     python -m bench report                      # Markdown table + PNG plots from results
 
 Layout (one concern per file):
@@ -12,7 +13,8 @@ Layout (one concern per file):
   correctness checks against a reference, peak memory, the per-case runner.
 - `ceilings.py`: the matmul rate and copy bandwidth, measured in the same run.
 - `environment.py`: device, versions, commit and command recorded in every result.
-- `presets.py`: the sizes of each preset.
+- `presets.py`: the sizes of each preset, and the GPU preset's plan (order, modes,
+  contenders) that fits the one shared device call.
 - `suites/`: `logprobs`, `losses`, `packing`, `step`; each lists its cases and contenders.
 - `schema.py`: the fields every result file has (checked by the tests).
 - `report.py`: results -> Markdown table and PNG plots.

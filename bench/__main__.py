@@ -48,11 +48,16 @@ def main(argv: list[str] | None = None) -> int:
         suites = tuple(s.strip() for s in args.suites.split(",") if s.strip())
         out = args.out or (RESULTS if PRESETS[args.preset].device == "cuda" else RESULTS / "local")
         try:
-            run_preset(args.preset, suites, out, args.budget_s, argv=["bench", *argv])
+            path = run_preset(args.preset, suites, out, args.budget_s, argv=["bench", *argv])
         except (ValueError, RuntimeError) as exc:  # bad arguments, or no GPU for a GPU preset
             print(f"bench run: {exc}", file=sys.stderr)
             return 2
-        return 0
+        import json
+
+        from .runner import EXIT_STOPPED
+
+        # Stopped by a CUDA fault: the file is written (complete: false, with the reason).
+        return 0 if json.loads(path.read_text())["complete"] else EXIT_STOPPED
     from .report import render
 
     out = args.out or RESULTS / "report"

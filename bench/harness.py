@@ -16,6 +16,12 @@ Method (device README METHOD.md):
   counter, so on CPU it is null, with the reason.
 - A contender that cannot run here (not installed, no GPU, op not written yet) is
   recorded as skipped with the reason; one that raises is recorded as an error.
+- After an error the CUDA context is probed (a synchronize): a sticky fault (an illegal
+  memory access) breaks every later CUDA call in the process, so the case stops there,
+  later contenders are recorded as skipped with that reason, and `ContextLost` carries the
+  record to the runner, which writes what it has and stops the run. Cleanup never raises.
+- A case that starts after the deadline builds nothing (no inputs, no reference): every
+  contender is recorded as skipped for time.
 
 Modes: "fwd" is a training forward (inputs require grad, so the contender saves what its
 backward needs); "bwd" times only the backward of a forward run just before it; "fwd+bwd"
@@ -42,6 +48,16 @@ Tensors = dict[str, torch.Tensor]
 
 class Unavailable(Exception):
     """Raised by a contender that cannot run here; the message says why."""
+
+
+class ContextLost(Exception):
+    """The CUDA context is broken (a sticky error such as an illegal memory access): nothing
+    more can run in this process. `record` is the case record so far: the contenders that
+    finished, the one that broke it (status error), the later ones skipped with the reason."""
+
+    def __init__(self, reason: str, record: dict):
+        super().__init__(reason)
+        self.reason, self.record = reason, record
 
 
 @dataclass
@@ -95,6 +111,10 @@ class Case:
     notes: str = ""
     # Why the case cannot run at all here (e.g. its reference op has not landed yet).
     unavailable: Callable[[torch.device], str | None] = lambda device: None
+    # Called before the peak-memory baseline is read: state the contenders keep between
+    # runs (a model's parameter .grad) must not count as live inputs, or a run that frees
+    # it (zero_grad(set_to_none=True)) would look smaller than it is.
+    reset: Callable[[], None] = lambda: None
 
 
 @dataclass
@@ -118,9 +138,26 @@ def synchronize(device: torch.device) -> None:
 
 
 def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    """Never raises: it runs in `finally` blocks and between cases, and once the CUDA context
+    is broken, empty_cache() re-raises the sticky error (context_error says so instead)."""
+    try:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001 - cleanup must not hide the records made so far
+        pass
+
+
+def context_error(device: torch.device) -> str | None:
+    """None while the device still works; else why (a sticky CUDA error re-raised by a
+    synchronize: after it, every CUDA call in this process fails)."""
+    if device.type != "cuda":
+        return None
+    try:
+        torch.cuda.synchronize(device)
+    except Exception as exc:  # noqa: BLE001
+        return _error_reason(exc)
+    return None
 
 
 class Timer:
@@ -284,6 +321,7 @@ def peak_memory(case: Case, contender: Contender, inputs: InputSet, mode: str,
         return None, ("CPU: torch keeps no peak-allocation counter for CPU tensors, and the "
                       "process RSS high-water mark cannot be reset between contenders")
     _fresh_grads(case, inputs)
+    case.reset()
     free_memory(device)
     synchronize(device)
     base = torch.cuda.memory_allocated(device)
@@ -403,16 +441,51 @@ def floor(w: dict | None, ceilings: dict | None, seconds: float) -> dict | None:
 
 
 def run_case(case: Case, device: torch.device, cfg: TimingConfig, ceilings: dict | None,
-             log: Callable[[str], None] = print) -> dict:
-    """Check and time every contender of `case`; returns the case's result record."""
-    record = {"suite": case.suite, "case": case.name, "sizes": case.sizes,
-              "modes": list(case.modes), "notes": case.notes, "contenders": [],
-              "tolerances": case.tolerances}
+             log: Callable[[str], None] = print,
+             on_progress: Callable[[dict], None] | None = None,
+             into: dict | None = None) -> dict:
+    """Check and time every contender of `case`; returns the case's result record.
+
+    `on_progress(record)` is called with the record as soon as it exists and again after
+    every contender (the runner writes the result file then: a run killed mid-case keeps
+    every contender that finished). `into`: an earlier record of the same case to add these
+    contenders to (a later stage of the preset's plan); its modes become the union.
+    Raises `ContextLost` (with the record) when a contender broke the CUDA context.
+    """
+    if into is None:
+        record = {"suite": case.suite, "case": case.name, "sizes": case.sizes,
+                  "modes": list(case.modes), "notes": case.notes, "contenders": [],
+                  "tolerances": case.tolerances}
+    else:
+        record = into
+        record["modes"] = [m for m in MODES if m in record["modes"] or m in case.modes] \
+            + [m for m in record["modes"] + list(case.modes) if m not in MODES]
+
+    def progress(record: dict) -> None:
+        if on_progress is not None:  # a complete record, ratios included, at every step
+            _fill_modes(record)
+            derived(record["contenders"], case.work, ceilings)
+            on_progress(record)
+
+    progress(record)
+
+    def finish() -> dict:
+        _fill_modes(record)
+        derived(record["contenders"], case.work, ceilings)
+        progress(record)
+        return record
+
     why = case.unavailable(device)
     if why:
-        record["contenders"] = [_skipped(c, why) for c in case.contenders]
+        record["contenders"] += [_skipped(c, why) for c in case.contenders]
         log(f"  {case.suite}/{case.name} skipped: {why}")
-        return record
+        return finish()
+    if time.monotonic() > cfg.deadline:
+        # Nothing is built: inputs and a higher-precision reference can cost seconds.
+        reason = "the run's time budget was spent before this case started"
+        record["contenders"] += [_skipped(c, reason) for c in case.contenders]
+        log(f"  {case.suite}/{case.name} skipped: {reason}")
+        return finish()
     try:
         sets = make_sets(case, cfg)
         record["input_sets"] = len(sets)
@@ -421,18 +494,47 @@ def run_case(case: Case, device: torch.device, cfg: TimingConfig, ceilings: dict
         # The case itself could not be built (e.g. out of memory): every contender is
         # recorded as skipped with that reason rather than dropped.
         reason = f"the case could not be set up: {_error_reason(exc)}"
-        record["contenders"] = [_skipped(c, reason, "error") for c in case.contenders]
+        record["contenders"] += [_skipped(c, reason, "error") for c in case.contenders]
         log(f"  {case.suite}/{case.name} error: {reason}")
+        broken = context_error(device)
         free_memory(device)
+        finish()
+        if broken:
+            record["stopped"] = f"the CUDA context broke while setting up this case: {broken}"
+            progress(record)
+            raise ContextLost(record["stopped"], record) from exc
         return record
-    for contender in case.contenders:
+    for i, contender in enumerate(case.contenders):
         result = run_contender(case, contender, sets, reference, device, cfg)
         record["contenders"].append(result)
         log(_one_line(case, result))
-    derived(record["contenders"], case.work, ceilings)
+        broken = context_error(device) if result["status"] == "error" else None
+        if broken:
+            reason = (f"the CUDA context broke at {contender.name} ({broken}); nothing more "
+                      "can run in this process (the fault may come from an earlier "
+                      "asynchronous launch of this contender)")
+            result["context_lost"] = True
+            record["contenders"] += [_skipped(c, reason) for c in case.contenders[i + 1:]]
+            record["stopped"] = reason
+            log(f"  {case.suite}/{case.name}: {reason}")
+            finish()
+            raise ContextLost(reason, record)
+        progress(record)
     del sets, reference
     free_memory(device)
-    return record
+    return finish()
+
+
+def _fill_modes(record: dict) -> None:
+    """A checked contender has an entry for every mode of its case (schema): modes added to
+    the case by a later stage of the plan are recorded as skipped for it, with why."""
+    for c in record["contenders"]:
+        if c["status"] not in ("ok", "wrong"):
+            continue
+        for mode in record["modes"]:
+            c["modes"].setdefault(mode, {
+                "status": "skipped",
+                "reason": "not in this preset's plan for this contender (time)"})
 
 
 def _skipped(c: Contender, reason: str, status: str = "skipped") -> dict:

@@ -1,25 +1,100 @@
-"""Sizes of each preset.
+"""Sizes of each preset, and the plan (order, modes, contenders) the GPU preset runs them in.
 
 - `cpu`: the CI smoke test. Small odd sizes, few runs; it must finish in about a minute on
   2 busy cores (Triton kernels run under the interpreter there). Nothing about its times
   means anything; it proves the whole pipeline runs and writes a complete result.
-- `gpu`: N = 4k..32k tokens at the headline H=4096, V=128256 (plots against N), plus the
-  LM-head shapes of real models at N=16384: Qwen2.5-0.5B (H=896, V=151936), Llama-2-7B /
-  Mistral-7B (H=4096, V=32000), Llama-3-70B (H=8192, V=128256). bf16. It shares one
-  device call with the build and the GPU tests (bench/gpu_session.sh), under a time budget
-  split across suites; whatever does not fit is recorded as skipped, with that reason.
+- `gpu`: the sizes the issue asks for, bf16: N = 4k..32k tokens at the headline H=4096,
+  V=128256 (plots against N), plus the LM-head shapes of real models at N=16384:
+  Qwen2.5-0.5B (H=896, V=151936), Llama-2-7B / Mistral-7B (H=4096, V=32000), Llama-3-70B
+  (H=8192, V=128256). It shares ONE device call (10 minutes) with the build and the GPU
+  tests (bench/gpu_session.sh), which leaves it roughly 150-330 s, so it runs a PLAN
+  (`GPU_PLAN`): what matters first, each stage given a weighted share of what is left;
+  whatever does not fit is recorded as skipped with that reason, and the result says
+  which stages ran (`plan`).
+- `gpu-full`: the same sizes with no plan: every case in every mode with every contender
+  (about 10-15 minutes on an H100: for a device call of its own, not the shared session).
 - `headline`: only N=16384, H=4096, V=128256 (Llama-3-8B's LM head), bf16.
+
+The `gpu` plan, with rough H100 estimates (time = first-call Triton compiles, 5-20 s per
+kernel family, plus checks, 2 warm-ups, 5+ timed runs and a peak-memory run per mode):
+  1. logprobs headline, every mode, every contender but alignfuse/torch (fp32 matmuls
+     without tensor cores: ~27 s alone) and */cuda: ~45-90 s.
+  2. losses, the elementwise ops (12 tiny cases, every mode): ~15-30 s.
+  3. logprobs N sweep (N = 4096, 8192, 32768; 16384 is the headline), fwd+bwd: ~30-50 s.
+  4. logprobs model shapes (H=896/V=151936, V=32000, H=8192), fwd+bwd: ~30-50 s.
+  5. losses, linear + GRPO/DPO (N=8192, H=4096, V=128256), fwd+bwd: ~40-80 s (Liger's
+     chunked losses are torch.compile'd on their first call).
+  6. packing (host only): ~5 s.   7. step (DPO and GRPO), fwd+bwd: ~20-40 s.
+  After 3: alignfuse/cuda (the compiled CUDA backend, never run on a GPU before) added to
+     the headline's record, every mode (~10-20 s): the numbers that decide linear_logprobs'
+     default and "auto". Not first, because a fault there (illegal memory access) breaks
+     the CUDA context and stops the run; not last, because it matters more than 4-7.
+  8. the other */cuda contenders, added to the losses cases' records (~10-20 s).
+  9. alignfuse/torch at the headline, fwd+bwd only (~13 s), if time is left.
+In all ~200-400 s: with a fast build and tests (~300 s left) stages 1-5 or 1-7 fit; with
+the worst case (build 240 s, tests 120 s: ~150 s left) stages 1-3. Weights below favour
+the early stages; a stage that finishes early passes its time on.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from .harness import TimingConfig
 
 HEADLINE = {"N": 16384, "H": 4096, "V": 128256}
+_HEADLINE_CASE = "N=16384,H=4096,V=128256,*"
+
+
+@dataclass
+class Stage:
+    """One step of a preset's plan: which cases of a suite run, in which modes, with which
+    contenders (fnmatch patterns on case and contender names). A case already recorded by
+    an earlier stage gets the new contenders added to its record (modes: the union).
+    `weight`: the stage's share of the budget left when it starts, against the weights of
+    the stages after it."""
+
+    suite: str
+    cases: tuple[str, ...] | None = None      # None: every case of the suite
+    modes: tuple[str, ...] | None = None      # None: every mode of each case
+    only: tuple[str, ...] | None = None       # None: every contender ...
+    exclude: tuple[str, ...] = ()             # ... but these
+    weight: float = 1.0
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.name or self.suite
+
+
+_SLOW_ON_GPU = ("alignfuse/torch", "*/cuda")   # see the module docstring
+_LINEAR = ("linear_*",)
+_OPS = ("policy_loss,*", "group_advantages,*", "dpo_loss,*", "kto_loss,*")
+GPU_PLAN = [
+    Stage("logprobs", cases=(_HEADLINE_CASE,), exclude=_SLOW_ON_GPU, weight=5.0,
+          name="logprobs headline"),
+    Stage("losses", cases=_OPS, exclude=("*/cuda",), weight=1.0, name="losses ops"),
+    Stage("logprobs", cases=tuple(f"N={n},H=4096,V=128256,*" for n in (4096, 8192, 32768)),
+          modes=("fwd+bwd",), exclude=_SLOW_ON_GPU, weight=2.5, name="logprobs N sweep"),
+    # The cuda backend at the headline, early enough to decide linear_logprobs' default
+    # and "auto" (its kernels passed tests/cuda_emu on CPU and the session's GPU tests
+    # just before, so a fault is unlikely; if one comes, what ran so far is kept).
+    Stage("logprobs", cases=(_HEADLINE_CASE,), only=("*/cuda",), weight=1.0,
+          name="logprobs headline */cuda"),
+    Stage("logprobs", cases=("N=16384,H=896,V=151936,*", "N=16384,H=4096,V=32000,*",
+                             "N=16384,H=8192,V=128256,*"),
+          modes=("fwd+bwd",), exclude=_SLOW_ON_GPU, weight=2.5, name="logprobs model shapes"),
+    Stage("losses", cases=_LINEAR, modes=("fwd+bwd",), exclude=("*/cuda", "*/torch"),
+          weight=2.0, name="losses linear"),
+    Stage("packing", weight=0.3),
+    Stage("step", weight=1.5),
+    Stage("losses", cases=_OPS + _LINEAR, only=("*/cuda",), weight=1.0,
+          name="losses */cuda"),
+    Stage("logprobs", cases=(_HEADLINE_CASE,), modes=("fwd+bwd",), only=("alignfuse/torch",),
+          weight=0.5, name="logprobs headline alignfuse/torch"),
+]
 
 
 @dataclass
@@ -39,6 +114,8 @@ class Preset:
     # Modes to time where a case has them (None: all). The CPU smoke times fwd+bwd only:
     # interpreted Triton is slow, and the unit tests cover every mode.
     modes: tuple[str, ...] | None = None
+    # The order, modes and contenders to run (None: one stage per suite, everything).
+    plan: list[Stage] | None = None
 
 
 PRESETS: dict[str, Preset] = {
@@ -73,7 +150,7 @@ PRESETS: dict[str, Preset] = {
         # GPU tests (bench/gpu_session.sh). Spread is still recorded (p10/p90, IQR).
         timing=TimingConfig(warmup=2, min_reps=5, max_reps=20, target_s=0.3,
                             rotate_bytes=256 << 20, max_sets=2),
-        matmul_size=8192, copy_bytes=2 << 30, budget_s=330.0,
+        matmul_size=8192, copy_bytes=2 << 30, budget_s=330.0, plan=GPU_PLAN,
     ),
     "headline": Preset(
         name="headline", device="cuda", dtype=torch.bfloat16,
@@ -83,3 +160,5 @@ PRESETS: dict[str, Preset] = {
         matmul_size=8192, copy_bytes=2 << 30, budget_s=240.0,
     ),
 }
+# The same sizes without a plan: everything, for a device call of its own.
+PRESETS["gpu-full"] = replace(PRESETS["gpu"], name="gpu-full", plan=None, budget_s=1500.0)

@@ -106,10 +106,29 @@ def _header(path: Path, r: dict, out: Path) -> list[str]:
              f"- ceilings measured in this run: {c['matmul']['dtype']} matmul "
              f"{c['matmul']['flops_per_s'] / 1e12:.3g} TFLOP/s, copy "
              f"{c['copy']['bytes_per_s'] / 1e9:.3g} GB/s"]
+    lines.append(_run_line(r))
     if r.get("triton_interpreter"):
         lines.append("- **Triton ran under the interpreter (CPU): these times are a smoke "
                      "test and mean nothing.**")
     return lines + [""]
+
+
+def _run_line(r: dict) -> str:
+    """Whether the run finished, against its budget: an incomplete run (killed by a time
+    limit, or stopped by a CUDA fault) is flagged, with the reason it recorded."""
+    took = f"{r.get('seconds', 0):.0f} s of a {r.get('budget_s', 0):.0f} s budget"
+    skipped = sum(1 for body in r.get("suites", {}).values() for case in body.get("cases", [])
+                  for c in case["contenders"]
+                  if c["status"] == "skipped" and "budget" in (c.get("reason") or ""))
+    late = f"; {skipped} contender(s) skipped for time" if skipped else ""
+    stages = r.get("plan") or []
+    ran = [st["stage"] for st in stages if st.get("cases")]
+    plan = f"; plan stages run: {', '.join(ran) or 'none'}" if stages else ""
+    if r.get("complete"):
+        return f"- run: complete, {took}{late}{plan}"
+    why = r.get("incomplete_reason") or ("the file was written before the run finished "
+                                         "(killed by a time limit?)")
+    return f"- run: **INCOMPLETE** ({why}); {took}{late}{plan}"
 
 
 def _suite_table(suite: str, body: dict) -> list[str]:

@@ -8,6 +8,7 @@ import math
 import re
 import time
 from dataclasses import replace
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Callable
 
@@ -15,24 +16,40 @@ import torch
 
 from . import ceilings as ceilings_mod
 from .environment import environment
-from .harness import run_case
-from .presets import PRESETS
+from .harness import ContextLost, run_case
+from .presets import PRESETS, Stage
 from .schema import SCHEMA_VERSION, validate
 
 SUITES = ("logprobs", "losses", "packing", "step")
-# Shares of the time budget (see `run`): the headline suite gets the most.
+# Shares of the time budget for a preset without a plan (see `run`): one stage per suite,
+# the headline suite gets the most.
 SUITE_WEIGHTS = {"logprobs": 5.0, "losses": 2.0, "packing": 0.5, "step": 2.5}
 RESULTS = Path(__file__).resolve().parent / "results"
+IN_PROGRESS = ("the run had not finished when this file was last written: if this stays, it "
+               "was killed (e.g. by the GPU session's time limit) and what follows is what "
+               "finished before that")
+# `python -m bench run` exits with this when a CUDA fault stopped the run (the result file
+# is written, complete: false, with the reason).
+EXIT_STOPPED = 3
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower()[:40]
 
 
+def _suite_module(name: str):
+    return importlib.import_module(f"bench.suites.{name}")
+
+
+def default_plan(suites: tuple[str, ...]) -> list[Stage]:
+    return [Stage(name, weight=SUITE_WEIGHTS[name]) for name in suites]
+
+
 def run(preset_name: str, suites: tuple[str, ...] = SUITES, out_dir: Path = RESULTS,
         budget_s: float | None = None, argv: list[str] | None = None,
         log: Callable[[str], None] = print) -> Path:
-    """Measure the ceilings, then every case of `suites`; returns the result file's path."""
+    """Measure the ceilings, then the preset's plan (by default every case of `suites`);
+    returns the result file's path. The file is rewritten after every contender."""
     if preset_name not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset_name!r}")
     unknown = [s for s in suites if s not in SUITES]
@@ -65,48 +82,96 @@ def run(preset_name: str, suites: tuple[str, ...] = SUITES, out_dir: Path = RESU
     stamp = result["created_utc"].replace(":", "").replace("-", "").replace("+0000", "Z")
     path = out_dir / f"{stamp}_{preset.name}_{_slug(result['device']['name'])}.json"
 
-    # The budget is shared out so that every suite gets its turn: each suite may use its
-    # weight's share of what is left, and what one leaves unused passes on to the next.
+    # Stages run in the plan's order (what matters most first). Each may use its weight's
+    # share of what is left; what one leaves unused passes on to the next.
+    plan = [st for st in (preset.plan or default_plan(suites)) if st.suite in suites]
     result["suites"], result["complete"] = {}, False
-    weights = {name: SUITE_WEIGHTS[name] for name in suites}
-    for name in suites:
-        module = importlib.import_module(f"bench.suites.{name}")
+    result["incomplete_reason"] = IN_PROGRESS
+    result["plan"] = []
+    weights = [st.weight for st in plan]
+
+    def write() -> None:
+        result["seconds"] = time.monotonic() - started
+        _write(path, result)
+
+    stopped = None
+    for i, stage in enumerate(plan):
         t0 = time.monotonic()
         left = max(0.0, started + budget - t0)
-        share = left * weights[name] / sum(weights.values())
-        weights.pop(name)
-        suite_cfg = replace(cfg, deadline=min(cfg.deadline, t0 + share))
-        records: list[dict] = []
-        body = result["suites"][name] = {"cases": records, "seconds": 0.0, "budget_s": share,
-                                         "error": None}
+        share = left * weights[i] / sum(weights[i:]) if sum(weights[i:]) > 0 else left
+        stage_cfg = replace(cfg, deadline=min(cfg.deadline, t0 + share))
+        body = result["suites"].setdefault(name := stage.suite, {
+            "cases": [], "seconds": 0.0, "budget_s": 0.0, "error": None})
+        body["budget_s"] += share
+        records: list[dict] = body["cases"]
+        info = {"stage": stage.label, "suite": name, "budget_s": share, "seconds": 0.0,
+                "cases": 0}
+        result["plan"].append(info)
+        body_seconds0 = body["seconds"]
+        touched: list[int] = []  # the case records this stage made or added to
+
+        def keep(record: dict, records=records) -> None:
+            if not any(r is record for r in records):
+                records.append(record)
+            if id(record) not in touched:
+                touched.append(id(record))
+            body["seconds"] = body_seconds0 + time.monotonic() - t0
+            info.update(seconds=time.monotonic() - t0, cases=len(touched))
+            write()
+
         try:
+            module = _suite_module(name)
             if hasattr(module, "cases"):
                 for c in module.cases(preset, device):
-                    records.append(run_case(_only_modes(c, preset.modes), device, suite_cfg,
-                                            ceilings, log))
-                    # After every case: a run killed by a time limit still leaves its results.
-                    body["seconds"] = time.monotonic() - t0
-                    result["seconds"] = time.monotonic() - started
-                    _write(path, result)
+                    c = _prepare(c, stage, preset.modes)
+                    if c is None:
+                        continue
+                    existing = next((r for r in records if r["case"] == c.name), None)
+                    run_case(c, device, stage_cfg, ceilings, log, on_progress=keep,
+                             into=existing)
             else:
-                records += module.run(preset, device, suite_cfg, ceilings, log)
+                for record in module.run(preset, device, stage_cfg, ceilings, log,
+                                         on_progress=keep):
+                    keep(record)
+        except ContextLost as exc:
+            keep(exc.record)
+            stopped = (f"stopped in {name}/{exc.record['case']}: {exc.reason}; the stages "
+                       "after it did not run")
         except Exception as exc:  # a broken suite is recorded; the others still run
             body["error"] = f"{type(exc).__name__}: {exc}"[:1000]
             log(f"bench: suite {name} failed: {body['error']}")
-        body["seconds"] = time.monotonic() - t0
-        result["seconds"] = time.monotonic() - started
-        _write(path, result)
-        log(f"bench: suite {name}: {len(records)} case(s) in {time.monotonic() - t0:.1f} s")
-    result["complete"] = True
-    result["seconds"] = time.monotonic() - started
-    _write(path, result)
+        body["seconds"] = body_seconds0 + time.monotonic() - t0
+        info.update(seconds=time.monotonic() - t0, cases=len(touched))
+        write()
+        log(f"bench: stage {stage.label}: {len(touched)} case(s) in "
+            f"{time.monotonic() - t0:.1f} s (share {share:.0f} s)")
+        if stopped:
+            break
+    if stopped:
+        result["incomplete_reason"] = stopped
+        log(f"bench: {stopped}")
+    else:
+        result["complete"], result["incomplete_reason"] = True, None
+    write()
     log(f"bench: wrote {path} ({result['seconds']:.1f} s)")
     return path
 
 
-def _only_modes(case, modes: tuple[str, ...] | None):
-    kept = tuple(m for m in case.modes if modes is None or m in modes)
+def _prepare(case, stage: Stage, modes: tuple[str, ...] | None):
+    """The case as the stage runs it: selected by name, its modes and contenders narrowed,
+    compiled-CUDA contenders (`*/cuda`) last. None when the stage does not run it."""
+    if stage.cases is not None and not any(fnmatch(case.name, p) for p in stage.cases):
+        return None
+    kept = tuple(m for m in case.modes if (modes is None or m in modes)
+                 and (stage.modes is None or m in stage.modes))
     case.modes = kept or case.modes
+    contenders = [c for c in case.contenders
+                  if (stage.only is None or any(fnmatch(c.name, p) for p in stage.only))
+                  and not any(fnmatch(c.name, p) for p in stage.exclude)]
+    if not contenders:
+        return None
+    # A fault in never-run compiled code breaks the CUDA context for everything after it.
+    case.contenders = sorted(contenders, key=lambda c: c.name.endswith("/cuda"))
     return case
 
 

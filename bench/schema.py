@@ -3,7 +3,11 @@
 A result file (one run of one preset):
 
     schema_version, preset, budget_s, created_utc, command, seconds,
-    complete    (false while suites are still running: the file is rewritten after each)
+    complete    (false while the run is going, the file being rewritten after every
+                 contender, and in the end if a CUDA fault stopped it)
+    incomplete_reason  (optional; null once complete: why not, "in progress" in a file
+                 left by a killed run)
+    plan        (optional) [{stage, suite, budget_s, seconds, cases}]: the stages run
     device      {type, name, ...}                      (GPU: capability, multiprocessors, L2)
     host        {platform, cpu, cores}
     versions    {python, torch, triton, cuda, driver, driver_reason, transformers,
@@ -13,11 +17,14 @@ A result file (one run of one preset):
     ceilings    {matmul {dtype, flops_per_s, time_s}, copy {bytes_per_s, time_s}}
     suites      {<suite> {seconds, budget_s, error (null, or why the suite broke), cases [case]}}
 
-    case        {suite, case, sizes, modes, notes, tolerances, contenders [contender]}
+    case        {suite, case, sizes, modes, notes, tolerances, contenders [contender],
+                 stopped (optional: the CUDA context broke in this case, why)}
     contender   {name, role: subject|baseline, status: ok|wrong|skipped|error, reason,
                  check {passed, rel_err {quantity: err, null when NaN or missing},
                         tolerance, failed} (ok/wrong),
-                 modes {<mode> mode}, metrics (suite-specific, optional)}
+                 modes {<mode> mode}, metrics (suite-specific, optional),
+                 context_lost (optional: true for the contender whose error broke the
+                 CUDA context)}
     mode        {status, time_s {median, q1, q3, iqr, p10, p90, min, max, mean, stddev, rounds,
                                   l2_flushed},
                  peak_memory_bytes (null on CPU; for bwd and fwd+bwd the measured run

@@ -13,6 +13,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -278,3 +279,310 @@ def test_extra_memory_is_the_peak_above_outputs_and_gradients():
         "status": "ok", "time_s": {"median": 1.0}, "peak_memory_bytes": 500 + N * 4}}}]
     harness.derived(contenders, case.work, ceilings=None)
     assert contenders[0]["modes"]["fwd"]["extra_memory_bytes"] == 500
+
+
+# ---------------------------------------------------------------------------------------
+# A CUDA fault, the time budget, the plan (faked on CPU: nothing here needs a GPU)
+
+STICKY = "CUDA error: an illegal memory access was encountered"
+
+
+def test_free_memory_never_raises_and_the_context_probe_reports_a_sticky_error(monkeypatch):
+    def sticky(*args, **kwargs):
+        raise RuntimeError(STICKY)
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", sticky)
+    monkeypatch.setattr(torch.cuda, "synchronize", sticky)
+    harness.free_memory(torch.device("cuda"))  # a cleanup in `finally`: must not raise
+    assert STICKY in harness.context_error(torch.device("cuda"))
+    assert harness.context_error(CPU) is None
+
+
+def _poisoning(poisoned: dict):
+    def bad(t):
+        poisoned["on"] = True
+        raise RuntimeError(STICKY)
+
+    return bad
+
+
+def test_a_cuda_fault_keeps_the_timed_contenders_and_stops_the_case(monkeypatch):
+    poisoned = {"on": False}
+    monkeypatch.setattr(harness, "context_error",
+                        lambda device: STICKY if poisoned["on"] else None)
+    good = lambda t: {"out": 3 * t["x"]}  # noqa: E731
+    case = _scale_case([Contender("triton", "subject", good),
+                        Contender("eager", "baseline", good),
+                        Contender("cuda", "subject", _poisoning(poisoned)),
+                        Contender("liger", "baseline", good)])
+    seen = []
+    with pytest.raises(harness.ContextLost) as info:
+        harness.run_case(case, CPU, FAST, ceilings=None, log=lambda line: None,
+                         on_progress=lambda r: seen.append([c["name"] for c in r["contenders"]]))
+    record = info.value.record
+    got = _by_name(record)
+    assert got["triton"]["status"] == got["eager"]["status"] == "ok"
+    assert got["triton"]["modes"]["fwd+bwd"]["speedup_vs"] == {
+        "eager": pytest.approx(got["eager"]["modes"]["fwd+bwd"]["time_s"]["median"]
+                               / got["triton"]["modes"]["fwd+bwd"]["time_s"]["median"])}
+    assert got["cuda"]["status"] == "error" and got["cuda"]["context_lost"] is True
+    assert got["liger"]["status"] == "skipped" and "context broke at cuda" in got["liger"]["reason"]
+    assert STICKY in record["stopped"]
+    # The record was handed on contender by contender, as each finished.
+    assert seen[:3] == [[], ["triton"], ["triton", "eager"]]
+
+
+def test_cuda_contenders_come_last_in_every_case():
+    from bench.presets import PRESETS
+    from bench.suites import logprobs, losses
+
+    cases = logprobs.cases(PRESETS["gpu"], CPU) + losses.cases(PRESETS["gpu"], CPU)
+    for case in cases:
+        names = [c.name for c in case.contenders]
+        is_cuda = [n.endswith("/cuda") for n in names]
+        assert any(is_cuda), case.name
+        assert is_cuda == sorted(is_cuda), (case.name, names)
+
+
+def _stub_ceilings(*args):
+    return {"matmul": {"dtype": "float32", "flops_per_s": 1e12, "time_s": 1.0},
+            "copy": {"bytes_per_s": 1e10, "time_s": 1.0}}
+
+
+@pytest.fixture
+def stopped_run(monkeypatch, tmp_path):
+    """A run through the runner whose third contender 'breaks the CUDA context'. Its second
+    contender reads the result file as it runs: the first one must already be in it."""
+    from types import SimpleNamespace
+
+    from bench import runner
+    from bench.presets import PRESETS, Stage
+
+    poisoned, spied = {"on": False}, {}
+    monkeypatch.setattr(harness, "context_error",
+                        lambda device: STICKY if poisoned["on"] else None)
+    monkeypatch.setattr(runner.ceilings_mod, "measure", _stub_ceilings)
+
+    def spy(t):
+        if "file" not in spied:
+            (path,) = tmp_path.glob("*.json")
+            spied["file"] = json.loads(path.read_text())
+        return {"out": 3 * t["x"]}
+
+    def first_cases(preset, device):
+        a = _scale_case([Contender("alignfuse/cuda", "subject", _poisoning(poisoned)),
+                         Contender("eager", "baseline", lambda t: {"out": 3 * t["x"]}),
+                         Contender("spy", "subject", spy)])
+        b = _scale_case([Contender("eager", "baseline", lambda t: {"out": 3 * t["x"]})])
+        b.name = "after-the-fault"
+        return [a, b]
+
+    def never(*args, **kwargs):
+        raise AssertionError("a stage after the CUDA fault ran")
+
+    modules = {"logprobs": SimpleNamespace(cases=first_cases),
+               "losses": SimpleNamespace(cases=never)}
+    monkeypatch.setattr(runner, "_suite_module", modules.__getitem__)
+    monkeypatch.setitem(PRESETS, "fault", replace(
+        PRESETS["cpu"], name="fault", timing=FAST, modes=None,
+        plan=[Stage("logprobs"), Stage("losses")]))
+    path = runner.run("fault", out_dir=tmp_path, log=lambda line: None)
+    return path, json.loads(path.read_text()), spied
+
+
+def test_a_cuda_fault_stops_the_run_with_every_record_written(stopped_run):
+    path, r, spied = stopped_run
+    assert schema.validate(r) == []
+    assert r["complete"] is False and STICKY in r["incomplete_reason"]
+    (case,) = r["suites"]["logprobs"]["cases"]  # the case after the fault never started
+    got = _by_name(case)
+    # */cuda ran last (the runner orders it so), after both others were timed
+    assert [c["name"] for c in case["contenders"]] == ["eager", "spy", "alignfuse/cuda"]
+    assert got["eager"]["status"] == got["spy"]["status"] == "ok"
+    assert got["alignfuse/cuda"]["status"] == "error"
+    assert "losses" not in r["suites"]
+    assert [(st["stage"], st["cases"]) for st in r["plan"]] == [("logprobs", 1)]
+    # Mid-run, the file already held the contender that had finished, flagged incomplete.
+    mid = spied["file"]
+    assert mid["complete"] is False and "killed" in mid["incomplete_reason"]
+    assert [c["name"] for c in mid["suites"]["logprobs"]["cases"][0]["contenders"]] == ["eager"]
+
+
+def test_report_and_readme_flag_an_incomplete_run(stopped_run, tmp_path):
+    from bench.report import README_BEGIN, README_END, update_readme
+
+    path, r, _ = stopped_run
+    render([path], tmp_path / "report")
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "**INCOMPLETE**" in report and STICKY in report
+    assert f"of a {r['budget_s']:.0f} s budget" in report
+    r["device"] = {"type": "cuda", "name": "Stand-in GPU"}
+    (tmp_path / "gpu").mkdir()
+    (tmp_path / "gpu" / "r.json").write_text(json.dumps(r))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{README_BEGIN} -->\nold\n{README_END}\n")
+    assert update_readme(readme, [tmp_path / "gpu"])
+    assert "**INCOMPLETE**" in readme.read_text()
+
+
+def test_a_case_after_the_deadline_builds_nothing():
+    calls = []
+
+    def make_inputs(seed):
+        calls.append("make_inputs")
+        raise AssertionError("built after the deadline")
+
+    case = _scale_case([Contender("eager", "baseline", lambda t: {"out": 3 * t["x"]})])
+    case.make_inputs = make_inputs
+    late = replace(FAST, deadline=0.0)
+    record = harness.run_case(case, CPU, late, ceilings=None, log=lambda line: None)
+    assert calls == []
+    assert record["contenders"][0]["status"] == "skipped"
+    assert "budget" in record["contenders"][0]["reason"]
+
+
+def test_step_and_packing_build_nothing_after_the_deadline(monkeypatch):
+    from bench.presets import PRESETS
+    from bench.suites import packing, step
+
+    def boom(*args, **kwargs):
+        raise AssertionError("built after the deadline")
+
+    monkeypatch.setattr(step, "_model", boom)
+    monkeypatch.setattr(packing, "lognormal_lengths", boom)
+    monkeypatch.setattr(packing, "efficiency", boom)
+    late = replace(FAST, deadline=0.0)
+    records = (step.run(PRESETS["cpu"], CPU, late, None, lambda line: None)
+               + packing.run(PRESETS["cpu"], CPU, late, None, lambda line: None))
+    assert len(records) == 3
+    for record in records:
+        for c in record["contenders"]:
+            assert c["status"] == "skipped" and "budget" in c["reason"], (record["case"], c)
+
+
+def test_step_peak_memory_baseline_holds_no_gradients(monkeypatch):
+    """The parameter .grad left by a timed run must not count in the baseline (the measured
+    run frees it with zero_grad(set_to_none=True)): every model's grads are cleared before
+    `base` is read. The CUDA memory counters are faked; the step runs on CPU tensors."""
+    from bench.presets import PRESETS
+    from bench.suites import step
+
+    case = step.step_case("dpo", PRESETS["cpu"].step, torch.float32, CPU)
+    inputs = case.make_inputs(0)
+    eager = next(c for c in case.contenders if c.name == "torch-eager")
+    harness._run_mode(case, eager, inputs, "fwd+bwd", None)  # as a timed run: grads left
+    # The case's models (built lazily by the run above), from the eager run's closure.
+    (get_models,) = [cell.cell_contents for cell in eager.run.__closure__
+                     if getattr(cell.cell_contents, "__name__", "") == "get_models"]
+    models = [m for pair in get_models().values() for m in pair]
+
+    def live_grads():
+        return sum(p.grad is not None for m in models for p in m.parameters())
+
+    assert live_grads() > 0
+    grads_at_base = []
+    for name, fake in (("memory_allocated", lambda device=None: grads_at_base.append(
+                            live_grads()) or 0),
+                       ("max_memory_allocated", lambda device=None: 1),
+                       ("reset_peak_memory_stats", lambda device=None: None),
+                       ("synchronize", lambda device=None: None),
+                       ("empty_cache", lambda: None)):
+        monkeypatch.setattr(torch.cuda, name, fake)
+    harness.peak_memory(case, eager, inputs, "fwd+bwd", torch.device("cuda"))
+    assert grads_at_base == [0]
+
+
+def test_step_tokens_per_second_uses_the_mean_over_the_timed_sets(monkeypatch):
+    from bench.presets import PRESETS
+    from bench.suites import step
+
+    def fake_run_case(case, device, cfg, ceilings, log, on_progress=None):
+        for seed in range(2):  # two input sets, which the timed runs alternate between
+            case.make_inputs(seed)
+        ok = {"status": "ok", "time_s": {"median": 0.5}}
+        return {"case": case.name, "input_sets": 2,
+                "contenders": [{"name": "alignfuse", "modes": {"fwd+bwd": ok}}]}
+
+    monkeypatch.setattr(step, "run_case", fake_run_case)
+    records = step.run(PRESETS["cpu"], CPU, FAST, None, lambda line: None)
+    for record in records:
+        n = record["metrics"]["tokens_per_input_set"]
+        assert len(n) == 2
+        assert record["metrics"]["tokens_per_step"] == pytest.approx(sum(n) / 2)
+        m = record["contenders"][0]["modes"]["fwd+bwd"]
+        assert m["tokens_per_s"] == pytest.approx(sum(n) / 2 / 0.5)
+    # The sets' lengths differ (else this test would prove nothing).
+    assert any(len(set(r["metrics"]["tokens_per_input_set"])) == 2 for r in records)
+
+
+def test_a_failed_import_is_recorded_with_its_error(monkeypatch):
+    from bench.suites import common
+
+    real = common.importlib.import_module
+
+    def failing(name, *args):
+        if name == "alignfuse.kernels":
+            raise ImportError("libcudart.so.13: cannot open shared object file")
+        return real(name, *args)
+
+    monkeypatch.setattr(common.importlib, "import_module", failing)
+    why = common.backend_unavailable("linear_logprobs", "cuda", CPU)
+    assert "libcudart.so.13" in why and "not implemented yet" not in why
+    monkeypatch.setattr(common.importlib, "import_module", real)
+    assert "not implemented yet" in common.op_unavailable("kernels", "no_such_op_xyz")
+
+
+def test_the_gpu_plan_runs_the_headline_first_and_cuda_after_the_n_sweep():
+    from bench.presets import GPU_PLAN, PRESETS
+    from bench.runner import _prepare
+    from bench.suites import logprobs, losses
+
+    gpu = PRESETS["gpu"]
+    # The issue's sizes stay in the preset.
+    assert {(s["N"], s["H"], s["V"]) for s in gpu.logprobs} >= {
+        (n, 4096, 128256) for n in (4096, 8192, 16384, 32768)} | {
+        (16384, 896, 151936), (16384, 4096, 32000), (16384, 8192, 128256)}
+    assert gpu.dtype == torch.bfloat16
+    runs = []  # (stage index, case name, modes, contender names)
+    for i, stage in enumerate(GPU_PLAN):
+        module = {"logprobs": logprobs, "losses": losses}.get(stage.suite)
+        if module is None:
+            continue
+        for c in module.cases(gpu, CPU):
+            c = _prepare(c, stage, gpu.modes)
+            if c is not None:
+                runs.append((i, c.name, c.modes, [x.name for x in c.contenders]))
+    first = runs[0]
+    assert first[1].startswith("N=16384,H=4096,V=128256") and first[2] == harness.MODES
+    assert "alignfuse/triton" in first[3] and not any(n.endswith("/cuda") for n in first[3])
+    # Every logprobs size is timed in fwd+bwd by some stage (the plots against N).
+    timed = {name for _, name, modes, _ in runs if "fwd+bwd" in modes}
+    assert {c.name for c in logprobs.cases(gpu, CPU)} <= timed
+    # */cuda in stages of their own (a fault there stops the run): alignfuse/cuda at the
+    # headline right after the N sweep (the plots against N are kept), the others after the
+    # step suite; alignfuse/torch only in the last stage.
+    cuda_stages = sorted({i for i, _, _, names in runs if any(n.endswith("/cuda") for n in names)})
+    assert all(all(n.endswith("/cuda") for n in names)
+               for i, _, _, names in runs if i in cuda_stages)
+    sweep = next(i for i, st in enumerate(GPU_PLAN) if st.name == "logprobs N sweep")
+    assert cuda_stages[0] == sweep + 1
+    assert {name for i, name, _, _ in runs if i == cuda_stages[0]} == {first[1]}
+    assert all(i < cuda_stages[0] for i, _, _, _ in runs if i <= sweep)
+    step_stage = next(i for i, st in enumerate(GPU_PLAN) if st.suite == "step")
+    assert step_stage < cuda_stages[1]
+    assert {i for i, _, _, names in runs if "alignfuse/torch" in names} == {len(GPU_PLAN) - 1}
+
+
+def test_a_later_stage_adds_contenders_and_modes_to_the_same_record():
+    eager = Contender("eager", "baseline", lambda t: {"out": t["x"] * 3})
+    fast = Contender("fast", "subject", lambda t: {"out": t["x"] + t["x"] + t["x"]})
+    first = _scale_case([eager])
+    first.modes = ("fwd+bwd",)
+    record = harness.run_case(first, CPU, FAST, ceilings=None, log=lambda line: None)
+    again = _scale_case([fast])
+    same = harness.run_case(again, CPU, FAST, ceilings=None, log=lambda line: None,
+                            into=record)
+    assert same is record and record["modes"] == list(harness.MODES)
+    got = _by_name(record)
+    assert got["eager"]["modes"]["fwd"]["status"] == "skipped"
+    assert set(got["fast"]["modes"]["fwd+bwd"]["speedup_vs"]) == {"eager"}

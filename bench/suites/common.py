@@ -1,7 +1,8 @@
 """Helpers shared by the suites: lazy alignfuse ops, optional baselines, random inputs.
 
 The alignfuse ops are imported lazily and by name, so a suite whose op has not landed yet
-records its contenders as skipped ("not yet implemented") instead of failing to import.
+records its contenders as skipped ("not yet implemented") instead of failing to import; an
+import that fails for another reason (a broken build) is recorded with its error.
 """
 
 from __future__ import annotations
@@ -13,18 +14,34 @@ from typing import Callable
 import torch
 
 def alignfuse_op(module: str, name: str) -> Callable | None:
-    """`alignfuse.<module>.<name>`, or None when this checkout does not have it yet."""
+    """`alignfuse.<module>.<name>`, or None when it cannot be had here (`op_unavailable`
+    says why)."""
     try:
         return getattr(importlib.import_module(f"alignfuse.{module}"), name, None)
     except ImportError:
         return None
 
 
+def op_unavailable(module: str, name: str) -> str | None:
+    """Why `alignfuse.<module>.<name>` cannot be had, or None. An import that fails is not
+    "not implemented yet": its error is kept (a failed or timed-out build shows here)."""
+    try:
+        mod = importlib.import_module(f"alignfuse.{module}")
+    except ImportError as exc:
+        text = f"{type(exc).__name__}: {exc}".strip()
+        return (f"alignfuse.{module}.{name} cannot be imported here "
+                f"({text[:400]}{' ...' if len(text) > 400 else ''})")
+    if getattr(mod, name, None) is None:
+        return f"alignfuse.{module}.{name} is not implemented yet in this checkout"
+    return None
+
+
 def backend_unavailable(op: str, backend: str, device: torch.device,
                         module: str = "kernels") -> str | None:
     """Why `alignfuse.kernels.<op>(backend=...)` cannot run on `device`, or None."""
-    if alignfuse_op(module, op) is None:
-        return f"alignfuse.{module}.{op} is not implemented yet in this checkout"
+    why = op_unavailable(module, op)
+    if why:
+        return why
     from alignfuse.kernels import BackendUnavailable, resolve
 
     try:

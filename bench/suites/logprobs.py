@@ -183,8 +183,9 @@ def case(N: int, H: int, V: int, dtype: torch.dtype, device: torch.device) -> Ca
 
     # Order = priority when the time budget runs out (a contender that does not start in
     # time is recorded as skipped): the default path and the three baselines first, then
-    # the alternatives that decide defaults, and the torch backend (chunked, not meant to
-    # be fast on GPU) last.
+    # the alternatives that decide defaults, the torch backend (chunked, not meant to be
+    # fast on GPU), and the compiled CUDA backend last: a fault there (illegal memory
+    # access) breaks the CUDA context for every contender after it.
     contenders = [_alignfuse("triton"),
                   Contender("torch-eager", "baseline", _eager,
                             note="logits = h @ W.T (model dtype), float32 log_softmax, gather"),
@@ -192,9 +193,9 @@ def case(N: int, H: int, V: int, dtype: torch.dtype, device: torch.device) -> Ca
                   Contender("cce", "baseline", _cce, _cce_unavailable,
                             note="cut_cross_entropy.linear_cross_entropy(reduction='none'), "
                                  "negated"),
-                  _alignfuse("triton", "fused"), _alignfuse("cuda"),
+                  _alignfuse("triton", "fused"),
                   _alignfuse("triton", "fused-forward"), _cross_entropy("triton"),
-                  _alignfuse("torch")]
+                  _alignfuse("torch"), _alignfuse("cuda")]
     tol = tolerance(dtype)
     # logits_bytes: the [N, V] logits in the model dtype, the report's yardstick for memory
     return Case(SUITE, f"N={N},H={H},V={V},{dtype_name(dtype)}",

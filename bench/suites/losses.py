@@ -63,8 +63,10 @@ def _op_case(op: str, name: str, sizes: dict, make_inputs, call, grads: tuple[st
         return Contender(cname, role, lambda t: call(t, backend),
                          lambda device: backend_unavailable(op, backend, device))
 
-    contenders = [contender(f"alignfuse/{b}", "subject", b) for b in FUSED]
-    contenders.append(contender("torch-eager", "baseline", "torch"))
+    # The compiled CUDA backend last: a fault there breaks the CUDA context for the rest.
+    contenders = [contender("alignfuse/triton", "subject", "triton"),
+                  contender("torch-eager", "baseline", "torch"),
+                  contender("alignfuse/cuda", "subject", "cuda")]
     modes = ("fwd", "bwd", "fwd+bwd") if grad_output else ("fwd",)
     tol = tolerance(dtype) if dtype != torch.float32 else 1e-5
     return Case(SUITE, name, sizes, make_inputs, _torch_reference(call, grads, grad_output),
@@ -266,7 +268,8 @@ def linear_grpo_case(S: int, T: int, H: int, V: int, dtype: torch.dtype,
         flops = {"fwd": 2, "bwd": 4, "fwd+bwd": 6}[mode] * N * H * V
         return {"flops": flops, "bytes": base + (0 if mode == "fwd" else grads)}
 
-    # Order = priority when the time budget runs out: the fused op and the baselines first.
+    # Order = priority when the time budget runs out: the fused op and the baselines first;
+    # the compiled CUDA backend last (a fault there breaks the CUDA context for the rest).
     contenders = [
         fused("triton"),
         Contender("torch-eager", "baseline", eager,
@@ -277,7 +280,7 @@ def linear_grpo_case(S: int, T: int, H: int, V: int, dtype: torch.dtype,
                                                              device),
                   note="LigerFusedLinearGRPOLoss(loss_type='bnpo', beta=0.04); it computes "
                        "gradients in its forward, so its bwd is nearly free: compare fwd+bwd"),
-        two_ops("triton"), fused("cuda"), two_ops("cuda"), fused("torch"), two_ops("torch"),
+        two_ops("triton"), fused("torch"), two_ops("torch"), fused("cuda"), two_ops("cuda"),
     ]
     tol = tolerance(dtype)
     return Case(SUITE, f"linear_grpo,S={S},T={T},H={H},V={V},{dtype_name(dtype)}",
@@ -395,7 +398,7 @@ def linear_dpo_case(P: int, T: int, H: int, V: int, dtype: torch.dtype,
                                                                        "liger-kernel", device),
                             note="LigerFusedLinearDPOLoss(beta=0.1, sum of log-probs); it "
                                  "computes gradients in its forward: compare fwd+bwd"),
-                  two_ops("cuda"), two_ops("torch")]
+                  two_ops("torch"), two_ops("cuda")]
     return Case(SUITE, f"linear_dpo,P={P},T={T},H={H},V={V},{dtype_name(dtype)}",
                 {"P": P, "T": T, "N": N, "H": H, "V": V, "dtype": dtype_name(dtype)},
                 make_inputs, reference, contenders, {"*": tolerance(dtype)},

@@ -16,13 +16,14 @@ no physical floor (the floor fields are null).
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import numpy as np
 import torch
 
 from ..harness import Case, Contender, InputSet, run_case
-from .common import alignfuse_op
+from .common import alignfuse_op, op_unavailable
 
 SUITE = "packing"
 HOST = torch.device("cpu")
@@ -49,8 +50,9 @@ def _pack_contender(planner: str, max_tokens: int) -> Contender:
         return {"tokens_per_sequence": counts}
 
     def unavailable(device):
-        if alignfuse_op("engine", "pack") is None:
-            return "alignfuse.engine.pack is not implemented yet in this checkout"
+        why = op_unavailable("engine", "pack")
+        if why:
+            return why
         if planner == "cpp":
             try:
                 from alignfuse.engine import _host
@@ -116,15 +118,17 @@ def efficiency(lengths: np.ndarray, max_tokens: int) -> dict:
     return out
 
 
-def run(preset, device, cfg, ceilings, log) -> list[dict]:
+def run(preset, device, cfg, ceilings, log, on_progress=None) -> list[dict]:
     p = preset.packing
     if not p:
         return []
     n, max_tokens = p["sequences"], p["max_tokens"]
-    lengths = lognormal_lengths(n, p["median_len"], p["sigma_log"], p["max_len"], seed=0)
+    late = time.monotonic() > cfg.deadline  # then nothing is drawn or packed
+    lengths = None if late else lognormal_lengths(n, p["median_len"], p["sigma_log"],
+                                                  p["max_len"], seed=0)
     # Padding at the packer's token budget fits one long-tail sequence per batch; the
     # baseline builds batches of 8 (as a length-grouped sampler would), which is faster.
-    batch_size = max(8, max_tokens // int(lengths.max()))
+    batch_size = 8 if late else max(8, max_tokens // int(lengths.max()))
 
     def make_inputs(seed: int) -> InputSet:
         ls = lengths if seed == 0 else lognormal_lengths(n, p["median_len"], p["sigma_log"],
@@ -145,7 +149,9 @@ def run(preset, device, cfg, ceilings, log) -> list[dict]:
     # Input sets hold Python lists, so rotation by bytes does not apply: two sets.
     host_cfg = replace(cfg, rotate_bytes=0, max_sets=2, warmup=min(cfg.warmup, 1),
                        max_reps=min(cfg.max_reps, 5), min_reps=min(cfg.min_reps, 3))
-    record = run_case(case, HOST, host_cfg, None, log)
+    record = run_case(case, HOST, host_cfg, None, log, on_progress=on_progress)
+    if late:
+        return [record]
     record["metrics"] = m = efficiency(lengths, max_tokens)
     log(f"  packing: efficiency packed={m.get('efficiency_packed')} in {m.get('packed_steps')} "
         f"steps; padded (batch 8) {m['efficiency_padded_b8']:.3f}, sorted "

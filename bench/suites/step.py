@@ -12,10 +12,11 @@ model's attention implementation) and the same sequences:
 - torch-eager: the same sequences right-padded to `[S, T]`, the model's own forward with an
   attention mask and full `[S, T, V]` logits, float32 log_softmax, gather, then the loss's
   torch reference. Its reference model runs the same way.
-Recorded: median step time, tokens/s (real tokens, padding excluded, over the median
-time), peak memory (GPU). The check compares each contender's loss with the eager path
-run on a float32 (GPU) / float64 (CPU) copy of the models; gradients are not compared here
-(the logprobs and losses suites check them op by op).
+Recorded: median step time, tokens/s (real tokens, padding excluded: the mean over the
+input sets the timed runs alternate between, over the median time), peak memory (GPU),
+measured with every model's gradients freed first. The check compares each contender's
+loss with the eager path run on a float32 (GPU) / float64 (CPU) copy of the models;
+gradients are not compared here (the logprobs and losses suites check them op by op).
 Floor: 6 · (parameters) · tokens for the policy (forward + backward) plus 2 · params ·
 tokens for the reference forward, attention FLOPs ignored; bytes are not modelled.
 """
@@ -27,7 +28,7 @@ import copy
 import torch
 
 from ..harness import Case, Contender, InputSet, run_case
-from .common import alignfuse_op, dtype_name, reference_dtype, tolerance
+from .common import alignfuse_op, dtype_name, op_unavailable, reference_dtype, tolerance
 
 SUITE = "step"
 BETA, CLIP, KL = 0.1, 0.2, 0.04
@@ -111,12 +112,14 @@ def _eager_grpo(policy, padded) -> torch.Tensor:
 
 def _unavailable(kind: str):
     def why(device):
-        for module, name in (("engine", "pack"), ("engine.forward", "token_logprobs"),
-                             ("kernels", "dpo_loss" if kind == "dpo" else "policy_loss")):
-            if alignfuse_op(module, name) is None:
-                return f"alignfuse.{module}.{name} is not implemented yet in this checkout"
-        if kind == "dpo" and alignfuse_op("engine.algorithms", "DPO") is None:
-            return "alignfuse.engine.algorithms.DPO is not implemented yet in this checkout"
+        needs = [("engine", "pack"), ("engine.forward", "token_logprobs"),
+                 ("kernels", "dpo_loss" if kind == "dpo" else "policy_loss")]
+        if kind == "dpo":
+            needs.append(("engine.algorithms", "DPO"))
+        for module, name in needs:
+            why = op_unavailable(module, name)
+            if why:
+                return why
         return None
 
     return why
@@ -209,6 +212,14 @@ def step_case(kind: str, cfg: dict, dtype: torch.dtype, device: torch.device) ->
     def reference(s: InputSet):
         return {"loss": eager_with("reference")(s.tensors)["loss"].detach()}
 
+    def reset():
+        # Before each peak-memory baseline: the .grad a timed run left on any model would
+        # count as live input, and the measured run frees its own (zero_grad set_to_none),
+        # which understated the peak by the model's gradient size.
+        for pair in models.values():
+            for model in pair:
+                model.zero_grad(set_to_none=True)
+
     params = sum(p.numel() for p in _count_model(cfg))
 
     name = f"{kind},{cfg['family']},H={cfg['hidden']},L={cfg['layers']},V={cfg['vocab']}," \
@@ -222,7 +233,7 @@ def step_case(kind: str, cfg: dict, dtype: torch.dtype, device: torch.device) ->
                            note="padded batch, full logits, float32 log_softmax, gather")],
                 {"loss": 10 * tolerance(dtype) if dtype != torch.float32 else 1e-4},
                 modes=("fwd+bwd",), grad_output="loss",
-                unavailable=lambda device: why,
+                unavailable=lambda device: why, reset=reset,
                 notes=("one training step; tokens/s counts real tokens (no padding); loss "
                        "checked against the eager path on a higher-precision model copy"))
     case.flops_per_token = (6 + (2 if kind == "dpo" else 0)) * params
@@ -239,31 +250,40 @@ def _count_model(cfg: dict):
         return list(AutoModelForCausalLM.from_config(config).parameters())
 
 
-def run(preset, device, cfg, ceilings, log) -> list[dict]:
+def run(preset, device, cfg, ceilings, log, on_progress=None) -> list[dict]:
     if not preset.step:
         return []
     records = []
     for kind in ("dpo", "grpo"):
         case = step_case(kind, preset.step, preset.dtype, device)
-        tokens = {}
+        tokens: dict[int, int] = {}  # real tokens of each input set, by seed
 
         make = case.make_inputs
 
         def counting(seed, make=make, tokens=tokens):
             s = make(seed)
-            tokens.setdefault("n", int(s.tensors["packed"].num_tokens))
+            tokens[seed] = int(s.tensors["packed"].num_tokens)
             return s
+
+        def mean_tokens(tokens=tokens) -> float | None:
+            # The timed runs alternate between the input sets, whose lengths differ.
+            return sum(tokens.values()) / len(tokens) if tokens else None
 
         case.make_inputs = counting
         flops_per_token = case.flops_per_token
-        case.work = lambda mode, t=tokens, f=flops_per_token: (
-            {"flops": f * t["n"], "bytes": 0} if "n" in t else None)
-        record = run_case(case, device, cfg, ceilings, log)
+        case.work = lambda mode, n=mean_tokens, f=flops_per_token: (
+            {"flops": f * n(), "bytes": 0} if n() is not None else None)
+        # run_case builds nothing once the deadline has passed (all skipped for time).
+        record = run_case(case, device, cfg, ceilings, log, on_progress=on_progress)
+        n = mean_tokens()
         for c in record["contenders"]:
             for m in c["modes"].values():
-                if m.get("status") == "ok" and "n" in tokens:
-                    m["tokens_per_s"] = tokens["n"] / m["time_s"]["median"]
-        record["metrics"] = {"tokens_per_step": tokens.get("n"),
+                if m.get("status") == "ok" and n is not None:
+                    m["tokens_per_s"] = n / m["time_s"]["median"]
+        record["metrics"] = {"tokens_per_step": n,
+                             "tokens_per_input_set": [tokens[k] for k in sorted(tokens)],
                              "flops_per_token": flops_per_token}
         records.append(record)
+        if on_progress is not None:
+            on_progress(record)
     return records
