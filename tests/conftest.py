@@ -229,6 +229,13 @@ def pytest_runtest_makereport(item, call):
 
 
 def pytest_collection_modifyitems(config, items):
+    # The cuda backend's cases, selectable as a group: the GPU session runs them with the
+    # `gpu` tests (-m "gpu or cuda_backend"), the first run of csrc/cuda on real hardware.
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        params = callspec.params if callspec else {}
+        if "cuda" in (params.get("backend"), params.get("linear_backend")):
+            item.add_marker(pytest.mark.cuda_backend)
     if HAS_CUDA:
         marker, skip = "cpu_only", pytest.mark.skip(
             reason="runs Triton on CPU tensors under the interpreter (CPU runs only)")

@@ -199,3 +199,13 @@ def test_no_triton():
     result.assert_outcomes(passed=4, errors=1)
     result.stdout.fnmatch_lines(["*ERROR at teardown of test_unmarked*",
                                  "*mark it @pytest.mark.cpu_only*"])
+
+
+def test_cuda_backend_cases_carry_their_marker(request):
+    """conftest marks every backend="cuda" case `cuda_backend` (the GPU session selects them
+    with -m "gpu or cuda_backend"), and nothing else."""
+    for item in request.session.items:
+        callspec = getattr(item, "callspec", None)
+        params = callspec.params if callspec else {}
+        is_cuda = "cuda" in (params.get("backend"), params.get("linear_backend"))
+        assert is_cuda == (item.get_closest_marker("cuda_backend") is not None), item.nodeid
