@@ -19,15 +19,9 @@ import triton
 import triton.language as tl
 
 from .kl import KL_ESTIMATOR_CODES
-from .triton_token_loss import policy_token_loss
+from .triton_token_loss import max_nan, policy_token_loss
 
 NUM_PARTIALS = 8
-
-
-@triton.jit
-def _max_nan(a, b):
-    # tl.max drops NaN (PropagateNan.NONE); torch's ratio_max is NaN when a ratio is
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -100,7 +94,7 @@ def _policy_loss_kernel(logp_ptr, old_ptr, adv_ptr, ref_ptr, mask_ptr, cu_ptr, w
         neg_lr_acc += tl.where(valid, -token_lr, 0.0)
         kl_acc += tl.where(valid, kl, 0.0)
         ratio_acc += tl.where(valid, ratio, 0.0)
-        ratio_max = _max_nan(ratio_max, tl.where(valid, ratio, 0.0))
+        ratio_max = max_nan(ratio_max, tl.where(valid, ratio, 0.0))
 
     out = partial_ptr + seq * 8
     tl.store(out + 0, tl.sum(loss_acc, axis=0))
@@ -111,7 +105,8 @@ def _policy_loss_kernel(logp_ptr, old_ptr, adv_ptr, ref_ptr, mask_ptr, cu_ptr, w
     tl.store(out + 5, tl.sum(neg_lr_acc, axis=0))
     tl.store(out + 6, tl.sum(kl_acc, axis=0))
     tl.store(out + 7, tl.sum(ratio_acc, axis=0))
-    tl.store(ratio_max_ptr + seq, tl.reduce(ratio_max, 0, _max_nan))
+    # tl.max drops NaN; torch's ratio_max is NaN when a ratio is
+    tl.store(ratio_max_ptr + seq, tl.reduce(ratio_max, 0, max_nan))
 
 
 def policy_loss_forward(logps, old_logps, advantages, ref_logps, layout, options, weights):

@@ -27,11 +27,16 @@ import triton.language as tl
 
 
 @triton.jit
+def max_nan(a, b):
+    """max with NaN in, NaN out, as torch.maximum: tl.maximum (and tl.max) default to
+    PropagateNan.NONE, which returns the other operand (a finite, wrong loss)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def clamp_nan(x, lo, hi):
-    """min(max(x, lo), hi) with NaN in, NaN out, as torch.clamp: tl.minimum and tl.maximum
-    default to PropagateNan.NONE, which turns a NaN into the bound (a finite, wrong loss)."""
-    return tl.minimum(tl.maximum(x, lo, propagate_nan=tl.PropagateNan.ALL), hi,
-                      propagate_nan=tl.PropagateNan.ALL)
+    """min(max(x, lo), hi) with NaN in, NaN out, as torch.clamp (see max_nan)."""
+    return tl.minimum(max_nan(x, lo), hi, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -69,7 +74,7 @@ def policy_token_loss(log_ratio, advantage, ref_log_ratio, clip_low, clip_high, 
     unclipped = -advantage * ratio
     clipped_loss = -advantage * clamp_nan(ratio, 1.0 - clip_low, 1.0 + clip_high)
     clipped = clipped_loss > unclipped
-    pg = tl.maximum(unclipped, clipped_loss, propagate_nan=tl.PropagateNan.ALL)
+    pg = max_nan(unclipped, clipped_loss)
     # Where the clipped term wins the ratio lies outside the clip range: no gradient.
     grad = tl.where(clipped, 0.0, -advantage * d_ratio)
     if USE_DUAL_CLIP:

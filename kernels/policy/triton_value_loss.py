@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_token_loss import clamp_nan
+from .triton_token_loss import clamp_nan, max_nan
 
 
 @triton.jit
@@ -42,7 +42,7 @@ def _value_loss_kernel(v_ptr, old_ptr, ret_ptr, mask_ptr, cu_ptr, weight_ptr, gr
             clipped = clipped_loss > loss
             # the clipped term only wins when v is outside the clip range: no gradient
             grad = tl.where(clipped, 0.0, grad)
-            loss = tl.maximum(loss, clipped_loss, propagate_nan=tl.PropagateNan.ALL)
+            loss = max_nan(loss, clipped_loss)
             clip_acc += (valid & clipped).to(tl.float32)
         tl.store(grad_ptr + idx, tl.where(valid, grad * weight, 0.0), mask=inb)
         loss_acc += tl.where(valid, loss, 0.0)
