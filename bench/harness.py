@@ -461,31 +461,28 @@ def run_case(case: Case, device: torch.device, cfg: TimingConfig, ceilings: dict
         record["modes"] = [m for m in MODES if m in record["modes"] or m in case.modes] \
             + [m for m in record["modes"] + list(case.modes) if m not in MODES]
 
-    def progress(record: dict) -> None:
-        if on_progress is not None:  # a complete record, ratios included, at every step
-            _fill_modes(record)
-            derived(record["contenders"], case.work, ceilings)
-            on_progress(record)
-
-    progress(record)
-
-    def finish() -> dict:
+    def progress() -> dict:
+        """The record made complete (every mode filled, ratios derived), handed to
+        on_progress; at every step, so a file written mid-case is valid."""
         _fill_modes(record)
         derived(record["contenders"], case.work, ceilings)
-        progress(record)
+        if on_progress is not None:
+            on_progress(record)
         return record
+
+    progress()
 
     why = case.unavailable(device)
     if why:
         record["contenders"] += [_skipped(c, why) for c in case.contenders]
         log(f"  {case.suite}/{case.name} skipped: {why}")
-        return finish()
+        return progress()
     if time.monotonic() > cfg.deadline:
         # Nothing is built: inputs and a higher-precision reference can cost seconds.
         reason = "the run's time budget was spent before this case started"
         record["contenders"] += [_skipped(c, reason) for c in case.contenders]
         log(f"  {case.suite}/{case.name} skipped: {reason}")
-        return finish()
+        return progress()
     try:
         sets = make_sets(case, cfg)
         record["input_sets"] = len(sets)
@@ -498,12 +495,11 @@ def run_case(case: Case, device: torch.device, cfg: TimingConfig, ceilings: dict
         log(f"  {case.suite}/{case.name} error: {reason}")
         broken = context_error(device)
         free_memory(device)
-        finish()
         if broken:
             record["stopped"] = f"the CUDA context broke while setting up this case: {broken}"
-            progress(record)
+            progress()
             raise ContextLost(record["stopped"], record) from exc
-        return record
+        return progress()
     for i, contender in enumerate(case.contenders):
         result = run_contender(case, contender, sets, reference, device, cfg)
         record["contenders"].append(result)
@@ -517,12 +513,12 @@ def run_case(case: Case, device: torch.device, cfg: TimingConfig, ceilings: dict
             record["contenders"] += [_skipped(c, reason) for c in case.contenders[i + 1:]]
             record["stopped"] = reason
             log(f"  {case.suite}/{case.name}: {reason}")
-            finish()
+            progress()
             raise ContextLost(reason, record)
-        progress(record)
+        progress()
     del sets, reference
     free_memory(device)
-    return finish()
+    return progress()
 
 
 def _fill_modes(record: dict) -> None:
