@@ -107,6 +107,18 @@ def test_16_bit_conversions_round_as_the_device(emu):
     assert got_bf[0].isnan() and got_half[0].isnan()
 
 
+def test_the_build_cache_key_covers_every_file_it_compiles():
+    """The emulated module is cached by a hash of its inputs: a header left out of it (the
+    .cuh files once were) keeps serving a stale build after that header changes."""
+    import pathlib
+
+    from cuda_emu.build import CUDA_SOURCES, HERE, hashed_files
+
+    every = {p for p in pathlib.Path(CUDA_SOURCES).iterdir() if p.suffix in (".cu", ".cuh", ".h")}
+    every |= {p for p in pathlib.Path(HERE).rglob("*") if p.suffix in (".cu", ".cpp", ".h")}
+    assert every and every <= set(hashed_files())
+
+
 def test_schedule_names_are_checked(emu):
     with pytest.raises(ValueError, match="mode must be forward, reverse or shuffle"):
         emu.emu_schedule("sideways", 0)

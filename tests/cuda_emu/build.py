@@ -40,10 +40,16 @@ def _sources() -> list[pathlib.Path]:
     return sorted(CUDA_SOURCES.glob("*.cu")) + [HERE / "cuda_emu.cpp", HERE / "selftest.cu"]
 
 
+def hashed_files() -> list[pathlib.Path]:
+    """Every file the build reads: the sources and every header they include (csrc/cuda's
+    .h and .cuh, this folder's include/)."""
+    headers = [p for p in sorted(CUDA_SOURCES.iterdir()) if p.suffix in (".h", ".cuh")]
+    return _sources() + headers + sorted((HERE / "include").glob("*.h"))
+
+
 def _digest(cxx: str) -> str:
     h = hashlib.sha256()
-    files = _sources() + sorted(CUDA_SOURCES.glob("*.h*")) + sorted((HERE / "include").glob("*.h"))
-    for path in files:
+    for path in hashed_files():
         h.update(path.name.encode())
         h.update(path.read_bytes())
     h.update(" ".join([cxx, *FLAGS]).encode())
