@@ -3,7 +3,7 @@
 The `cuda` cases of the backend-parametrized tests are only as good as the emulation under
 them, so it is checked here with kernels written right and wrong on purpose
 (tests/cuda_emu/selftest.cu): a missing barrier must change the answer with the order the
-threads run in, a barrier that some threads skip must be an error, the warp shuffles and
+threads run in, a read across blocks with the order the blocks run in, a barrier that some threads skip must be an error, the warp shuffles and
 block reductions must be exact, and 16-bit conversions must round as the device does.
 """
 
@@ -36,6 +36,27 @@ def test_a_missing_barrier_shows_in_the_thread_order(emu):
     assert torch.equal(broadcast(emu, "forward", with_barrier=False), expected)
     assert not torch.equal(broadcast(emu, "reverse", with_barrier=False), expected)
     assert not torch.equal(broadcast(emu, "shuffle", with_barrier=False), expected)
+
+
+def test_a_read_across_blocks_shows_in_the_block_order(emu):
+    def chain(mode):
+        out = torch.zeros(9)
+        emu.emu_schedule(mode, 3)
+        emu.emu_selftest_block_chain(out.data_ptr(), 9)
+        return out
+
+    in_order = torch.arange(1, 10, dtype=torch.float32)
+    assert torch.equal(chain("forward"), in_order)
+    assert not torch.equal(chain("reverse"), in_order)
+    assert not torch.equal(chain("shuffle"), in_order)
+
+
+@pytest.mark.parametrize("mode", ["forward", "reverse", "shuffle"])
+def test_every_block_of_a_3d_grid_runs_once(emu, mode):
+    out = torch.zeros(5 * 3 * 2)
+    emu.emu_schedule(mode, 11)
+    emu.emu_selftest_block_ids(out.data_ptr(), 5, 3, 2)
+    assert torch.equal(out, torch.ones_like(out))
 
 
 @pytest.mark.parametrize("threads", [32, 96, 256, 1024])
@@ -105,6 +126,55 @@ def test_16_bit_conversions_round_as_the_device(emu):
     nan = torch.tensor([float("nan")])
     emu.emu_selftest_round_trip(nan.data_ptr(), got_bf.data_ptr(), got_half.data_ptr(), 1)
     assert got_bf[0].isnan() and got_half[0].isnan()
+
+
+SWEEP_DTYPES = [(torch.float32, torch.float32), (torch.float16, torch.float16),
+                (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                (torch.float32, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("x_dtype,y_dtype", SWEEP_DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("V", [1, 5, 37, 1031, 4099])
+def test_row_sweeps_visit_every_element_once(emu, x_dtype, y_dtype, V):
+    """row_sweep.cuh's sweep_row and map_row on rows of every alignment: row starts at each
+    element offset within 16 bytes, a row stride that shifts the alignment from row to row,
+    and an output row in another phase than the input's (element-wise stores) or the same
+    (packed stores). Every element is visited once, with its own index, and nothing outside
+    the rows is written."""
+    from alignfuse.kernels.backends import cuda_dtype_code
+
+    g = torch.Generator().manual_seed(torch.initial_seed())
+    rows = 5
+    for x_offset, x_pad, y_offset, y_pad, threads in [(0, 0, 0, 0, 256), (1, 3, 1, 3, 256),
+                                                      (3, 1, 0, 0, 96), (5, 0, 2, 1, 32),
+                                                      (7, 9, 7, 9, 1024)]:
+        x_stride, y_stride = V + x_pad, V + y_pad
+        x_buf = torch.full((x_offset + rows * x_stride + 16,), float("nan"), dtype=x_dtype)
+        x = x_buf[x_offset:x_offset + rows * x_stride].view(rows, x_stride)[:, :V]
+        x.copy_(torch.randn(rows, V, generator=g))
+        y_buf = torch.full((y_offset + rows * y_stride + 16,), -7.0, dtype=y_dtype)
+        y = y_buf[y_offset:y_offset + rows * y_stride].view(rows, y_stride)[:, :V]
+        visits = torch.zeros(rows * V + 16)
+        emu.emu_selftest_row_sweep(x.data_ptr(), cuda_dtype_code(x), rows, V, x_stride,
+                                   visits.data_ptr(), y.data_ptr(), cuda_dtype_code(y), y_stride,
+                                   threads)
+        where = f"x offset {x_offset}, stride {x_stride}; y offset {y_offset}, stride {y_stride}"
+        assert torch.equal(visits[:rows * V], torch.ones(rows * V)), where
+        assert torch.equal(visits[rows * V:], torch.zeros(16)), where
+        assert torch.equal(y, x.to(y_dtype)), where
+        outside = torch.ones_like(y_buf, dtype=torch.bool)
+        outside[y_offset:y_offset + rows * y_stride].view(rows, y_stride)[:, :V] = False
+        assert torch.equal(y_buf[outside], torch.full_like(y_buf[outside], -7.0)), where
+
+
+def test_a_misaligned_packed_access_is_an_error(emu):
+    x = torch.randn(64)
+    out = torch.zeros(1)
+    emu.emu_selftest_packed_load(x.data_ptr(), 4, out.data_ptr())  # 16 bytes in: aligned
+    assert out[0] == x[4]
+    with pytest.raises(RuntimeError, match=r"misaligned address: a 16-byte access at 0x[0-9a-f]+ "
+                                           r"by thread \(\d+,0,0\) of block \(0,0,0\)"):
+        emu.emu_selftest_packed_load(x.data_ptr(), 1, out.data_ptr())
 
 
 def test_the_build_cache_key_covers_every_file_it_compiles():

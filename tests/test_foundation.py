@@ -84,6 +84,34 @@ def test_cuda_source_compiles(source, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
+@pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
+@pytest.mark.parametrize("source,kernels", [
+    ("logprobs.cu", ("logprobs_forward_kernel", "logprobs_backward_kernel")),
+    ("fused.cu", ("fused_chunk_kernel",))])
+def test_row_kernels_load_16_bytes_at_a_time(source, kernels, tmp_path):
+    """The kernels that stream [N, V] logits read them with 128-bit loads (row_sweep.cuh),
+    in every dtype instantiation: the PTX (built as setup.py builds, -O3) of each has a
+    ld.global[.nc].v4. A rewrite that falls back to element-wise loads still passes every
+    correctness test, and would only show as a slower benchmark on a GPU."""
+    import pybind11
+    import re
+    import sysconfig
+
+    ptx = tmp_path / "k.ptx"
+    cmd = [NVCC, "-ptx", "-std=c++17", "-O3", "-arch=compute_90", "-I", pybind11.get_include(),
+           "-I", sysconfig.get_paths()["include"], "-I", str(ROOT / "csrc" / "cuda"),
+           str(ROOT / "csrc" / "cuda" / source), "-o", str(ptx)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    entries = re.split(r"^\.visible \.entry |^\.entry ", ptx.read_text(), flags=re.M)[1:]
+    for kernel in kernels:
+        bodies = [e for e in entries if kernel in e.split("(", 1)[0]]
+        assert bodies, f"no PTX entry for {kernel}"
+        for body in bodies:
+            assert re.search(r"\bld\.global(\.nc)?\.v4\.", body), \
+                f"{body.split('(', 1)[0]}: no 128-bit global load"
+
+
 def test_backend_names_are_checked():
     with pytest.raises(ValueError, match="backend must be one of"):
         resolve("segment_sum", "cudnn", "cpu")

@@ -533,12 +533,16 @@ def test_cuda_row_math_matches_formula_on_host(cuda_row_math, V, scale, temperat
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("entropy", [False, True])
-def test_cuda_logits_path_on_strided_rows(cuda_device, dtype, entropy):
+@pytest.mark.parametrize("V,stride,start", [(67, 80, 0), (67, 81, 3), (2101, 2109, 5)])
+def test_cuda_logits_path_on_strided_rows(cuda_device, dtype, entropy, V, stride, start):
+    """Row stride != V; with an odd stride and a column offset, rows start at every 16-byte
+    phase, so the kernels' packed loads (row_sweep.cuh) meet heads and tails of every length;
+    V=2101 gives each thread several packs."""
     from alignfuse.kernels import logprobs as lp_mod
 
-    wide = (torch.randn(11, 80, device=cuda_device) * 3).to(dtype)
-    logits = wide[:, :67].detach().requires_grad_()  # row stride 80 != V
-    targets = torch.randint(0, 67, (11,), device=cuda_device)
+    wide = (torch.randn(11, stride, device=cuda_device) * 3).to(dtype)
+    logits = wide[:, start:start + V].detach().requires_grad_()
+    targets = torch.randint(0, V, (11,), device=cuda_device)
     targets[2] = IGNORE
     out = lp_mod._LogitsLogprobsKernel.apply("cuda", logits, targets, 0.8, IGNORE, entropy)
     outs = out if entropy else (out,)

@@ -13,12 +13,14 @@
 //    grad_logit, plus label smoothing's own term w eps (1[j=t] - 1/V).
 // dz may be the logits buffer itself (same dtype): every element is read in sweep 1, and the
 // target's logit before the block reductions, whose barriers order all reads before any
-// write; in sweep 2 each element is read, then written, by the same thread.
+// write; in sweep 2 each element is read, then written, by the same thread (map_row). Both
+// sweeps load 16 bytes at a time (row_sweep.cuh).
 // stats [8, stride_stats] rows, by number (kernels/fused/chunk_loss.py): logp, entropy, loss,
 // then for the policy loss pg, ratio, clipped, dual-clipped, kl.
 #include "policy_token.cuh"
 #include "reduce.cuh"
 #include "registry.h"
+#include "row_sweep.cuh"
 #include "softmax_row.cuh"
 
 namespace alignfuse {
@@ -48,11 +50,11 @@ __global__ void fused_chunk_kernel(const T* z, G* dz, const int64_t* __restrict_
   // sweep 1: row statistics
   SoftmaxState st;
   float zsum = 0.f;
-  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
-    const float v = to_float(x[j]) * inv_temp;
+  sweep_row(x, V, [&](int64_t, float raw) {
+    const float v = raw * inv_temp;
     st.add(v);
     if (smoothing) zsum += v;
-  }
+  });
   const int64_t t = targets[row];
   const bool in_vocab = t >= 0 && t < V;
   const float z_target = in_vocab ? to_float(x[t]) * inv_temp : 0.f;  // before any write
@@ -107,11 +109,11 @@ __global__ void fused_chunk_kernel(const T* z, G* dz, const int64_t* __restrict_
   G* g = dz + row * stride_dz;
   const float smooth_w = w * cp.smoothing;
   const float uniform = 1.f / static_cast<float>(V);
-  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
-    float d = grad_logit(to_float(x[j]) * inv_temp, lse, entropy, g_logp, g_entropy, j == t, inv_temp);
+  map_row(x, g, V, [&](int64_t j, float raw) {
+    float d = grad_logit(raw * inv_temp, lse, entropy, g_logp, g_entropy, j == t, inv_temp);
     if (smoothing) d += smooth_w * ((j == t ? 1.f : 0.f) - uniform) * inv_temp;
-    g[j] = from_float<G>(d);
-  }
+    return d;
+  });
 }
 
 // dz may be 0 (statistics only); then dz_dtype is not read. Per-token inputs are float32 [C]

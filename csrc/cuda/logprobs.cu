@@ -1,6 +1,6 @@
 // Log-probs of target tokens (and entropy) from logits [N, V]: one block per row.
 //
-// Forward: each thread streams its strided share of the row once, keeping an online
+// Forward: each thread streams its share of the row once (16-byte loads, row_sweep.cuh), keeping an online
 // softmax state (max m, s = sum exp(z - m), b = sum exp(z - m) (z - m)); the block then
 // merges the thread states (block max, rescale, block sums). Entropy is log s - b / s,
 // relative to the max, so logits of magnitude 1e4 do not cancel in fp32.
@@ -9,6 +9,7 @@
 // The grid is one block per row in grid.x (up to 2^31 - 1 rows); no atomics.
 #include "reduce.cuh"
 #include "registry.h"
+#include "row_sweep.cuh"
 #include "softmax_row.cuh"
 
 namespace alignfuse {
@@ -24,7 +25,7 @@ __global__ void logprobs_forward_kernel(const T* __restrict__ logits, const int6
   const int64_t row = blockIdx.x;
   const T* x = logits + row * row_stride;
   SoftmaxState st;
-  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) st.add(to_float(x[j]) * inv_temp);
+  sweep_row(x, V, [&](int64_t, float v) { st.add(v * inv_temp); });
 
   // Merge the thread states: rescale each to the row max, then sum.
   const float M = block_max(st.m);
@@ -50,7 +51,7 @@ __global__ void logprobs_forward_kernel(const T* __restrict__ logits, const int6
 // tokens): the kernel itself needs no ignore_index, and a target outside [0, V) matches no
 // column (the LM-head path shifts targets into a vocabulary block this way). grad may be the
 // logits buffer itself (G == T, row_stride == V): each element is read, then written, by
-// the same thread, hence no __restrict__ on those two.
+// the same thread (map_row), hence no __restrict__ on those two.
 template <typename T, typename G>
 __global__ void logprobs_backward_kernel(const T* logits, const int64_t* __restrict__ targets,
                                          int64_t V, int64_t row_stride, float inv_temp,
@@ -65,9 +66,9 @@ __global__ void logprobs_backward_kernel(const T* logits, const int64_t* __restr
   const float ge = (g_entropy != nullptr) ? g_entropy[row] : 0.f;
   const float H = (entropy != nullptr) ? entropy[row] : 0.f;
   const float row_lse = lse[row];
-  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
-    g[j] = from_float<G>(grad_logit(to_float(x[j]) * inv_temp, row_lse, H, gl, ge, j == t, inv_temp));
-  }
+  map_row(x, g, V, [&](int64_t j, float v) {
+    return grad_logit(v * inv_temp, row_lse, H, gl, ge, j == t, inv_temp);
+  });
 }
 
 template <typename T>

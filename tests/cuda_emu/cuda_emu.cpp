@@ -4,7 +4,8 @@
 // until it reaches a barrier (__syncthreads, or one of the two halves of a warp shuffle) or
 // returns; when no fiber can run, the barriers whose every participant has arrived open. A
 // barrier that can never open (some threads wait at it while others wait elsewhere or have
-// returned) is a launch error.
+// returned) is a launch error. Blocks, and threads between barriers, run in the order tests
+// choose (forward, reverse or a seeded shuffle).
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -103,6 +104,8 @@ struct Fiber {
 
 constexpr std::size_t kStackBytes = 64 * 1024;
 constexpr unsigned kWarp = 32;
+// The largest grid emulated (at ~1 ms a block, hours).
+constexpr unsigned long long kMaxBlocks = 1ull << 24;
 
 struct Scheduler {
   Context home;
@@ -235,6 +238,10 @@ bool run_block(Scheduler& s, dim3 block) {
       threadIdx = s.fibers[i].tid;
       s.home.switch_to(s.fibers[i].ctx);
       ran = true;
+      if (!s.message.empty()) {  // a fault (expect_aligned) or a bad shuffle: the launch fails
+        s.current = -1;
+        return false;
+      }
     }
     s.current = -1;
     bool all_done = true;
@@ -278,24 +285,32 @@ void run_grid(dim3 grid, dim3 block, cudaStream_t stream, const std::function<vo
     s.last_error = cudaErrorInvalidConfiguration;
     return;
   }
+  const unsigned long long count = 1ull * grid.x * grid.y * grid.z;
+  if (count > kMaxBlocks)  // hours of emulation, and a list of block indices to permute
+    throw std::invalid_argument("cuda_emu: a grid of " + std::to_string(count) + " blocks (more than " +
+                                std::to_string(kMaxBlocks) + "); emulate smaller inputs");
   ensure_stacks(threads);
   s.body = &body;
   s.message.clear();
   blockDim = block;
   gridDim = grid;
   ++s.launches;
-  for (unsigned z = 0; z < grid.z; ++z) {
-    for (unsigned y = 0; y < grid.y; ++y) {
-      for (unsigned x = 0; x < grid.x; ++x) {
-        blockIdx = dim3(x, y, z);
-        ++s.blocks;
-        if (!run_block(s, block) || !s.message.empty()) {
-          s.last_error = cudaErrorLaunchFailure;
-          std::fprintf(stderr, "cuda_emu: %s\n", s.message.c_str());
-          s.body = nullptr;
-          return;
-        }
-      }
+  // Blocks run in the schedule's order too (forward, reverse, or a seeded permutation of the
+  // grid): CUDA promises no order between blocks, so a block that reads what another writes
+  // (or writes past its own rows into another's) gives a different answer across orders.
+  std::vector<unsigned long long> blocks(count);
+  std::iota(blocks.begin(), blocks.end(), 0ull);
+  if (s.mode == 1) std::reverse(blocks.begin(), blocks.end());
+  if (s.mode == 2) std::shuffle(blocks.begin(), blocks.end(), s.rng);
+  for (const unsigned long long b : blocks) {
+    blockIdx = dim3(static_cast<unsigned>(b % grid.x), static_cast<unsigned>((b / grid.x) % grid.y),
+                    static_cast<unsigned>(b / (1ull * grid.x * grid.y)));
+    ++s.blocks;
+    if (!run_block(s, block) || !s.message.empty()) {
+      s.last_error = cudaErrorLaunchFailure;
+      std::fprintf(stderr, "cuda_emu: %s\n", s.message.c_str());
+      s.body = nullptr;
+      return;
     }
   }
   s.body = nullptr;
@@ -304,6 +319,21 @@ void run_grid(dim3 grid, dim3 block, cudaStream_t stream, const std::function<vo
 const char* last_message() { return sched().message.c_str(); }
 
 void block_barrier() { wait_here(State::kAtBlockBarrier); }
+
+void expect_aligned(const void* ptr, std::size_t bytes) {
+  Scheduler& s = sched();
+  const auto address = reinterpret_cast<std::uintptr_t>(ptr);
+  if (address % bytes == 0) return;
+  char hex[32];
+  std::snprintf(hex, sizeof hex, "0x%llx", static_cast<unsigned long long>(address));
+  // The GPU faults (and so might the host: the compiler may use an aligned instruction), so
+  // the launch stops here: this fiber is never resumed, and run_block abandons the block.
+  Fiber& f = s.fibers[s.current];
+  s.message = "misaligned address: a " + std::to_string(bytes) + "-byte access at " + hex + " by " + where(f);
+  f.state = State::kDone;
+  f.ctx.switch_to(s.home);
+  std::abort();  // never resumed
+}
 
 namespace {
 alignfuse::CudaRegistrar reg([](pybind11::module_& m) {
@@ -317,8 +347,8 @@ alignfuse::CudaRegistrar reg([](pybind11::module_& m) {
         else throw std::invalid_argument("emu_schedule: mode must be forward, reverse or shuffle, got " + mode);
         s.rng.seed(seed);
       },
-      "the order in which a block's threads run between barriers: forward, reverse, or shuffle "
-      "(a permutation per block drawn from seed)");
+      "the order in which a grid's blocks run, and a block's threads between barriers: forward, "
+      "reverse, or shuffle (permutations drawn from seed)");
   m.def("emu_counts", []() {
     pybind11::dict d;
     d["launches"] = sched().launches;

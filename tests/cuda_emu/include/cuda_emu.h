@@ -6,8 +6,11 @@
 // What is emulated (only what csrc/cuda uses; a new intrinsic fails the build here, loudly):
 // - a launch (ALIGNFUSE_LAUNCH, registry.h) runs the grid's blocks one after the other; the
 //   threads of a block are fibers on one OS thread, switched at __syncthreads and at warp
-//   shuffles, in an order that tests choose (forward, reverse or a seeded shuffle per block),
-//   so a read of shared memory that misses a barrier gives a different answer per order;
+//   shuffles; blocks and threads run in an order that tests choose (forward, reverse or a
+//   seeded shuffle), so a read of shared memory that misses a barrier, or a read of what
+//   another block writes, gives a different answer per order;
+// - a packed access (ALIGNFUSE_EXPECT_ALIGNED, row_sweep.cuh) must be aligned to its size, as
+//   on the GPU;
 // - __syncthreads must be reached by every thread of the block, a full-mask shuffle by every
 //   lane of the warp: a barrier that some threads skip or exit before (undefined behaviour on
 //   a GPU, a hang or a wrong answer there) is reported as a launch error;
@@ -65,6 +68,9 @@ namespace alignfuse_emu {
 void warp_exchange(unsigned mask, const void* in, void* out, std::size_t bytes, int lane_mask);
 
 void block_barrier();  // __syncthreads
+// A packed access of `bytes` at `ptr` (row_sweep.cuh): one that is not aligned to its size,
+// a launch error on the GPU (misaligned address), is reported as a launch error here too.
+void expect_aligned(const void* ptr, std::size_t bytes);
 const char* last_message();
 
 // Runs body() as every thread of every block of the grid; errors go to cudaGetLastError.
@@ -89,6 +95,8 @@ Launch<P...> launcher(dim3 grid, dim3 block, cudaStream_t stream, void (*kernel)
 }
 
 }  // namespace alignfuse_emu
+
+#define ALIGNFUSE_EXPECT_ALIGNED(ptr, bytes) ::alignfuse_emu::expect_aligned((ptr), (bytes))
 
 #define ALIGNFUSE_LAUNCH(grid, block, stream, ...) \
   ::alignfuse_emu::launcher((grid), (block), (stream), __VA_ARGS__)
