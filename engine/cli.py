@@ -5,8 +5,11 @@
     alignfuse train {grpo,ppo} [--config file.yaml] [key=value ...] [--resume]
     alignfuse demo --task grpo [key=value ...]   GRPO main job (engine/online_loop.py)
 
-Every key of `engine/loop.py::TrainConfig` may be set in the YAML file or as `key=value`
-(the command line wins). A bad key or value stops the run with a message naming the key.
+Every key of `engine/loop.py::TrainConfig` (`engine/online_loop.py::OnlineConfig` for
+grpo/ppo) may be set in the YAML file or as `key=value` (the command line wins). A bad key or
+value stops the run with a message naming the key (exit status 2), and so does an algorithm
+knob the chosen algorithm does not read (`ALGORITHM_KNOBS`, `ONLINE_ALGORITHM_KNOBS`: e.g.
+`loss_type` with kto): it is refused, never silently ignored.
 """
 
 from __future__ import annotations

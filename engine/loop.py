@@ -38,9 +38,33 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the key."""
 
 
+# The algorithm knobs: each key that only some algorithms read, and the algorithms that read
+# it (the one table `check_knobs` checks). A knob the user gives (YAML, `key=value` or
+# keyword) for an algorithm that does not read it is a ConfigError, not silently ignored.
+# Keep it in step with `make_algorithm`, `train` and `load_records`.
+ALGORITHM_KNOBS: dict[str, tuple[str, ...]] = {
+    "beta": ("dpo", "kto", "orpo", "simpo"),     # make_algorithm
+    "loss_type": ("dpo",),                       # make_algorithm: DPO
+    "label_smoothing": ("dpo", "simpo"),         # make_algorithm: DPO, SimPO
+    "gamma": ("simpo",),                         # make_algorithm: SimPO
+    "desirable_weight": ("kto",),                # make_algorithm: KTO
+    "undesirable_weight": ("kto",),
+    "rm_kind": ("rm",),                          # make_algorithm: RewardModel; load_records
+    "reference": ("dpo", "kto"),                 # train: the algorithms with a reference
+}
+
+
 @dataclass
 class TrainConfig:
-    """Every key of a training config (YAML file or `key=value` on the command line)."""
+    """Every key of a training config (YAML file or `key=value` on the command line).
+
+    The algorithm knobs (`ALGORITHM_KNOBS`) may be given only for an algorithm that reads
+    them; `build_config` refuses the others. Their defaults apply whatever the algorithm.
+    """
+
+    # Not fields (no annotation): what `build_config`/`check_knobs` check given keys against.
+    ALGORITHMS = ALGORITHMS
+    KNOBS = ALGORITHM_KNOBS
 
     algorithm: str = "dpo"
     # model: "tiny-llama" / "tiny-qwen2" (the embedded default) or a local HF model folder.
@@ -64,15 +88,17 @@ class TrainConfig:
     # CPU threads for torch (None: torch's default). On a busy shared machine 1 thread was
     # 5-15x faster than 2 for the tiny model: oversubscribed threads wait on each other.
     num_threads: int | None = None
-    # Algorithm knobs (each algorithm reads its own).
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
-    label_smoothing: float = 0.0
+    # Algorithm knobs: only the algorithms ALGORITHM_KNOBS lists read each one, and giving
+    # one to another algorithm is a ConfigError.
+    beta: float = 0.1                 # DPO, KTO, ORPO, SimPO
+    loss_type: str = "sigmoid"        # DPO
+    label_smoothing: float = 0.0      # DPO, SimPO
     gamma: float = 0.5                # SimPO's target margin
     desirable_weight: float = 1.0     # KTO
     undesirable_weight: float = 1.0
     rm_kind: str = "pairwise"         # reward model: pointwise, pairwise, listwise
     reference: str = "precompute"     # DPO/KTO: precompute log-probs once, or keep a model
+    # Read by every algorithm:
     sft_warmup_steps: int = 0         # brief SFT on the chosen answers before DPO/KTO/...
     sft_lr: float = 3e-3
     log_every: int = 1
@@ -172,7 +198,10 @@ def build_config(config_class: type, values: dict[str, Any] | None,
                  overrides: list[str] | None, kwargs: dict[str, Any]):
     """`config_class(**merged).validate()`, merged from `values`, then `key=value` strings
     (values parsed as YAML scalars), then `kwargs`, later wins. The one parser of
-    `TrainConfig` and `OnlineConfig`: unknown keys raise ConfigError with a suggestion."""
+    `TrainConfig` and `OnlineConfig`: unknown keys raise ConfigError with a suggestion, and
+    so does an algorithm knob given for an algorithm that does not read it (`check_knobs`;
+    only the keys given here count, so a config built in code from every field, or a
+    checkpoint's, is not refused)."""
     import yaml
 
     merged: dict[str, Any] = {}
@@ -199,7 +228,25 @@ def build_config(config_class: type, values: dict[str, Any] | None,
                 merged[key] = float(value)
             except ValueError:
                 pass
-    return config_class(**merged).validate()
+    cfg = config_class(**merged)
+    check_knobs(cfg, merged)
+    return cfg.validate()
+
+
+def check_knobs(cfg, given) -> None:
+    """ConfigError for each key of `given` (the keys the user set) that is an algorithm knob
+    of `type(cfg).KNOBS` not read by `cfg.algorithm`; whatever its value, the default too.
+    Keys left out are never refused: their defaults apply to every algorithm."""
+    knobs, algorithms = type(cfg).KNOBS, type(cfg).ALGORITHMS
+    if cfg.algorithm not in algorithms:
+        return  # validate() names the bad algorithm
+    for key in given:
+        readers = knobs.get(key)
+        if readers is not None and cfg.algorithm not in readers:
+            names = (f"{', '.join(readers[:-1])} and {readers[-1]} read" if len(readers) > 1
+                     else f"{readers[0]} reads")
+            raise ConfigError(f"{key} is not used by algorithm={cfg.algorithm} (only {names} "
+                              f"it); remove it")
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -421,8 +468,12 @@ def open_run(cfg, *, resume: bool, resumable: tuple[str, ...]
     if state is not None:
         # Not out_dir: it is where the checkpoint was found, however it is spelled (./r, r,
         # /abs/r) and wherever the folder was moved since.
+        # Nor a knob the algorithm does not read (a checkpoint made before such knobs were
+        # refused may hold one with another value): it does not change the numbers either.
+        knobs = type(cfg).KNOBS
         changed = [k for k, v in dataclasses.asdict(cfg).items()
-                   if k not in resumable and k != "out_dir" and state["config"].get(k) != v]
+                   if k not in resumable and k != "out_dir" and state["config"].get(k) != v
+                   and cfg.algorithm in knobs.get(k, (cfg.algorithm,))]
         if changed:
             values = ", ".join(f"{k}: {state['config'].get(k)!r} -> {getattr(cfg, k)!r}"
                                for k in changed)

@@ -42,11 +42,33 @@ ONLINE_ALGORITHMS = ("grpo", "ppo")
 # Keys that may change between a run and its resumption (they do not change the numbers).
 RESUMABLE_CHANGES = ("iterations", "crash_after_iterations", "save_every", "tensorboard",
                      "keep_checkpoints", "num_threads")
+# The algorithm knobs: each key only one of GRPO and PPO reads (`make_online_algorithm`,
+# `needs_reference`), and who reads it. Given for the other one, it is a ConfigError
+# (`engine/loop.py::check_knobs`), not silently ignored. The other keys both read.
+ONLINE_ALGORITHM_KNOBS: dict[str, tuple[str, ...]] = {
+    "estimator": ("grpo",),
+    "scale": ("grpo",),
+    "beta": ("grpo",),
+    "importance_level": ("grpo",),
+    "kl_coef": ("ppo",),
+    "target_kl": ("ppo",),
+    "gae_gamma": ("ppo",),
+    "gae_lambda": ("ppo",),
+    "vf_coef": ("ppo",),
+}
 
 
 @dataclass
 class OnlineConfig:
-    """Every key of an online (GRPO/PPO) run: YAML file or `key=value` on the command line."""
+    """Every key of an online (GRPO/PPO) run: YAML file or `key=value` on the command line.
+
+    The GRPO-only and PPO-only keys (`ONLINE_ALGORITHM_KNOBS`) may be given only for the
+    algorithm that reads them; `build_config` refuses them for the other one.
+    """
+
+    # Not fields (no annotation): what `build_config`/`check_knobs` check given keys against.
+    ALGORITHMS = ONLINE_ALGORITHMS
+    KNOBS = ONLINE_ALGORITHM_KNOBS
 
     algorithm: str = "grpo"
     model: str = "tiny-llama"        # tiny-llama / tiny-qwen2, or a local HF model folder
@@ -74,17 +96,18 @@ class OnlineConfig:
     clip_low: float = 0.2
     clip_high: float = 0.2
     tis_cap: float | None = 2.0      # truncated importance sampling (sampler vs trainer)
-    # GRPO
+    # GRPO only (a ConfigError when given with algorithm=ppo)
     estimator: str = "grpo"
     scale: str = "group"
     beta: float = 0.04               # KL to the reference (the model after warm-up)
     importance_level: str = "token"
-    # PPO
+    # PPO only (a ConfigError when given with algorithm=grpo)
     kl_coef: float = 0.0
     target_kl: float | None = None
     gae_gamma: float = 1.0
     gae_lambda: float = 0.95
     vf_coef: float = 0.5
+    # Both again
     eval_samples: int = 8
     save_every: int = 0              # 0: only at the end
     keep_checkpoints: int = 2
@@ -178,6 +201,12 @@ def make_rollout(kind: str, model) -> Rollout:
     return HFRollout(model)
 
 
+def needs_reference(cfg: OnlineConfig) -> bool:
+    """Whether the run's algorithm has a KL term to a reference model: GRPO's `beta`, PPO's
+    `kl_coef` (each reads only its own)."""
+    return (cfg.beta if cfg.algorithm == "grpo" else cfg.kl_coef) > 0
+
+
 def make_online_algorithm(cfg: OnlineConfig, model, rollout: Rollout, tokenizer, ref_model):
     from .algorithms.grpo import GRPO
     from .algorithms.ppo import PPO
@@ -227,7 +256,7 @@ def train_online(cfg: OnlineConfig, *, resume: bool = False, rollout: Rollout | 
     sft_losses = sft_warmup(model, tokenizer, cfg) if state is None else []
     # The reference (for the KL terms) is the model after warm-up.
     ref_model = None
-    if cfg.beta > 0 or cfg.kl_coef > 0:
+    if needs_reference(cfg):
         import copy
 
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +17,8 @@ import torch
 from alignfuse.engine import checkpoint as ckpt
 from alignfuse.engine.cli import main
 from alignfuse.engine.data import DataFormatError
-from alignfuse.engine.loop import ConfigError, make_config, records_for_step, train
+from alignfuse.engine.loop import (ALGORITHM_KNOBS, ALGORITHMS, ConfigError, TrainConfig,
+                                   load_config_file, make_config, records_for_step, train)
 from alignfuse.engine.metrics import read_metrics
 
 # A run small enough for a busy 2-core machine: tiny model, a few steps.
@@ -41,6 +44,9 @@ def test_unknown_or_bad_config_keys_are_named():
     with pytest.raises(ConfigError, match="^max_grad_norm must be"):
         make_config({"max_grad_norm": "big"})
     assert make_config(overrides=["lr=1e-3", "max_grad_norm=null"]).lr == 1e-3
+    # An unknown algorithm is named as such (not as one that does not read loss_type).
+    with pytest.raises(ConfigError, match="^algorithm must be one of"):
+        make_config(overrides=["algorithm=dpoo", "loss_type=ipo"])
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -60,6 +66,103 @@ def test_loss_options_are_checked_before_the_run(tmp_path, capsys, overrides, me
     assert "config error" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # stopped before the warm-up wrote reference.pt
     make_config(overrides=["loss_type=ipo", "beta=0.5"])  # a valid choice passes
+
+
+@pytest.mark.parametrize("algorithm, knob, readers", [
+    ("kto", "loss_type=ipo", "only dpo reads it"),
+    ("kto", "loss_type=sigmoid", "only dpo reads it"),        # the default value: still given
+    ("kto", "loss_type=bogus", "only dpo reads it"),          # refused before its value
+    ("sft", "beta=0.1", "only dpo, kto, orpo and simpo read it"),
+    ("rm", "beta=0.5", "only dpo, kto, orpo and simpo read it"),
+    ("orpo", "label_smoothing=0.1", "only dpo and simpo read it"),
+    ("dpo", "gamma=1.0", "only simpo reads it"),
+    ("simpo", "desirable_weight=2", "only kto reads it"),
+    ("dpo", "undesirable_weight=1.0", "only kto reads it"),
+    ("dpo", "rm_kind=pairwise", "only rm reads it"),
+    ("orpo", "reference=model", "only dpo and kto read it"),
+    ("sft", "reference=precompute", "only dpo and kto read it"),
+])
+def test_a_knob_the_algorithm_does_not_read_is_refused(tmp_path, capsys, algorithm, knob,
+                                                       readers):
+    key = knob.split("=")[0]
+    message = f"{key} is not used by algorithm={algorithm} ({readers}); remove it"
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        make_config(overrides=[f"algorithm={algorithm}", knob])
+    # As a keyword, at its default value: given is given.
+    with pytest.raises(ConfigError, match=f"^{key} is not used by algorithm={algorithm} "):
+        make_config(algorithm=algorithm, **{key: getattr(TrainConfig(), key)})
+    # From the command line: exit status 2, the message on stderr, nothing written.
+    assert main(["train", algorithm, f"out_dir={tmp_path}", *SMALL, knob]) == 2
+    assert f"alignfuse: config error: {message}" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("algorithm, knobs", [
+    ("dpo", {"beta": 0.3, "loss_type": "ipo", "label_smoothing": 0.0, "reference": "model"}),
+    ("dpo", {"loss_type": "sigmoid", "label_smoothing": 0.1}),
+    ("kto", {"beta": 0.2, "desirable_weight": 1.5, "undesirable_weight": 0.5,
+             "reference": "precompute"}),
+    ("orpo", {"beta": 0.2}),
+    ("simpo", {"beta": 2.0, "gamma": 1.0, "label_smoothing": 0.1}),
+    ("rm", {"rm_kind": "listwise"}),
+])
+def test_a_knob_is_accepted_by_the_algorithms_that_read_it(algorithm, knobs):
+    overrides = [f"{key}={value}" for key, value in knobs.items()]
+    cfg = make_config(overrides=[f"algorithm={algorithm}", *overrides])
+    assert {key: getattr(cfg, key) for key in knobs} == knobs
+    assert make_config({"algorithm": algorithm, **knobs}) == cfg     # YAML mapping
+    assert make_config(algorithm=algorithm, **knobs) == cfg          # keywords
+
+
+def test_knobs_left_at_their_defaults_never_raise():
+    from alignfuse.engine.cli import DEMO_CONFIG
+
+    for algorithm in ALGORITHMS:
+        cfg = make_config(overrides=[f"algorithm={algorithm}", "steps=3", "lr=1e-3"])
+        assert (cfg.loss_type, cfg.gamma, cfg.rm_kind) == ("sigmoid", 0.5, "pairwise")
+    assert make_config(DEMO_CONFIG).beta == 0.1  # the demo (DPO) sets beta, which DPO reads
+    # A config built in code from every field (as a checkpoint's config holds them all) is
+    # not refused: only the keys given to make_config are checked.
+    full = dataclasses.asdict(TrainConfig(algorithm="sft", loss_type="ipo", gamma=1.0))
+    assert TrainConfig(**full).validate().loss_type == "ipo"
+
+
+def test_a_config_file_with_a_knob_the_algorithm_does_not_read_is_refused(tmp_path, capsys):
+    config = tmp_path / "kto.yaml"
+    config.write_text("algorithm: kto\nsteps: 2\nbeta: 0.2\nlabel_smoothing: 0.1\n")
+    run = f"out_dir={tmp_path / 'run'}"
+    assert main(["train", "kto", "--config", str(config), run, *SMALL]) == 2
+    assert ("config error: label_smoothing is not used by algorithm=kto (only dpo and simpo "
+            "read it); remove it") in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="^label_smoothing is not used by algorithm=kto"):
+        make_config({"algorithm": "kto", "label_smoothing": 0.1})
+    # The same file for an algorithm that reads every key in it passes the config stage.
+    config.write_text("algorithm: simpo\nsteps: 2\nbeta: 0.2\nlabel_smoothing: 0.1\n")
+    assert make_config(load_config_file(config), algorithm="simpo").label_smoothing == 0.1
+
+
+def test_the_knob_table_is_what_make_algorithm_reads(monkeypatch):
+    """ALGORITHM_KNOBS matches the code: give each knob a value of its own, build every
+    algorithm through make_algorithm with recording stand-ins for the classes, and see which
+    values reach which algorithm. (`reference` is read by `train`, not make_algorithm.)"""
+    from alignfuse.engine import algorithms
+    from alignfuse.engine.loop import make_algorithm
+
+    calls = {}
+    for name in ("SFT", "RewardModel", "DPO", "KTO", "ORPO", "SimPO"):
+        monkeypatch.setattr(algorithms, name,
+                            lambda *args, _name=name, **kwargs: calls.setdefault(_name, kwargs))
+    distinct = {"beta": 0.123, "loss_type": "ipo", "label_smoothing": 0.0456, "gamma": 0.789,
+                "desirable_weight": 1.25, "undesirable_weight": 2.5, "rm_kind": "listwise"}
+    assert set(distinct) == set(ALGORITHM_KNOBS) - {"reference"}
+    for algorithm in ALGORITHMS:
+        calls.clear()
+        make_algorithm(TrainConfig(algorithm=algorithm, **distinct), torch.nn.Linear(1, 1))
+        (passed,) = calls.values()
+        read = {key for key, value in distinct.items() if value in passed.values()}
+        assert read == {key for key in distinct if algorithm in ALGORITHM_KNOBS[key]}, algorithm
+    assert ALGORITHM_KNOBS["reference"] == ("dpo", "kto")  # train(): needs_reference
 
 
 def test_cli_reports_config_errors_with_the_key(tmp_path, capsys):
@@ -265,6 +368,11 @@ def test_resume_refuses_a_changed_config(tmp_path, monkeypatch):
     # The LR schedule decays over `steps`: another value is a different run.
     with pytest.raises(ConfigError, match=r"in \['steps'\] \(steps: 2 -> 4\)"):
         train(make_config(overrides=[*common, "steps=4"]), resume=True)
+    # A knob DPO does not read does not change the numbers: a checkpoint that holds another
+    # value of it (one made before such knobs were refused) still resumes.
+    summary = train(dataclasses.replace(make_config(overrides=common), gamma=0.9,
+                                        rm_kind="listwise"), resume=True)
+    assert summary["train"] == {}
     # The same folder, spelled otherwise, is the same run.
     monkeypatch.chdir(tmp_path.parent)
     for spelling in (tmp_path.name, f"./{tmp_path.name}"):

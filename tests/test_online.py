@@ -10,6 +10,7 @@ check the packing, the alignment of per-token tensors and the kernels' use toget
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -443,3 +444,109 @@ def test_online_loop_resumes_exactly(tmp_path, algorithm):
     rows = [[{k: v for k, v in row.items() if k.startswith(("kl", "loss", "reward"))}
              for row in read_metrics(tmp_path / run / "metrics.jsonl")] for run in "ab"]
     assert rows[0] == rows[1]
+
+
+# ---------------------------------------------------------------------------------------
+# OnlineConfig: the GRPO-only and PPO-only keys
+
+
+@pytest.mark.parametrize("algorithm, knob, reader", [
+    ("ppo", "beta=0.04", "grpo"),                 # GRPO's default value: still given
+    ("ppo", "estimator=rloo", "grpo"),
+    ("ppo", "scale=group", "grpo"),
+    ("ppo", "importance_level=sequence", "grpo"),
+    ("grpo", "kl_coef=0.1", "ppo"),
+    ("grpo", "target_kl=0.01", "ppo"),
+    ("grpo", "target_kl=null", "ppo"),            # null is a value too
+    ("grpo", "gae_gamma=1.0", "ppo"),
+    ("grpo", "gae_lambda=0.9", "ppo"),
+    ("grpo", "vf_coef=0.5", "ppo"),
+])
+def test_online_knob_the_algorithm_does_not_read_is_refused(tmp_path, capsys, algorithm, knob,
+                                                            reader):
+    from alignfuse.engine.cli import main
+    from alignfuse.engine.loop import ConfigError
+    from alignfuse.engine.online_loop import make_online_config
+
+    key = knob.split("=")[0]
+    message = f"{key} is not used by algorithm={algorithm} (only {reader} reads it); remove it"
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        make_online_config(None, [f"algorithm={algorithm}", knob])
+    with pytest.raises(ConfigError, match=re.escape(message)):  # from a YAML mapping
+        make_online_config({"algorithm": algorithm, key: None if "null" in knob else 0.5})
+    # From the command line: exit status 2, the message on stderr, nothing written.
+    assert main(["train", algorithm, f"out_dir={tmp_path}", knob]) == 2
+    assert f"alignfuse: config error: {message}" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_online_knobs_given_to_their_algorithm_or_left_out_pass(tmp_path, capsys):
+    import dataclasses
+
+    from alignfuse.engine.cli import main
+    from alignfuse.engine.online_loop import (GRPO_DEMO_CONFIG, OnlineConfig,
+                                              make_online_config)
+
+    grpo = {"estimator": "rloo", "scale": "batch", "beta": 0.0, "importance_level": "sequence"}
+    ppo = {"kl_coef": 0.1, "target_kl": 0.02, "gae_gamma": 0.99, "gae_lambda": 0.9,
+           "vf_coef": 0.25}
+    for algorithm, knobs in (("grpo", grpo), ("ppo", ppo)):
+        cfg = make_online_config(None, [f"algorithm={algorithm}",
+                                        *(f"{k}={v}" for k, v in knobs.items())])
+        assert {key: getattr(cfg, key) for key in knobs} == knobs
+        assert make_online_config({"algorithm": algorithm, **knobs}) == cfg
+        # Left out, the other algorithm's knobs keep their defaults and never raise.
+        assert make_online_config(None, [f"algorithm={algorithm}", "iterations=2"]).beta == 0.04
+    assert make_online_config(GRPO_DEMO_CONFIG).algorithm == "grpo"
+    # A config built in code from every field (as a checkpoint's holds them all) is not checked.
+    full = dataclasses.asdict(OnlineConfig(algorithm="ppo", beta=0.1, estimator="rloo"))
+    assert OnlineConfig(**full).validate().beta == 0.1
+    # A YAML file and the GRPO demo's overrides go through the same check.
+    config = tmp_path / "ppo.yaml"
+    config.write_text("algorithm: ppo\nkl_coef: 0.05\nimportance_level: token\n")
+    assert main(["train", "ppo", "--config", str(config), f"out_dir={tmp_path / 'r'}"]) == 2
+    assert ("config error: importance_level is not used by algorithm=ppo (only grpo reads it)"
+            in capsys.readouterr().err)
+    assert main(["demo", "--task", "grpo", f"out_dir={tmp_path / 'r'}", "kl_coef=0.1"]) == 2
+    assert ("config error: kl_coef is not used by algorithm=grpo (only ppo reads it)"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "r").exists()
+
+
+def test_online_knob_table_is_what_the_loop_reads(monkeypatch):
+    """ONLINE_ALGORITHM_KNOBS matches the code: give every key make_online_algorithm passes on
+    a value of its own, build GRPO and PPO with recording stand-ins, and see which values
+    reach which algorithm; the reference model follows the algorithm's own KL knob only."""
+    from types import SimpleNamespace
+
+    from alignfuse.engine.algorithms import grpo as grpo_module, ppo as ppo_module
+    from alignfuse.engine.online_loop import (ONLINE_ALGORITHM_KNOBS, OnlineConfig,
+                                              make_online_algorithm, needs_reference)
+
+    calls = {}
+    monkeypatch.setattr(grpo_module, "GRPO", lambda *a, **kw: calls.setdefault("grpo", kw))
+    monkeypatch.setattr(ppo_module, "PPO", lambda *a, **kw: calls.setdefault("ppo", kw))
+    distinct = {"estimator": "rloo", "scale": "batch", "beta": 0.0123,
+                "importance_level": "sequence", "kl_coef": 0.0234, "target_kl": 0.0345,
+                "gae_gamma": 0.0456, "gae_lambda": 0.0567, "vf_coef": 0.0678,
+                # read by both
+                "group_size": 7, "clip_low": 0.0789, "clip_high": 0.0891, "loss_agg":
+                "seq-mean-token-sum", "tis_cap": 0.0912, "ppo_epochs": 5, "mini_batches": 6,
+                "max_tokens": 1234}
+    tokenizer = SimpleNamespace(eos_token_id=0)
+    read = {}
+    for algorithm in ("grpo", "ppo"):
+        make_online_algorithm(OnlineConfig(algorithm=algorithm, **distinct), None, None,
+                              tokenizer, ref_model=None)
+        passed = list(calls[algorithm].values())
+        read[algorithm] = {key for key, value in distinct.items()
+                           if any(type(p) is type(value) and p == value for p in passed)}
+    for algorithm, other in (("grpo", "ppo"), ("ppo", "grpo")):
+        assert read[algorithm] - read[other] == {
+            key for key, readers in ONLINE_ALGORITHM_KNOBS.items() if readers == (algorithm,)}
+    assert set(ONLINE_ALGORITHM_KNOBS) == read["grpo"] ^ read["ppo"]
+    # GRPO's beta does not give PPO a reference model, nor PPO's kl_coef GRPO one.
+    assert not needs_reference(OnlineConfig(algorithm="ppo", beta=0.04, kl_coef=0.0))
+    assert needs_reference(OnlineConfig(algorithm="ppo", beta=0.0, kl_coef=0.1))
+    assert not needs_reference(OnlineConfig(algorithm="grpo", beta=0.0, kl_coef=0.1))
+    assert needs_reference(OnlineConfig(algorithm="grpo", beta=0.04, kl_coef=0.0))
