@@ -229,12 +229,14 @@ def pytest_runtest_makereport(item, call):
 
 
 def pytest_collection_modifyitems(config, items):
-    # The cuda backend's cases, selectable as a group: the GPU session runs them with the
-    # `gpu` tests (-m "gpu or cuda_backend"), the first run of csrc/cuda on real hardware.
+    # The cuda backend's cases (backend="cuda", or a test on `cuda_device`), selectable as a
+    # group: the GPU session runs them with the `gpu` tests (-m "gpu or cuda_backend"), the
+    # first run of csrc/cuda on real hardware.
     for item in items:
         callspec = getattr(item, "callspec", None)
         params = callspec.params if callspec else {}
-        if "cuda" in (params.get("backend"), params.get("linear_backend")):
+        if ("cuda" in (params.get("backend"), params.get("linear_backend"), params.get("kernels"))
+                or "cuda_device" in getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.cuda_backend)
     if HAS_CUDA:
         marker, skip = "cpu_only", pytest.mark.skip(

@@ -230,10 +230,22 @@ def test_no_triton():
 
 
 def test_cuda_backend_cases_carry_their_marker(request):
-    """conftest marks every backend="cuda" case `cuda_backend` (the GPU session selects them
-    with -m "gpu or cuda_backend"), and nothing else."""
+    """conftest marks every case that runs csrc/cuda `cuda_backend` (the GPU session selects
+    them with -m "gpu or cuda_backend"): backend="cuda" (or linear_backend, kernels), and the
+    tests on `cuda_device`; and nothing else."""
+    marked = {item.nodeid for item in request.session.items
+              if item.get_closest_marker("cuda_backend") is not None}
     for item in request.session.items:
         callspec = getattr(item, "callspec", None)
         params = callspec.params if callspec else {}
-        is_cuda = "cuda" in (params.get("backend"), params.get("linear_backend"))
-        assert is_cuda == (item.get_closest_marker("cuda_backend") is not None), item.nodeid
+        is_cuda = "cuda" in (params.get("backend"), params.get("linear_backend"),
+                             params.get("kernels"))
+        is_cuda = is_cuda or "cuda_device" in item.fixturenames
+        assert is_cuda == (item.nodeid in marked), item.nodeid
+    # ... and the two tests that reach the cuda kernels through cuda_device are among them
+    for name in ("test_cuda_logits_path_on_strided_rows",
+                 "test_chunked_strategy_many_chunks_and_vocab_blocks"):
+        mine = [n for n in marked if f"::{name}[" in n]
+        collected = [i.nodeid for i in request.session.items if f"::{name}[" in i.nodeid]
+        if collected:  # (run alone, the session holds only this file's tests)
+            assert mine, name
