@@ -30,10 +30,14 @@ def make_inputs(shape=(N,), *, dtype=torch.float32, device="cpu", seed=None, voc
 
 
 def reference(hidden, weight, bias, targets, *, temperature=1.0, reduction="mean",
-              label_smoothing=0.0):
-    """F.cross_entropy on float64 logits; returns (loss, grads)."""
+              label_smoothing=0.0, softcap=None):
+    """F.cross_entropy on float64 logits (soft-capped first with `softcap`); returns (loss,
+    grads)."""
     h, w, b = (x.detach().double().requires_grad_() for x in (hidden, weight, bias))
-    logits = (h @ w.T + b) / temperature
+    logits = h @ w.T + b
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    logits = logits / temperature
     loss = F.cross_entropy(logits.reshape(-1, w.shape[0]), targets.reshape(-1),
                            ignore_index=IGNORE, reduction=reduction,
                            label_smoothing=label_smoothing)
@@ -69,6 +73,17 @@ def test_matches_f_cross_entropy(backend, device, reduction, label_smoothing):
     check(backend, make_inputs(device=device), reduction=reduction,
           label_smoothing=label_smoothing,
           temperature=0.7)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.bfloat16, 1e-3)])
+def test_softcap(backend, device, monkeypatch, reduction, label_smoothing, dtype, tol):
+    """Gemma-2's soft-capped logits, c tanh(z / c) before the temperature, over several
+    chunks (raw logits reach ~4 c here, so the cap matters)."""
+    monkeypatch.setattr(logprobs_reference, "CHUNK_BUDGET_BYTES", 5 * V * 6)
+    check(backend, make_inputs(device=device, dtype=dtype), tol=tol, reduction=reduction,
+          label_smoothing=label_smoothing, temperature=0.7, softcap=2.0)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -146,11 +161,11 @@ def test_cuda_backend_in_several_chunks(emulated_cuda, monkeypatch, reduction, d
 
 def test_float64_gradcheck_of_the_reference():
     hidden, weight, bias, targets = make_inputs((6,), dtype=torch.float64, seed=0, vocab=9, dim=5)
-    for reduction in ("mean", "none"):
+    for reduction, softcap in (("mean", None), ("none", None), ("mean", 0.8)):
         assert torch.autograd.gradcheck(
             lambda h, w, b: linear_cross_entropy(h, w, targets, bias=b, temperature=1.3,
                                                  label_smoothing=0.2, reduction=reduction,
-                                                 backend="torch"),
+                                                 softcap=softcap, backend="torch"),
             (hidden, weight, bias))
 
 

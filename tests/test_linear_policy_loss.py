@@ -56,14 +56,17 @@ def make_batch(seed: int | None = None, *, dtype=torch.float32, device="cpu", le
 
 
 def reference(batch, *, per_seq_adv=False, entropy_coef=0.0, temperature=0.8,
-              loss_agg="token-mean", with_ref=True, **kwargs):
+              loss_agg="token-mean", with_ref=True, softcap=None, **kwargs):
     """float64: loss, metrics (+ entropy) and grads (hidden, weight, bias)."""
     h = batch["hidden"].detach().double().requires_grad_()
     w = batch["weight"].detach().double().requires_grad_()
     b = batch["bias"].detach().double().requires_grad_()
     targets = batch["targets"]
     m = batch["mask"] & (targets != IGNORE)
-    log_p = torch.log_softmax((h @ w.T + b) / temperature, dim=-1)
+    logits = h @ w.T + b
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    log_p = torch.log_softmax(logits / temperature, dim=-1)
     lp = log_p.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
     entropy = -(log_p.exp() * log_p).sum(-1)
     adv = batch["seq_adv"] if per_seq_adv else batch["adv"]
@@ -297,6 +300,17 @@ def test_no_grad_and_partial_grads(backend, device):
                                  backend=backend)
     loss.backward()
     assert_rel_close(hidden.grad, with_grad[2][0], 1e-6, "grad_hidden")
+
+
+@pytest.mark.parametrize("importance_level", ["token", "sequence"])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.bfloat16, 1e-3)])
+def test_softcap(backend, device, monkeypatch, importance_level, dtype, tol):
+    """Gemma-2's soft-capped logits, c tanh(z / c) before the temperature (GSPO's
+    statistics pass too), over several chunks; raw logits reach ~4 c here."""
+    monkeypatch.setattr(logprobs_reference, "CHUNK_BUDGET_BYTES", 7 * V * 6)
+    check_against_reference(make_batch(dtype=dtype, device=device), backend, tol=tol,
+                            layout="packed", kl_coef=0.1, entropy_coef=0.01, softcap=2.0,
+                            importance_level=importance_level)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])

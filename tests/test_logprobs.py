@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -94,6 +96,43 @@ def test_linear_logprobs_matches_float64(linear_backend, device, use_bias, tempe
     for name, g, w in zip(["grad_hidden", "grad_weight", "grad_bias"], got, want):
         assert g.dtype == torch.float32
         assert_rel_close(g, w, 2e-5, name)
+
+
+def capped(logits: torch.Tensor, softcap: float) -> torch.Tensor:
+    """Gemma-2's final logit soft-capping, the formula."""
+    return softcap * torch.tanh(logits / softcap)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.bfloat16, 1e-2)])
+def test_softcap_matches_float64(linear_backend, device, monkeypatch, dtype, tol):
+    """softcap: logits = c tanh((h W^T + b) / c), then / T, on every backend (the fused triton
+    strategies refuse it), over several chunks and vocabulary blocks, against float64 of the
+    same input values. The raw logits reach ~4 c, so the cap changes the answer."""
+    if os.environ.get("ALIGNFUSE_LINEAR_STRATEGY", "chunked") != "chunked" \
+            and linear_backend == "triton":
+        hidden, weight, bias, targets = make_inputs(N=5, H=8, V=11, device=device)
+        with pytest.raises(ValueError, match="softcap is supported by the chunked strategy"):
+            linear_logprobs(hidden, weight, targets, softcap=2.0, backend=linear_backend)
+        return
+    monkeypatch.setattr(reference, "CHUNK_BUDGET_BYTES", 6 * 1031 * 4)  # a few rows a chunk
+    c, T = 1.5, 0.7
+    hidden, weight, bias, targets = make_inputs(device=device, dtype=dtype, scale=3.0)
+    logp, ent = linear_logprobs(hidden, weight, targets, bias=bias, temperature=T,
+                                softcap=c, return_entropy=True, backend=linear_backend)
+    ins64 = [x.detach().double().requires_grad_() for x in (hidden, weight, bias)]
+    raw = ins64[0] @ ins64[1].T + ins64[2]
+    assert float(raw.detach().abs().max()) > 4 * c
+    ref_logp, ref_ent = formula(capped(raw, c), targets, T)
+    uncapped, _ = formula(raw, targets, T)
+    assert float((uncapped - ref_logp).norm()) > 0.1 * float(ref_logp.norm())
+    assert_rel_close(logp, ref_logp, tol / 10, "logp")
+    assert_rel_close(ent, ref_ent, tol / 10, "entropy")
+    weights = [torch.randn_like(ref_logp), torch.randn_like(ref_ent)]
+    got = grads_of([logp, ent], [hidden, weight, bias], weights)
+    want = grads_of([ref_logp, ref_ent], ins64, weights)
+    for name, g, w in zip(["grad_hidden", "grad_weight", "grad_bias"], got, want):
+        assert g.dtype == dtype
+        assert_rel_close(g, w, tol, name)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 1.9])
@@ -260,6 +299,10 @@ def test_gradcheck_torch_reference(monkeypatch):
     assert torch.autograd.gradcheck(
         lambda h, w: linear_logprobs(h, w, targets, temperature=0.6, backend="torch"),
         (hidden, weight))
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: linear_logprobs(h, w, targets, bias=b, temperature=0.9, softcap=0.7,
+                                        return_entropy=True, backend="torch"),
+        (hidden, weight, bias))
     logits = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
         lambda z: logprobs_from_logits(z, targets, temperature=0.8, return_entropy=True,
@@ -366,6 +409,9 @@ def test_bad_inputs():
             linear_logprobs(hidden, weight, targets, temperature=temp)
         with pytest.raises(ValueError, match="temperature must be"):
             logprobs_from_logits(torch.randn(6, 11), targets, temperature=temp)
+    for cap in (0.0, -2.0, float("nan"), float("inf"), True, "30"):
+        with pytest.raises(ValueError, match="softcap must be None or a finite number > 0"):
+            linear_logprobs(hidden, weight, targets, softcap=cap)
     with pytest.raises(ValueError, match="weight must be 2-D"):
         linear_logprobs(hidden, weight[0], targets)
     with pytest.raises(ValueError, match="backend must be one of"):

@@ -32,7 +32,8 @@ import torch
 from .. import checks
 from ..autograd import fused_local_grad
 from ..backends import dispatch, register, set_cuda_preference
-from ..logprobs import check_linear_inputs, linear_logprobs
+from ..logprobs import check_linear_inputs, check_softcap, linear_logprobs
+from ..logprobs.reference import chunk_rows
 from .chunk_loss import CROSS_ENTROPY, NUM_STATS, STAT_LOSS, ChunkLoss, chunk_loss_kernel
 from .chunked import FusedLinearLoss
 from .lm_head import needed_grads
@@ -45,7 +46,8 @@ REDUCTIONS = ("mean", "sum", "none")
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                          bias: torch.Tensor | None = None, ignore_index: int = -100,
                          temperature: float = 1.0, reduction: str = "mean",
-                         label_smoothing: float = 0.0, backend: str = "auto") -> torch.Tensor:
+                         label_smoothing: float = 0.0, softcap: float | None = None,
+                         backend: str = "auto") -> torch.Tensor:
     """Cross-entropy of `targets` under `softmax((hidden @ weight.T + bias) / temperature)`.
 
     hidden: `[..., H]` float16/bfloat16/float32 (float64 for gradcheck).
@@ -53,6 +55,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     targets: `[...]` token ids in `[0, V)`, or `ignore_index` (no loss, no gradient).
     reduction: "mean" over non-ignored tokens, "sum", or "none".
     label_smoothing: eps in [0, 1], as in `torch.nn.functional.cross_entropy`.
+    softcap: Gemma-2's final logit soft-capping, applied before the temperature
+        (`linear_logprobs`); None: no cap.
     Returns a float32 scalar ("mean"/"sum") or per-token `[...]` ("none"); float64 inputs
     give float64. Differentiable with respect to hidden, weight and bias.
     """
@@ -62,9 +66,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if (not isinstance(label_smoothing, (int, float)) or isinstance(label_smoothing, bool)
             or not 0.0 <= label_smoothing <= 1.0):
         raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+    softcap = check_softcap(softcap)
     out = dispatch("linear_cross_entropy", backend, hidden.device, hidden.reshape(-1, H),
                    weight, bias, flat_targets, ignore_index, float(temperature), reduction,
-                   float(label_smoothing))
+                   float(label_smoothing), softcap)
     return out.reshape(targets.shape) if reduction == "none" else out
 
 
@@ -80,10 +85,10 @@ def _reduce(token_loss: torch.Tensor, valid: torch.Tensor, reduction: str) -> to
 
 
 def _per_token_loss(hidden, weight, bias, targets, ignore_index, temperature,
-                    label_smoothing, backend: str) -> torch.Tensor:
+                    label_smoothing, backend: str, softcap: float | None = None) -> torch.Tensor:
     """loss_t `[N]` (0 where ignored) through linear_logprobs, plus the smoothing term."""
     logps = linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
-                            ignore_index=ignore_index, backend=backend)
+                            ignore_index=ignore_index, softcap=softcap, backend=backend)
     valid = targets != ignore_index
     nll = -logps
     if label_smoothing == 0.0:
@@ -93,20 +98,39 @@ def _per_token_loss(hidden, weight, bias, targets, ignore_index, temperature,
     b = None if bias is None else bias.to(dtype)
     safe = torch.where(valid, targets, 0)
     z_target = (h * w[safe]).sum(-1)                 # [N, H] gather, not [N, V]
-    z_mean = h @ w.mean(0)
     if b is not None:
-        z_target, z_mean = z_target + b[safe], z_mean + b.mean()
+        z_target = z_target + b[safe]
+    if softcap is None:
+        z_mean = h @ w.mean(0) + (0.0 if b is None else b.mean())  # the mean is linear
+    else:
+        z_target = softcap * torch.tanh(z_target / softcap)
+        z_mean = _capped_logit_mean(h, w, b, softcap)
     lse = z_target / temperature - logps             # logp_t = z_t - lse
     smooth = lse - z_mean / temperature              # mean_j (-log p_j)
     token_loss = (1.0 - label_smoothing) * nll + label_smoothing * smooth
     return torch.where(valid, token_loss, 0.0)
 
 
+def _capped_logit_mean(h, w, b, softcap: float) -> torch.Tensor:
+    """`[N]` mean over the vocabulary of the soft-capped logits, differentiable: one chunk of
+    rows at a time, each recomputed in backward (torch.utils.checkpoint), so no [N, V]."""
+    from torch.utils.checkpoint import checkpoint
+
+    def part(hc, w, b):
+        z = hc @ w.T if b is None else torch.addmm(b, hc, w.T)
+        return (softcap * torch.tanh(z / softcap)).mean(-1)
+
+    N, V = h.shape[0], w.shape[0]
+    rows = chunk_rows(N, V, h.element_size(), w.numel() * w.element_size())
+    return torch.cat([checkpoint(part, h[i:i + rows], w, b, use_reentrant=False)
+                      for i in range(0, N, rows)] or [h.new_zeros(0)])
+
+
 @register("linear_cross_entropy", "torch")
 def _linear_cross_entropy_torch(hidden, weight, bias, targets, ignore_index, temperature,
-                                reduction, label_smoothing):
+                                reduction, label_smoothing, softcap=None):
     token_loss = _per_token_loss(hidden, weight, bias, targets, ignore_index, temperature,
-                                 label_smoothing, "torch")
+                                 label_smoothing, "torch", softcap)
     return _reduce(token_loss, targets != ignore_index, reduction)
 
 
@@ -115,10 +139,10 @@ def _linear_cross_entropy_torch(hidden, weight, bias, targets, ignore_index, tem
 
 
 def _linear_cross_entropy_fused(backend, hidden, weight, bias, targets, ignore_index,
-                                temperature, reduction, label_smoothing):
+                                temperature, reduction, label_smoothing, softcap=None):
     if reduction == "none":
         return _per_token_loss(hidden, weight, bias, targets, ignore_index, temperature,
-                               label_smoothing, backend)
+                               label_smoothing, backend, softcap)
     fused_chunk_loss = chunk_loss_kernel(backend)
 
     valid = targets != ignore_index
@@ -136,7 +160,8 @@ def _linear_cross_entropy_fused(backend, hidden, weight, bias, targets, ignore_i
         stats = torch.empty(NUM_STATS, M, device=hidden.device, dtype=torch.float32)
         loss_kind = ChunkLoss(CROSS_ENTROPY, label_smoothing=label_smoothing)
         grads = engine.run(lambda z, dz, c: fused_chunk_loss(
-            z, dz, t[c], token_weight[c], stats[:, c], temperature, loss_kind), need)
+            z, dz, t[c], token_weight[c], stats[:, c], temperature, loss_kind), need,
+            softcap=softcap)
         loss = (token_weight * stats[STAT_LOSS]).sum().to(out_dtype)
         return loss, [grads[0], grads[1]] + ([grads[2]] if b else [])
 

@@ -50,7 +50,7 @@ from .. import checks
 from ..autograd import fused_local_grad
 from ..backends import dispatch, register, set_cuda_preference
 from ..layout import TokenLayout
-from ..logprobs import check_linear_inputs, linear_logprobs
+from ..logprobs import check_linear_inputs, check_softcap, linear_logprobs
 from ..policy.aggregation import aggregate, masked_token_mean, sequence_weights, valid_counts
 from ..policy.kl import KL_ESTIMATOR_CODES, compute_dtype
 from ..policy.policy_loss import METRIC_NAMES, PolicyLossOptions, check_policy_inputs
@@ -72,7 +72,7 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
                        importance_level: str = "token", loss_agg: str = "token-mean",
                        horizon: float | None = None, bias: torch.Tensor | None = None,
                        temperature: float = 1.0, ignore_index: int = -100,
-                       entropy_coef: float = 0.0,
+                       entropy_coef: float = 0.0, softcap: float | None = None,
                        backend: str = "auto") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped policy-gradient loss of the tokens `targets` under the LM head, fused.
 
@@ -85,6 +85,8 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     clip_low, clip_high, dual_clip, kl_coef, kl_estimator, importance_level, loss_agg,
         horizon: as in `policy_loss`.
     temperature: the logits are divided by it before the softmax (as in the rollout).
+    softcap: Gemma-2's final logit soft-capping, applied before the temperature
+        (`linear_logprobs`); None: no cap.
     entropy_coef: subtracts entropy_coef * H_t per token (aggregated like the loss); finite.
 
     Returns `(loss, metrics)`: loss a float32 scalar (float64 inputs give float64),
@@ -101,13 +103,14 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
         kl_estimator=kl_estimator, importance_level=importance_level, loss_agg=loss_agg,
         horizon=horizon, name="targets")
     checks.finite_number("entropy_coef", entropy_coef)
+    softcap = check_softcap(softcap)
     # A token counts when the layout includes it and its target is a real token.
     counted = (layout.mask > 0) & (flat_targets != ignore_index)
     layout = dataclasses.replace(layout, mask=counted.to(torch.float32))
     loss, metrics = dispatch("linear_policy_loss", backend, hidden.device,
                              hidden.reshape(-1, H), weight, bias, flat_targets, flat_old,
                              flat_adv, flat_ref, layout, options, float(temperature),
-                             ignore_index, float(entropy_coef))
+                             ignore_index, float(entropy_coef), softcap)
     if ref_logps is None:
         metrics.pop("kl")
     return loss, metrics
@@ -120,10 +123,11 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
 @register("linear_policy_loss", "torch")
 def _linear_policy_loss_torch(hidden, weight, bias, targets, old_logps, advantages,
                               ref_logps, layout: TokenLayout, options: PolicyLossOptions,
-                              temperature: float, ignore_index: int, entropy_coef: float):
+                              temperature: float, ignore_index: int, entropy_coef: float,
+                              softcap: float | None = None):
     logps, entropy = linear_logprobs(hidden, weight, targets, bias=bias,
                                      temperature=temperature, ignore_index=ignore_index,
-                                     return_entropy=True, backend="torch")
+                                     return_entropy=True, softcap=softcap, backend="torch")
     loss, metrics = dispatch("policy_loss", "torch", hidden.device, logps, old_logps,
                              advantages, ref_logps, layout, options)
     if entropy_coef != 0.0:
@@ -139,7 +143,8 @@ def _linear_policy_loss_torch(hidden, weight, bias, targets, old_logps, advantag
 
 def _linear_policy_loss_fused(backend, hidden, weight, bias, targets, old_logps, advantages,
                               ref_logps, layout: TokenLayout, options: PolicyLossOptions,
-                              temperature: float, ignore_index: int, entropy_coef: float):
+                              temperature: float, ignore_index: int, entropy_coef: float,
+                              softcap: float | None = None):
     fused_chunk_loss = chunk_loss_kernel(backend)
     N = hidden.shape[0]
     device = hidden.device
@@ -177,7 +182,8 @@ def _linear_policy_loss_fused(backend, hidden, weight, bias, targets, old_logps,
             # GSPO pass 1: log-probs only, for each sequence's mean log-ratio
             engine.run(lambda z, dz, c: fused_chunk_loss(z, None, t[c], token_weight[c],
                                                          stats[:, c], temperature,
-                                                         log_probs_only), (False,) * 3)
+                                                         log_probs_only), (False,) * 3,
+                       softcap=softcap)
             lr_sum = torch.zeros(layout.num_seqs, device=device, dtype=torch.float32)
             lr_sum.index_add_(0, seq_ids, stats[STAT_LOGP] - old)
             seq_lr = (lr_sum / valid_counts(layout).clamp(min=1))[seq_ids].contiguous()
@@ -188,7 +194,7 @@ def _linear_policy_loss_fused(backend, hidden, weight, bias, targets, old_logps,
                              ref_logps=None if ref is None else ref[c],
                              seq_log_ratio=None if seq_lr is None else seq_lr[c])
 
-        grads = engine.run(launch, need)
+        grads = engine.run(launch, need, softcap=softcap)
         loss = (token_weight * stats[STAT_LOSS]).sum().to(out_dtype)
         count = max(M, 1)
         metrics = {

@@ -32,13 +32,17 @@ register("logprobs_from_logits", "torch")(logprobs_from_logits_torch)
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                     bias: torch.Tensor | None = None, temperature: float = 1.0,
                     ignore_index: int = -100, return_entropy: bool = False,
-                    backend: str = "auto"):
-    """Log-prob of each target token under `softmax((hidden @ weight.T + bias) / temperature)`.
+                    softcap: float | None = None, backend: str = "auto"):
+    """Log-prob of each target token under `softmax((hidden @ weight.T + bias) / temperature)`,
+    or with `softcap`, `softmax(softcap * tanh((hidden @ weight.T + bias) / softcap) / T)`.
 
     hidden: `[..., H]` float16/bfloat16/float32 (float64 for gradcheck).
     weight: `[V, H]`, the LM head, same dtype and device as hidden.
     targets: `[...]` integer token ids in `[0, V)`, or `ignore_index`.
     bias: optional `[V]`.
+    softcap: Gemma-2's final logit soft-capping (`config.final_logit_softcapping`), a finite
+        number > 0, or None (no cap). Applied before the temperature, as in the model. On
+        the triton backend it needs the chunked strategy (the default).
     Returns logps `[...]` float32 (float64 for float64 input), 0 where the target is
     `ignore_index`; with `return_entropy=True` the pair `(logps, entropy)`, entropy `[...]`
     also 0 at ignored positions. Gradients flow to hidden, weight and bias from both outputs.
@@ -51,9 +55,10 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     """
     H, flat_targets, temperature = check_linear_inputs(hidden, weight, bias, targets,
                                                        ignore_index, temperature)
+    softcap = check_softcap(softcap)
     logps, entropy = dispatch("linear_logprobs", backend, hidden.device,
                               hidden.reshape(-1, H), weight, bias, flat_targets,
-                              temperature, ignore_index, bool(return_entropy))
+                              temperature, ignore_index, bool(return_entropy), softcap)
     return _unflatten(logps, entropy, targets.shape, return_entropy)
 
 
@@ -85,6 +90,16 @@ def check_linear_inputs(hidden, weight, bias, targets, ignore_index, temperature
                                   ignore_index)
     temperature = _check_temperature(temperature)
     return H, flat_targets, temperature
+
+
+def check_softcap(softcap) -> float | None:
+    """None, or a finite number > 0 (as a float): the fused LM-head ops' `softcap`."""
+    if softcap is None:
+        return None
+    if (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+            or not math.isfinite(softcap) or softcap <= 0):
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+    return float(softcap)
 
 
 def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, *,
@@ -197,15 +212,20 @@ class _LinearLogprobsKernel(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, backend, hidden, weight, bias, targets, temperature, ignore_index,
-                want_entropy):
+                want_entropy, softcap):
         strategy = linear_strategy() if backend == "triton" else "chunked"
+        if softcap is not None and strategy != "chunked":
+            raise ValueError(f"softcap is supported by the chunked strategy of linear_logprobs "
+                             f"only; ALIGNFUSE_LINEAR_STRATEGY={strategy!r} keeps its GEMMs "
+                             f"inside Triton kernels without it")
         forward, _ = _linear_kernels(backend, strategy)
         h, w = _kernel_ready(hidden), _kernel_ready(weight)
         b = None if bias is None else _kernel_ready(bias)
-        logp, lse, entropy = forward(h, w, b, targets, temperature, ignore_index)
+        logp, lse, entropy = forward(h, w, b, targets, temperature, ignore_index,
+                                     **_softcap_kwarg(softcap))
         valid = targets != ignore_index
         ctx.save_for_backward(h, w, b, targets, valid, lse, entropy if want_entropy else None)
-        ctx.temperature, ctx.ignore_index = temperature, ignore_index
+        ctx.temperature, ctx.ignore_index, ctx.softcap = temperature, ignore_index, softcap
         ctx.backend, ctx.strategy = backend, strategy
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return _kernel_outputs(logp, entropy if want_entropy else None, valid, hidden.dtype)
@@ -219,9 +239,15 @@ class _LinearLogprobsKernel(torch.autograd.Function):
         need = (need[0], need[1], need[2] and b is not None)
         grads = backward(h, w, b, targets, lse, entropy, _incoming(g_logp, valid),
                          _incoming(g_entropy if entropy is not None else None, valid),
-                         ctx.temperature, need, ignore_index=ctx.ignore_index)
+                         ctx.temperature, need, ignore_index=ctx.ignore_index,
+                         **_softcap_kwarg(ctx.softcap))
         grads = [None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)]
-        return (None, *grads, None, None, None, None)
+        return (None, *grads, None, None, None, None, None)
+
+
+def _softcap_kwarg(softcap: float | None) -> dict:
+    # only the chunked strategy's functions take softcap (the fused ones never see one)
+    return {} if softcap is None else {"softcap": softcap}
 
 
 def _logits_kernels(backend: str):
@@ -269,10 +295,12 @@ def _register_kernel_backend(backend: str) -> None:
         return out if return_entropy else (out, None)
 
     @register("linear_logprobs", backend)
-    def _linear(hidden, weight, bias, targets, temperature, ignore_index, return_entropy):
+    def _linear(hidden, weight, bias, targets, temperature, ignore_index, return_entropy,
+                softcap=None):
         return pair(_LinearLogprobsKernel.apply(backend, hidden, weight, bias,
                                                 targets.contiguous(), temperature,
-                                                ignore_index, return_entropy), return_entropy)
+                                                ignore_index, return_entropy, softcap),
+                    return_entropy)
 
     @register("logprobs_from_logits", backend)
     def _logits(logits, targets, temperature, ignore_index, return_entropy):

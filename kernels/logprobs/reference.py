@@ -65,9 +65,12 @@ class Workspace:
     keep the peak at the budget.
     """
 
-    def __init__(self, rows: int, vocab: int, like: torch.Tensor, dtype: torch.dtype):
+    def __init__(self, rows: int, vocab: int, like: torch.Tensor, dtype: torch.dtype,
+                 softcap: bool = False):
         self.z = torch.empty(rows, vocab, device=like.device, dtype=dtype)
         self.p = torch.empty(rows, vocab, device=like.device, dtype=dtype)
+        # a soft-capped backward keeps tanh(raw / softcap) for its chain factor
+        self.tanh = torch.empty(rows, vocab, device=like.device, dtype=dtype) if softcap else None
 
     def chunk(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.z[:rows], self.p[:rows]
@@ -124,9 +127,30 @@ def _incoming(grad: torch.Tensor | None, valid: torch.Tensor, dtype: torch.dtype
 
 
 def _scaled_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
-                   temperature: float, out: torch.Tensor) -> torch.Tensor:
+                   temperature: float, out: torch.Tensor, softcap: float | None = None,
+                   tanh_out: torch.Tensor | None = None) -> torch.Tensor:
+    """z = softcap(h @ w.T + b) / temperature into `out`; with a softcap, tanh(raw / softcap)
+    also goes to `tanh_out` when given (the backward's chain factor, `softcap_chain`)."""
     z = torch.mm(h, w.T, out=out) if b is None else torch.addmm(b, h, w.T, out=out)
+    if softcap is not None:
+        z = apply_softcap(z, softcap, tanh_out)
     return z.div_(temperature) if temperature != 1.0 else z
+
+
+def apply_softcap(z: torch.Tensor, softcap: float,
+                  tanh_out: torch.Tensor | None = None) -> torch.Tensor:
+    """z <- softcap * tanh(z / softcap), in place (Gemma-2's final logit soft-capping); the
+    tanh is also copied to `tanh_out` when given."""
+    t = z.div_(softcap).tanh_()
+    if tanh_out is not None:
+        tanh_out.copy_(t)
+    return t.mul_(softcap)
+
+
+def softcap_chain(dz: torch.Tensor, tanh: torch.Tensor) -> torch.Tensor:
+    """d/d(raw) from d/d(capped) in place in dz: d softcap tanh(x / softcap) / dx = 1 - tanh^2.
+    `tanh` (tanh(raw / softcap), the same shape) is consumed."""
+    return dz.mul_(tanh.square_().neg_().add_(1.0))
 
 
 def _chunked_token_stats(work: Workspace, targets: torch.Tensor, valid: torch.Tensor,
@@ -168,10 +192,12 @@ def _chunked_grad_logits(work: Workspace, targets: torch.Tensor, valid: torch.Te
 
 
 class LinearLogprobs(torch.autograd.Function):
-    """Chunked `logprobs(softmax((hidden @ weight.T + bias) / T))` with recompute in backward."""
+    """Chunked `logprobs(softmax(softcap(hidden @ weight.T + bias) / T))` with recompute in
+    backward (softcap None: no cap)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, want_entropy):
+    def forward(ctx, hidden, weight, bias, targets, temperature, ignore_index, want_entropy,
+                softcap=None):
         N, V = hidden.shape[0], weight.shape[0]
         cdt = compute_dtype(hidden.dtype)
         valid = targets != ignore_index
@@ -182,9 +208,10 @@ class LinearLogprobs(torch.autograd.Function):
         rows = chunk_rows(N, V, w.element_size(), w.numel() * w.element_size())
         logp, lse, entropy = _chunked_token_stats(
             Workspace(rows, V, hidden, cdt), safe_targets, valid, want_entropy,
-            lambda s, z: _scaled_logits(hidden[s].to(cdt), w, b, temperature, out=z))
+            lambda s, z: _scaled_logits(hidden[s].to(cdt), w, b, temperature, out=z,
+                                        softcap=softcap))
         ctx.save_for_backward(hidden, weight, bias, safe_targets, valid, lse, entropy)
-        ctx.temperature = temperature
+        ctx.temperature, ctx.softcap = temperature, softcap
         if want_entropy:
             return logp, entropy
         return logp
@@ -194,7 +221,7 @@ class LinearLogprobs(torch.autograd.Function):
     def backward(ctx, g_logp, g_entropy=None):
         hidden, weight, bias, targets, valid, lse, entropy = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        T = ctx.temperature
+        T, softcap = ctx.temperature, ctx.softcap
         N, V = hidden.shape[0], weight.shape[0]
         cdt = lse.dtype
         w = weight.to(cdt)
@@ -202,10 +229,20 @@ class LinearLogprobs(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(w) if need_w else None
         grad_b = torch.zeros(V, device=hidden.device, dtype=cdt) if need_b else None
-        rows = chunk_rows(N, V, w.element_size(), w.numel() * w.element_size())
-        for s, dz in _chunked_grad_logits(
-                Workspace(rows, V, hidden, cdt), targets, valid, lse, entropy, g_logp,
-                g_entropy, T, lambda s, z: _scaled_logits(hidden[s].to(cdt), w, b, T, out=z)):
+        # a third [rows, V] buffer with a softcap (tanh), in the same budget
+        element = w.element_size() * (3 if softcap is not None else 2) // 2
+        rows = chunk_rows(N, V, element, w.numel() * w.element_size())
+        work = Workspace(rows, V, hidden, cdt, softcap=softcap is not None)
+
+        def scaled_logits(s, z):
+            tanh = None if softcap is None else work.tanh[:z.shape[0]]
+            return _scaled_logits(hidden[s].to(cdt), w, b, T, out=z, softcap=softcap,
+                                  tanh_out=tanh)
+
+        for s, dz in _chunked_grad_logits(work, targets, valid, lse, entropy, g_logp,
+                                          g_entropy, T, scaled_logits):
+            if softcap is not None:
+                softcap_chain(dz, work.tanh[:dz.shape[0]])
             if need_h:
                 grad_h[s] = dz @ w
             if need_w:
@@ -215,7 +252,7 @@ class LinearLogprobs(torch.autograd.Function):
         return (grad_h,
                 None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype),
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 class LogitsLogprobs(torch.autograd.Function):
@@ -267,10 +304,10 @@ def _logits_chunk_rows(logits: torch.Tensor, cdt: torch.dtype) -> int:
 
 
 def linear_logprobs_torch(hidden, weight, bias, targets, temperature, ignore_index,
-                          return_entropy):
+                          return_entropy, softcap=None):
     """hidden `[N, H]`, weight `[V, H]`, bias `[V]` or None, targets `[N]` int64."""
     out = LinearLogprobs.apply(hidden, weight, bias, targets, temperature, ignore_index,
-                               return_entropy)
+                               return_entropy, softcap)
     return out if return_entropy else (out, None)
 
 
