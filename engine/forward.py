@@ -9,17 +9,29 @@ document, `cu_seqlens [S+1]`). Two things must hold:
    So the attention inputs are chosen per device (`attention_inputs`):
    - CUDA with flash-attn importable: the varlen kernel with `cu_seqlens`;
    - CUDA otherwise: flex_attention with a document `BlockMask`;
-   - CPU: sdpa/eager with a 4-D boolean block-diagonal causal mask `[1, 1, N, N]`.
+   - CPU: a 4-D block-diagonal causal mask `[1, 1, N, N]`: boolean for sdpa, additive
+     (0 / dtype min) for eager, whose attention adds the mask to the scores.
 2. No `[N, V]` logits tensor exists. The model's own forward is run (so DDP, FSDP2 and PEFT
    hooks fire as usual) with `logits_to_keep` set to no position, and the decoder's final
    hidden states are taken by a forward hook on the decoder. Inside that hook, still within
    the root forward (FSDP2 has the root's parameters gathered then), the log-probs are
    gathered through `alignfuse.kernels.linear_logprobs` with the LM head's weight and bias.
+
+The LM head must be an `nn.Linear`. What some families do to its logits is passed to the
+fused ops, read from the config in one place (`lm_head_of`):
+- Gemma-2/3 style soft-capping (`config.final_logit_softcapping = c`):
+  logits = c * tanh(raw / c), the ops' `softcap=c`;
+- Cohere's `config.logit_scale = s`: logits = raw * s, and raw * s / T = raw / (T / s), so
+  the ops get `temperature=T / s` (exact). A model with both is refused (no family has
+  both, and the order of the two would matter).
+The sampling temperature divides the transformed logits, as transformers and vLLM do.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+import math
+import numbers
+from typing import Callable, Iterable, NamedTuple
 
 import torch
 from torch import nn
@@ -27,9 +39,25 @@ from torch import nn
 from alignfuse.kernels import linear_logprobs, segment_sum
 
 IGNORE_INDEX = -100
-# Config fields of heads that are not a plain linear layer: the logits are transformed after
-# the matmul, so gathering through `hidden @ weight.T` would be wrong.
-_NON_LINEAR_HEAD_FIELDS = ("final_logit_softcapping", "logit_scale")
+
+
+class LMHead(NamedTuple):
+    """The model's LM head as the fused `linear_*` ops take it (see `lm_head_of`)."""
+
+    weight: torch.Tensor          # [V, H]
+    bias: torch.Tensor | None     # [V] or None
+    softcap: float | None         # logits = softcap * tanh(raw / softcap); None = no cap
+    logit_scale: float            # logits = raw * logit_scale; 1.0 when the model has none
+
+    def op_kwargs(self, temperature: float) -> dict:
+        """`bias`, `softcap` and `temperature` keywords of a `linear_*` op for sampling
+        temperature `temperature` (the logit scale is folded into the temperature)."""
+        if self.logit_scale != 1.0:
+            if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature)
+                    and temperature > 0):
+                raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+            temperature = temperature / self.logit_scale
+        return {"bias": self.bias, "softcap": self.softcap, "temperature": temperature}
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -49,23 +77,43 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def lm_head_of(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`(weight [V, H], bias [V] or None)` of the model's LM head; refuses non-linear heads."""
+def lm_head_of(model: nn.Module) -> LMHead:
+    """The model's LM head: `(weight [V, H], bias [V] or None, softcap, logit_scale)`.
+
+    The one place that reads how a family transforms the head's logits from its config
+    (`final_logit_softcapping`, `logit_scale`); refuses what the fused ops cannot reproduce
+    exactly, and heads that are not an `nn.Linear`.
+    """
     inner = unwrap_model(model)
     config = getattr(inner, "config", None)
-    for field in _NON_LINEAR_HEAD_FIELDS:
-        value = getattr(config, field, None)
-        if value not in (None, 0, 0.0, 1, 1.0):
-            raise NotImplementedError(
-                f"the model's LM head is not a plain linear layer (config.{field}={value!r} "
-                "transforms the logits after the matmul); token_logprobs gathers log-probs "
-                "from hidden @ weight.T and would be wrong for this model")
+    softcap = getattr(config, "final_logit_softcapping", None)
+    if softcap is not None:
+        # transformers caps whenever the field is not None: 0 would be a division by zero
+        # there, not "no cap", so it is refused with the other invalid values.
+        if not (isinstance(softcap, numbers.Real) and not isinstance(softcap, bool)
+                and math.isfinite(softcap) and softcap > 0):
+            raise ValueError(f"config.final_logit_softcapping must be None or a finite number "
+                             f"> 0, got {softcap!r}")
+        softcap = float(softcap)
+    logit_scale = getattr(config, "logit_scale", None)
+    if logit_scale is None:
+        logit_scale = 1.0
+    elif not (isinstance(logit_scale, numbers.Real) and not isinstance(logit_scale, bool)
+              and math.isfinite(logit_scale) and logit_scale > 0):
+        raise ValueError(f"config.logit_scale must be a finite number > 0, got {logit_scale!r} "
+                         "(the logits are multiplied by it)")
+    logit_scale = float(logit_scale)
+    if softcap is not None and logit_scale != 1.0:
+        raise NotImplementedError(
+            f"the model's config sets both final_logit_softcapping={softcap!r} and "
+            f"logit_scale={logit_scale!r}; their order is model-specific, so the fused "
+            "log-probs cannot reproduce its logits")
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if not isinstance(head, nn.Linear):
         raise NotImplementedError(
             f"the model's output embedding must be an nn.Linear, got {type(head).__name__} "
             "(a LoRA adapter on lm_head, or a model without an LM head, is not supported)")
-    return head.weight, head.bias
+    return LMHead(head.weight, head.bias, softcap, logit_scale)
 
 
 def document_ids(cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -119,7 +167,16 @@ def attention_inputs(model: nn.Module, packed) -> dict:
         if impl not in ("sdpa", "eager"):
             raise ValueError(f"on {packed.input_ids.device.type} the model's attention must be "
                              f"'sdpa' or 'eager' to take a document mask, got {impl!r}")
-        return {"attention_mask": document_causal_mask(cu)}
+        mask = document_causal_mask(cu)
+        if impl == "eager":
+            # eager attention adds the mask to the scores: a boolean one would add 1 / 0
+            # and isolate nothing.
+            dtype = getattr(inner, "dtype", torch.float32)
+            if not dtype.is_floating_point:
+                dtype = torch.float32
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+                ~mask, torch.finfo(dtype).min)
+        return {"attention_mask": mask}
     if impl.startswith("flash_attention") or _flash_attn_importable():
         if not impl.startswith("flash_attention"):
             inner.set_attn_implementation("flash_attention_2")
@@ -180,12 +237,12 @@ def token_logprobs(model: nn.Module, packed, *, temperature: float = 1.0,
     `return_entropy=True`. Documents are isolated and no `[N, V]` tensor is built.
     """
     _check_packed(packed)
-    lm_head_of(model)  # refuse a non-linear head before running anything
+    lm_head_of(model).op_kwargs(temperature)  # refuse an unsupported head before running
 
     def gather(hidden: torch.Tensor):
-        weight, bias = lm_head_of(model)  # read inside the forward: FSDP2 has gathered it
-        return linear_logprobs(hidden, weight, packed.targets.reshape(-1), bias=bias,
-                               temperature=temperature, ignore_index=IGNORE_INDEX,
+        head = lm_head_of(model)  # read inside the forward: FSDP2 has gathered it
+        return linear_logprobs(hidden, head.weight, packed.targets.reshape(-1),
+                               **head.op_kwargs(temperature), ignore_index=IGNORE_INDEX,
                                return_entropy=return_entropy)
 
     return run_decoder(model, packed, gather)

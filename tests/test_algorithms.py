@@ -210,3 +210,129 @@ def test_reward_model_accuracy_counts_ties_as_wrong():
     (pairwise,) = batches_for("rm", seed=6)
     _, metrics = RewardModel(model, kind="pairwise").loss(pairwise)
     assert metrics["rewards/accuracy"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------
+# Heads whose logits the model transforms after the matmul (Gemma-2's final soft-cap,
+# Cohere's logit_scale): the fused losses against the same losses from the model's own
+# `logits` (transformers applies the transform itself).
+
+
+def transformed_head_model(family: str, seed: int):
+    """A tiny tied-embedding Gemma-2 (final_logit_softcapping=3) or Cohere (logit_scale=1/16),
+    eager attention, with the LM head scaled up so that the transform matters.
+    (The same builder as tests/test_forward.py's.)"""
+    from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM
+
+    common = dict(vocab_size=VOCAB, hidden_size=40, intermediate_size=72,
+                  num_hidden_layers=2, num_attention_heads=5, num_key_value_heads=1,
+                  head_dim=8, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if family == "gemma2":
+        cfg = Gemma2Config(**common, final_logit_softcapping=3.0, attn_logit_softcapping=5.0,
+                           query_pre_attn_scalar=8)
+        cls, gain = Gemma2ForCausalLM, 30.0
+    else:
+        cfg = CohereConfig(**common, logit_scale=0.0625)
+        cls, gain = CohereForCausalLM, 100.0
+    cfg._attn_implementation = "eager"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls(cfg)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(gain)
+    return model
+
+
+def model_logps(model, prompt: list[int], completion: list[int], temperature: float):
+    """`[len(completion)]` float64 log p(completion_i | prefix) from the model's own logits."""
+    ids = torch.tensor([prompt + completion])
+    logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].double() / temperature
+    return logits.log_softmax(-1).gather(1, ids[0, len(prompt):, None])[:, 0]
+
+
+@pytest.mark.parametrize("family", ["gemma2", "cohere"])
+def test_dpo_on_transformed_heads_matches_model_logits(family):
+    model = transformed_head_model(family, seed=31)
+    ref_model = transformed_head_model(family, seed=32).eval()
+    seqs, prompts, groups = pair_data(33, num_pairs=3)
+    (batch,) = pack(seqs, max_tokens=400, prompt_lengths=prompts, groups=groups)
+    T = 0.8
+    algo = DPO(model, ref_model, beta=0.3, temperature=T)
+    metrics = algo.step(batch)
+    packed_grads = grads(model)
+    model.zero_grad()
+    policy = torch.stack([model_logps(model, s[:p], s[p:], T).sum()
+                          for s, p in zip(seqs, prompts)])
+    with torch.no_grad():
+        ref = torch.stack([model_logps(ref_model, s[:p], s[p:], T).sum()
+                           for s, p in zip(seqs, prompts)])
+    losses, _, _ = dpo_loss(policy[0::2], policy[1::2], ref[0::2], ref[1::2], beta=0.3)
+    losses.mean().backward()
+    expected_loss = float(losses.mean().detach())
+    assert abs(metrics["loss"] - expected_loss) <= 1e-5 * max(1.0, abs(expected_loss))
+    expected = grads(model)
+    assert packed_grads.keys() == expected.keys()
+    for name in expected:
+        assert_rel_close(packed_grads[name], expected[name], 1e-4, f"{family} grad {name}")
+
+
+@pytest.mark.parametrize("family", ["gemma2", "cohere"])
+def test_grpo_on_transformed_heads_matches_model_logits(family):
+    """GRPO's fused `linear_policy_loss` (clipped ratio + k3 KL, token-mean) against the
+    same loss written out on the model's own logits: value and gradients."""
+    from alignfuse.engine.algorithms.grpo import GRPO, RolloutBatch, completion_tensor
+    from alignfuse.engine.rollout import HFRollout, SamplingConfig
+
+    model = transformed_head_model(family, seed=41)
+    # The reference is the policy before its update below (a far-off one would hit the k3
+    # estimator's clamp, which the written-out loss does not model).
+    ref_model = transformed_head_model(family, seed=41).eval()
+    T, beta, clip = 0.9, 0.1, 0.2
+    grpo = GRPO(model, HFRollout(model), lambda p, c: 0.0, ref_model=ref_model, group_size=2,
+                sampling=SamplingConfig(max_new_tokens=7, temperature=T), beta=beta,
+                kl_estimator="k3", clip_low=clip, clip_high=clip, loss_agg="token-mean")
+    gen = torch.Generator().manual_seed(43)
+    pairs = []
+    for _ in range(5):
+        p, c = torch.randint(2, 5, (2,), generator=gen).tolist()
+        c += 3  # completions of 3..7 tokens
+        pairs.append((torch.randint(6, VOCAB, (p,), generator=gen).tolist(),
+                      torch.randint(6, VOCAB, (c,), generator=gen).tolist()))
+    (packed,) = pack([p + c for p, c in pairs], max_tokens=400,
+                     prompt_lengths=[len(p) for p, _ in pairs])
+    with torch.no_grad():
+        ref = [model_logps(ref_model, p, c, T) for p, c in pairs]
+    # The old policy's log-probs: the current ones, moved so that many ratios clip.
+    old = [(r + 0.3 * torch.randn(r.shape, generator=gen, dtype=r.dtype)).clamp(max=0)
+           for r in ref]
+    adv = torch.randn(len(pairs), generator=gen, dtype=torch.float64)
+    old_t = completion_tensor(packed, old)
+    batch = RolloutBatch(packed, torch.zeros(len(pairs)), adv[packed.seq_index].float(),
+                         old_t, old_t, ref_logps=completion_tensor(packed, ref))
+    # An "earlier epoch" update: the policy is no longer the reference (KL > 0).
+    g = torch.Generator().manual_seed(44)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    model.zero_grad()
+    metrics = grpo.step(batch)
+    fused = grads(model)
+    model.zero_grad()
+    terms = []
+    for s, (p, c) in enumerate(pairs):
+        logp = model_logps(model, p, c, T)
+        old_s = old[s].float().double()  # the experience stores float32
+        ratio = torch.exp(logp - old_s)
+        surrogate = torch.maximum(-adv[s] * ratio, -adv[s] * ratio.clamp(1 - clip, 1 + clip))
+        d = ref[s].float().double() - logp
+        terms.append(surrogate + beta * (d.exp() - d - 1))
+    loss = torch.cat(terms).mean()
+    loss.backward()
+    expected_loss = float(loss.detach())
+    assert abs(metrics["loss"] - expected_loss) <= 1e-5 * max(1.0, abs(expected_loss))
+    assert metrics["kl"] > 0, metrics
+    assert metrics["clipfrac"] > 0, metrics  # the clipped branch is exercised
+    expected = grads(model)
+    assert fused.keys() == expected.keys()
+    for name in expected:
+        assert_rel_close(fused[name], expected[name], 1e-4, f"{family} GRPO grad {name}")

@@ -160,17 +160,147 @@ def test_tied_embeddings():
     assert model.get_input_embeddings().weight.grad.abs().sum() > 0
 
 
-def test_softcapped_head_is_refused():
-    from transformers import Gemma2Config, Gemma2ForCausalLM
+# ---------------------------------------------------------------------------------------
+# Heads whose logits the model transforms after the matmul: Gemma-2's final soft-cap
+# (c * tanh(raw / c)) and Cohere's logit_scale (raw * s). The reference is the model's own
+# `logits` (transformers applies the transform itself), so it shares no code with the engine.
 
-    cfg = Gemma2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                       head_dim=32, final_logit_softcapping=30.0)
-    cfg._attn_implementation = "sdpa"
-    gemma = Gemma2ForCausalLM(cfg)
+HEAD_VOCAB = 101
+
+
+def transformed_head_model(family: str, attn: str = "sdpa", seed: int = 1, **overrides):
+    """A tiny tied-embedding Gemma-2 (final_logit_softcapping=3) or Cohere (logit_scale=1/16)
+    whose LM head is scaled up so that the transform matters: raw Gemma-2 logits are far past
+    the cap (std ~5 vs cap 3), Cohere's scaled logits are O(1)."""
+    from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM
+
+    common = dict(vocab_size=HEAD_VOCAB, hidden_size=48, intermediate_size=80,
+                  num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1,
+                  head_dim=16, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if family == "gemma2":
+        # attn_logit_softcapping is inside the model (eager applies it, sdpa ignores it):
+        # both paths compared here run the same attention either way.
+        cfg = Gemma2Config(**{**common, "final_logit_softcapping": 3.0,
+                              "attn_logit_softcapping": 5.0, "query_pre_attn_scalar": 16,
+                              **overrides})
+        cls, gain = Gemma2ForCausalLM, 30.0
+    else:
+        cfg = CohereConfig(**{**common, "logit_scale": 0.0625, **overrides})
+        cls, gain = CohereForCausalLM, 100.0
+    cfg._attn_implementation = attn
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls(cfg)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(gain)
+    return model.eval()
+
+
+def head_ids(gen, lengths):
+    return [torch.randint(6, HEAD_VOCAB, (n,), generator=gen).tolist() for n in lengths]
+
+
+def model_logits(model, seq) -> torch.Tensor:
+    """`[L, V]` float64: the model's own logits of one sequence run alone."""
+    return model(input_ids=torch.tensor(seq)[None]).logits[0].double()
+
+
+def untransformed_logps(model, seq, temperature) -> torch.Tensor:
+    """`[L]` what a plain `hidden @ weight.T` head would give (no cap, no scale): the answer
+    the transform must change."""
+    ids = torch.tensor(seq)
+    hidden = model.get_decoder()(input_ids=ids[None]).last_hidden_state[0].double()
+    raw = hidden @ model.get_output_embeddings().weight.double().T / temperature
+    logp = raw[:-1].log_softmax(-1).gather(1, ids[1:, None])[:, 0]
+    return torch.cat([logp, logp.new_zeros(1)])
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("family", ["gemma2", "cohere"])
+def test_transformed_head_logprobs_and_entropy_equal_model_logits(family, attn):
+    model = transformed_head_model(family, attn)
+    gen = torch.Generator().manual_seed(21)
+    lengths, prompts = [9, 4, 13, 7], [3, 1, 5, 2]
+    seqs = head_ids(gen, lengths)
+    (batch,) = pack(seqs, max_tokens=sum(lengths), prompt_lengths=prompts)
+    T = 0.7
+    with torch.no_grad():
+        logps, entropy = token_logprobs(model, batch, temperature=T, return_entropy=True)
+        exp_logps, exp_ent, plain = [], [], []
+        for i in batch.seq_index.tolist():
+            z = model_logits(model, seqs[i]) / T
+            ids = torch.tensor(seqs[i])
+            lp = z[:-1].log_softmax(-1).gather(1, ids[1:, None])[:, 0]
+            learned = torch.arange(1, len(ids)) >= prompts[i]
+            exp_logps.append(torch.cat([torch.where(learned, lp, 0.0), lp.new_zeros(1)]))
+            ent = -(z[:-1].softmax(-1) * z[:-1].log_softmax(-1)).sum(-1)
+            # 0 where no target is learned (prompt tokens, the last token)
+            exp_ent.append(torch.cat([torch.where(learned, ent, 0.0), ent.new_zeros(1)]))
+            pl = untransformed_logps(model, seqs[i], T)
+            plain.append(torch.cat([torch.where(learned, pl[:-1], 0.0), pl.new_zeros(1)]))
+    expected = torch.cat(exp_logps)
+    assert_rel_close(logps, expected, 1e-5, f"{family} {attn} token logps")
+    assert_rel_close(entropy, torch.cat(exp_ent), 1e-5, f"{family} {attn} entropy")
+    # The transform bites: a plain linear head is far from the model's answer.
+    assert float((torch.cat(plain) - expected).norm() / expected.norm()) > 0.3
+    head = forward.lm_head_of(model)
+    assert (head.softcap, head.logit_scale) == ((3.0, 1.0) if family == "gemma2"
+                                                else (None, 0.0625))
+
+
+@pytest.mark.parametrize("family", ["gemma2", "cohere"])
+def test_transformed_head_gradients_equal_model_logits(family):
+    model = transformed_head_model(family, "eager", seed=2)
+    gen = torch.Generator().manual_seed(22)
+    seqs = head_ids(gen, [11, 6, 9])
+    (batch,) = pack(seqs, max_tokens=26)
+    T = 0.9
+    weights = torch.rand(batch.num_tokens, generator=gen, dtype=torch.float64) + 0.5
+    (token_logprobs(model, batch, temperature=T).double() * weights).sum().backward()
+    packed_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    total = 0.0
+    parts = weights.split(batch.seq_lengths.tolist())
+    for w, i in zip(parts, batch.seq_index.tolist()):
+        ids = torch.tensor(seqs[i])
+        lp = (model_logits(model, seqs[i])[:-1] / T).log_softmax(-1).gather(1, ids[1:, None])
+        total = total + (lp[:, 0] * w[:-1]).sum()
+    total.backward()
+    names = [n for n, _ in model.named_parameters()]
+    assert "lm_head.weight" not in names  # tied: the head's gradient lands on the embedding
+    for name, p in model.named_parameters():
+        assert_rel_close(packed_grads[name], p.grad, 1e-5, f"{family} grad of {name}")
+
+
+def test_plain_linear_head_has_no_transform(model):
+    head = forward.lm_head_of(model)
+    assert head.softcap is None and head.logit_scale == 1.0
+    assert head.weight is model.get_output_embeddings().weight
+    assert head.op_kwargs(0.8) == {"bias": None, "softcap": None, "temperature": 0.8}
+
+
+@pytest.mark.parametrize("field,value,error", [
+    ("final_logit_softcapping", 0.0, ValueError),  # transformers would divide by it
+    ("final_logit_softcapping", -3.0, ValueError),
+    ("final_logit_softcapping", float("inf"), ValueError),
+    ("logit_scale", 0.0, ValueError),
+    ("logit_scale", -0.5, ValueError),
+    ("logit_scale", float("nan"), ValueError),
+    ("logit_scale", 0.25, NotImplementedError),  # with a softcap: the order would matter
+])
+def test_unsupported_head_transforms_are_refused(field, value, error):
+    model = transformed_head_model("gemma2")
+    object.__setattr__(model.config, field, value)
+    (batch,) = pack([[6, 7, 8, 9, 10]], max_tokens=5)
+    with pytest.raises(error, match=field):
+        token_logprobs(model, batch)
+
+
+def test_non_linear_head_is_refused(model):
+    model.set_output_embeddings(torch.nn.Sequential(model.get_output_embeddings()))
     (batch,) = pack([[6, 7, 8, 9]], max_tokens=4)
-    with pytest.raises(NotImplementedError, match="final_logit_softcapping"):
-        token_logprobs(gemma, batch)
+    with pytest.raises(NotImplementedError, match="nn.Linear"):
+        token_logprobs(model, batch)
 
 
 def test_bad_packed_input_is_named(model):

@@ -261,18 +261,18 @@ class OnlineAlgorithm(Algorithm):
         `linear_policy_loss` (LM head, log-probs and loss in one node, no `[N, V]` logits)
         on the decoder's final hidden states. advantages: `[S]` or `[N]`."""
         packed = batch.packed
-        lm_head_of(self.model)  # refuse a non-linear head before running anything
+        lm_head_of(self.model).op_kwargs(self.temperature)  # refuse before running anything
 
         def on_hidden(hidden: torch.Tensor):
-            weight, bias = lm_head_of(self.model)  # inside the forward: FSDP2 gathered it
+            head = lm_head_of(self.model)  # inside the forward: FSDP2 gathered it
             return linear_policy_loss(
-                hidden, weight, packed.targets, batch.old_logps, advantages,
+                hidden, head.weight, packed.targets, batch.old_logps, advantages,
                 mask=packed.loss_mask, cu_seqlens=packed.cu_seqlens,
                 ref_logps=batch.ref_logps if kl_coef > 0 else None, clip_low=self.clip_low,
                 clip_high=self.clip_high, dual_clip=self.dual_clip, kl_coef=kl_coef,
                 kl_estimator=kl_estimator, importance_level=importance_level,
                 loss_agg=self.loss_agg, horizon=float(self.sampling.max_new_tokens),
-                bias=bias, temperature=self.temperature, ignore_index=packed.ignore_index)
+                **head.op_kwargs(self.temperature), ignore_index=packed.ignore_index)
 
         loss, stats = run_decoder(self.model, packed, on_hidden)
         return loss, {k: float(v) for k, v in stats.items()}
