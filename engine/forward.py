@@ -167,6 +167,7 @@ def attention_inputs(model: nn.Module, packed) -> dict:
         if impl not in ("sdpa", "eager"):
             raise ValueError(f"on {packed.input_ids.device.type} the model's attention must be "
                              f"'sdpa' or 'eager' to take a document mask, got {impl!r}")
+        _check_sliding_window(inner.config, packed, "the CPU document mask")
         mask = document_causal_mask(cu)
         if impl == "eager":
             # eager attention adds the mask to the scores: a boolean one would add 1 / 0
@@ -185,9 +186,28 @@ def attention_inputs(model: nn.Module, packed) -> dict:
         # FlashAttentionKwargs: the varlen kernel reads document boundaries from these.
         return {"cu_seq_lens_q": cu32, "cu_seq_lens_k": cu32,
                 "max_length_q": max_len, "max_length_k": max_len}
+    _check_sliding_window(inner.config, packed, "flex_attention's document BlockMask")
     if impl != "flex_attention":
         inner.set_attn_implementation("flex_attention")
     return {"attention_mask": document_block_mask(cu)}
+
+
+def _check_sliding_window(config, packed, path: str) -> None:
+    """The document masks given to transformers replace its own, sliding window included
+    (Gemma-2's local layers, Mistral): exact only while no document is longer than the
+    window. Longer ones are refused rather than silently attended in full; the flash-attn
+    varlen path applies the window itself."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not window or (layer_types is not None and "sliding_attention" not in layer_types):
+        return
+    longest = int(packed.max_seqlen)
+    if longest > window:
+        raise NotImplementedError(
+            f"a packed document of {longest} tokens is longer than the model's "
+            f"sliding_window={window}: {path} does not apply the sliding window, so its "
+            f"attention would differ from the model's; use flash-attn (CUDA) or documents "
+            f"of at most {window} tokens")
 
 
 def run_decoder(model: nn.Module, packed, on_hidden: Callable[[torch.Tensor], object]):

@@ -272,6 +272,27 @@ def test_transformed_head_gradients_equal_model_logits(family):
         assert_rel_close(packed_grads[name], p.grad, 1e-5, f"{family} grad of {name}")
 
 
+def test_documents_longer_than_the_sliding_window_are_refused():
+    """The document mask replaces transformers' own, sliding window included: a document
+    longer than the window is refused; one within it matches the model run alone."""
+    model = transformed_head_model("gemma2", "sdpa", sliding_window=8)
+    gen = torch.Generator().manual_seed(23)
+    seqs = head_ids(gen, [8, 5, 13])
+    (long_batch,) = pack(seqs, max_tokens=26)
+    with pytest.raises(NotImplementedError, match=r"13 tokens is longer than the model's "
+                                                  r"sliding_window=8"):
+        token_logprobs(model, long_batch)
+    (batch,) = pack(seqs[:2], max_tokens=13)
+    with torch.no_grad():
+        logps = token_logprobs(model, batch)
+        expected = []
+        for i in batch.seq_index.tolist():
+            ids = torch.tensor(seqs[i])
+            lp = model_logits(model, seqs[i])[:-1].log_softmax(-1).gather(1, ids[1:, None])[:, 0]
+            expected.append(torch.cat([lp, lp.new_zeros(1)]))
+    assert_rel_close(logps, torch.cat(expected), 1e-5, "within the window")
+
+
 def test_plain_linear_head_has_no_transform(model):
     head = forward.lm_head_of(model)
     assert head.softcap is None and head.logit_scale == 1.0
