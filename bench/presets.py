@@ -6,7 +6,9 @@
 - `gpu`: the sizes the issue asks for, bf16: N = 4k..32k tokens at the headline H=4096,
   V=128256 (plots against N), plus the LM-head shapes of real models at N=16384:
   Qwen2.5-0.5B (H=896, V=151936), Llama-2-7B / Mistral-7B (H=4096, V=32000), Llama-3-70B
-  (H=8192, V=128256). It shares ONE device call (10 minutes) with the build and the GPU
+  (H=8192, V=128256); and Gemma-2-9B's soft-capped head (N=8192, H=3584, V=256000,
+  softcap=30), whose cap alignfuse applies with torch ops around its kernels while Liger and
+  CCE fuse it (what that costs is the question). It shares ONE device call (10 minutes) with the build and the GPU
   tests (bench/gpu_session.sh), which leaves it roughly 150-330 s, so it runs a PLAN
   (`GPU_PLAN`): what matters first, each stage given a weighted share of what is left;
   whatever does not fit is recorded as skipped with that reason, and the result says
@@ -29,8 +31,9 @@ kernel family, plus checks, 2 warm-ups, 5+ timed runs and a peak-memory run per 
      the headline's record, every mode (~10-20 s): the numbers that decide linear_logprobs'
      default and "auto". Not first, because a fault there (illegal memory access) breaks
      the CUDA context and stops the run; not last, because it matters more than 4-7.
-  8. the other */cuda contenders, added to the losses cases' records (~10-20 s).
-  9. alignfuse/torch at the headline, fwd+bwd only (~13 s), if time is left.
+  8. logprobs with Gemma-2-9B's soft-capped head, fwd+bwd (~20-40 s).
+  9. the other */cuda contenders, added to the losses cases' records (~10-20 s).
+  10. alignfuse/torch at the headline, fwd+bwd only (~13 s), if time is left.
 In all ~200-400 s: with a fast build and tests (~300 s left) stages 1-5 or 1-7 fit; with
 the worst case (build 240 s, tests 120 s: ~150 s left) stages 1-3. Weights below favour
 the early stages; a stage that finishes early passes its time on.
@@ -46,6 +49,8 @@ from .harness import TimingConfig
 
 HEADLINE = {"N": 16384, "H": 4096, "V": 128256}
 _HEADLINE_CASE = "N=16384,H=4096,V=128256,*"
+GEMMA2_SOFTCAP = {"N": 8192, "H": 3584, "V": 256000, "softcap": 30.0}
+_SOFTCAP_CASE = "N=8192,H=3584,V=256000,softcap=30,*"
 
 
 @dataclass
@@ -90,6 +95,8 @@ GPU_PLAN = [
           weight=2.0, name="losses linear"),
     Stage("packing", weight=0.3),
     Stage("step", weight=1.5),
+    Stage("logprobs", cases=(_SOFTCAP_CASE,), modes=("fwd+bwd",), exclude=_SLOW_ON_GPU,
+          weight=1.0, name="logprobs softcap"),
     Stage("losses", cases=_OPS + _LINEAR, only=("*/cuda",), weight=1.0,
           name="losses */cuda"),
     Stage("logprobs", cases=(_HEADLINE_CASE,), modes=("fwd+bwd",), only=("alignfuse/torch",),
@@ -102,7 +109,7 @@ class Preset:
     name: str
     device: str                      # "cpu" or "cuda"
     dtype: torch.dtype
-    logprobs: list[dict]             # each {"N", "H", "V"}
+    logprobs: list[dict]             # each {"N", "H", "V"} (and "softcap" for a capped head)
     losses: list[dict]               # each {"S", "T"} (sequences, tokens per sequence), "G"
     linear_losses: list[dict]        # each {"S", "T", "H", "V"} for the linear + loss cases
     packing: dict                    # {"sequences", "max_tokens", "mean_log", "sigma_log", ...}
@@ -121,7 +128,8 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "cpu": Preset(
         name="cpu", device="cpu", dtype=torch.float32,
-        logprobs=[{"N": 19, "H": 16, "V": 131}, {"N": 41, "H": 16, "V": 131}],
+        logprobs=[{"N": 19, "H": 16, "V": 131}, {"N": 41, "H": 16, "V": 131},
+                  {"N": 19, "H": 16, "V": 131, "softcap": 3.0}],
         losses=[{"S": 6, "T": 19, "G": 4}],
         linear_losses=[{"S": 3, "T": 7, "H": 16, "V": 131}],
         packing={"sequences": 2000, "max_tokens": 2048, "median_len": 180, "sigma_log": 1.0,
@@ -139,7 +147,7 @@ PRESETS: dict[str, Preset] = {
         logprobs=[dict(HEADLINE)]
         + [{"N": n, "H": 4096, "V": 128256} for n in (4096, 8192, 32768)]
         + [{"N": 16384, "H": 896, "V": 151936}, {"N": 16384, "H": 4096, "V": 32000},
-           {"N": 16384, "H": 8192, "V": 128256}],
+           {"N": 16384, "H": 8192, "V": 128256}, dict(GEMMA2_SOFTCAP)],
         losses=[{"S": s, "T": 1024, "G": 8} for s in (4, 16, 32)],
         linear_losses=[{"S": 8, "T": 1024, "H": 4096, "V": 128256}],
         packing={"sequences": 20_000, "max_tokens": 16384, "median_len": 600,

@@ -195,6 +195,16 @@ def test_cpu_preset_writes_a_complete_result(cpu_result):
     for mode in case["modes"]:
         m = eager["modes"][mode]
         assert m["time_s"]["median"] > 0 and m["floor"]["fraction_of_floor"] > 0
+    # The soft-capped head (Gemma-2's): alignfuse's backends and eager are checked against
+    # the capped reference; nothing errors (what cannot run on CPU says why).
+    (capped,) = [c for c in r["suites"]["logprobs"]["cases"] if "softcap=3," in c["case"]]
+    assert capped["sizes"]["softcap"] == 3.0
+    got = _by_name(capped)
+    for name in ("alignfuse/triton", "torch-eager", "alignfuse/torch",
+                 "linear_cross_entropy/triton"):
+        assert got[name]["status"] == "ok" and got[name]["check"]["passed"], got[name]
+    assert "alignfuse/triton-fused" not in got  # the fused strategies take no softcap
+    assert all(c["status"] != "error" for c in got.values()), got
 
 
 @pytest.mark.slow

@@ -32,6 +32,7 @@ can reach at most 75% of the fwd+bwd floor; eager stores them instead and pays i
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -43,13 +44,15 @@ from .common import (alignfuse_op, backend_unavailable, dtype_name, generator,
 SUITE = "logprobs"
 
 
-def _alignfuse(backend: str, strategy: str | None = None) -> Contender:
+def _alignfuse(backend: str, strategy: str | None = None, softcap: float | None = None
+               ) -> Contender:
     """`strategy` (triton only): ALIGNFUSE_LINEAR_STRATEGY for the call; None: the default.
     The forward records it for its backward, so only the forward call needs it set."""
     def run(t):
         fn = alignfuse_op("kernels", "linear_logprobs")
         with _linear_strategy(strategy):
-            return {"logps": fn(t["hidden"], t["weight"], t["targets"], backend=backend)}
+            return {"logps": fn(t["hidden"], t["weight"], t["targets"], backend=backend,
+                                **_cap(softcap))}
 
     name = f"alignfuse/{backend}" + (f"-{strategy}" if strategy else "")
     notes = {"triton": "default strategy (chunked: cuBLAS GEMMs + Triton logits kernels)",
@@ -76,11 +79,16 @@ def _linear_strategy(strategy: str | None):
             os.environ["ALIGNFUSE_LINEAR_STRATEGY"] = before
 
 
-def _cross_entropy(backend: str) -> Contender:
+def _cap(softcap: float | None) -> dict:
+    """The softcap keyword of the ops (none at all without one: older builds lack it)."""
+    return {} if softcap is None else {"softcap": softcap}
+
+
+def _cross_entropy(backend: str, softcap: float | None = None) -> Contender:
     def run(t):
         fn = alignfuse_op("kernels", "linear_cross_entropy")
         return {"logps": -fn(t["hidden"], t["weight"], t["targets"], reduction="none",
-                             backend=backend)}
+                             backend=backend, **_cap(softcap))}
 
     return Contender(f"linear_cross_entropy/{backend}", "subject", run,
                      lambda device: backend_unavailable("linear_cross_entropy", backend, device),
@@ -88,26 +96,35 @@ def _cross_entropy(backend: str) -> Contender:
                           "the SFT op, the same computation as Liger's and CCE's")
 
 
-def _eager(t):
+def _eager(t, softcap: float | None = None):
     logits = t["hidden"] @ t["weight"].T
+    if softcap is not None:  # as transformers' Gemma-2 does, in the model dtype
+        logits = torch.tanh(logits / softcap) * softcap
     logps = logits.float().log_softmax(-1).gather(-1, t["targets"][:, None]).squeeze(-1)
     return {"logps": logps}
 
 
-def _liger():
+def _liger(softcap: float | None = None):
     loss_fn = {}
 
     def run(t):
         if "fn" not in loss_fn:
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-            loss_fn["fn"] = LigerFusedLinearCrossEntropyLoss(reduction="none")
+            loss_fn["fn"] = LigerFusedLinearCrossEntropyLoss(reduction="none", softcap=softcap)
         return {"logps": -loss_fn["fn"](t["weight"], t["hidden"], t["targets"])}
 
-    return Contender("liger", "baseline", run,
-                     lambda device: triton_baseline_unavailable("liger_kernel", "liger-kernel",
-                                                                device),
-                     note="LigerFusedLinearCrossEntropyLoss(reduction='none'), negated; it may do "
+    def unavailable(device: torch.device) -> str | None:
+        why = triton_baseline_unavailable("liger_kernel", "liger-kernel", device)
+        if why or softcap is None or device.type == "cuda":
+            return why
+        return ("Liger's softcap path fails under the Triton interpreter (InterpreterError: "
+                "'float' object has no attribute 'to', seen with liger-kernel 0.8.5 on CPU)")
+
+    return Contender("liger", "baseline", run, unavailable,
+                     note="LigerFusedLinearCrossEntropyLoss(reduction='none'"
+                          + (", softcap=)" if softcap is not None else ")")
+                          + ", negated; it may do "
                           "gradient work in its forward: compare fwd+bwd")
 
 
@@ -120,15 +137,17 @@ def _cce_unavailable(device: torch.device) -> str | None:
             "impl='torch_compile' path spends ~17 s compiling on 2 CPU cores")
 
 
-def _cce(t):
+def _cce(t, softcap: float | None = None):
     from cut_cross_entropy import linear_cross_entropy
 
     return {"logps": -linear_cross_entropy(t["hidden"], t["weight"], t["targets"],
-                                           reduction="none")}
+                                           reduction="none", softcap=softcap)}
 
 
-def reference(s: InputSet, budget_bytes: int = 1 << 30) -> dict[str, torch.Tensor]:
-    """logps and the gradients of sum(logps · upstream) in higher precision, in row chunks."""
+def reference(s: InputSet, budget_bytes: int = 1 << 30,
+              softcap: float | None = None) -> dict[str, torch.Tensor]:
+    """logps and the gradients of sum(logps · upstream) in higher precision, in row chunks
+    (with `softcap`, of the soft-capped logits c tanh(z / c))."""
     h0, w0, t = s.tensors["hidden"], s.tensors["weight"], s.tensors["targets"]
     dt = reference_dtype(h0.device)
     w = w0.detach().to(dt)
@@ -142,26 +161,38 @@ def reference(s: InputSet, budget_bytes: int = 1 << 30) -> dict[str, torch.Tenso
         hi = min(N, lo + rows)
         h = h0[lo:hi].detach().to(dt)
         z = h @ w.T
+        tanh = None
+        if softcap is not None:
+            tanh = torch.tanh(z / softcap)
+            z = tanh * softcap
         lse = torch.logsumexp(z, dim=-1)
         idx = torch.arange(hi - lo, device=z.device)
         logps[lo:hi] = z[idx, t[lo:hi]] - lse
         dz = torch.softmax(z, dim=-1).mul_(-g[lo:hi, None])
         dz[idx, t[lo:hi]] += g[lo:hi]
+        if tanh is not None:
+            dz.mul_(1 - tanh.square_())  # d(c tanh(x / c)) / dx
         grad_h[lo:hi] = dz @ w
         grad_w += dz.T @ h
         del z, dz
     return {"logps": logps, "grad_hidden": grad_h, "grad_weight": grad_w}
 
 
-def case(N: int, H: int, V: int, dtype: torch.dtype, device: torch.device) -> Case:
+def case(N: int, H: int, V: int, dtype: torch.dtype, device: torch.device,
+         softcap: float | None = None) -> Case:
+    """One size; `softcap` (Gemma-2's final logit soft-capping, e.g. 30) gives the capped
+    variant: logits of std ~softcap / 2 so that the cap matters, and the contenders that
+    support it (the fused triton strategies do not)."""
     size = torch.tensor([], dtype=dtype).element_size()
+    # Logits of unit scale, as a trained LM head gives: W ~ N(0, 1/H); soft-capped models
+    # have raw logits of tens (the cap exists for them).
+    logit_scale = 1.0 if softcap is None else softcap / 2
 
     def make_inputs(seed: int) -> InputSet:
         gen = generator(device, seed)
-        # Logits of unit scale, as a trained LM head gives: W ~ N(0, 1/H).
         hidden = randn((N, H), device=device, dtype=dtype, gen=gen, requires_grad=True)
-        weight = randn((V, H), device=device, dtype=dtype, gen=gen, scale=H ** -0.5,
-                       requires_grad=True)
+        weight = randn((V, H), device=device, dtype=dtype, gen=gen,
+                       scale=logit_scale * H ** -0.5, requires_grad=True)
         targets = torch.randint(0, V, (N,), device=device, generator=gen)
         upstream = randn((N,), device=device, dtype=torch.float32, gen=gen)
         return InputSet({"hidden": hidden, "weight": weight, "targets": targets}, upstream)
@@ -186,21 +217,30 @@ def case(N: int, H: int, V: int, dtype: torch.dtype, device: torch.device) -> Ca
     # the alternatives that decide defaults, the torch backend (chunked, not meant to be
     # fast on GPU), and the compiled CUDA backend last: a fault there (illegal memory
     # access) breaks the CUDA context for every contender after it.
-    contenders = [_alignfuse("triton"),
-                  Contender("torch-eager", "baseline", _eager,
-                            note="logits = h @ W.T (model dtype), float32 log_softmax, gather"),
-                  _liger(),
-                  Contender("cce", "baseline", _cce, _cce_unavailable,
-                            note="cut_cross_entropy.linear_cross_entropy(reduction='none'), "
-                                 "negated"),
-                  _alignfuse("triton", "fused"),
-                  _alignfuse("triton", "fused-forward"), _cross_entropy("triton"),
-                  _alignfuse("torch"), _alignfuse("cuda")]
+    eager_note = "logits = h @ W.T (model dtype), float32 log_softmax, gather"
+    cce_note = "cut_cross_entropy.linear_cross_entropy(reduction='none'), negated"
+    if softcap is not None:
+        eager_note = ("logits = h @ W.T, then softcap * tanh(logits / softcap) (model dtype, "
+                      "as transformers' Gemma-2), float32 log_softmax, gather")
+        cce_note = "cut_cross_entropy.linear_cross_entropy(reduction='none', softcap=), negated"
+    contenders = [_alignfuse("triton", softcap=softcap),
+                  Contender("torch-eager", "baseline",
+                            functools.partial(_eager, softcap=softcap), note=eager_note),
+                  _liger(softcap),
+                  Contender("cce", "baseline", functools.partial(_cce, softcap=softcap),
+                            _cce_unavailable, note=cce_note)]
+    if softcap is None:  # they keep the GEMMs inside Triton, without a softcap
+        contenders += [_alignfuse("triton", "fused"), _alignfuse("triton", "fused-forward")]
+    contenders += [_cross_entropy("triton", softcap), _alignfuse("torch", softcap=softcap),
+                   _alignfuse("cuda", softcap=softcap)]
     tol = tolerance(dtype)
+    capped = "" if softcap is None else f"softcap={softcap:g},"
+    sizes = {"N": N, "H": H, "V": V, "dtype": dtype_name(dtype), "logits_bytes": N * V * size}
+    if softcap is not None:
+        sizes["softcap"] = softcap
     # logits_bytes: the [N, V] logits in the model dtype, the report's yardstick for memory
-    return Case(SUITE, f"N={N},H={H},V={V},{dtype_name(dtype)}",
-                {"N": N, "H": H, "V": V, "dtype": dtype_name(dtype), "logits_bytes": N * V * size},
-                make_inputs, reference, contenders,
+    return Case(SUITE, f"N={N},H={H},V={V},{capped}{dtype_name(dtype)}", sizes,
+                make_inputs, functools.partial(reference, softcap=softcap), contenders,
                 tolerances={"logps": tol, "grad_hidden": tol, "grad_weight": tol},
                 grad_inputs=("hidden", "weight"), grad_output="logps", work=work,
                 notes="floor: fwd 2NHV, bwd 4NHV, fwd+bwd 6NHV FLOPs; a kernel that "
@@ -208,4 +248,5 @@ def case(N: int, H: int, V: int, dtype: torch.dtype, device: torch.device) -> Ca
 
 
 def cases(preset, device: torch.device) -> list[Case]:
-    return [case(s["N"], s["H"], s["V"], preset.dtype, device) for s in preset.logprobs]
+    return [case(s["N"], s["H"], s["V"], preset.dtype, device, softcap=s.get("softcap"))
+            for s in preset.logprobs]
