@@ -122,14 +122,14 @@ def _logprobs_variants() -> Iterator[Variant]:
                                    return_entropy=entropy, backend="triton")
         _backward(*(out if entropy else (out,)))
 
-    def linear_case(dtype, strategy, n, V, H, entropy, bias, grads):
+    def linear_case(dtype, strategy, n, V, H, entropy, bias, grads, softcap=None):
         hidden = _leaf((n, H), dtype).requires_grad_("h" in grads)
         weight = _leaf((V, H), dtype, scale=0.2).requires_grad_("w" in grads)
         b = _leaf(V, dtype).requires_grad_("b" in grads) if bias else None
         with pytest.MonkeyPatch.context() as env:
             env.setenv("ALIGNFUSE_LINEAR_STRATEGY", strategy)
             out = linear_logprobs(hidden, weight, targets(n, V), bias=b, temperature=0.7,
-                                  return_entropy=entropy, backend="triton")
+                                  return_entropy=entropy, softcap=softcap, backend="triton")
         _backward(*(out if entropy else (out,)))  # the strategy is kept for backward
 
     # (label, dtype, strategy, n, V, H, entropy, bias, grads wanted: h(idden) w(eight)
@@ -144,6 +144,9 @@ def _logprobs_variants() -> Iterator[Variant]:
             ("chunked,odd", F32, "chunked", 13, 301, 40, False, False, "hw")):
         yield (f"linear_logprobs[{label}]", dtype,
                lambda d, a=(strategy, n, V, H, entropy, bias, grads): linear_case(d, *a))
+    # softcap (the chunked strategy only): the logits kernels' SOFTCAP specializations
+    yield ("linear_logprobs[chunked,softcap,entropy]", BF16,
+           lambda d: linear_case(d, "chunked", 144, 256, 64, True, False, "hw", softcap=3.0))
     for label, dtype, n, V, entropy in (("aligned,entropy", BF16, 32, 1024, True),
                                         ("aligned", BF16, 32, 1024, False),
                                         ("odd", F32, 13, 301, False)):
@@ -304,6 +307,10 @@ def _fused_variants() -> Iterator[Variant]:
     yield ("linear_cross_entropy[sum,bias,label_smoothing]", BF16,
            lambda d: cross_entropy(d, bias=True, reduction="sum", label_smoothing=0.1))
     yield "linear_cross_entropy[no grad]", F32, lambda d: cross_entropy(d, grad=False)
+    yield ("linear_policy_loss[softcap,sequence]", BF16,
+           lambda d: policy(d, importance_level="sequence", softcap=3.0))
+    yield ("linear_cross_entropy[softcap,label_smoothing]", BF16,
+           lambda d: cross_entropy(d, label_smoothing=0.1, softcap=3.0))
     # reduction="none" runs linear_logprobs' kernels (the frozen-head case above)
     yield ("linear_cross_entropy[none,frozen head]", BF16,
            lambda d: cross_entropy(d, reduction="none", frozen_head=True))

@@ -11,6 +11,8 @@
 //    aggregation weight w (known before the launch; 0: the token passes nothing);
 // 3. (dz != nullptr) a second sweep writes d loss / d(raw logits) with logprobs.cu's
 //    grad_logit, plus label smoothing's own term w eps (1[j=t] - 1/V).
+// A softcap > 0 caps every logit first (softmax_row.cuh's soft_cap, Gemma-2) and chains the
+// gradient through the cap.
 // dz may be the logits buffer itself (same dtype): every element is read in sweep 1, and the
 // target's logit before the block reductions, whose barriers order all reads before any
 // write; in sweep 2 each element is read, then written, by the same thread (map_row). Both
@@ -32,6 +34,7 @@ enum LossKind : int { kPolicy = 0, kCrossEntropy = 1 };
 struct ChunkParams {
   PolicyParams policy;
   float inv_temp, entropy_coef, smoothing;
+  float softcap;  // <= 0: none; else the logits are softcap * tanh(raw / softcap)
   int loss_kind, sequence_level;
 };
 
@@ -50,14 +53,15 @@ __global__ void fused_chunk_kernel(const T* z, G* dz, const int64_t* __restrict_
   // sweep 1: row statistics
   SoftmaxState st;
   float zsum = 0.f;
+  const float cap = cp.softcap;
   sweep_row(x, V, [&](int64_t, float raw) {
-    const float v = raw * inv_temp;
+    const float v = soft_cap(raw, cap) * inv_temp;
     st.add(v);
     if (smoothing) zsum += v;
   });
   const int64_t t = targets[row];
   const bool in_vocab = t >= 0 && t < V;
-  const float z_target = in_vocab ? to_float(x[t]) * inv_temp : 0.f;  // before any write
+  const float z_target = in_vocab ? soft_cap(to_float(x[t]), cap) * inv_temp : 0.f;  // before any write
   const float M = block_max(st.m);
   float s, b;
   st.rescaled(M, s, b);
@@ -110,9 +114,10 @@ __global__ void fused_chunk_kernel(const T* z, G* dz, const int64_t* __restrict_
   const float smooth_w = w * cp.smoothing;
   const float uniform = 1.f / static_cast<float>(V);
   map_row(x, g, V, [&](int64_t j, float raw) {
-    float d = grad_logit(raw * inv_temp, lse, entropy, g_logp, g_entropy, j == t, inv_temp);
+    const float z = soft_cap(raw, cap);
+    float d = grad_logit(z * inv_temp, lse, entropy, g_logp, g_entropy, j == t, inv_temp);
     if (smoothing) d += smooth_w * ((j == t ? 1.f : 0.f) - uniform) * inv_temp;
-    return d;
+    return d * soft_cap_slope(z, cap);
   });
 }
 
@@ -124,7 +129,7 @@ void fused_chunk_loss(std::uintptr_t z, int z_dtype, std::uintptr_t dz, int dz_d
                       int64_t stride_dz, int64_t stride_stats, double temperature, float clip_low, float clip_high,
                       float dual_clip, float kl_coef, float log_ratio_min, float log_ratio_max, int use_dual_clip,
                       int has_ref, int kl_estimator, int loss_kind, int sequence_level, float entropy_coef,
-                      float label_smoothing, std::uintptr_t stream) {
+                      float label_smoothing, float softcap, std::uintptr_t stream) {
   if (C > 0x7fffffffLL) throw std::invalid_argument("fused_chunk_loss: more than 2^31 - 1 rows");
   if (V < 1) throw std::invalid_argument("fused_chunk_loss: V must be >= 1");
   if (loss_kind != kPolicy && loss_kind != kCrossEntropy)
@@ -136,6 +141,7 @@ void fused_chunk_loss(std::uintptr_t z, int z_dtype, std::uintptr_t dz, int dz_d
   cp.inv_temp = static_cast<float>(1.0 / temperature);
   cp.entropy_coef = loss_kind == kPolicy ? entropy_coef : 0.f;
   cp.smoothing = loss_kind == kCrossEntropy ? label_smoothing : 0.f;
+  cp.softcap = softcap;
   cp.loss_kind = loss_kind;
   cp.sequence_level = sequence_level;
   auto s = as_stream(stream);
@@ -163,7 +169,7 @@ CudaRegistrar reg([](pybind11::module_& m) {
         "seq_log_ratio (f32 [C] or 0), stats (f32 [8, stride_stats]), C, V, stride_z, stride_dz, stride_stats, "
         "temperature, clip_low, clip_high, dual_clip, kl_coef, log_ratio_min, log_ratio_max, use_dual_clip, "
         "has_ref, kl_estimator, loss_kind (0 policy, 1 cross-entropy), sequence_level, entropy_coef, "
-        "label_smoothing, stream");
+        "label_smoothing, softcap (<= 0: none), stream");
 });
 
 }  // namespace

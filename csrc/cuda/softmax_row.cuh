@@ -56,6 +56,18 @@ struct SoftmaxState {
   }
 };
 
+// Gemma-2's final logit soft-capping: cap * tanh(raw / cap); cap <= 0 means none.
+__host__ __device__ __forceinline__ float soft_cap(float raw, float cap) {
+  return cap > 0.f ? cap * tanhf(raw / cap) : raw;
+}
+
+// d soft_cap / d raw = 1 - tanh^2, from the capped value (1 without a cap).
+__host__ __device__ __forceinline__ float soft_cap_slope(float capped, float cap) {
+  if (cap <= 0.f) return 1.f;
+  const float t = capped / cap;
+  return 1.f - t * t;
+}
+
 // d loss / d(raw logit) of one element: z = raw / T, log p = z - lse,
 // dz = g_logp (1[target] - p) - g_entropy p (log p + entropy), times 1/T.
 __host__ __device__ __forceinline__ float grad_logit(float z, float lse, float entropy, float g_logp,

@@ -24,7 +24,8 @@ NUM_STATS = 8
 class ChunkLoss:
     """The loss a chunk kernel computes and its scalar options (the per-token inputs go with
     each chunk). kind: POLICY (policy_loss's per-token math, plus -entropy_coef * H_t) or
-    CROSS_ENTROPY (-logp_t, label-smoothed); the policy options are policy_loss's."""
+    CROSS_ENTROPY (-logp_t, label-smoothed); the policy options are policy_loss's; softcap
+    applies to either."""
 
     kind: int
     clip_low: float = 0.0
@@ -35,6 +36,7 @@ class ChunkLoss:
     log_ratio_bounds: tuple[float, float] = (-20.0, 20.0)
     entropy_coef: float = 0.0
     label_smoothing: float = 0.0
+    softcap: float | None = None  # the logits are softcap * tanh(z / softcap) (Gemma-2)
 
     def __post_init__(self):
         if self.kind not in (POLICY, CROSS_ENTROPY):

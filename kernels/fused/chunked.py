@@ -23,9 +23,8 @@ multiply of the stored gradients by the (scalar) incoming gradient (`autograd.fu
 - dz goes back into the logits buffer when the inputs are fp32; for bf16/fp16 inputs it is
   written in the input dtype to a second buffer (tensor cores take bf16), so a chunk holds
   6 bytes per logit.
-- A `softcap` (Gemma-2's final logit soft-capping) is applied to each chunk with torch ops
-  before the kernel and chained into dz after it (1 - tanh^2): two more passes over the
-  chunk, and a second buffer for dz with fp32 inputs too.
+- A `softcap` (Gemma-2's final logit soft-capping) is the chunk kernel's: it caps each
+  logit as it reads it and chains dz through the cap (`ChunkLoss.softcap`); no extra pass.
 - Only the tokens that count (mask and target not ignore_index) are sent through the LM
   head: prompt and padding tokens cost nothing. Their gradient rows are zero.
 - The weight gradient accumulates in fp32 ([V, H]), cast to the weight's dtype at the end,
@@ -38,7 +37,7 @@ from typing import Callable
 
 import torch
 
-from ..logprobs.reference import MAX_BUDGET_BYTES, apply_softcap, chunk_rows, softcap_chain
+from ..logprobs.reference import MAX_BUDGET_BYTES, chunk_rows
 
 # the gradients to compute: (hidden, weight, bias)
 Need = tuple[bool, bool, bool]
@@ -143,14 +142,9 @@ class FusedLinearLoss:
         return self.hidden.index_select(0, self.rows[chunk])
 
     def run(self, launch: Callable[[torch.Tensor, torch.Tensor | None, slice], None],
-            need: Need, softcap: float | None = None
-            ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+            need: Need) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """Returns the local gradients (grad_hidden `[N, H]`, grad_weight `[V, H]`,
-        grad_bias `[V]`), None where not needed, in the inputs' dtypes.
-
-        softcap: each chunk's logits become softcap * tanh(z / softcap) (in place, torch ops)
-        before `launch`, and its dz (then d loss / d(capped logits)) is multiplied by
-        1 - tanh^2 after; dz then gets a buffer of its own even for fp32 inputs."""
+        grad_bias `[V]`), None where not needed, in the inputs' dtypes."""
 
         h_all, w, b = self.hidden, self.weight, self.bias
         N, H = h_all.shape
@@ -159,7 +153,6 @@ class FusedLinearLoss:
         need_h, need_w, need_b = need
         need_grad = any(need)
         half = dtype != torch.float32
-        separate_dz = need_grad and (half or softcap is not None)
         # fp32 weight copy only where the matmul cannot take bf16 with fp32 output (CPU)
         w_mm = w.float() if (half and not w.is_cuda) else w
         f32 = dict(device=device, dtype=torch.float32)
@@ -168,7 +161,7 @@ class FusedLinearLoss:
         grad_b = torch.zeros(V, **f32) if need_b else None
         # fp32 logits, plus the half-precision gradient buffer; chunk_rows budgets two
         # buffers of element_bytes each, hence the half
-        bytes_per_logit = 4 + (w.element_size() if separate_dz else 0)
+        bytes_per_logit = 4 + (w.element_size() if half and need_grad else 0)
         # The CUDA cap pays for the fp32 [V, H] weight-gradient accumulation (see
         # CUDA_MAX_BUDGET_BYTES). Without it (linear_logprobs' forward, a loss without a
         # weight gradient) MAX_BUDGET_BYTES suffices: ~500 rows at V = 128k, and a chunk's
@@ -178,20 +171,16 @@ class FusedLinearLoss:
                                     V * H * 4, cap)
         z_buf = torch.empty(rows_per_chunk, V, **f32)
         dz_buf = (torch.empty(rows_per_chunk, V, device=device, dtype=dtype)
-                  if separate_dz else z_buf)
+                  if half and need_grad else z_buf)
         for start in range(0, self.num_rows, rows_per_chunk):
             chunk = slice(start, min(start + rows_per_chunk, self.num_rows))
             C = chunk.stop - chunk.start
             h = self._hidden_rows(chunk)
             z = logits_into(z_buf[:C], h, w_mm, b)
-            if softcap is not None:
-                apply_softcap(z, softcap)
             dz = dz_buf[:C] if need_grad else None
             launch(z, dz, chunk)
             if not need_grad:
                 continue
-            if softcap is not None:
-                softcap_chain(dz, z.div_(softcap))  # tanh = capped / softcap
             if need_h:
                 gh = dz @ w  # [C, H], fp32 accumulation inside the GEMM
                 if self.rows is None:

@@ -59,4 +59,4 @@ def fused_chunk_loss(z: torch.Tensor, dz: torch.Tensor | None, targets: torch.Te
         loss.kl_coef, max(lr_min, -3.0e38), lr_max, int(loss.dual_clip is not None),
         int(policy and ref_logps is not None), loss.kl_estimator_code, loss.kind,
         int(policy and seq_log_ratio is not None), loss.entropy_coef, loss.label_smoothing,
-        current_stream_handle(z.device))
+        loss.softcap or 0.0, current_stream_handle(z.device))

@@ -158,10 +158,9 @@ def _linear_cross_entropy_fused(backend, hidden, weight, bias, targets, ignore_i
     def kernel(h, w, *b):
         engine = FusedLinearLoss(h, w, b[0] if b else None, rows)
         stats = torch.empty(NUM_STATS, M, device=hidden.device, dtype=torch.float32)
-        loss_kind = ChunkLoss(CROSS_ENTROPY, label_smoothing=label_smoothing)
+        loss_kind = ChunkLoss(CROSS_ENTROPY, label_smoothing=label_smoothing, softcap=softcap)
         grads = engine.run(lambda z, dz, c: fused_chunk_loss(
-            z, dz, t[c], token_weight[c], stats[:, c], temperature, loss_kind), need,
-            softcap=softcap)
+            z, dz, t[c], token_weight[c], stats[:, c], temperature, loss_kind), need)
         loss = (token_weight * stats[STAT_LOSS]).sum().to(out_dtype)
         return loss, [grads[0], grads[1]] + ([grads[2]] if b else [])
 

@@ -169,8 +169,10 @@ def _linear_policy_loss_fused(backend, hidden, weight, bias, targets, old_logps,
     policy = ChunkLoss(POLICY, clip_low=options.clip_low, clip_high=options.clip_high,
                        dual_clip=options.dual_clip, kl_coef=options.kl_coef,
                        kl_estimator_code=KL_ESTIMATOR_CODES[options.kl_estimator],
-                       log_ratio_bounds=options.log_ratio_bounds, entropy_coef=entropy_coef)
-    log_probs_only = ChunkLoss(CROSS_ENTROPY)  # GSPO's first pass reads STAT_LOGP only
+                       log_ratio_bounds=options.log_ratio_bounds, entropy_coef=entropy_coef,
+                       softcap=softcap)
+    # GSPO's first pass reads STAT_LOGP only
+    log_probs_only = ChunkLoss(CROSS_ENTROPY, softcap=softcap)
     need = needed_grads(hidden, weight, bias)
     inputs = [hidden, weight] + ([bias] if bias is not None else [])
 
@@ -182,8 +184,7 @@ def _linear_policy_loss_fused(backend, hidden, weight, bias, targets, old_logps,
             # GSPO pass 1: log-probs only, for each sequence's mean log-ratio
             engine.run(lambda z, dz, c: fused_chunk_loss(z, None, t[c], token_weight[c],
                                                          stats[:, c], temperature,
-                                                         log_probs_only), (False,) * 3,
-                       softcap=softcap)
+                                                         log_probs_only), (False,) * 3)
             lr_sum = torch.zeros(layout.num_seqs, device=device, dtype=torch.float32)
             lr_sum.index_add_(0, seq_ids, stats[STAT_LOGP] - old)
             seq_lr = (lr_sum / valid_counts(layout).clamp(min=1))[seq_ids].contiguous()
@@ -194,7 +195,7 @@ def _linear_policy_loss_fused(backend, hidden, weight, bias, targets, old_logps,
                              ref_logps=None if ref is None else ref[c],
                              seq_log_ratio=None if seq_lr is None else seq_lr[c])
 
-        grads = engine.run(launch, need, softcap=softcap)
+        grads = engine.run(launch, need)
         loss = (token_weight * stats[STAT_LOSS]).sum().to(out_dtype)
         count = max(M, 1)
         metrics = {

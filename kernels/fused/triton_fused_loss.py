@@ -43,20 +43,20 @@ from .chunk_loss import POLICY, ChunkLoss
 def _fused_chunk_kernel(z_ptr, dz_ptr, t_ptr, w_ptr, old_ptr, adv_ptr, ref_ptr, seq_lr_ptr,
                         stats_ptr, C, V, stride_zn, stride_dzn, stride_stats, inv_temp,
                         clip_low, clip_high, dual_clip, kl_coef, log_ratio_min, log_ratio_max,
-                        entropy_coef, smoothing,
+                        entropy_coef, smoothing, cap,
                         LOSS: tl.constexpr, NEED_GRAD: tl.constexpr,
                         HAS_ENTROPY: tl.constexpr, HAS_REF: tl.constexpr,
                         SEQUENCE_LEVEL: tl.constexpr, USE_DUAL_CLIP: tl.constexpr,
                         KL_ESTIMATOR: tl.constexpr, SMOOTHING: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+                        SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < C
     targets = tl.load(t_ptr + rows, mask=row_mask, other=-1)
     z_rows = z_ptr + rows.to(tl.int64)[:, None] * stride_zn
 
     # sweep 1: row statistics, the log-prob forward's own sweep
-    lse, entropy, logp, zsum = row_stats(z_rows, targets, row_mask, V, inv_temp, SMOOTHING,
-                                         BLOCK_N, BLOCK_V)
+    lse, entropy, logp, zsum = row_stats(z_rows, targets, row_mask, V, inv_temp, cap, SMOOTHING,
+                                         SOFTCAP, BLOCK_N, BLOCK_V)
 
     # the per-token loss and d loss / d logp, d loss / d entropy (weighted: 0 where not counted)
     weight = tl.load(w_ptr + rows, mask=row_mask, other=0.0)
@@ -99,7 +99,8 @@ def _fused_chunk_kernel(z_ptr, dz_ptr, t_ptr, w_ptr, old_ptr, adv_ptr, ref_ptr, 
     if NEED_GRAD:
         dz_rows = dz_ptr + rows.to(tl.int64)[:, None] * stride_dzn
         dlogits_rows(z_rows, dz_rows, targets, row_mask, lse, entropy, g_logp, g_entropy,
-                     weight * smoothing, V, inv_temp, HAS_ENTROPY, SMOOTHING, BLOCK_V)
+                     weight * smoothing, V, inv_temp, cap, HAS_ENTROPY, SMOOTHING, SOFTCAP,
+                     BLOCK_V)
 
 
 def _interpreted(t: torch.Tensor) -> bool:
@@ -153,7 +154,8 @@ def fused_chunk_loss(z: torch.Tensor, dz: torch.Tensor | None, targets: torch.Te
         1.0 / temperature, loss.clip_low, loss.clip_high,
         loss.dual_clip if loss.dual_clip is not None else 0.0, loss.kl_coef,
         max(lr_min, -3.0e38), lr_max, loss.entropy_coef, loss.label_smoothing,
-        LOSS=loss.kind, NEED_GRAD=need_grad, HAS_ENTROPY=policy and loss.entropy_coef != 0.0,
+        loss.softcap or 1.0, LOSS=loss.kind, NEED_GRAD=need_grad, HAS_ENTROPY=policy and loss.entropy_coef != 0.0,
         HAS_REF=ref_logps is not None, SEQUENCE_LEVEL=seq_log_ratio is not None,
         USE_DUAL_CLIP=loss.dual_clip is not None, KL_ESTIMATOR=loss.kl_estimator_code,
-        SMOOTHING=loss.label_smoothing != 0.0, BLOCK_N=block_n, BLOCK_V=block_v)
+        SMOOTHING=loss.label_smoothing != 0.0, SOFTCAP=loss.softcap is not None,
+        BLOCK_N=block_n, BLOCK_V=block_v)

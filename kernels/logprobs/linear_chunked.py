@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 
 from ..fused.chunked import FusedLinearLoss, accumulate_fp32, mm_fp32, budget_cap, logits_into
-from .reference import apply_softcap, chunk_rows, softcap_chain
+from .reference import chunk_rows
 
 # (logits_forward, logits_backward) of a backend: see the module docstring
 RowKernels = tuple[Callable, Callable]
@@ -56,8 +56,7 @@ def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
                    targets: torch.Tensor, temperature: float, ignore_index: int, *,
                    kernels: RowKernels, softcap: float | None = None):
     """hidden `[N, H]`, weight `[V, H]`, targets `[N]` int64 -> (logp, lse, entropy) `[N]`
-    fp32, 0 at ignored tokens. softcap: the logits are capped (torch ops on each chunk)
-    before the kernel sees them."""
+    fp32, 0 at ignored tokens. softcap: the kernel caps the logits as it reads them."""
     logits_forward = kernels[0]
     N = hidden.shape[0]
     rows = _counted_rows(targets, ignore_index)
@@ -66,12 +65,12 @@ def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     counted = stats if rows is None else torch.empty(3, rows.numel(), **_f32(hidden))
 
     def launch(z, _dz, chunk):
-        out = logits_forward(z, counted_targets[chunk], temperature, ignore_index, True)
+        out = logits_forward(z, counted_targets[chunk], temperature, ignore_index, True,
+                             softcap=softcap)
         for row, value in zip(counted[:, chunk], out):
             row.copy_(value)
 
-    FusedLinearLoss(hidden, weight, bias, rows).run(launch, (False, False, False),
-                                                    softcap=softcap)
+    FusedLinearLoss(hidden, weight, bias, rows).run(launch, (False, False, False))
     if rows is not None:
         stats.index_copy_(1, rows, counted)
     logp, lse, entropy = stats.unbind(0)
@@ -82,8 +81,8 @@ def linear_backward(hidden, weight, bias, targets, lse, entropy, g_logp, g_entro
                     temperature: float, need: tuple[bool, bool, bool], ignore_index: int, *,
                     kernels: RowKernels, softcap: float | None = None):
     """Gradients (hidden, weight, bias) from g_logp / g_entropy `[N]` fp32 (0 where ignored);
-    the same contract as `triton_backward.linear_backward`. With `softcap`, each block's
-    logits are capped before the kernel, and its gradient times 1 - tanh^2 after it.
+    the same contract as `triton_backward.linear_backward`. With `softcap`, the kernel caps
+    each logit as it reads it and chains the gradient through the cap.
 
     Blocked over the VOCABULARY, not over tokens: with each row's lse (and entropy) saved,
     a logit's gradient needs only its own column, so a block of Vb columns for all M
@@ -107,30 +106,23 @@ def linear_backward(hidden, weight, bias, targets, lse, entropy, g_logp, g_entro
     grad_h = torch.zeros(M, H, **f32) if need_h else None
     grad_w = (torch.empty_like(weight) if M else torch.zeros_like(weight)) if need_w else None
     grad_b = torch.zeros(V, **f32) if need_b else None
-    # an fp32 block of logits, and a gradient block for half inputs (half precision) or with
-    # a softcap (the chain factor needs the capped logits after the kernel)
-    separate_dz = half or softcap is not None
-    bytes_per_logit = 4 + (weight.element_size() if separate_dz else 0)
+    # an fp32 block of logits, and a half-precision gradient block for half inputs
+    bytes_per_logit = 4 + (weight.element_size() if half else 0)
     cols = chunk_rows(V, max(M, 1), bytes_per_logit // 2, V * H * 4, budget_cap(hidden.device))
     if cols > 256:
         cols -= cols % 256  # whole GEMM tiles per block
     # flat buffers, viewed as a contiguous [M, width] per block (the last may be narrower)
     z_buf = torch.empty(M * cols, **f32)
-    dz_buf = (torch.empty(M * cols, device=hidden.device, dtype=hidden.dtype) if separate_dz
-              else z_buf)
+    dz_buf = torch.empty(M * cols, device=hidden.device, dtype=hidden.dtype) if half else z_buf
     for v0 in range(0, V if M and any(need) else 0, cols):
         block = slice(v0, min(v0 + cols, V))
         width = block.stop - block.start
         z = logits_into(z_buf[:M * width].view(M, width), h, w_mm[block],
                         None if bias is None else bias[block])
-        if softcap is not None:
-            apply_softcap(z, softcap)
         dz = dz_buf[:M * width].view(M, width)
         # targets outside the block fall outside [0, width): they match no column
         logits_backward(z, t - v0, lse_c, ent_c, g_lp, g_ent, temperature, ignore_index,
-                        out=dz)
-        if softcap is not None:
-            softcap_chain(dz, z.div_(softcap))  # tanh = capped / softcap
+                        out=dz, softcap=softcap)
         if need_w:
             if half and on_cpu:
                 grad_w[block] = mm_fp32(dz.T, h)  # fp32 product, rounded once

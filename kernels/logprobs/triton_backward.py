@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_forward import dot_precision, linear_blocks, logits_blocks, logits_tile, mma
+from .triton_forward import dot_precision, linear_blocks, logits_blocks, logits_tile, mma, tanh
 
 
 @triton.jit
@@ -53,11 +53,12 @@ def dlogits_tile(z, cols, targets, lse, entropy, g_logp, g_entropy, col_mask,
 
 @triton.jit
 def dlogits_rows(z_rows, dz_rows, targets, row_mask, lse, entropy, g_logp, g_entropy,
-                 smoothing_weight, V, inv_temp, HAS_ENTROPY: tl.constexpr,
-                 SMOOTHING: tl.constexpr, BLOCK_V: tl.constexpr):
+                 smoothing_weight, V, inv_temp, cap, HAS_ENTROPY: tl.constexpr,
+                 SMOOTHING: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
     """One sweep over BLOCK_N rows of materialized raw logits (`z_rows`, `dz_rows`: row base
     pointers) writing d loss / d(raw logits) in dz's dtype; dz may alias z (in place: each
-    tile is read before it is written).
+    tile is read before it is written). With SOFTCAP the logits are cap * tanh(raw / cap)
+    and the gradient is chained through it (times 1 - tanh^2).
 
     SMOOTHING adds label smoothing's own term, smoothing_weight_t (1[j=t] - 1/V): the
     derivative of eps (lse - mean_j z_j) minus the eps share that g_logp already gave the
@@ -66,13 +67,19 @@ def dlogits_rows(z_rows, dz_rows, targets, row_mask, lse, entropy, g_logp, g_ent
         cols = v + tl.arange(0, BLOCK_V)
         col_mask = cols < V
         mask = row_mask[:, None] & col_mask[None, :]
-        z = tl.load(z_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * inv_temp
+        z = tl.load(z_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if SOFTCAP:
+            t = tanh(z / cap)
+            z = cap * t
+        z = z * inv_temp
         dz = dlogits_tile(z, cols, targets, lse, entropy, g_logp, g_entropy, col_mask,
                           HAS_ENTROPY)
         if SMOOTHING:
             one_hot = (cols[None, :] == targets[:, None]).to(tl.float32)
             dz += tl.where(col_mask[None, :], smoothing_weight[:, None] * (one_hot - 1.0 / V),
                            0.0)
+        if SOFTCAP:
+            dz = dz * (1.0 - t * t)
         tl.store(dz_rows + cols[None, :], (dz * inv_temp).to(dz_rows.dtype.element_ty),
                  mask=mask)
 
@@ -154,8 +161,9 @@ def _linear_backward_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, ent_ptr, glp_pt
 
 @triton.jit
 def _logits_backward_kernel(z_ptr, t_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, gz_ptr, N, V,
-                            stride_zn, inv_temp, HAS_ENTROPY: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+                            stride_zn, inv_temp, cap, HAS_ENTROPY: tl.constexpr,
+                            SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_V: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     targets = tl.load(t_ptr + rows, mask=row_mask, other=-1)
@@ -169,7 +177,7 @@ def _logits_backward_kernel(z_ptr, t_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, g
     z_rows = z_ptr + rows.to(tl.int64)[:, None] * stride_zn
     gz_rows = gz_ptr + rows.to(tl.int64)[:, None] * V
     dlogits_rows(z_rows, gz_rows, targets, row_mask, lse, entropy, g_logp, g_entropy, g_logp,
-                 V, inv_temp, HAS_ENTROPY, False, BLOCK_V)
+                 V, inv_temp, cap, HAS_ENTROPY, False, SOFTCAP, BLOCK_V)
 
 
 def linear_backward(hidden, weight, bias, targets, lse, entropy, g_logp, g_entropy,
@@ -199,10 +207,12 @@ def linear_backward(hidden, weight, bias, targets, lse, entropy, g_logp, g_entro
 
 
 def logits_backward(logits, targets, lse, entropy, g_logp, g_entropy, temperature: float,
-                    ignore_index: int, out: torch.Tensor | None = None):
+                    ignore_index: int, out: torch.Tensor | None = None,
+                    softcap: float | None = None):
     """grad_logits `[N, V]` (logits' dtype, or written into `out`, contiguous `[N, V]`, which
     may be `logits` itself) from g_logp / g_entropy `[N]` fp32, which must be 0 where ignored
-    (so ignore_index is not needed here). Same signature as cuda.logits_backward."""
+    (so ignore_index is not needed here); with a softcap, d/d(raw logits) of the capped ones.
+    Same signature as cuda.logits_backward."""
     N, V = logits.shape
     grad = torch.empty(N, V, device=logits.device, dtype=logits.dtype) if out is None else out
     block_n, block_v = logits_blocks(logits)
@@ -210,5 +220,6 @@ def logits_backward(logits, targets, lse, entropy, g_logp, g_entropy, temperatur
     _logits_backward_kernel[(triton.cdiv(N, block_n),)](
         logits, targets, lse, entropy if has_entropy else lse, g_logp,
         g_entropy if has_entropy else g_logp, grad, N, V, logits.stride(0),
-        1.0 / temperature, HAS_ENTROPY=has_entropy, BLOCK_N=block_n, BLOCK_V=block_v)
+        1.0 / temperature, softcap or 1.0, HAS_ENTROPY=has_entropy,
+        SOFTCAP=softcap is not None, BLOCK_N=block_n, BLOCK_V=block_v)
     return grad

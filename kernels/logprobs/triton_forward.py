@@ -121,11 +121,30 @@ def _linear_forward_kernel(h_ptr, w_ptr, b_ptr, t_ptr, part_ptr, N, V, H, stride
 
 
 @triton.jit
-def row_stats(z_rows, targets, row_mask, V, inv_temp, WITH_SUM: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+def tanh(x):
+    """tanh from one exp, for every x (no overflow, NaN stays NaN): sign(x) (1 - e) / (1 + e)
+    with e = exp(-2 |x|) in (0, 1]."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def soft_cap(raw, cap, SOFTCAP: tl.constexpr):
+    """cap * tanh(raw / cap) (Gemma-2's final logit soft-capping) when SOFTCAP, else raw."""
+    out = raw
+    if SOFTCAP:
+        out = cap * tanh(raw / cap)
+    return out
+
+
+@triton.jit
+def row_stats(z_rows, targets, row_mask, V, inv_temp, cap, WITH_SUM: tl.constexpr,
+              SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
     """One sweep over BLOCK_N rows of materialized logits (`z_rows`: row base pointers):
-    each row's (lse, entropy, target log-prob, and the sum of its scaled logits if WITH_SUM).
-    The running max starts finite, so m - m_new never meets inf - inf."""
+    each row's (lse, entropy, target log-prob, and the sum of its scaled logits if WITH_SUM),
+    the logits soft-capped first (cap) when SOFTCAP. The running max starts finite, so
+    m - m_new never meets inf - inf."""
     m = tl.full([BLOCK_N], -1.0e30, dtype=tl.float32)
     s = tl.zeros([BLOCK_N], dtype=tl.float32)
     b = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -135,7 +154,8 @@ def row_stats(z_rows, targets, row_mask, V, inv_temp, WITH_SUM: tl.constexpr,
         cols = v + tl.arange(0, BLOCK_V)
         col_mask = cols < V
         z = tl.load(z_rows + cols[None, :], mask=row_mask[:, None] & col_mask[None, :],
-                    other=0.0).to(tl.float32) * inv_temp
+                    other=0.0).to(tl.float32)
+        z = soft_cap(z, cap, SOFTCAP) * inv_temp
         m, s, b = online_lse_update(m, s, b, z, col_mask)
         zt += target_logit(z, cols, targets)
         if WITH_SUM:
@@ -146,13 +166,14 @@ def row_stats(z_rows, targets, row_mask, V, inv_temp, WITH_SUM: tl.constexpr,
 
 @triton.jit
 def _logits_forward_kernel(z_ptr, t_ptr, lse_ptr, ent_ptr, logp_ptr, N, V, stride_zn, inv_temp,
-                           BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+                           cap, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_V: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     targets = tl.load(t_ptr + rows, mask=row_mask, other=-1)
     z_rows = z_ptr + rows.to(tl.int64)[:, None] * stride_zn
-    lse, entropy, logp, _ = row_stats(z_rows, targets, row_mask, V, inv_temp, False,
-                                      BLOCK_N, BLOCK_V)
+    lse, entropy, logp, _ = row_stats(z_rows, targets, row_mask, V, inv_temp, cap, False,
+                                      SOFTCAP, BLOCK_N, BLOCK_V)
     tl.store(lse_ptr + rows, lse, mask=row_mask)
     tl.store(ent_ptr + rows, entropy, mask=row_mask)
     tl.store(logp_ptr + rows, logp, mask=row_mask)
@@ -228,8 +249,9 @@ def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 
 def logits_forward(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
-                   ignore_index: int, want_entropy: bool):
-    """logits `[N, V]` (unit stride in V), targets `[N]` -> (logp, lse, entropy) `[N]` fp32.
+                   ignore_index: int, want_entropy: bool, softcap: float | None = None):
+    """logits `[N, V]` (unit stride in V), targets `[N]` -> (logp, lse, entropy) `[N]` fp32,
+    of softcap * tanh(logits / softcap) with a softcap.
 
     Ignored positions are not masked here (the caller does); entropy is always computed
     (it costs nothing extra in the same pass). Same signature as cuda.logits_forward.
@@ -240,5 +262,5 @@ def logits_forward(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     block_n, block_v = logits_blocks(logits)
     _logits_forward_kernel[(triton.cdiv(N, block_n),)](
         logits, targets, lse, entropy, logp, N, V, logits.stride(0), 1.0 / temperature,
-        BLOCK_N=block_n, BLOCK_V=block_v)
+        softcap or 1.0, SOFTCAP=softcap is not None, BLOCK_N=block_n, BLOCK_V=block_v)
     return logp, lse, entropy
