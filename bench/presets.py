@@ -7,8 +7,8 @@
   V=128256 (plots against N), plus the LM-head shapes of real models at N=16384:
   Qwen2.5-0.5B (H=896, V=151936), Llama-2-7B / Mistral-7B (H=4096, V=32000), Llama-3-70B
   (H=8192, V=128256); and Gemma-2-9B's soft-capped head (N=8192, H=3584, V=256000,
-  softcap=30), whose cap alignfuse applies with torch ops around its kernels while Liger and
-  CCE fuse it (what that costs is the question). It shares ONE device call (10 minutes) with the build and the GPU
+  softcap=30), where every contender applies the cap (alignfuse, Liger and CCE inside their
+  kernels, eager as transformers does). It shares ONE device call (10 minutes) with the build and the GPU
   tests (bench/gpu_session.sh), which leaves it roughly 150-330 s, so it runs a PLAN
   (`GPU_PLAN`): what matters first, each stage given a weighted share of what is left;
   whatever does not fit is recorded as skipped with that reason, and the result says
