@@ -11,6 +11,10 @@ document, `cu_seqlens [S+1]`). Two things must hold:
    - CUDA otherwise: flex_attention with a document `BlockMask`;
    - CPU: a 4-D block-diagonal causal mask `[1, 1, N, N]`: boolean for sdpa, additive
      (0 / dtype min) for eager, whose attention adds the mask to the scores.
+   The two masks replace transformers' own, sliding window included: for a model with a
+   sliding window that a document exceeds, the window goes into the mask too (one per
+   layer type where local and global layers mix, `document_masks`). The varlen kernel gets
+   the window from transformers itself.
 2. No `[N, V]` logits tensor exists. The model's own forward is run (so DDP, FSDP2 and PEFT
    hooks fire as usual) with `logits_to_keep` set to no position, and the decoder's final
    hidden states are taken by a forward hook on the decoder. Inside that hook, still within
@@ -123,15 +127,18 @@ def document_ids(cu_seqlens: torch.Tensor) -> torch.Tensor:
                                    lengths)
 
 
-def document_causal_mask(cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """`[1, 1, N, N]` bool: token i may attend to token j iff same document and j <= i."""
+def document_causal_mask(cu_seqlens: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """`[1, 1, N, N]` bool: token i may attend to token j iff same document and j <= i (and,
+    with a sliding `window`, i - j < window, as transformers' sliding layers)."""
     doc = document_ids(cu_seqlens)
     pos = torch.arange(doc.numel(), device=doc.device)
     allowed = (doc[:, None] == doc[None, :]) & (pos[None, :] <= pos[:, None])
+    if window is not None:
+        allowed &= (pos[:, None] - pos[None, :]) < window
     return allowed[None, None]
 
 
-def document_block_mask(cu_seqlens: torch.Tensor):
+def document_block_mask(cu_seqlens: torch.Tensor, window: int | None = None):
     """flex_attention's `BlockMask` of the same rule as `document_causal_mask`, without an
     `[N, N]` tensor (blocks wholly outside every document are skipped)."""
     from torch.nn.attention.flex_attention import create_block_mask
@@ -141,8 +148,34 @@ def document_block_mask(cu_seqlens: torch.Tensor):
     def same_document_causal(batch, head, q, k):
         return (doc[q] == doc[k]) & (k <= q)
 
+    def same_document_window(batch, head, q, k):
+        return (doc[q] == doc[k]) & (k <= q) & (q - k < window)
+
     n = doc.numel()
-    return create_block_mask(same_document_causal, None, None, n, n, device=doc.device)
+    rule = same_document_causal if window is None else same_document_window
+    return create_block_mask(rule, None, None, n, n, device=doc.device)
+
+
+def document_masks(config, packed, build: Callable[[int | None], object]):
+    """The attention mask(s) for `packed`: `build(window)` makes one (window None: no sliding
+    window). The masks given to transformers replace its own, sliding window included, so a
+    model with sliding layers (Gemma-2's local layers, Mistral) whose window a document
+    exceeds gets the window in its mask: one windowed mask when every layer slides (no
+    `layer_types`), else the `{layer type: mask}` mapping those models take."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    slides = bool(window) and (layer_types is None or "sliding_attention" in layer_types)
+    if not slides or int(packed.max_seqlen) <= window:
+        return build(None)  # one mask serves every layer
+    if layer_types is None:
+        return build(window)
+    unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise NotImplementedError(f"the model's layer_types include {unknown}: only "
+                                  "full_attention and sliding_attention layers get packed "
+                                  "document masks")
+    return {kind: build(window if kind == "sliding_attention" else None)
+            for kind in dict.fromkeys(layer_types)}
 
 
 def _flash_attn_importable() -> bool:
@@ -167,17 +200,20 @@ def attention_inputs(model: nn.Module, packed) -> dict:
         if impl not in ("sdpa", "eager"):
             raise ValueError(f"on {packed.input_ids.device.type} the model's attention must be "
                              f"'sdpa' or 'eager' to take a document mask, got {impl!r}")
-        _check_sliding_window(inner.config, packed, "the CPU document mask")
-        mask = document_causal_mask(cu)
-        if impl == "eager":
-            # eager attention adds the mask to the scores: a boolean one would add 1 / 0
-            # and isolate nothing.
-            dtype = getattr(inner, "dtype", torch.float32)
-            if not dtype.is_floating_point:
-                dtype = torch.float32
-            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
-                ~mask, torch.finfo(dtype).min)
-        return {"attention_mask": mask}
+        dtype = getattr(inner, "dtype", torch.float32)
+        if not dtype.is_floating_point:
+            dtype = torch.float32
+
+        def cpu_mask(window):
+            mask = document_causal_mask(cu, window)
+            if impl == "eager":
+                # eager attention adds the mask to the scores: a boolean one would add 1 / 0
+                # and isolate nothing.
+                mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+                    ~mask, torch.finfo(dtype).min)
+            return mask
+
+        return {"attention_mask": document_masks(inner.config, packed, cpu_mask)}
     if impl.startswith("flash_attention") or _flash_attn_importable():
         if not impl.startswith("flash_attention"):
             inner.set_attn_implementation("flash_attention_2")
@@ -186,28 +222,10 @@ def attention_inputs(model: nn.Module, packed) -> dict:
         # FlashAttentionKwargs: the varlen kernel reads document boundaries from these.
         return {"cu_seq_lens_q": cu32, "cu_seq_lens_k": cu32,
                 "max_length_q": max_len, "max_length_k": max_len}
-    _check_sliding_window(inner.config, packed, "flex_attention's document BlockMask")
     if impl != "flex_attention":
         inner.set_attn_implementation("flex_attention")
-    return {"attention_mask": document_block_mask(cu)}
-
-
-def _check_sliding_window(config, packed, path: str) -> None:
-    """The document masks given to transformers replace its own, sliding window included
-    (Gemma-2's local layers, Mistral): exact only while no document is longer than the
-    window. Longer ones are refused rather than silently attended in full; the flash-attn
-    varlen path applies the window itself."""
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
-    if not window or (layer_types is not None and "sliding_attention" not in layer_types):
-        return
-    longest = int(packed.max_seqlen)
-    if longest > window:
-        raise NotImplementedError(
-            f"a packed document of {longest} tokens is longer than the model's "
-            f"sliding_window={window}: {path} does not apply the sliding window, so its "
-            f"attention would differ from the model's; use flash-attn (CUDA) or documents "
-            f"of at most {window} tokens")
+    return {"attention_mask": document_masks(inner.config, packed,
+                                             lambda window: document_block_mask(cu, window))}
 
 
 def run_decoder(model: nn.Module, packed, on_hidden: Callable[[torch.Tensor], object]):

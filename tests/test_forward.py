@@ -120,7 +120,7 @@ def test_isolation_is_what_makes_it_correct(model, monkeypatch):
     expected = torch.cat([unpacked_token_logps(model, seqs[i]) for i in batch.seq_index.tolist()])
     assert_rel_close(token_logprobs(model, batch), expected, 1e-5, "isolated")
 
-    def causal_only(cu_seqlens):
+    def causal_only(cu_seqlens, window=None):
         n = int(cu_seqlens[-1])
         return torch.ones(n, n, dtype=torch.bool).tril()[None, None]
 
@@ -272,17 +272,33 @@ def test_transformed_head_gradients_equal_model_logits(family):
         assert_rel_close(packed_grads[name], p.grad, 1e-5, f"{family} grad of {name}")
 
 
-def test_documents_longer_than_the_sliding_window_are_refused():
-    """The document mask replaces transformers' own, sliding window included: a document
-    longer than the window is refused; one within it matches the model run alone."""
-    model = transformed_head_model("gemma2", "sdpa", sliding_window=8)
+def sliding_model(family: str, attn: str, window: int):
+    """A tiny model with a sliding window of `window` tokens: Gemma-2 (local and global
+    layers, `layer_types`) or Mistral (every layer slides)."""
+    if family == "gemma2":
+        return transformed_head_model("gemma2", attn, sliding_window=window)
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(vocab_size=HEAD_VOCAB, hidden_size=48, intermediate_size=80,
+                        num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1,
+                        head_dim=16, sliding_window=window, bos_token_id=1, eos_token_id=2,
+                        pad_token_id=0)
+    cfg._attn_implementation = attn
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        return MistralForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("family, attn", [("gemma2", "sdpa"), ("gemma2", "eager"),
+                                          ("mistral", "sdpa")])
+def test_documents_longer_than_the_sliding_window(family, attn):
+    """Packed documents longer than the model's sliding window (8 tokens here) give the
+    log-probs of each document run alone, where transformers applies the window itself; the
+    same batch without the window in the packed mask would not."""
+    model = sliding_model(family, attn, window=8)
     gen = torch.Generator().manual_seed(23)
-    seqs = head_ids(gen, [8, 5, 13])
-    (long_batch,) = pack(seqs, max_tokens=26)
-    with pytest.raises(NotImplementedError, match=r"13 tokens is longer than the model's "
-                                                  r"sliding_window=8"):
-        token_logprobs(model, long_batch)
-    (batch,) = pack(seqs[:2], max_tokens=13)
+    seqs = head_ids(gen, [8, 5, 13, 19])
+    (batch,) = pack(seqs, max_tokens=45)
     with torch.no_grad():
         logps = token_logprobs(model, batch)
         expected = []
@@ -290,7 +306,49 @@ def test_documents_longer_than_the_sliding_window_are_refused():
             ids = torch.tensor(seqs[i])
             lp = model_logits(model, seqs[i])[:-1].log_softmax(-1).gather(1, ids[1:, None])[:, 0]
             expected.append(torch.cat([lp, lp.new_zeros(1)]))
-    assert_rel_close(logps, torch.cat(expected), 1e-5, "within the window")
+        expected = torch.cat(expected)
+        assert_rel_close(logps, expected, 1e-5, f"{family} {attn} past the window")
+        # the window matters: a document mask without it is far off on the long documents
+        model.config.sliding_window = 1000
+        unwindowed = token_logprobs(model, batch)
+    assert float((unwindowed.double() - expected).norm() / expected.norm()) > 1e-3
+
+
+def test_windowed_flex_masks_match_the_model_run_alone(monkeypatch):
+    """The CUDA fallback's masks (flex_attention BlockMasks, one per layer type) for a
+    document past Gemma-2's sliding window, forward-only on CPU. Static shapes: after an
+    earlier compile of flex_attention, dynamo would recompile with dynamic sizes, and
+    Inductor's CPU flex template then fails to build (torch 2.13: 'cur_qSplitSize8 was
+    not declared'); the CUDA path uses Triton templates instead."""
+    import torch._dynamo
+
+    monkeypatch.setattr(torch._dynamo.config, "automatic_dynamic_shapes", False)
+    torch._dynamo.reset()
+    model = sliding_model("gemma2", "sdpa", window=8)
+    gen = torch.Generator().manual_seed(24)
+    seqs = head_ids(gen, [13, 6, 11])
+    (batch,) = pack(seqs, max_tokens=30)
+    masks = forward.document_masks(model.config, batch,
+                                   lambda w: forward.document_block_mask(batch.cu_seqlens, w))
+    assert set(masks) == {"full_attention", "sliding_attention"}
+    with torch.no_grad():
+        model.set_attn_implementation("flex_attention")
+        try:
+            logits = model(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None],
+                           attention_mask=masks).logits[0]
+        finally:
+            model.set_attn_implementation("sdpa")
+        expected = torch.cat([model(input_ids=torch.tensor(seqs[i])[None]).logits[0]
+                              for i in batch.seq_index.tolist()])
+    assert_rel_close(logits, expected, 1e-5, "flex windowed masks")
+
+
+def test_unknown_layer_types_are_refused():
+    model = sliding_model("gemma2", "sdpa", window=4)
+    model.config.layer_types = ["sliding_attention", "chunked_attention"]
+    (batch,) = pack([[7] * 9], max_tokens=9)
+    with pytest.raises(NotImplementedError, match=r"layer_types include \['chunked_attention'\]"):
+        token_logprobs(model, batch)
 
 
 def test_plain_linear_head_has_no_transform(model):
