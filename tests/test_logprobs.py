@@ -244,6 +244,23 @@ def test_huge_logits_do_not_overflow(backend, device, dtype):
     assert bool(torch.isfinite(g.float()).all())
 
 
+@pytest.mark.parametrize("V", [16, 1031])
+def test_a_nan_logit_gives_nan_in_its_row_only(backend, device, V):
+    """A NaN logit anywhere in a row makes that row's log-prob and entropy NaN, as torch's
+    log_softmax does, and leaves the other rows alone. (The CUDA kernels once dropped the
+    share of the row whose running sum had turned NaN, and returned a finite answer.)"""
+    logits = torch.randn(6, V, device=device)
+    where = [0, V - 1, V // 2, 7, 1, 3]
+    for row, col in enumerate(where[:4]):
+        logits[row, col] = float("nan")
+    targets = torch.tensor([1, 2, 3, 4, 5, 6], device=device)
+    logp, ent = logprobs_from_logits(logits, targets, return_entropy=True, backend=backend)
+    assert bool(logp[:4].isnan().all()) and bool(ent[:4].isnan().all()), (logp, ent)
+    ref_logp, ref_ent = formula(logits[4:], targets[4:])
+    assert_rel_close(logp[4:], ref_logp, 1e-6, "logp")
+    assert_rel_close(ent[4:], ref_ent, 1e-6, "entropy")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_masked_minus_inf_logits(backend, device, dtype):
     """Logits masked to -inf (e.g. padded vocabulary) have p = 0: finite results, 0 gradient."""

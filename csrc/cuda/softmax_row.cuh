@@ -46,9 +46,10 @@ struct SoftmaxState {
   }
 
   // This state's (s, b) relative to the row max M >= m; (0, 0) for a thread with no elements.
+  // A NaN logit leaves s (and m) NaN, which must reach the row's sums: `s != 0`, not `s > 0`.
   __host__ __device__ __forceinline__ void rescaled(float M, float& s_out, float& b_out) const {
     s_out = b_out = 0.f;
-    if (s > 0.f) {
+    if (s != 0.f) {
       const float alpha = expf(m - M);
       s_out = alpha * s;
       b_out = alpha * (b + s * (m - M));
