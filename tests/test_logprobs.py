@@ -426,7 +426,7 @@ def test_bad_inputs():
             linear_logprobs(hidden, weight, targets, temperature=temp)
         with pytest.raises(ValueError, match="temperature must be"):
             logprobs_from_logits(torch.randn(6, 11), targets, temperature=temp)
-    for cap in (0.0, -2.0, float("nan"), float("inf"), True, "30"):
+    for cap in (0.0, -2.0, float("nan"), float("inf"), True, "30", 1e39, 1e-46):
         with pytest.raises(ValueError, match="softcap must be None or a finite number > 0"):
             linear_logprobs(hidden, weight, targets, softcap=cap)
     with pytest.raises(ValueError, match="weight must be 2-D"):

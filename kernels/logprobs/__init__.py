@@ -93,12 +93,15 @@ def check_linear_inputs(hidden, weight, bias, targets, ignore_index, temperature
 
 
 def check_softcap(softcap) -> float | None:
-    """None, or a finite number > 0 (as a float): the fused LM-head ops' `softcap`."""
+    """None, or a number > 0 that float32 holds (the kernels compute in it: 1e39 would be
+    inf there, 1e-46 would be 0), as a float: the fused LM-head ops' `softcap`."""
     if softcap is None:
         return None
+    f32 = torch.finfo(torch.float32)
     if (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
-            or not math.isfinite(softcap) or softcap <= 0):
-        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+            or not f32.tiny <= softcap <= f32.max):
+        raise ValueError(f"softcap must be None or a finite number > 0 within float32's range "
+                         f"[{f32.tiny:.3g}, {f32.max:.3g}], got {softcap!r}")
     return float(softcap)
 
 
