@@ -26,8 +26,9 @@ fused ops, read from the config in one place (`lm_head_of`):
 - Gemma-2/3 style soft-capping (`config.final_logit_softcapping = c`):
   logits = c * tanh(raw / c), the ops' `softcap=c`;
 - Cohere's `config.logit_scale = s`: logits = raw * s, and raw * s / T = raw / (T / s), so
-  the ops get `temperature=T / s` (exact). A model with both is refused (no family has
-  both, and the order of the two would matter).
+  the ops get `temperature=T / s` (exact); Granite's `logits_scaling = s` divides instead
+  (`temperature=T * s`). A model with a cap and a scale is refused (no family has both,
+  and their order would matter); so are the scaling fields of other families.
 The sampling temperature divides the transformed logits, as transformers and vLLM do.
 """
 
@@ -81,37 +82,60 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+# Config fields by which some families scale the LM head's logits, and what each does:
+# (field, model_type prefix it means this for, exponent: logits = raw * value ** exponent).
+# The same field name means other things elsewhere, so the model type is part of the key.
+_LOGIT_SCALES = (("logit_scale", "", 1.0),             # Cohere, Cohere2: raw * s
+                 ("logits_scaling", "granite", -1.0))  # Granite (and its MoE kin): raw / s
+# Fields that transform the logits (or the head's input) in ways not taken over here.
+_UNSUPPORTED_HEAD_FIELDS = ("logits_scaling", "lm_head_multiplier", "dim_model_base",
+                            "output_multiplier_scale")
+
+
+def _positive_number(config, field: str) -> float:
+    value = getattr(config, field)
+    if not (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0):
+        raise ValueError(f"config.{field} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
 def lm_head_of(model: nn.Module) -> LMHead:
     """The model's LM head: `(weight [V, H], bias [V] or None, softcap, logit_scale)`.
 
-    The one place that reads how a family transforms the head's logits from its config
-    (`final_logit_softcapping`, `logit_scale`); refuses what the fused ops cannot reproduce
-    exactly, and heads that are not an `nn.Linear`.
+    The one place that reads how a family transforms the head's logits from its (text)
+    config: `final_logit_softcapping` (Gemma-2), `logit_scale` (Cohere: logits * s) and
+    Granite's `logits_scaling` (logits / s) are reproduced; the other scaling fields this
+    knows of (`_UNSUPPORTED_HEAD_FIELDS`: Falcon-H1's `lm_head_multiplier`, MiniCPM's
+    `dim_model_base`, ...) are refused, as are heads that are not an `nn.Linear`. A family
+    that transforms its logits in code, with no config field, is not detected.
     """
     inner = unwrap_model(model)
     config = getattr(inner, "config", None)
-    softcap = getattr(config, "final_logit_softcapping", None)
-    if softcap is not None:
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()  # a multimodal model's language model settings
+    model_type = str(getattr(config, "model_type", "") or "")
+    softcap = None
+    if getattr(config, "final_logit_softcapping", None) is not None:
         # transformers caps whenever the field is not None: 0 would be a division by zero
         # there, not "no cap", so it is refused with the other invalid values.
-        if not (isinstance(softcap, numbers.Real) and not isinstance(softcap, bool)
-                and math.isfinite(softcap) and softcap > 0):
-            raise ValueError(f"config.final_logit_softcapping must be None or a finite number "
-                             f"> 0, got {softcap!r}")
-        softcap = float(softcap)
-    logit_scale = getattr(config, "logit_scale", None)
-    if logit_scale is None:
-        logit_scale = 1.0
-    elif not (isinstance(logit_scale, numbers.Real) and not isinstance(logit_scale, bool)
-              and math.isfinite(logit_scale) and logit_scale > 0):
-        raise ValueError(f"config.logit_scale must be a finite number > 0, got {logit_scale!r} "
-                         "(the logits are multiplied by it)")
-    logit_scale = float(logit_scale)
+        softcap = _positive_number(config, "final_logit_softcapping")
+    logit_scale, scale_field = 1.0, None
+    for field, family, exponent in _LOGIT_SCALES:
+        if getattr(config, field, None) is not None and model_type.startswith(family):
+            logit_scale *= _positive_number(config, field) ** exponent
+            scale_field = field
+    for field in _UNSUPPORTED_HEAD_FIELDS:
+        value = getattr(config, field, None)
+        if field != scale_field and value not in (None, 1, 1.0):
+            raise NotImplementedError(
+                f"the model's config sets {field}={value!r} (model_type {model_type!r}), which "
+                "transforms its logits in a way the fused log-probs do not reproduce")
     if softcap is not None and logit_scale != 1.0:
         raise NotImplementedError(
             f"the model's config sets both final_logit_softcapping={softcap!r} and "
-            f"logit_scale={logit_scale!r}; their order is model-specific, so the fused "
-            "log-probs cannot reproduce its logits")
+            f"{scale_field}={getattr(config, scale_field)!r}; their order is model-specific, "
+            "so the fused log-probs cannot reproduce its logits")
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if not isinstance(head, nn.Linear):
         raise NotImplementedError(

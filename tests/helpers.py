@@ -85,3 +85,46 @@ def build_host_harness(tmp_path, source: str):
                             dtype=torch.float64)
 
     return run
+
+
+# The tiny models whose LM head transforms its logits, and the (softcap, logit_scale) that
+# `engine.forward.lm_head_of` must read from each: Gemma-2 caps (c tanh(z / c)), Cohere
+# multiplies (z * s), Granite divides (z / s).
+TRANSFORMED_HEADS = {"gemma2": (3.0, 1.0), "cohere": (None, 0.0625), "granite": (None, 0.125)}
+
+
+def transformed_head_model(family: str, attn: str = "sdpa", seed: int = 1, *, vocab: int = 101,
+                           hidden: int = 48, heads: int = 3, head_dim: int = 16, **overrides):
+    """A tiny tied-embedding model of `family` (TRANSFORMED_HEADS) whose LM head is scaled up
+    so that the transform matters: raw Gemma-2 logits are far past the cap (std ~5 against
+    3), Cohere's and Granite's scaled logits are O(1)."""
+    from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM,
+                              GraniteConfig, GraniteForCausalLM)
+
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=80,
+                  num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=1,
+                  head_dim=head_dim, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if family == "gemma2":
+        # attn_logit_softcapping is inside the model (eager applies it, sdpa ignores it):
+        # both paths compared in the tests run the same attention either way.
+        cfg = Gemma2Config(**{**common, "final_logit_softcapping": 3.0,
+                              "attn_logit_softcapping": 5.0, "query_pre_attn_scalar": head_dim,
+                              **overrides})
+        cls, gain = Gemma2ForCausalLM, 30.0
+    elif family == "cohere":
+        cfg = CohereConfig(**{**common, "logit_scale": 0.0625, **overrides})
+        cls, gain = CohereForCausalLM, 100.0
+    elif family == "granite":
+        common.pop("head_dim")  # Granite derives it
+        cfg = GraniteConfig(**{**common, "logits_scaling": 8.0, "tie_word_embeddings": True,
+                               **overrides})
+        cls, gain = GraniteForCausalLM, 50.0
+    else:
+        raise ValueError(f"family must be one of {sorted(TRANSFORMED_HEADS)}, got {family!r}")
+    cfg._attn_implementation = attn
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls(cfg)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(gain)
+    return model.eval()

@@ -11,7 +11,8 @@ from alignfuse.engine.packing import pack
 from alignfuse.engine.tiny import tiny_model
 from alignfuse.kernels.preference import dpo_loss
 from alignfuse.kernels.preference.dpo import LENGTH_NORMALIZED, LOSS_TYPES
-from helpers import assert_rel_close, preference_pairs
+from helpers import (TRANSFORMED_HEADS, assert_rel_close, preference_pairs,
+                     transformed_head_model)
 
 VOCAB = 61
 
@@ -218,29 +219,10 @@ def test_reward_model_accuracy_counts_ties_as_wrong():
 # `logits` (transformers applies the transform itself).
 
 
-def transformed_head_model(family: str, seed: int):
-    """A tiny tied-embedding Gemma-2 (final_logit_softcapping=3) or Cohere (logit_scale=1/16),
-    eager attention, with the LM head scaled up so that the transform matters.
-    (The same builder as tests/test_forward.py's.)"""
-    from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM
-
-    common = dict(vocab_size=VOCAB, hidden_size=40, intermediate_size=72,
-                  num_hidden_layers=2, num_attention_heads=5, num_key_value_heads=1,
-                  head_dim=8, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    if family == "gemma2":
-        cfg = Gemma2Config(**common, final_logit_softcapping=3.0, attn_logit_softcapping=5.0,
-                           query_pre_attn_scalar=8)
-        cls, gain = Gemma2ForCausalLM, 30.0
-    else:
-        cfg = CohereConfig(**common, logit_scale=0.0625)
-        cls, gain = CohereForCausalLM, 100.0
-    cfg._attn_implementation = "eager"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = cls(cfg)
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(gain)
-    return model
+def head_model(family: str, seed: int):
+    """helpers.transformed_head_model, eager attention, this file's vocabulary."""
+    return transformed_head_model(family, "eager", seed, vocab=VOCAB, hidden=40, heads=5,
+                                  head_dim=8).train()
 
 
 def model_logps(model, prompt: list[int], completion: list[int], temperature: float):
@@ -250,10 +232,10 @@ def model_logps(model, prompt: list[int], completion: list[int], temperature: fl
     return logits.log_softmax(-1).gather(1, ids[0, len(prompt):, None])[:, 0]
 
 
-@pytest.mark.parametrize("family", ["gemma2", "cohere"])
+@pytest.mark.parametrize("family", sorted(TRANSFORMED_HEADS))
 def test_dpo_on_transformed_heads_matches_model_logits(family):
-    model = transformed_head_model(family, seed=31)
-    ref_model = transformed_head_model(family, seed=32).eval()
+    model = head_model(family, seed=31)
+    ref_model = head_model(family, seed=32).eval()
     seqs, prompts, groups = pair_data(33, num_pairs=3)
     (batch,) = pack(seqs, max_tokens=400, prompt_lengths=prompts, groups=groups)
     T = 0.8
@@ -276,17 +258,17 @@ def test_dpo_on_transformed_heads_matches_model_logits(family):
         assert_rel_close(packed_grads[name], expected[name], 1e-4, f"{family} grad {name}")
 
 
-@pytest.mark.parametrize("family", ["gemma2", "cohere"])
+@pytest.mark.parametrize("family", sorted(TRANSFORMED_HEADS))
 def test_grpo_on_transformed_heads_matches_model_logits(family):
     """GRPO's fused `linear_policy_loss` (clipped ratio + k3 KL, token-mean) against the
     same loss written out on the model's own logits: value and gradients."""
     from alignfuse.engine.algorithms.grpo import GRPO, RolloutBatch, completion_tensor
     from alignfuse.engine.rollout import HFRollout, SamplingConfig
 
-    model = transformed_head_model(family, seed=41)
+    model = head_model(family, seed=41)
     # The reference is the policy before its update below (a far-off one would hit the k3
     # estimator's clamp, which the written-out loss does not model).
-    ref_model = transformed_head_model(family, seed=41).eval()
+    ref_model = head_model(family, seed=41).eval()
     T, beta, clip = 0.9, 0.1, 0.2
     grpo = GRPO(model, HFRollout(model), lambda p, c: 0.0, ref_model=ref_model, group_size=2,
                 sampling=SamplingConfig(max_new_tokens=7, temperature=T), beta=beta,

@@ -16,7 +16,8 @@ from alignfuse.engine.packing import pack
 from alignfuse.engine.tiny import tiny_model
 from alignfuse.kernels.preference import dpo_loss, kto_kl, kto_loss, orpo_loss, simpo_loss
 from alignfuse.kernels.reward_model import listwise_rm_loss, pairwise_rm_loss, pointwise_rm_loss
-from helpers import assert_rel_close, preference_pairs
+from helpers import (TRANSFORMED_HEADS, assert_rel_close, preference_pairs,
+                     transformed_head_model)
 
 VOCAB = 97
 FAMILIES = ("llama", "qwen2")
@@ -168,34 +169,6 @@ def test_tied_embeddings():
 HEAD_VOCAB = 101
 
 
-def transformed_head_model(family: str, attn: str = "sdpa", seed: int = 1, **overrides):
-    """A tiny tied-embedding Gemma-2 (final_logit_softcapping=3) or Cohere (logit_scale=1/16)
-    whose LM head is scaled up so that the transform matters: raw Gemma-2 logits are far past
-    the cap (std ~5 vs cap 3), Cohere's scaled logits are O(1)."""
-    from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM
-
-    common = dict(vocab_size=HEAD_VOCAB, hidden_size=48, intermediate_size=80,
-                  num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1,
-                  head_dim=16, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    if family == "gemma2":
-        # attn_logit_softcapping is inside the model (eager applies it, sdpa ignores it):
-        # both paths compared here run the same attention either way.
-        cfg = Gemma2Config(**{**common, "final_logit_softcapping": 3.0,
-                              "attn_logit_softcapping": 5.0, "query_pre_attn_scalar": 16,
-                              **overrides})
-        cls, gain = Gemma2ForCausalLM, 30.0
-    else:
-        cfg = CohereConfig(**{**common, "logit_scale": 0.0625, **overrides})
-        cls, gain = CohereForCausalLM, 100.0
-    cfg._attn_implementation = attn
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = cls(cfg)
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(gain)
-    return model.eval()
-
-
 def head_ids(gen, lengths):
     return [torch.randint(6, HEAD_VOCAB, (n,), generator=gen).tolist() for n in lengths]
 
@@ -216,7 +189,7 @@ def untransformed_logps(model, seq, temperature) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("family", ["gemma2", "cohere"])
+@pytest.mark.parametrize("family", sorted(TRANSFORMED_HEADS))
 def test_transformed_head_logprobs_and_entropy_equal_model_logits(family, attn):
     model = transformed_head_model(family, attn)
     gen = torch.Generator().manual_seed(21)
@@ -244,11 +217,10 @@ def test_transformed_head_logprobs_and_entropy_equal_model_logits(family, attn):
     # The transform bites: a plain linear head is far from the model's answer.
     assert float((torch.cat(plain) - expected).norm() / expected.norm()) > 0.3
     head = forward.lm_head_of(model)
-    assert (head.softcap, head.logit_scale) == ((3.0, 1.0) if family == "gemma2"
-                                                else (None, 0.0625))
+    assert (head.softcap, head.logit_scale) == TRANSFORMED_HEADS[family]
 
 
-@pytest.mark.parametrize("family", ["gemma2", "cohere"])
+@pytest.mark.parametrize("family", sorted(TRANSFORMED_HEADS))
 def test_transformed_head_gradients_equal_model_logits(family):
     model = transformed_head_model(family, "eager", seed=2)
     gen = torch.Generator().manual_seed(22)
@@ -366,6 +338,11 @@ def test_plain_linear_head_has_no_transform(model):
     ("logit_scale", -0.5, ValueError),
     ("logit_scale", float("nan"), ValueError),
     ("logit_scale", 0.25, NotImplementedError),  # with a softcap: the order would matter
+    # other families' scaling fields: Granite's divides only for model_type granite*, and
+    # Falcon-H1's multiplier and MiniCPM's hidden-state scaling are not taken over
+    ("logits_scaling", 8.0, NotImplementedError),
+    ("lm_head_multiplier", 2.0, NotImplementedError),
+    ("dim_model_base", 256, NotImplementedError),
 ])
 def test_unsupported_head_transforms_are_refused(field, value, error):
     model = transformed_head_model("gemma2")
