@@ -1,6 +1,7 @@
 """`linear_cross_entropy`: the SFT loss of the LM head, fused like `linear_policy_loss`.
 
-With z = (hidden @ weight.T + bias) / T, t the target, eps the label smoothing and
+With z = (hidden @ weight.T + bias) / T (soft-capped before the division with `softcap`:
+z = softcap tanh(raw / softcap) / T), t the target, eps the label smoothing and
 p = softmax(z) (the smoothed target puts eps / V on every token, as `F.cross_entropy`):
 
     loss_t = (1 - eps) (lse - z_t) + eps (lse - mean_j z_j)
@@ -13,7 +14,9 @@ Backends:
 - "torch", the specification: `linear_logprobs(backend="torch")` gives -logp_t = lse - z_t;
   the smoothing term needs lse - mean_j z_j, and mean_j z_j = (hidden . mean_j W_j +
   mean_j b_j) / T is linear, so lse = z_t - logp_t needs only the target rows of W.
-  Nothing of size [N, V] is held.
+  Nothing of size [N, V] is held. With a softcap the mean is not linear: it is computed
+  from the capped logits in row chunks, recomputed in backward (torch.utils.checkpoint),
+  two more GEMMs over the vocabulary; this path also serves "none" on every backend.
 - "triton" and "cuda": for "mean"/"sum" the fused chunk loop (`chunked.py`, the same chunk
   kernel as linear_policy_loss, with ChunkLoss(CROSS_ENTROPY)): 6 N H V FLOPs, gradients
   computed in the forward. "none" gives per-token outputs, whose weight gradient depends on the
