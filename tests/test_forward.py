@@ -136,16 +136,24 @@ def test_flex_attention_document_mask(model):
     gen = torch.Generator().manual_seed(12)
     seqs = random_sequences(gen, [10, 7, 15])
     (batch,) = pack(seqs, max_tokens=32)
+    logits, expected = flex_and_alone(model, seqs, batch,
+                                      forward.document_block_mask(batch.cu_seqlens))
+    assert_rel_close(logits, expected, 1e-5, "flex document mask")
+
+
+def flex_and_alone(model, seqs, batch, mask):
+    """(the model's logits on the packed batch under flex_attention with `mask`, the logits
+    of each document run alone with the model's own attention), forward only."""
     with torch.no_grad():
         model.set_attn_implementation("flex_attention")
         try:
             logits = model(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None],
-                           attention_mask=forward.document_block_mask(batch.cu_seqlens)).logits[0]
+                           attention_mask=mask).logits[0]
         finally:
             model.set_attn_implementation("sdpa")
         expected = torch.cat([model(input_ids=torch.tensor(seqs[i])[None]).logits[0]
                               for i in batch.seq_index.tolist()])
-    assert_rel_close(logits, expected, 1e-5, "flex document mask")
+    return logits, expected
 
 
 def test_tied_embeddings():
@@ -303,15 +311,7 @@ def test_windowed_flex_masks_match_the_model_run_alone(monkeypatch):
     masks = forward.document_masks(model.config, batch,
                                    lambda w: forward.document_block_mask(batch.cu_seqlens, w))
     assert set(masks) == {"full_attention", "sliding_attention"}
-    with torch.no_grad():
-        model.set_attn_implementation("flex_attention")
-        try:
-            logits = model(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None],
-                           attention_mask=masks).logits[0]
-        finally:
-            model.set_attn_implementation("sdpa")
-        expected = torch.cat([model(input_ids=torch.tensor(seqs[i])[None]).logits[0]
-                              for i in batch.seq_index.tolist()])
+    logits, expected = flex_and_alone(model, seqs, batch, masks)
     assert_rel_close(logits, expected, 1e-5, "flex windowed masks")
 
 
