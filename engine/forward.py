@@ -100,6 +100,13 @@ def _positive_number(config, field: str) -> float:
     return float(value)
 
 
+def text_config(config):
+    """The language model's settings: a multimodal model's `text_config`, else the config."""
+    if config is not None and hasattr(config, "get_text_config"):
+        return config.get_text_config()
+    return config
+
+
 def lm_head_of(model: nn.Module) -> LMHead:
     """The model's LM head: `(weight [V, H], bias [V] or None, softcap, logit_scale)`.
 
@@ -111,9 +118,7 @@ def lm_head_of(model: nn.Module) -> LMHead:
     that transforms its logits in code, with no config field, is not detected.
     """
     inner = unwrap_model(model)
-    config = getattr(inner, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        config = config.get_text_config()  # a multimodal model's language model settings
+    config = text_config(getattr(inner, "config", None))
     model_type = str(getattr(config, "model_type", "") or "")
     softcap = None
     if getattr(config, "final_logit_softcapping", None) is not None:
@@ -237,7 +242,7 @@ def attention_inputs(model: nn.Module, packed) -> dict:
                     ~mask, torch.finfo(dtype).min)
             return mask
 
-        return {"attention_mask": document_masks(inner.config, packed, cpu_mask)}
+        return {"attention_mask": document_masks(text_config(inner.config), packed, cpu_mask)}
     if impl.startswith("flash_attention") or _flash_attn_importable():
         if not impl.startswith("flash_attention"):
             inner.set_attn_implementation("flash_attention_2")
@@ -248,7 +253,7 @@ def attention_inputs(model: nn.Module, packed) -> dict:
                 "max_length_q": max_len, "max_length_k": max_len}
     if impl != "flex_attention":
         inner.set_attn_implementation("flex_attention")
-    return {"attention_mask": document_masks(inner.config, packed,
+    return {"attention_mask": document_masks(text_config(inner.config), packed,
                                              lambda window: document_block_mask(cu, window))}
 
 
