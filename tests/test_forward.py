@@ -294,7 +294,7 @@ def test_documents_longer_than_the_sliding_window(family, attn):
     assert float((unwindowed.double() - expected).norm() / expected.norm()) > 1e-3
 
 
-def test_windowed_flex_masks_match_the_model_run_alone(monkeypatch):
+def test_windowed_flex_masks_match_the_model_run_alone():
     """The CUDA fallback's masks (flex_attention BlockMasks, one per layer type) for a
     document past Gemma-2's sliding window, forward-only on CPU. Static shapes: after an
     earlier compile of flex_attention, dynamo would recompile with dynamic sizes, and
@@ -302,7 +302,6 @@ def test_windowed_flex_masks_match_the_model_run_alone(monkeypatch):
     not declared'); the CUDA path uses Triton templates instead."""
     import torch._dynamo
 
-    monkeypatch.setattr(torch._dynamo.config, "automatic_dynamic_shapes", False)
     torch._dynamo.reset()
     model = sliding_model("gemma2", "sdpa", window=8)
     gen = torch.Generator().manual_seed(24)
@@ -311,7 +310,10 @@ def test_windowed_flex_masks_match_the_model_run_alone(monkeypatch):
     masks = forward.document_masks(model.config, batch,
                                    lambda w: forward.document_block_mask(batch.cu_seqlens, w))
     assert set(masks) == {"full_attention", "sliding_attention"}
-    logits, expected = flex_and_alone(model, seqs, batch, masks)
+    # (config.patch, not monkeypatch: undoing a monkeypatch deletes the config entry, and
+    # every later torch.compile, vLLM's included, then fails)
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        logits, expected = flex_and_alone(model, seqs, batch, masks)
     assert_rel_close(logits, expected, 1e-5, "flex windowed masks")
 
 
