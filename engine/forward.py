@@ -30,18 +30,29 @@ fused ops, read from the config in one place (`lm_head_of`):
   (`temperature=T * s`). A model with a cap and a scale is refused (no family has both,
   and their order would matter); so are the scaling fields of other families.
 The sampling temperature divides the transformed logits, as transformers and vLLM do.
+
+What no config field tells is checked once per model (`verify_packed_model`, three tiny
+forwards at the first call): that a packed document does not depend on the tokens packed
+before it (models with state-space, convolution or linear-attention layers leak: Bamba,
+Falcon-H1, Jamba, LFM2, Qwen3-Next, measured; for them only one-document batches are
+taken) and that the head as read above gives the model's own logits. A model that fails
+is refused (`ModelCheckError`), not trained wrongly.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import os
+import weakref
 from typing import Callable, Iterable, NamedTuple
 
 import torch
 from torch import nn
 
 from alignfuse.kernels import linear_logprobs, segment_sum
+
+from .packing import pack
 
 IGNORE_INDEX = -100
 
@@ -115,7 +126,8 @@ def lm_head_of(model: nn.Module) -> LMHead:
     Granite's `logits_scaling` (logits / s) are reproduced; the other scaling fields this
     knows of (`_UNSUPPORTED_HEAD_FIELDS`: Falcon-H1's `lm_head_multiplier`, MiniCPM's
     `dim_model_base`, ...) are refused, as are heads that are not an `nn.Linear`. A family
-    that transforms its logits in code, with no config field, is not detected.
+    that transforms its logits in code, with no config field, is caught by
+    `verify_packed_model`, which compares this head's logits with the model's own.
     """
     inner = unwrap_model(model)
     config = text_config(getattr(inner, "config", None))
@@ -257,15 +269,27 @@ def attention_inputs(model: nn.Module, packed) -> dict:
                                              lambda window: document_block_mask(cu, window))}
 
 
-def run_decoder(model: nn.Module, packed, on_hidden: Callable[[torch.Tensor], object]):
+def run_decoder(model: nn.Module, packed, on_hidden: Callable[[torch.Tensor], object], *,
+                lm_head: bool = False):
     """Run `model` on `packed` and return `on_hidden(hidden [N, H])`.
 
     `hidden` is the decoder's final hidden state (after the final norm). `on_hidden` runs
     inside the model's forward, while FSDP2 has the root module's parameters gathered, so it
     may use the LM head or any parameter of the root module. No logits are computed.
+    The model is verified first (once, `verify_packed_model`); pass `lm_head=True` when
+    `on_hidden` uses the LM head (`lm_head_of`), so that its reproduction is verified too.
     """
-    inner = unwrap_model(model)
-    decoder = inner.get_decoder()
+    verify_packed_model(model, packed.input_ids.device, lm_head=lm_head,
+                        packed=packed.cu_seqlens.numel() > 2)
+    # no position kept: the LM head runs on an empty slice, so no [N, V] logits
+    return _forward(model, packed, on_hidden,
+                    torch.empty(0, dtype=torch.long, device=packed.input_ids.device))[0]
+
+
+def _forward(model: nn.Module, packed, on_hidden: Callable[[torch.Tensor], object],
+             logits_to_keep) -> tuple[object, object]:
+    """`(on_hidden(hidden [N, H]), the model's output)` of one packed forward (`run_decoder`)."""
+    decoder = unwrap_model(model).get_decoder()
     captured: list = []
 
     def hook(module, args, output):
@@ -274,16 +298,162 @@ def run_decoder(model: nn.Module, packed, on_hidden: Callable[[torch.Tensor], ob
 
     handle = decoder.register_forward_hook(hook)
     try:
-        model(input_ids=packed.input_ids.reshape(1, -1),
-              position_ids=packed.position_ids.reshape(1, -1),
-              # no position: the LM head runs on an empty slice, so no [N, V] logits
-              logits_to_keep=torch.empty(0, dtype=torch.long, device=packed.input_ids.device),
-              use_cache=False, **attention_inputs(model, packed))
+        output = model(input_ids=packed.input_ids.reshape(1, -1),
+                       position_ids=packed.position_ids.reshape(1, -1),
+                       logits_to_keep=logits_to_keep, use_cache=False,
+                       **attention_inputs(model, packed))
     finally:
         handle.remove()
     if len(captured) != 1:
         raise RuntimeError(f"the decoder ran {len(captured)} times in one forward; expected 1")
-    return captured[0]
+    return captured[0], output
+
+
+# What the packed forward assumes, verified once per model -----------------------------------
+
+class ModelCheckError(NotImplementedError):
+    """The model breaks an assumption of the packed forward (documents isolated, the LM head
+    reproduced); see `verify_packed_model`."""
+
+
+# inner model -> {(device type, attention implementation): its verdict (`_probe`)}
+_VERIFIED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+# The probe: a first document (two draws of it) and a second one, odd lengths; ids from a
+# private generator, so the global RNG (which a resumed run replays) is not touched.
+_PROBE_LENGTHS = (6, 9)
+# Isolated, the second document's hidden states do not depend on the first one's tokens at
+# all: the same arithmetic runs on the same values (masked scores are exactly 0 after the
+# softmax), so they change by no more than the forward's own run-to-run noise (0 where the
+# kernels are deterministic). Allowed: this many times that noise, plus this share of the
+# states' norm.
+_NOISE_MARGIN, _LEAK_FLOOR = 10.0, 1e-6
+# The LM head as reproduced against the model's own logits, relative norm by the model's
+# dtype (half precision otherwise): TF32 matmuls and bf16 logits stay well inside; a scale
+# or cap the engine missed does not.
+_HEAD_TOLERANCE = {torch.float64: 1e-6, torch.float32: 5e-3}
+_HALF_HEAD_TOLERANCE = 3e-2
+
+
+def verify_packed_model(model: nn.Module, device, *, lm_head: bool = True,
+                        packed: bool = True) -> None:
+    """Check that the packed forward computes what it claims for this model; raise
+    `ModelCheckError` (a NotImplementedError) if not. `run_decoder` calls it.
+
+    The probe runs once per model, device type and attention implementation, on every rank
+    alike: three forwards of two short random documents packed in one row, in eval mode
+    without gradients. It checks
+    - (`packed=True`: batches hold several documents) that documents are isolated: the
+      second document's final hidden states are the same whatever tokens the first one
+      holds (two draws), up to the forward's own run-to-run noise (the first draw run
+      twice). A model with layers that carry state along the row (state-space, short
+      convolution or linear-attention layers, as in Mamba hybrids, LFM2, Qwen3-Next) leaks
+      the first document into the second, which no attention mask cuts; measured here, the
+      leak is as large in float64, so it is not rounding. One document per batch is exact.
+    - (`lm_head=True`) that the LM head as `lm_head_of` reproduces it (weight, bias, softcap,
+      logit scale) gives the model's own logits, so a family that transforms its logits in
+      code, or through a config field this engine does not read, is caught.
+    `ALIGNFUSE_VERIFY_MODEL=0` skips it (a failed check means wrong log-probs or gradients).
+    """
+    if os.environ.get("ALIGNFUSE_VERIFY_MODEL", "1") == "0":
+        return
+    inner = unwrap_model(model)
+    device = torch.device(device)
+
+    def key():
+        return device.type, str(getattr(inner.config, "_attn_implementation", None))
+
+    verdicts = _VERIFIED.setdefault(inner, {})
+    if key() not in verdicts:
+        before = key()
+        modes = [(module, module.training) for module in model.modules()]
+        model.eval()
+        try:
+            with torch.no_grad():
+                verdict = _probe(model, device)
+        finally:
+            for module, training in modes:
+                module.training = training
+        # attention_inputs may have switched the implementation: the verdict is the new one's
+        verdicts[before] = verdicts[key()] = verdict
+    leak, head = verdicts[key()]
+    if packed and leak:
+        raise ModelCheckError(leak)
+    if lm_head and head:
+        raise ModelCheckError(head)
+
+
+def _probe(model: nn.Module, device: torch.device) -> tuple[str | None, str | None]:
+    """(what leaks between packed documents, what differs in the LM head's logits): error
+    messages, None where the check passes (the head's is None too when `lm_head_of` refuses
+    the head: that refusal is its own error)."""
+    inner = unwrap_model(model)
+    config = text_config(inner.config)
+    model_type = str(getattr(config, "model_type", "") or "")
+    vocab = int(getattr(inner.get_input_embeddings(), "num_embeddings", 0) or config.vocab_size)
+    gen = torch.Generator().manual_seed(1031)
+    first, other_first, second = (torch.randint(0, vocab, (n,), generator=gen).tolist()
+                                  for n in (_PROBE_LENGTHS[0], *_PROBE_LENGTHS))
+    try:
+        head = lm_head_of(model)
+    except (NotImplementedError, ValueError):
+        head = None
+
+    def run(before: list, with_logits: bool = False):
+        """`second`'s rows packed after `before`: (float32 hidden, (head's logits, the
+        model's logits) or None)."""
+        (batch,) = pack([before, second], max_tokens=len(before) + len(second))
+        index = int((batch.seq_index == 1).nonzero())
+        rows = slice(int(batch.cu_seqlens[index]), int(batch.cu_seqlens[index + 1]))
+
+        def on_hidden(hidden):  # inside the forward: FSDP2 has gathered the head
+            hidden = hidden[rows]
+            return hidden.float(), (_head_logits(model, hidden) if with_logits else None)
+
+        (hidden, predicted), output = _forward(
+            model, batch.to(device), on_hidden,
+            0 if with_logits else torch.empty(0, dtype=torch.long, device=device))
+        if not with_logits:
+            return hidden, None
+        logits = output.logits.reshape(-1, output.logits.shape[-1])[rows].float()
+        return hidden, (predicted, logits)
+
+    hidden, logits = run(first, with_logits=head is not None)
+    noise = float((run(first)[0] - hidden).norm())
+    change = float((run(other_first)[0] - hidden).norm())
+    scale = max(float(hidden.norm()), 1e-30)
+    leak = None
+    if not change <= _NOISE_MARGIN * noise + _LEAK_FLOOR * scale:
+        leak = (f"packed documents are not isolated in this model (model_type {model_type!r}): "
+                f"a document's final hidden states change by {change / scale:.3g} (relative "
+                f"norm) with the tokens of the document packed before it (run-to-run noise: "
+                f"{noise / scale:.3g}). Some layers carry state along the packed row "
+                "(state-space, convolution and linear-attention layers do), which attention "
+                "masks cannot cut: pack one document per batch (`pack([seq], ...)`), which "
+                "is exact for it. ALIGNFUSE_VERIFY_MODEL=0 skips this check.")
+    mismatch = None
+    if logits is not None:
+        predicted, logits = logits
+        error = float((predicted - logits).norm()) / max(float(logits.norm()), 1e-30)
+        tolerance = _HEAD_TOLERANCE.get(getattr(inner, "dtype", None), _HALF_HEAD_TOLERANCE)
+        if not error <= tolerance:
+            mismatch = (
+                f"the model's logits are not its LM head's output as the fused log-probs "
+                f"reproduce it (model_type {model_type!r}, softcap={head.softcap}, "
+                f"logit_scale={head.logit_scale}): relative error {error:.3g} > "
+                f"{tolerance:g}. The family transforms its logits in code or through a config "
+                "field this engine does not read. ALIGNFUSE_VERIFY_MODEL=0 skips this check.")
+    return leak, mismatch
+
+
+def _head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """`[n, V]` float32 logits of `hidden [n, H]` as the fused ops compute them (no
+    temperature), from `lm_head_of`; called inside the forward (FSDP2 has the head)."""
+    head = lm_head_of(model)
+    raw = nn.functional.linear(hidden.float(), head.weight.float(),
+                               None if head.bias is None else head.bias.float())
+    if head.softcap is not None:
+        raw = head.softcap * torch.tanh(raw / head.softcap)
+    return raw * head.logit_scale
 
 
 def final_hidden_states(model: nn.Module, packed) -> torch.Tensor:
@@ -312,7 +482,7 @@ def token_logprobs(model: nn.Module, packed, *, temperature: float = 1.0,
                                **head.op_kwargs(temperature), ignore_index=IGNORE_INDEX,
                                return_entropy=return_entropy)
 
-    return run_decoder(model, packed, gather)
+    return run_decoder(model, packed, gather, lm_head=True)
 
 
 def sequence_logprobs(model: nn.Module, packed, *, temperature: float = 1.0) -> torch.Tensor:

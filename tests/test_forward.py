@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
 from alignfuse.engine import forward
 from alignfuse.engine.algorithms import DPO, KTO, ORPO, SFT, RewardModel, SimPO, kto_sequences
@@ -352,6 +353,123 @@ def test_unsupported_head_transforms_are_refused(field, value, error):
     (batch,) = pack([[6, 7, 8, 9, 10]], max_tokens=5)
     with pytest.raises(error, match=field):
         token_logprobs(model, batch)
+
+
+# ---------------------------------------------------------------------------------------
+# The model check (`forward.verify_packed_model`): what no config field tells. Tiny hybrids
+# with layers that carry state along the row leak one packed document into the next (in
+# float64 as much as in float32: not rounding); heads transformed in code are caught too.
+
+HYBRIDS = {  # model_type: the config fields that make it tiny (on the torch fallbacks)
+    "bamba": dict(attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=32, mamba_n_groups=1,
+                  mamba_d_state=16),                                     # Mamba-2 + attention
+    "falcon_h1": dict(mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1,
+                      mamba_d_state=16),                           # Mamba-2 || attention
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=100,
+                  num_experts=1, mamba_d_state=8),                       # Mamba-1 + attention
+    "lfm2": dict(layer_types=["conv", "full_attention"]),               # short convolutions
+    "qwen3_next": dict(layer_types=["linear_attention", "full_attention"], num_experts=0,
+                       linear_num_value_heads=4, linear_num_key_heads=2, head_dim=16,
+                       linear_key_head_dim=16, linear_value_head_dim=16),  # gated delta rule
+}
+
+
+def hybrid_model(model_type: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        model_type, vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0, **HYBRIDS[model_type])
+    config._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("model_type", sorted(HYBRIDS))
+def test_models_whose_layers_carry_state_across_documents_are_refused(model_type):
+    """Packed, these models' second document depends on the first one's tokens (the check's
+    claim, shown here without it: packed != each document alone); the check refuses packed
+    batches before any log-prob is computed, on every path (log-probs, reward/value heads),
+    and takes batches of one document."""
+    model = hybrid_model(model_type).eval()
+    gen = torch.Generator().manual_seed(13)
+    seqs = random_sequences(gen, [7, 9])
+    (batch,) = pack(seqs, max_tokens=16)
+    with torch.no_grad():
+        expected = torch.cat([unpacked_token_logps(model, seqs[i])
+                              for i in batch.seq_index.tolist()])
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("ALIGNFUSE_VERIFY_MODEL", "0")
+            leaked = token_logprobs(model, batch).double()
+    assert float((leaked - expected).abs().max()) > 1e-5
+    with pytest.raises(forward.ModelCheckError, match=rf"not isolated .*'{model_type}'"):
+        token_logprobs(model, batch)
+    with pytest.raises(NotImplementedError, match=r"pack one document per batch"):
+        forward.final_hidden_states(model, batch)
+    # one document per batch is exact for these models, and taken
+    for i, seq in enumerate(seqs):
+        (alone,) = pack([seq], max_tokens=len(seq))
+        with torch.no_grad():
+            assert_rel_close(token_logprobs(model, alone), unpacked_token_logps(model, seq),
+                             1e-5, f"document {i} alone")
+
+
+class HalvedLogitsLlama(transformers.LlamaForCausalLM):
+    """A family that transforms its logits in code, with no config field to read."""
+
+    def forward(self, *args, **kwargs):
+        output = super().forward(*args, **kwargs)
+        output.logits = output.logits * 0.5
+        return output
+
+
+def test_head_transformed_in_code_is_refused():
+    config = tiny_model("llama", VOCAB).config
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(4)
+        model = HalvedLogitsLlama(config).eval()
+    (batch,) = pack([[6, 7, 8, 9, 10, 11]], max_tokens=6)
+    with pytest.raises(forward.ModelCheckError, match="logits are not its LM head's output"):
+        token_logprobs(model, batch)
+    # the hidden states alone (reward and value heads) do not depend on the LM head
+    assert forward.final_hidden_states(model, batch).shape == (6, config.hidden_size)
+
+
+def test_head_field_the_engine_did_not_read_is_caught(monkeypatch):
+    """Without its entry in the table of scaling fields, Cohere's logit_scale would be
+    silently dropped; the check compares with the model's own logits and refuses."""
+    model = transformed_head_model("cohere")
+    monkeypatch.setattr(forward, "_LOGIT_SCALES", ())
+    (batch,) = pack([[6, 7, 8, 9, 10]], max_tokens=5)
+    with pytest.raises(forward.ModelCheckError, match=r"'cohere'.*logit_scale=1\.0"):
+        token_logprobs(model, batch)
+
+
+def test_model_check_runs_once_and_leaves_the_model_as_it_was(model):
+    """Three probe forwards at the first call, none later; the train/eval mode of every
+    module and the global RNG (which a resumed run replays) are untouched."""
+    model.train()
+    model.model.layers[0].eval()
+    modes = [m.training for m in model.modules()]
+    forwards = []
+    model.get_decoder().register_forward_hook(lambda *args: forwards.append(1))
+    (batch,) = pack([[6, 7, 8, 9, 10], [11, 12, 13]], max_tokens=8)
+    rng = torch.get_rng_state()
+    token_logprobs(model, batch)
+    assert torch.equal(torch.get_rng_state(), rng)  # no dropout: the tiny model has none
+    assert len(forwards) == 4 and [m.training for m in model.modules()] == modes
+    token_logprobs(model, batch)
+    forward.final_hidden_states(model, batch)  # the LM head check covers the plain one
+    assert len(forwards) == 6
+
+
+def test_model_check_can_be_skipped(monkeypatch):
+    model = hybrid_model("bamba")
+    (batch,) = pack([[6, 7, 8, 9, 10], [11, 12, 13]], max_tokens=8)
+    monkeypatch.setenv("ALIGNFUSE_VERIFY_MODEL", "0")
+    assert token_logprobs(model, batch).shape == (8,)
 
 
 def test_non_linear_head_is_refused(model):

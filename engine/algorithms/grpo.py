@@ -274,7 +274,7 @@ class OnlineAlgorithm(Algorithm):
                 loss_agg=self.loss_agg, horizon=float(self.sampling.max_new_tokens),
                 **head.op_kwargs(self.temperature), ignore_index=packed.ignore_index)
 
-        loss, stats = run_decoder(self.model, packed, on_hidden)
+        loss, stats = run_decoder(self.model, packed, on_hidden, lm_head=True)
         return loss, {k: float(v) for k, v in stats.items()}
 
     def tis_weights(self, batch: RolloutBatch, sequence_level: bool) -> torch.Tensor | None:
