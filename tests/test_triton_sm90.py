@@ -144,9 +144,16 @@ def _logprobs_variants() -> Iterator[Variant]:
             ("chunked,odd", F32, "chunked", 13, 301, 40, False, False, "hw")):
         yield (f"linear_logprobs[{label}]", dtype,
                lambda d, a=(strategy, n, V, H, entropy, bias, grads): linear_case(d, *a))
-    # softcap (the chunked strategy only): the logits kernels' SOFTCAP specializations
-    yield ("linear_logprobs[chunked,softcap,entropy]", BF16,
-           lambda d: linear_case(d, "chunked", 144, 256, 64, True, False, "hw", softcap=3.0))
+    # softcap: the SOFTCAP specializations of the logits kernels (chunked), of the GEMM
+    # kernels (fused), and of the fused forward in float32 before a chunked backward
+    for label, dtype, strategy, n, V, H, entropy, bias, grads in (
+            ("chunked,softcap,entropy", BF16, "chunked", 144, 256, 64, True, False, "hw"),
+            ("fused,softcap,entropy,bias", BF16, "fused", 144, 256, 64, True, True, "hwb"),
+            ("fused-forward,softcap,odd", F32, "fused-forward", 13, 301, 40, False, False,
+             "hw")):
+        yield (f"linear_logprobs[{label}]", dtype,
+               lambda d, a=(strategy, n, V, H, entropy, bias, grads): linear_case(
+                   d, *a, softcap=3.0))
     for label, dtype, n, V, entropy in (("aligned,entropy", BF16, 32, 1024, True),
                                         ("aligned", BF16, 32, 1024, False),
                                         ("odd", F32, 13, 301, False)):

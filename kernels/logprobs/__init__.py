@@ -41,8 +41,8 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     targets: `[...]` integer token ids in `[0, V)`, or `ignore_index`.
     bias: optional `[V]`.
     softcap: Gemma-2's final logit soft-capping (`config.final_logit_softcapping`), a finite
-        number > 0, or None (no cap). Applied before the temperature, as in the model. On
-        the triton backend it needs the chunked strategy (the default).
+        number > 0, or None (no cap). Applied before the temperature, as in the model, by
+        every backend and strategy.
     Returns logps `[...]` float32 (float64 for float64 input), 0 where the target is
     `ignore_index`; with `return_entropy=True` the pair `(logps, entropy)`, entropy `[...]`
     also 0 at ignored positions. Gradients flow to hidden, weight and bias from both outputs.
@@ -184,11 +184,11 @@ def linear_strategy() -> str:
 
 def _linear_kernels(backend: str, strategy: str):
     """(forward, backward) host functions of linear_logprobs on a kernel backend, one
-    signature: forward(h, w, b, targets, temperature, ignore_index) -> (logp, lse, entropy)
-    `[N]` fp32; backward(h, w, b, targets, lse, entropy, g_logp, g_entropy, temperature,
-    need, ignore_index) -> (grad_hidden, grad_weight, grad_bias). "fused" and the fused
-    half of "fused-forward" are triton's only; "chunked" runs around either backend's logits
-    kernels."""
+    signature: forward(h, w, b, targets, temperature, ignore_index, softcap=) -> (logp, lse,
+    entropy) `[N]` fp32; backward(h, w, b, targets, lse, entropy, g_logp, g_entropy,
+    temperature, need, ignore_index=, softcap=) -> (grad_hidden, grad_weight, grad_bias).
+    "fused" and the fused half of "fused-forward" are triton's only; "chunked" runs around
+    either backend's logits kernels."""
     if strategy == "chunked":
         return _chunked_pair(backend)
     if strategy == "fused":
@@ -206,8 +206,9 @@ def _chunked_pair(backend: str):
 def _fused_pair():
     from .triton_backward import linear_backward
     from .triton_forward import linear_forward
-    return (lambda h, w, b, t, temperature, _ignore: linear_forward(h, w, b, t, temperature),
-            lambda *args, ignore_index: linear_backward(*args))
+    return (lambda h, w, b, t, temperature, _ignore, softcap:
+                linear_forward(h, w, b, t, temperature, softcap),
+            lambda *args, ignore_index, softcap: linear_backward(*args, softcap=softcap))
 
 
 class _LinearLogprobsKernel(torch.autograd.Function):
@@ -217,15 +218,11 @@ class _LinearLogprobsKernel(torch.autograd.Function):
     def forward(ctx, backend, hidden, weight, bias, targets, temperature, ignore_index,
                 want_entropy, softcap):
         strategy = linear_strategy() if backend == "triton" else "chunked"
-        if softcap is not None and strategy != "chunked":
-            raise ValueError(f"softcap is supported by the chunked strategy of linear_logprobs "
-                             f"only; ALIGNFUSE_LINEAR_STRATEGY={strategy!r} keeps its GEMMs "
-                             f"inside Triton kernels without it")
         forward, _ = _linear_kernels(backend, strategy)
         h, w = _kernel_ready(hidden), _kernel_ready(weight)
         b = None if bias is None else _kernel_ready(bias)
         logp, lse, entropy = forward(h, w, b, targets, temperature, ignore_index,
-                                     **_softcap_kwarg(softcap))
+                                     softcap=softcap)
         valid = targets != ignore_index
         ctx.save_for_backward(h, w, b, targets, valid, lse, entropy if want_entropy else None)
         ctx.temperature, ctx.ignore_index, ctx.softcap = temperature, ignore_index, softcap
@@ -243,14 +240,9 @@ class _LinearLogprobsKernel(torch.autograd.Function):
         grads = backward(h, w, b, targets, lse, entropy, _incoming(g_logp, valid),
                          _incoming(g_entropy if entropy is not None else None, valid),
                          ctx.temperature, need, ignore_index=ctx.ignore_index,
-                         **_softcap_kwarg(ctx.softcap))
+                         softcap=ctx.softcap)
         grads = [None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)]
         return (None, *grads, None, None, None, None, None)
-
-
-def _softcap_kwarg(softcap: float | None) -> dict:
-    # only the chunked strategy's functions take softcap (the fused ones never see one)
-    return {} if softcap is None else {"softcap": softcap}
 
 
 def _logits_kernels(backend: str):

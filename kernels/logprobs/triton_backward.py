@@ -12,9 +12,10 @@ Reusable tiles (a fused loss kernel calls these, it does not copy them):
 Accumulation strategy for `linear_backward` (reasoned, not measured: no GPU was available
 while this was written; bench it before trusting it):
 one kernel over (row block x vocab block) tiles. Each tile recomputes its logits once
-(2 BN BV H FLOPs), turns them into dz, then adds dz @ W_tile into grad_hidden and
-dz.T @ h_tile into grad_weight with fp32 atomics, one H slice at a time. Backward costs
-6 N V H FLOPs, the least any recomputing scheme can do.
+(2 BN BV H FLOPs; soft-capped as in the forward, with dz chained through the cap), turns
+them into dz, then adds dz @ W_tile into grad_hidden and dz.T @ h_tile into grad_weight
+with fp32 atomics, one H slice at a time. Backward costs 6 N V H FLOPs, the least any
+recomputing scheme can do.
 - The alternative, two kernels (grad_hidden tiled over tokens, grad_weight tiled over
   vocab), needs no atomics and is deterministic, but recomputes every logits tile twice
   (8 N V H, +33% FLOPs), and the token kernel's [BN, H] accumulator does not fit on chip
@@ -120,9 +121,9 @@ def accumulate_grad_tile(dz, h_ptr, w_ptr, gh_ptr, gw_ptr, rows, cols, N, V, H, 
 @triton.jit
 def _linear_backward_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr,
                             gh_ptr, gw_ptr, gb_ptr, N, V, H, stride_hn, stride_wv, inv_temp,
-                            num_n_blocks, num_v_blocks, HAS_BIAS: tl.constexpr,
-                            HAS_ENTROPY: tl.constexpr, NEED_H: tl.constexpr,
-                            NEED_W: tl.constexpr, NEED_B: tl.constexpr,
+                            cap, num_n_blocks, num_v_blocks, HAS_BIAS: tl.constexpr,
+                            SOFTCAP: tl.constexpr, HAS_ENTROPY: tl.constexpr,
+                            NEED_H: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr,
                             BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                             BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
                             PRECISION: tl.constexpr):
@@ -150,9 +151,14 @@ def _linear_backward_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, ent_ptr, glp_pt
         targets = tl.load(t_ptr + rows, mask=row_mask, other=-1)
         lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
         z = logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_hn, stride_wv,
-                        inv_temp, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION)
-        dz = dlogits_tile(z, cols, targets, lse, entropy, g_logp, g_entropy, cols < V,
-                          HAS_ENTROPY) * inv_temp
+                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION)
+        if SOFTCAP:  # the forward's soft_cap, keeping tanh for the chain rule
+            t = tanh(z / cap)
+            z = cap * t
+        dz = dlogits_tile(z * inv_temp, cols, targets, lse, entropy, g_logp, g_entropy,
+                          cols < V, HAS_ENTROPY) * inv_temp
+        if SOFTCAP:
+            dz = dz * (1.0 - t * t)  # d(cap tanh(raw / cap)) / d raw
         accumulate_grad_tile(dz, h_ptr, w_ptr, gh_ptr, gw_ptr, rows, cols, N, V, H,
                              stride_hn, stride_wv, NEED_H, NEED_W, BLOCK_H, PRECISION)
         if NEED_B:
@@ -181,8 +187,10 @@ def _logits_backward_kernel(z_ptr, t_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, g
 
 
 def linear_backward(hidden, weight, bias, targets, lse, entropy, g_logp, g_entropy,
-                    temperature: float, need: tuple[bool, bool, bool]):
-    """Gradients (hidden, weight, bias) from g_logp / g_entropy `[N]` fp32 (0 where ignored)."""
+                    temperature: float, need: tuple[bool, bool, bool],
+                    softcap: float | None = None):
+    """Gradients (hidden, weight, bias) from g_logp / g_entropy `[N]` fp32 (0 where ignored);
+    with a softcap, of the capped logits, as `linear_forward`'s."""
     N, H = hidden.shape
     V = weight.shape[0]
     need_h, need_w, need_b = need
@@ -198,9 +206,9 @@ def linear_backward(hidden, weight, bias, targets, lse, entropy, g_logp, g_entro
         hidden, weight, bias if bias is not None else weight, targets, lse,
         entropy if has_entropy else lse, g_logp, g_entropy if has_entropy else g_logp,
         gh, gw, gb, N, V, H, hidden.stride(0), weight.stride(0), 1.0 / temperature,
-        num_n_blocks, num_v_blocks, HAS_BIAS=bias is not None, HAS_ENTROPY=has_entropy,
-        NEED_H=need_h, NEED_W=need_w, NEED_B=need_b, GROUP_N=8,
-        PRECISION=dot_precision(hidden), **cfg)
+        softcap or 1.0, num_n_blocks, num_v_blocks, HAS_BIAS=bias is not None,
+        SOFTCAP=softcap is not None, HAS_ENTROPY=has_entropy, NEED_H=need_h, NEED_W=need_w,
+        NEED_B=need_b, GROUP_N=8, PRECISION=dot_precision(hidden), **cfg)
     return (gh.to(hidden.dtype) if need_h else None,
             gw.to(weight.dtype) if need_w else None,
             gb.to(bias.dtype) if need_b else None)

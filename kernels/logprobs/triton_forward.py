@@ -1,8 +1,9 @@
 """Triton forward of the log-prob ops: per-token lse, target logit and entropy, one pass.
 
 Reusable tiles (a fused loss kernel calls these, it does not copy them):
-- `logits_tile`: one `[BLOCK_N, BLOCK_V]` fp32 tile of `(hidden @ weight.T + bias) / T`,
-  accumulated over H with `tl.dot`.
+- `logits_tile`: one `[BLOCK_N, BLOCK_V]` fp32 tile of raw logits `hidden @ weight.T + bias`,
+  accumulated over H with `tl.dot`; its callers soft-cap it (`soft_cap`, when SOFTCAP) and
+  divide by T.
 - `online_lse_update`: folds a tile into the running (max m, sum s, entropy term b) of each
   row, where s = sum exp(z - m) and b = sum exp(z - m) (z - m).
 - `target_logit`: picks each row's target logit out of a tile (0 if not in the tile).
@@ -11,11 +12,11 @@ Reusable tiles (a fused loss kernel calls these, it does not copy them):
 Entropy is kept relative to the running max, H = log s - b / s, rather than as
 lse - sum p z: with logits of magnitude 1e4 the latter cancels catastrophically in fp32.
 
-`linear_forward` tiles tokens (BLOCK_N rows per program) and streams the vocabulary; when
-there are too few row blocks to fill the GPU, the vocabulary is also split into a few
-contiguous ranges, each program writes partial (m, s, b, z_target) and `merge_partials`
-combines them (split-V: no atomics, no [N, V] buffer). The grid is 1-D, so N is limited
-only by 2^31 programs.
+`linear_forward` tiles tokens (BLOCK_N rows per program) and streams the vocabulary,
+soft-capping each tile as it is computed when given a softcap; when there are too few row
+blocks to fill the GPU, the vocabulary is also split into a few contiguous ranges, each
+program writes partial (m, s, b, z_target) and `merge_partials` combines them (split-V: no
+atomics, no [N, V] buffer). The grid is 1-D, so N is limited only by 2^31 programs.
 """
 
 from __future__ import annotations
@@ -37,10 +38,11 @@ def mma(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_hn, stride_wv, inv_temp,
+def logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_hn, stride_wv,
                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                 BLOCK_H: tl.constexpr, PRECISION: tl.constexpr):
-    """fp32 `[BLOCK_N, BLOCK_V]` tile of scaled logits for token `rows` and vocab `cols`."""
+    """fp32 `[BLOCK_N, BLOCK_V]` tile of raw logits (not capped, not scaled by the
+    temperature) for token `rows` and vocab `cols`."""
     row_mask = rows < N
     col_mask = cols < V
     h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_hn
@@ -54,7 +56,7 @@ def logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_hn, stride_wv, 
         acc = mma(h, tl.trans(w), acc, PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    return acc * inv_temp
+    return acc
 
 
 @triton.jit
@@ -87,8 +89,8 @@ def finish_stats(m, s, b, z_target):
 
 @triton.jit
 def _linear_forward_kernel(h_ptr, w_ptr, b_ptr, t_ptr, part_ptr, N, V, H, stride_hn,
-                           stride_wv, inv_temp, num_n_blocks, v_per_split,
-                           HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                           stride_wv, inv_temp, cap, num_n_blocks, v_per_split,
+                           HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                            PRECISION: tl.constexpr):
     # Consecutive programs share a vocabulary range and differ in rows, so the weight tiles
@@ -109,7 +111,8 @@ def _linear_forward_kernel(h_ptr, w_ptr, b_ptr, t_ptr, part_ptr, N, V, H, stride
     for v in range(v_start, v_end, BLOCK_V):
         cols = v + tl.arange(0, BLOCK_V)
         z = logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_hn, stride_wv,
-                        inv_temp, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION)
+                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, PRECISION)
+        z = soft_cap(z, cap, SOFTCAP) * inv_temp
         m, s, b = online_lse_update(m, s, b, z, cols < v_end)
         zt += target_logit(z, cols, targets)
     # partials: [splits, 4, N] fp32 (m, s, b, z_target)
@@ -230,8 +233,9 @@ def merge_partials(parts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
 
 
 def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   targets: torch.Tensor, temperature: float):
-    """hidden `[N, H]`, weight `[V, H]`, targets `[N]` int64 -> (logp, lse, entropy) `[N]` fp32."""
+                   targets: torch.Tensor, temperature: float, softcap: float | None = None):
+    """hidden `[N, H]`, weight `[V, H]`, targets `[N]` int64 -> (logp, lse, entropy) `[N]` fp32,
+    of softcap * tanh(logits / softcap) with a softcap."""
     N, H = hidden.shape
     V = weight.shape[0]
     cfg = linear_blocks(hidden)
@@ -242,8 +246,9 @@ def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     parts = torch.empty(splits, 4, N, device=hidden.device, dtype=torch.float32)
     _linear_forward_kernel[(num_n_blocks * splits,)](
         hidden, weight, bias if bias is not None else weight, targets, parts, N, V, H,
-        hidden.stride(0), weight.stride(0), 1.0 / temperature, num_n_blocks, v_per_split,
-        HAS_BIAS=bias is not None, PRECISION=dot_precision(hidden), **cfg)
+        hidden.stride(0), weight.stride(0), 1.0 / temperature, softcap or 1.0, num_n_blocks,
+        v_per_split, HAS_BIAS=bias is not None, SOFTCAP=softcap is not None,
+        PRECISION=dot_precision(hidden), **cfg)
     lse, entropy, zt = merge_partials(parts)
     return zt - lse, lse, entropy
 
