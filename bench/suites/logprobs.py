@@ -229,8 +229,8 @@ def case(N: int, H: int, V: int, dtype: torch.dtype, device: torch.device,
                   _liger(softcap),
                   Contender("cce", "baseline", functools.partial(_cce, softcap=softcap),
                             _cce_unavailable, note=cce_note)]
-    if softcap is None:  # they keep the GEMMs inside Triton, without a softcap
-        contenders += [_alignfuse("triton", "fused"), _alignfuse("triton", "fused-forward")]
+    contenders += [_alignfuse("triton", "fused", softcap), _alignfuse("triton", "fused-forward",
+                                                                       softcap)]
     contenders += [_cross_entropy("triton", softcap), _alignfuse("torch", softcap=softcap),
                    _alignfuse("cuda", softcap=softcap)]
     tol = tolerance(dtype)
