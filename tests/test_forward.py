@@ -416,6 +416,34 @@ def test_models_whose_layers_carry_state_across_documents_are_refused(model_type
                              1e-5, f"document {i} alone")
 
 
+MIXTURES = {"qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                              head_dim=16),
+            "mixtral": dict(num_local_experts=8, num_experts_per_tok=2)}
+
+
+@pytest.mark.parametrize("model_type", sorted(MIXTURES))
+def test_mixtures_of_experts_pass_the_check(model_type):
+    """In a mixture of experts the first document's routing changes the rounding of the
+    second one's rows (the experts' batch sizes change), not their value: the check allows
+    that, and packed equals each document alone."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        model_type, vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=1, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0, **MIXTURES[model_type])
+    config._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        model = AutoModelForCausalLM.from_config(config).eval()
+    seqs = random_sequences(torch.Generator().manual_seed(14), [8, 11, 5])
+    (batch,) = pack(seqs, max_tokens=24)
+    with torch.no_grad():
+        expected = torch.cat([unpacked_token_logps(model, seqs[i])
+                              for i in batch.seq_index.tolist()])
+        assert_rel_close(token_logprobs(model, batch), expected, 1e-5, model_type)
+
+
 class HalvedLogitsLlama(transformers.LlamaForCausalLM):
     """A family that transforms its logits in code, with no config field to read."""
 
