@@ -374,17 +374,22 @@ HYBRIDS = {  # model_type: the config fields that make it tiny (on the torch fal
 }
 
 
-def hybrid_model(model_type: str):
+def family_model(model_type: str, fields: dict, layers: int = 2, seed: int = 3):
+    """A tiny random `model_type` causal LM (sdpa) with the family's own `fields`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(
-        model_type, vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=1, bos_token_id=1, eos_token_id=2,
-        pad_token_id=0, **HYBRIDS[model_type])
+        model_type, vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=1, bos_token_id=1,
+        eos_token_id=2, pad_token_id=0, **fields)
     config._attn_implementation = "sdpa"
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(3)
+        torch.manual_seed(seed)
         return AutoModelForCausalLM.from_config(config)
+
+
+def hybrid_model(model_type: str):
+    return family_model(model_type, HYBRIDS[model_type])
 
 
 @pytest.mark.parametrize("model_type", sorted(HYBRIDS))
@@ -426,16 +431,7 @@ def test_mixtures_of_experts_pass_the_check(model_type):
     """In a mixture of experts the first document's routing changes the rounding of the
     second one's rows (the experts' batch sizes change), not their value: the check allows
     that, and packed equals each document alone."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model(
-        model_type, vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=1, bos_token_id=1, eos_token_id=2,
-        pad_token_id=0, **MIXTURES[model_type])
-    config._attn_implementation = "sdpa"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(5)
-        model = AutoModelForCausalLM.from_config(config).eval()
+    model = family_model(model_type, MIXTURES[model_type], layers=3, seed=5).eval()
     seqs = random_sequences(torch.Generator().manual_seed(14), [8, 11, 5])
     (batch,) = pack(seqs, max_tokens=24)
     with torch.no_grad():
