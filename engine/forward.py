@@ -33,10 +33,11 @@ The sampling temperature divides the transformed logits, as transformers and vLL
 
 What no config field tells is checked once per model (`verify_packed_model`, three tiny
 forwards at the first call): that a packed document does not depend on the tokens packed
-before it (models with state-space, convolution or linear-attention layers leak: Bamba,
-Falcon-H1, Jamba, LFM2, Qwen3-Next, measured; for them only one-document batches are
-taken) and that the head as read above gives the model's own logits. A model that fails
-is refused (`ModelCheckError`), not trained wrongly.
+before it, and that the head as read above gives the model's own logits. Models with
+state-space, convolution or linear-attention layers leak (Bamba, Falcon-H1, Jamba, LFM2,
+Qwen3-Next, measured): they run on right-padded rows, one per document, which is exact
+for a causal model (hidden states gathered back into the packed order, so everything
+downstream is unchanged). A head that is not reproduced is refused (`ModelCheckError`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import warnings
 import weakref
 from typing import Callable, Iterable, NamedTuple
 
@@ -276,32 +278,46 @@ def run_decoder(model: nn.Module, packed, on_hidden: Callable[[torch.Tensor], ob
     `hidden` is the decoder's final hidden state (after the final norm). `on_hidden` runs
     inside the model's forward, while FSDP2 has the root module's parameters gathered, so it
     may use the LM head or any parameter of the root module. No logits are computed.
-    The model is verified first (once, `verify_packed_model`); pass `lm_head=True` when
-    `on_hidden` uses the LM head (`lm_head_of`), so that its reproduction is verified too.
+    The model is checked first (once, `verify_packed_model`); pass `lm_head=True` when
+    `on_hidden` uses the LM head (`lm_head_of`), so that a head it cannot reproduce is
+    refused. A model whose packed documents are not isolated (state-carrying layers) runs
+    on right-padded rows `[S, max_seqlen]` instead: exact for any causal model, at the cost
+    of the padding; `hidden` is gathered back into the packed order.
     """
-    verify_packed_model(model, packed.input_ids.device, lm_head=lm_head,
-                        packed=packed.cu_seqlens.numel() > 2)
+    device = packed.input_ids.device
+    leak, head = _verdict(model, device)
+    if lm_head and head:
+        raise ModelCheckError(head)
+    padded = leak is not None and packed.cu_seqlens.numel() > 2
     # no position kept: the LM head runs on an empty slice, so no [N, V] logits
     return _forward(model, packed, on_hidden,
-                    torch.empty(0, dtype=torch.long, device=packed.input_ids.device))[0]
+                    torch.empty(0, dtype=torch.long, device=device), padded=padded)[0]
 
 
 def _forward(model: nn.Module, packed, on_hidden: Callable[[torch.Tensor], object],
-             logits_to_keep) -> tuple[object, object]:
-    """`(on_hidden(hidden [N, H]), the model's output)` of one packed forward (`run_decoder`)."""
+             logits_to_keep, *, padded: bool = False) -> tuple[object, object]:
+    """`(on_hidden(hidden [N, H]), the model's output)` of one forward of `packed`: packed
+    in one row with the documents isolated, or `padded`, one right-padded row per document
+    (see `run_decoder`)."""
     decoder = unwrap_model(model).get_decoder()
     captured: list = []
+    if padded:
+        document, position = document_ids(packed.cu_seqlens), packed.position_ids
+        inputs = {"input_ids": packed.to_padded(packed.input_ids),
+                  "attention_mask": packed.to_padded(torch.ones_like(packed.input_ids))}
+    else:
+        inputs = {"input_ids": packed.input_ids.reshape(1, -1),
+                  "position_ids": packed.position_ids.reshape(1, -1),
+                  **attention_inputs(model, packed)}
 
     def hook(module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
-        captured.append(on_hidden(hidden.reshape(-1, hidden.shape[-1])))
+        hidden = hidden[document, position] if padded else hidden.reshape(-1, hidden.shape[-1])
+        captured.append(on_hidden(hidden))
 
     handle = decoder.register_forward_hook(hook)
     try:
-        output = model(input_ids=packed.input_ids.reshape(1, -1),
-                       position_ids=packed.position_ids.reshape(1, -1),
-                       logits_to_keep=logits_to_keep, use_cache=False,
-                       **attention_inputs(model, packed))
+        output = model(**inputs, logits_to_keep=logits_to_keep, use_cache=False)
     finally:
         handle.remove()
     if len(captured) != 1:
@@ -343,29 +359,40 @@ _HALF_HEAD_TOLERANCE = 3e-2
 
 def verify_packed_model(model: nn.Module, device, *, lm_head: bool = True,
                         packed: bool = True) -> None:
-    """Check that the packed forward computes what it claims for this model; raise
-    `ModelCheckError` (a NotImplementedError) if not. `run_decoder` calls it.
+    """Check that packing is exact for this model; raise `ModelCheckError` (a
+    NotImplementedError) if not. `run_decoder` makes the same check and, where packed
+    documents are not isolated, runs the model on padded rows instead of refusing it.
 
     The probe runs once per model, device type and attention implementation, on every rank
     alike: three forwards of two short random documents packed in one row, in eval mode
     without gradients. It checks
-    - (`packed=True`: batches hold several documents) that documents are isolated: the
-      second document's final hidden states are the same whatever tokens the first one
-      holds (two draws), up to the forward's own run-to-run noise (the first draw run
-      twice). A model with layers that carry state along the row (state-space, short
-      convolution or linear-attention layers, as in Mamba hybrids, LFM2, Qwen3-Next) leaks
-      the first document into the second, which no attention mask cuts; measured here, the
-      leak is as large in float64, so it is not rounding. One document per batch is exact.
-      What rounding alone may change (a mixture of experts rounds differently as the
-      routing changes) is allowed: 2e-5 of the states' norm in float32, 5e-2 in half
-      precision, where a smaller leak is not caught.
+    - (`packed=True`) that documents are isolated: the second document's final hidden
+      states are the same whatever tokens the first one holds (two draws), up to the
+      forward's own run-to-run noise (the first draw run twice). A model with layers that
+      carry state along the row (state-space, short convolution or linear-attention layers,
+      as in Mamba hybrids, LFM2, Qwen3-Next) leaks the first document into the second,
+      which no attention mask cuts; measured here, the leak is as large in float64, so it
+      is not rounding. What rounding alone may change (a mixture of experts rounds
+      differently as the routing changes) is allowed: 2e-5 of the states' norm in float32,
+      5e-2 in half precision, where a smaller leak is not caught.
     - (`lm_head=True`) that the LM head as `lm_head_of` reproduces it (weight, bias, softcap,
       logit scale) gives the model's own logits, so a family that transforms its logits in
       code, or through a config field this engine does not read, is caught.
-    `ALIGNFUSE_VERIFY_MODEL=0` skips it (a failed check means wrong log-probs or gradients).
+    `ALIGNFUSE_VERIFY_MODEL=0` skips it (packing is then trusted: a leaking model trains on
+    leaked context, a head not reproduced on wrong log-probs).
     """
+    leak, head = _verdict(model, device)
+    if packed and leak:
+        raise ModelCheckError(f"{leak} `run_decoder` (token_logprobs, the algorithms) runs "
+                              "such a model on right-padded rows instead.")
+    if lm_head and head:
+        raise ModelCheckError(head)
+
+
+def _verdict(model: nn.Module, device) -> tuple[str | None, str | None]:
+    """The probe's verdict for `model` on `device` (`_probe`), computed once."""
     if os.environ.get("ALIGNFUSE_VERIFY_MODEL", "1") == "0":
-        return
+        return None, None
     inner = unwrap_model(model)
     device = torch.device(device)
 
@@ -383,13 +410,12 @@ def verify_packed_model(model: nn.Module, device, *, lm_head: bool = True,
         finally:
             for module, training in modes:
                 module.training = training
+        if verdict[0]:
+            warnings.warn(f"{verdict[0]} alignfuse runs it on right-padded rows, one per "
+                          "document, instead of packed ones.", stacklevel=3)
         # attention_inputs may have switched the implementation: the verdict is the new one's
         verdicts[before] = verdicts[key()] = verdict
-    leak, head = verdicts[key()]
-    if packed and leak:
-        raise ModelCheckError(leak)
-    if lm_head and head:
-        raise ModelCheckError(head)
+    return verdicts[key()]
 
 
 def _probe(model: nn.Module, device: torch.device) -> tuple[str | None, str | None]:
@@ -439,8 +465,7 @@ def _probe(model: nn.Module, device: torch.device) -> tuple[str | None, str | No
                 f"norm) with the tokens of the document packed before it (run-to-run noise: "
                 f"{noise / scale:.3g}). Some layers carry state along the packed row "
                 "(state-space, convolution and linear-attention layers do), which attention "
-                "masks cannot cut: pack one document per batch (`pack([seq], ...)`), which "
-                "is exact for it. ALIGNFUSE_VERIFY_MODEL=0 skips this check.")
+                "masks cannot cut.")
     mismatch = None
     if logits is not None:
         predicted, logits = logits

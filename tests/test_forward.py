@@ -393,32 +393,39 @@ def hybrid_model(model_type: str):
 
 
 @pytest.mark.parametrize("model_type", sorted(HYBRIDS))
-def test_models_whose_layers_carry_state_across_documents_are_refused(model_type):
-    """Packed, these models' second document depends on the first one's tokens (the check's
-    claim, shown here without it: packed != each document alone); the check refuses packed
-    batches before any log-prob is computed, on every path (log-probs, reward/value heads),
-    and takes batches of one document."""
-    model = hybrid_model(model_type).eval()
+def test_models_whose_layers_carry_state_across_documents_run_padded(model_type):
+    """Packed, these models' second document depends on the first one's tokens (shown with
+    the check off: packed != each document alone). The check finds it, says so once, and
+    the model runs on right-padded rows instead: log-probs, gradients and hidden states
+    equal each document run alone."""
+    model = hybrid_model(model_type)
     gen = torch.Generator().manual_seed(13)
-    seqs = random_sequences(gen, [7, 9])
-    (batch,) = pack(seqs, max_tokens=16)
+    seqs = random_sequences(gen, [7, 9, 4])
+    (batch,) = pack(seqs, max_tokens=20)
+    order = batch.seq_index.tolist()
     with torch.no_grad():
-        expected = torch.cat([unpacked_token_logps(model, seqs[i])
-                              for i in batch.seq_index.tolist()])
+        expected = torch.cat([unpacked_token_logps(model, seqs[i]) for i in order])
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("ALIGNFUSE_VERIFY_MODEL", "0")
             leaked = token_logprobs(model, batch).double()
     assert float((leaked - expected).abs().max()) > 1e-5
-    with pytest.raises(forward.ModelCheckError, match=rf"not isolated .*'{model_type}'"):
-        token_logprobs(model, batch)
-    with pytest.raises(NotImplementedError, match=r"pack one document per batch"):
-        forward.final_hidden_states(model, batch)
-    # one document per batch is exact for these models, and taken
-    for i, seq in enumerate(seqs):
-        (alone,) = pack([seq], max_tokens=len(seq))
-        with torch.no_grad():
-            assert_rel_close(token_logprobs(model, alone), unpacked_token_logps(model, seq),
-                             1e-5, f"document {i} alone")
+    with pytest.warns(UserWarning, match=rf"not isolated .*'{model_type}'.*right-padded rows"):
+        logps = token_logprobs(model, batch)
+    with pytest.raises(forward.ModelCheckError, match="runs such a model on right-padded rows"):
+        forward.verify_packed_model(model, "cpu")
+    assert_rel_close(logps, expected, 1e-5, "padded vs alone")
+    logps.sum().backward()
+    padded_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    sum(unpacked_token_logps(model, seqs[i]).sum() for i in order).backward()
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            assert_rel_close(padded_grads[name], p.grad, 1e-5, f"grad of {name}")
+    with torch.no_grad():
+        hidden = forward.final_hidden_states(model, batch)
+        alone = torch.cat([model.get_decoder()(input_ids=torch.tensor(seqs[i])[None])
+                           .last_hidden_state[0] for i in order])
+    assert_rel_close(hidden, alone, 1e-5, "hidden states")
 
 
 MIXTURES = {"qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
