@@ -31,9 +31,10 @@ fused ops, read from the config in one place (`lm_head_of`):
   and their order would matter); so are the scaling fields of other families.
 The sampling temperature divides the transformed logits, as transformers and vLLM do.
 
-What no config field tells is checked once per model (`verify_packed_model`, three tiny
-forwards at the first call): that a packed document does not depend on the tokens packed
-before it, and that the head as read above gives the model's own logits. Models with
+What no config field tells is checked once per model (`verify_packed_model`, a forward and
+a backward of two tiny documents at the first call): that a packed document does not
+depend on the tokens packed before it, and that the head as read above gives the model's
+own logits. Models with
 state-space, convolution or linear-attention layers leak (Bamba, Falcon-H1, Jamba, LFM2,
 Qwen3-Next, measured): they run on right-padded rows, one per document, which is exact
 for a causal model (hidden states gathered back into the packed order, so everything
@@ -337,16 +338,22 @@ _VERIFIED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDiction
 # The probe: a first document (two draws of it) and a second one, odd lengths; ids from a
 # private generator, so the global RNG (which a resumed run replays) is not touched.
 _PROBE_LENGTHS = (6, 9)
-# Isolated, the second document's hidden states do not depend on the first one's tokens:
-# masked scores are exactly 0 after the softmax, so in a dense model the same arithmetic
-# runs on the same values and nothing changes beyond the forward's own run-to-run noise
-# (none where the kernels are deterministic). In a mixture of experts the first document's
-# routing changes the experts' batch sizes, hence the GEMMs' rounding of the second one's
-# rows: relative 1.6e-7 in float32 measured on tiny Qwen3-MoE and Mixtral models, and of
-# bf16's order in half precision. Allowed: this many times the noise plus this share of the
-# states' norm, by the model's dtype (half precision otherwise). The leaks measured on tiny
-# random hybrids in float32 are 5e-4 (LFM2) to 0.4 (Bamba); in half precision a leak under
-# the half floor is not caught.
+# Isolated, the second document's hidden states do not depend on the first one's tokens.
+# By gradient (`_leak_by_gradient`): masked attention probabilities are exactly 0, so the
+# gradient of the second document's states with respect to the first one's embeddings is
+# exactly 0 in any dtype, dense or mixture of experts (routing is per token); measured on
+# tiny random models in float32 and bf16: 0 for Llama, Gemma-2, Qwen3-MoE and Mixtral, and
+# 3.5e-4 (LFM2) to 0.33 (Bamba) of the gradient with respect to its own embeddings for the
+# hybrids. Above this share it leaks:
+_GRADIENT_LEAK = 1e-6
+# By forwards (`_leak_by_forwards`, for FSDP-sharded models, whose backward hooks a probe
+# must not trigger): the second document's states change with the first one's tokens by
+# no more than the forward's own run-to-run noise in a dense model, but a mixture of
+# experts rounds its rows differently as the routing of the first changes the experts'
+# batch sizes (1.6e-7 relative in float32, measured; bf16's order in half precision).
+# Allowed: this many times the noise plus this share of the states' norm, by the model's
+# dtype (half precision otherwise). The hybrids' leaks measured in float32 are 5e-4 (LFM2)
+# to 0.4 (Bamba); in half precision a leak under the half floor is not caught this way.
 _NOISE_MARGIN = 10.0
 _LEAK_FLOOR = {torch.float64: 1e-9, torch.float32: 2e-5}
 _HALF_LEAK_FLOOR = 5e-2
@@ -364,17 +371,19 @@ def verify_packed_model(model: nn.Module, device, *, lm_head: bool = True,
     documents are not isolated, runs the model on padded rows instead of refusing it.
 
     The probe runs once per model, device type and attention implementation, on every rank
-    alike: three forwards of two short random documents packed in one row, in eval mode
-    without gradients. It checks
+    alike, on two short random documents packed in one row, in eval mode. It checks
     - (`packed=True`) that documents are isolated: the second document's final hidden
-      states are the same whatever tokens the first one holds (two draws), up to the
-      forward's own run-to-run noise (the first draw run twice). A model with layers that
-      carry state along the row (state-space, short convolution or linear-attention layers,
-      as in Mamba hybrids, LFM2, Qwen3-Next) leaks the first document into the second,
-      which no attention mask cuts; measured here, the leak is as large in float64, so it
-      is not rounding. What rounding alone may change (a mixture of experts rounds
-      differently as the routing changes) is allowed: 2e-5 of the states' norm in float32,
-      5e-2 in half precision, where a smaller leak is not caught.
+      states do not depend on the first one's tokens. A model with layers that carry state
+      along the row (state-space, short convolution or linear-attention layers, as in Mamba
+      hybrids, LFM2, Qwen3-Next) leaks the first document into the second, which no
+      attention mask cuts. One forward and a backward to the input embeddings: isolated,
+      the gradient of the second document's states with respect to the first one's
+      embeddings is exactly 0 in any dtype (`_leak_by_gradient`). A model sharded by FSDP,
+      whose backward hooks a probe must not set off, gets three forwards instead
+      (`_leak_by_forwards`: the first document drawn twice); they allow what rounding alone
+      changes (a mixture of experts rounds differently as its routing changes): 2e-5 of
+      the states' norm in float32, 5e-2 in half precision, where a smaller leak is not
+      caught.
     - (`lm_head=True`) that the LM head as `lm_head_of` reproduces it (weight, bias, softcap,
       logit scale) gives the model's own logits, so a family that transforms its logits in
       code, or through a config field this engine does not read, is caught.
@@ -434,43 +443,64 @@ def _probe(model: nn.Module, device: torch.device) -> tuple[str | None, str | No
     except (NotImplementedError, ValueError):
         head = None
 
-    def run(before: list, with_logits: bool = False):
-        """`second`'s rows packed after `before`: (float32 hidden, (head's logits, the
-        model's logits) or None)."""
+    def run(runner: nn.Module, before: list, *, with_logits: bool = False, leaf=None):
+        """`second` packed after `before` through `runner`: (its rows' float32 hidden
+        states, (the head's logits, the model's logits) or None, the batch's rows of
+        `before` and of `second`). `leaf`: a hook output for the input embeddings."""
         (batch,) = pack([before, second], max_tokens=len(before) + len(second))
         index = int((batch.seq_index == 1).nonzero())
         rows = slice(int(batch.cu_seqlens[index]), int(batch.cu_seqlens[index + 1]))
+        before_rows = slice(int(batch.cu_seqlens[1 - index]), int(batch.cu_seqlens[2 - index]))
 
         def on_hidden(hidden):  # inside the forward: FSDP2 has gathered the head
             hidden = hidden[rows]
-            return hidden.float(), (_head_logits(model, hidden) if with_logits else None)
+            return (hidden.float(),
+                    _head_logits(model, hidden.detach()) if with_logits else None)
 
-        (hidden, predicted), output = _forward(
-            model, batch.to(device), on_hidden,
-            0 if with_logits else torch.empty(0, dtype=torch.long, device=device))
-        if not with_logits:
-            return hidden, None
-        logits = output.logits.reshape(-1, output.logits.shape[-1])[rows].float()
-        return hidden, (predicted, logits)
+        handle = (None if leaf is None
+                  else inner.get_input_embeddings().register_forward_hook(leaf))
+        try:
+            (hidden, predicted), output = _forward(
+                runner, batch.to(device), on_hidden,
+                0 if with_logits else torch.empty(0, dtype=torch.long, device=device))
+        finally:
+            if handle is not None:
+                handle.remove()
+        logits = None
+        if with_logits:
+            logits = (predicted, output.logits.detach().reshape(
+                -1, output.logits.shape[-1])[rows].float())
+        return hidden, logits, (before_rows, rows)
 
-    hidden, logits = run(first, with_logits=head is not None)
-    noise = float((run(first)[0] - hidden).norm())
-    change = float((run(other_first)[0] - hidden).norm())
-    scale = max(float(hidden.norm()), 1e-30)
+    embedded: list = []
+    by_gradient = False
+    if not (_fsdp_sharded(inner) or torch.is_inference_mode_enabled()):
+        def leaf(module, args, output):
+            embedded.append(output.detach().requires_grad_())
+            return embedded[-1]
+
+        # the inner model: a DDP wrapper's reducer would wait for the probe's gradients
+        with torch.enable_grad():
+            hidden, logits, rows = run(inner, first, with_logits=head is not None, leaf=leaf)
+            by_gradient = len(embedded) == 1 and hidden.requires_grad
+            if by_gradient:
+                detail = _leak_by_gradient(hidden, embedded[0], rows, gen)
+    if not by_gradient:  # sharded, inference mode, or the embeddings not run once
+        hidden, logits, _ = run(model, first, with_logits=head is not None)
+        detail = _leak_by_forwards(inner, hidden.detach(), run(model, first)[0],
+                                   run(model, other_first)[0])
     leak = None
-    dtype = getattr(inner, "dtype", None)
-    if not change <= _NOISE_MARGIN * noise + _LEAK_FLOOR.get(dtype, _HALF_LEAK_FLOOR) * scale:
+    if detail:
         leak = (f"packed documents are not isolated in this model (model_type {model_type!r}): "
-                f"a document's final hidden states change by {change / scale:.3g} (relative "
-                f"norm) with the tokens of the document packed before it (run-to-run noise: "
-                f"{noise / scale:.3g}). Some layers carry state along the packed row "
+                f"a document's final hidden states depend on the tokens of the document "
+                f"packed before it ({detail}). Some layers carry state along the packed row "
                 "(state-space, convolution and linear-attention layers do), which attention "
                 "masks cannot cut.")
     mismatch = None
     if logits is not None:
         predicted, logits = logits
         error = float((predicted - logits).norm()) / max(float(logits.norm()), 1e-30)
-        tolerance = _HEAD_TOLERANCE.get(dtype, _HALF_HEAD_TOLERANCE)
+        tolerance = _HEAD_TOLERANCE.get(getattr(inner, "dtype", None), _HALF_HEAD_TOLERANCE)
         if not error <= tolerance:
             mismatch = (
                 f"the model's logits are not its LM head's output as the fused log-probs "
@@ -479,6 +509,43 @@ def _probe(model: nn.Module, device: torch.device) -> tuple[str | None, str | No
                 f"{tolerance:g}. The family transforms its logits in code or through a config "
                 "field this engine does not read. ALIGNFUSE_VERIFY_MODEL=0 skips this check.")
     return leak, mismatch
+
+
+def _fsdp_sharded(inner: nn.Module) -> bool:
+    """Whether FSDP (FSDP2's `fully_shard` or the FSDP1 wrapper) manages any of the model."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    except ImportError:  # torch built without distributed
+        return False
+    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in inner.modules())
+
+
+def _leak_by_gradient(hidden: torch.Tensor, embedded: torch.Tensor, rows, gen) -> str | None:
+    """None, or how much the second document's states `hidden` depend on the first one's
+    input embeddings: the gradient of a random projection of them (`_GRADIENT_LEAK`)."""
+    before_rows, own_rows = rows
+    direction = torch.randn(hidden.shape, generator=gen).to(hidden.device)
+    (grad,) = torch.autograd.grad((hidden * direction).sum(), embedded)
+    grad = grad.reshape(-1, grad.shape[-1]).float()
+    leaked, own = float(grad[before_rows].norm()), float(grad[own_rows].norm())
+    if leaked > _GRADIENT_LEAK * own or (leaked > 0 and own == 0):
+        return (f"the gradient with respect to them is {leaked / max(own, 1e-30):.3g} of the "
+                "one with respect to its own; isolated, it is exactly 0")
+    return None
+
+
+def _leak_by_forwards(inner: nn.Module, hidden: torch.Tensor, again: torch.Tensor,
+                      other: torch.Tensor) -> str | None:
+    """None, or how much the second document's states change with the first one's tokens
+    (`hidden` and `again`: the same first document, `other`: another one)."""
+    noise = float((again - hidden).norm())
+    change = float((other - hidden).norm())
+    scale = max(float(hidden.norm()), 1e-30)
+    floor = _LEAK_FLOOR.get(getattr(inner, "dtype", None), _HALF_LEAK_FLOOR)
+    if change <= _NOISE_MARGIN * noise + floor * scale:
+        return None
+    return (f"they change by {change / scale:.3g} of their norm with those tokens; "
+            f"run-to-run noise: {noise / scale:.3g}")
 
 
 def _head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

@@ -392,8 +392,15 @@ def hybrid_model(model_type: str):
     return family_model(model_type, HYBRIDS[model_type])
 
 
+@pytest.fixture(params=["gradient", "forwards"])
+def leak_check(request, monkeypatch):
+    """Which isolation check runs: by gradient, or by forwards (FSDP-sharded models')."""
+    monkeypatch.setattr(forward, "_fsdp_sharded", lambda inner: request.param == "forwards")
+    return request.param
+
+
 @pytest.mark.parametrize("model_type", sorted(HYBRIDS))
-def test_models_whose_layers_carry_state_across_documents_run_padded(model_type):
+def test_models_whose_layers_carry_state_across_documents_run_padded(model_type, leak_check):
     """Packed, these models' second document depends on the first one's tokens (shown with
     the check off: packed != each document alone). The check finds it, says so once, and
     the model runs on right-padded rows instead: log-probs, gradients and hidden states
@@ -434,10 +441,11 @@ MIXTURES = {"qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermed
 
 
 @pytest.mark.parametrize("model_type", sorted(MIXTURES))
-def test_mixtures_of_experts_pass_the_check(model_type):
+def test_mixtures_of_experts_pass_the_check(model_type, leak_check):
     """In a mixture of experts the first document's routing changes the rounding of the
-    second one's rows (the experts' batch sizes change), not their value: the check allows
-    that, and packed equals each document alone."""
+    second one's rows (the experts' batch sizes change), not their value: the gradient check
+    sees exactly 0, the forward check allows the rounding, and packed equals each document
+    alone."""
     model = family_model(model_type, MIXTURES[model_type], layers=3, seed=5).eval()
     seqs = random_sequences(torch.Generator().manual_seed(14), [8, 11, 5])
     (batch,) = pack(seqs, max_tokens=24)
@@ -478,9 +486,12 @@ def test_head_field_the_engine_did_not_read_is_caught(monkeypatch):
         token_logprobs(model, batch)
 
 
-def test_model_check_runs_once_and_leaves_the_model_as_it_was(model):
-    """Three probe forwards at the first call, none later; the train/eval mode of every
-    module and the global RNG (which a resumed run replays) are untouched."""
+@pytest.mark.parametrize("by, probes", [("gradient", 1), ("forwards", 3)])
+def test_model_check_runs_once_and_leaves_the_model_as_it_was(model, monkeypatch, by, probes):
+    """The probe's forwards at the first call only (one with a backward, or three for an
+    FSDP-sharded model); the train/eval mode of every module, the parameters' gradients and
+    the global RNG (which a resumed run replays) are untouched."""
+    monkeypatch.setattr(forward, "_fsdp_sharded", lambda inner: by == "forwards")
     model.train()
     model.model.layers[0].eval()
     modes = [m.training for m in model.modules()]
@@ -490,10 +501,11 @@ def test_model_check_runs_once_and_leaves_the_model_as_it_was(model):
     rng = torch.get_rng_state()
     token_logprobs(model, batch)
     assert torch.equal(torch.get_rng_state(), rng)  # no dropout: the tiny model has none
-    assert len(forwards) == 4 and [m.training for m in model.modules()] == modes
+    assert len(forwards) == probes + 1 and [m.training for m in model.modules()] == modes
+    assert all(p.grad is None for p in model.parameters())
     token_logprobs(model, batch)
     forward.final_hidden_states(model, batch)  # the LM head check covers the plain one
-    assert len(forwards) == 6
+    assert len(forwards) == probes + 3
 
 
 def test_model_check_can_be_skipped(monkeypatch):
