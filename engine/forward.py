@@ -26,7 +26,8 @@ fused ops, read from the config in one place (`lm_head_of`):
 - Gemma-2/3 style soft-capping (`config.final_logit_softcapping = c`):
   logits = c * tanh(raw / c), the ops' `softcap=c`;
 - Cohere's `config.logit_scale = s`: logits = raw * s, and raw * s / T = raw / (T / s), so
-  the ops get `temperature=T / s` (exact); Granite's `logits_scaling = s` divides instead
+  the ops get `temperature=T / s` (exact); HyperCLOVAX's `logits_scaling` and Falcon-H1's
+  `lm_head_multiplier` multiply too, Granite's `logits_scaling = s` divides instead
   (`temperature=T * s`). A model with a cap and a scale is refused (no family has both,
   and their order would matter); so are the scaling fields of other families.
 The sampling temperature divides the transformed logits, as transformers and vLLM do.
@@ -99,8 +100,10 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 # Config fields by which some families scale the LM head's logits, and what each does:
 # (field, model_type prefix it means this for, exponent: logits = raw * value ** exponent).
 # The same field name means other things elsewhere, so the model type is part of the key.
-_LOGIT_SCALES = (("logit_scale", "", 1.0),             # Cohere, Cohere2: raw * s
-                 ("logits_scaling", "granite", -1.0))  # Granite (and its MoE kin): raw / s
+_LOGIT_SCALES = (("logit_scale", "", 1.0),                   # Cohere, Cohere2: raw * s
+                 ("logits_scaling", "granite", -1.0),        # Granite (and its kin): raw / s
+                 ("logits_scaling", "hyperclovax", 1.0),     # HyperCLOVAX: raw * s
+                 ("lm_head_multiplier", "falcon_h1", 1.0))   # Falcon-H1: raw * s
 # Fields that transform the logits (or the head's input) in ways not taken over here.
 _UNSUPPORTED_HEAD_FIELDS = ("logits_scaling", "lm_head_multiplier", "dim_model_base",
                             "output_multiplier_scale")
@@ -125,10 +128,11 @@ def lm_head_of(model: nn.Module) -> LMHead:
     """The model's LM head: `(weight [V, H], bias [V] or None, softcap, logit_scale)`.
 
     The one place that reads how a family transforms the head's logits from its (text)
-    config: `final_logit_softcapping` (Gemma-2), `logit_scale` (Cohere: logits * s) and
-    Granite's `logits_scaling` (logits / s) are reproduced; the other scaling fields this
-    knows of (`_UNSUPPORTED_HEAD_FIELDS`: Falcon-H1's `lm_head_multiplier`, MiniCPM's
-    `dim_model_base`, ...) are refused, as are heads that are not an `nn.Linear`. A family
+    config: `final_logit_softcapping` (Gemma-2), `logit_scale` (Cohere: logits * s),
+    Granite's `logits_scaling` (logits / s), HyperCLOVAX's (logits * s) and Falcon-H1's
+    `lm_head_multiplier` (logits * s) are reproduced (`_LOGIT_SCALES`); the other scaling
+    fields this knows of (`_UNSUPPORTED_HEAD_FIELDS`: MiniCPM's `dim_model_base`, ...) are
+    refused, as are heads that are not an `nn.Linear`. A family
     that transforms its logits in code, with no config field, is caught by
     `verify_packed_model`, which compares this head's logits with the model's own.
     """

@@ -88,9 +88,11 @@ def build_host_harness(tmp_path, source: str):
 
 
 # The tiny models whose LM head transforms its logits, and the (softcap, logit_scale) that
-# `engine.forward.lm_head_of` must read from each: Gemma-2 caps (c tanh(z / c)), Cohere
-# multiplies (z * s), Granite divides (z / s).
-TRANSFORMED_HEADS = {"gemma2": (3.0, 1.0), "cohere": (None, 0.0625), "granite": (None, 0.125)}
+# `engine.forward.lm_head_of` must read from each: Gemma-2 caps (c tanh(z / c)), Cohere,
+# Falcon-H1 (a Mamba-2 hybrid: it runs padded) and HyperCLOVAX multiply (z * s), Granite
+# divides (z / s).
+TRANSFORMED_HEADS = {"gemma2": (3.0, 1.0), "cohere": (None, 0.0625), "granite": (None, 0.125),
+                     "falcon_h1": (None, 0.0625), "hyperclovax": (None, 0.125)}
 
 
 def transformed_head_model(family: str, attn: str = "sdpa", seed: int = 1, *, vocab: int = 101,
@@ -98,8 +100,8 @@ def transformed_head_model(family: str, attn: str = "sdpa", seed: int = 1, *, vo
     """A tiny tied-embedding model of `family` (TRANSFORMED_HEADS) whose LM head is scaled up
     so that the transform matters: raw Gemma-2 logits are far past the cap (std ~5 against
     3), Cohere's and Granite's scaled logits are O(1)."""
-    from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM,
-                              GraniteConfig, GraniteForCausalLM)
+    from transformers import (AutoConfig, AutoModelForCausalLM, CohereConfig, CohereForCausalLM,
+                              Gemma2Config, Gemma2ForCausalLM, GraniteConfig, GraniteForCausalLM)
 
     common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=80,
                   num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=1,
@@ -119,6 +121,16 @@ def transformed_head_model(family: str, attn: str = "sdpa", seed: int = 1, *, vo
         cfg = GraniteConfig(**{**common, "logits_scaling": 8.0, "tie_word_embeddings": True,
                                **overrides})
         cls, gain = GraniteForCausalLM, 50.0
+    elif family == "falcon_h1":
+        cfg = AutoConfig.for_model("falcon_h1", **{
+            **common, "lm_head_multiplier": 0.0625, "mamba_d_ssm": hidden, "mamba_n_heads": heads,
+            "mamba_d_head": hidden // heads, "mamba_n_groups": 1, "mamba_d_state": 8,
+            "tie_word_embeddings": True, **overrides})
+        cls, gain = AutoModelForCausalLM.from_config, 100.0
+    elif family == "hyperclovax":
+        cfg = AutoConfig.for_model("hyperclovax", **{**common, "logits_scaling": 0.125,
+                                                     "tie_word_embeddings": True, **overrides})
+        cls, gain = AutoModelForCausalLM.from_config, 50.0
     else:
         raise ValueError(f"family must be one of {sorted(TRANSFORMED_HEADS)}, got {family!r}")
     cfg._attn_implementation = attn
