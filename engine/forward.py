@@ -350,8 +350,8 @@ _PROBE_LENGTHS = (6, 9)
 # 3.5e-4 (LFM2) to 0.33 (Bamba) of the gradient with respect to its own embeddings for the
 # hybrids. Above this share it leaks:
 _GRADIENT_LEAK = 1e-6
-# By forwards (`_leak_by_forwards`, for FSDP-sharded models, whose backward hooks a probe
-# must not trigger): the second document's states change with the first one's tokens by
+# By forwards (`_leak_by_forwards`, under FSDP1 or inference mode, where the probe runs no
+# backward): the second document's states change with the first one's tokens by
 # no more than the forward's own run-to-run noise in a dense model, but a mixture of
 # experts rounds its rows differently as the routing of the first changes the experts'
 # batch sizes (1.6e-7 relative in float32, measured; bf16's order in half precision).
@@ -382,8 +382,8 @@ def verify_packed_model(model: nn.Module, device, *, lm_head: bool = True,
       hybrids, LFM2, Qwen3-Next) leaks the first document into the second, which no
       attention mask cuts. One forward and a backward to the input embeddings: isolated,
       the gradient of the second document's states with respect to the first one's
-      embeddings is exactly 0 in any dtype (`_leak_by_gradient`). A model sharded by FSDP,
-      whose backward hooks a probe must not set off, gets three forwards instead
+      embeddings is exactly 0 in any dtype (`_leak_by_gradient`). Under the legacy FSDP
+      wrapper or in inference mode, where it runs no backward, three forwards instead
       (`_leak_by_forwards`: the first document drawn twice); they allow what rounding alone
       changes (a mixture of experts rounds differently as its routing changes): 2e-5 of
       the states' norm in float32, 5e-2 in half precision, where a smaller leak is not
@@ -478,7 +478,7 @@ def _probe(model: nn.Module, device: torch.device) -> tuple[str | None, str | No
 
     embedded: list = []
     by_gradient = False
-    if not (_fsdp_sharded(inner) or torch.is_inference_mode_enabled()):
+    if not (_no_gradient_probe(inner) or torch.is_inference_mode_enabled()):
         def leaf(module, args, output):
             embedded.append(output.detach().requires_grad_())
             return embedded[-1]
@@ -489,7 +489,7 @@ def _probe(model: nn.Module, device: torch.device) -> tuple[str | None, str | No
             by_gradient = len(embedded) == 1 and hidden.requires_grad
             if by_gradient:
                 detail = _leak_by_gradient(hidden, embedded[0], rows, gen)
-    if not by_gradient:  # sharded, inference mode, or the embeddings not run once
+    if not by_gradient:  # FSDP1, inference mode, or the embeddings not run once
         hidden, logits, _ = run(model, first, with_logits=head is not None)
         detail = _leak_by_forwards(inner, hidden.detach(), run(model, first)[0],
                                    run(model, other_first)[0])
@@ -515,13 +515,16 @@ def _probe(model: nn.Module, device: torch.device) -> tuple[str | None, str | No
     return leak, mismatch
 
 
-def _fsdp_sharded(inner: nn.Module) -> bool:
-    """Whether FSDP (FSDP2's `fully_shard` or the FSDP1 wrapper) manages any of the model."""
+def _no_gradient_probe(inner: nn.Module) -> bool:
+    """Whether the probe must not run a backward through this model: under the legacy FSDP
+    wrapper (FSDP1), whose flat parameters' hooks expect a whole training step. FSDP2
+    (`fully_shard`) takes the probe's backward: tests/test_multiprocess.py's FSDP2 step,
+    probe included, equals the single-process one."""
     try:
-        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+        from torch.distributed.fsdp import FullyShardedDataParallel
     except ImportError:  # torch built without distributed
         return False
-    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in inner.modules())
+    return any(isinstance(m, FullyShardedDataParallel) for m in inner.modules())
 
 
 def _leak_by_gradient(hidden: torch.Tensor, embedded: torch.Tensor, rows, gen) -> str | None:

@@ -394,8 +394,8 @@ def hybrid_model(model_type: str):
 
 @pytest.fixture(params=["gradient", "forwards"])
 def leak_check(request, monkeypatch):
-    """Which isolation check runs: by gradient, or by forwards (FSDP-sharded models')."""
-    monkeypatch.setattr(forward, "_fsdp_sharded", lambda inner: request.param == "forwards")
+    """Which isolation check runs: by gradient, or by forwards (FSDP1, inference mode)."""
+    monkeypatch.setattr(forward, "_no_gradient_probe", lambda inner: request.param == "forwards")
     return request.param
 
 
@@ -489,9 +489,9 @@ def test_head_field_the_engine_did_not_read_is_caught(monkeypatch):
 @pytest.mark.parametrize("by, probes", [("gradient", 1), ("forwards", 3)])
 def test_model_check_runs_once_and_leaves_the_model_as_it_was(model, monkeypatch, by, probes):
     """The probe's forwards at the first call only (one with a backward, or three for an
-    FSDP-sharded model); the train/eval mode of every module, the parameters' gradients and
+    model under FSDP1); the train/eval mode of every module, the parameters' gradients and
     the global RNG (which a resumed run replays) are untouched."""
-    monkeypatch.setattr(forward, "_fsdp_sharded", lambda inner: by == "forwards")
+    monkeypatch.setattr(forward, "_no_gradient_probe", lambda inner: by == "forwards")
     model.train()
     model.model.layers[0].eval()
     modes = [m.training for m in model.modules()]
