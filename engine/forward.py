@@ -294,6 +294,10 @@ def run_decoder(model: nn.Module, packed, on_hidden: Callable[[torch.Tensor], ob
     if lm_head and head:
         raise ModelCheckError(head)
     padded = leak is not None and packed.cu_seqlens.numel() > 2
+    if padded and packed.num_seqs * int(packed.max_seqlen) > 2 * packed.num_tokens:
+        warnings.warn("the padded rows of this model hold more than twice the batch's tokens "
+                      "(one long document among short ones): pack it with a smaller "
+                      "max_tokens, or group documents of similar length", stacklevel=2)
     # no position kept: the LM head runs on an empty slice, so no [N, V] logits
     return _forward(model, packed, on_hidden,
                     torch.empty(0, dtype=torch.long, device=device), padded=padded)[0]

@@ -6,6 +6,8 @@ log-softmax in float64), so it shares no code with the packed path.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import transformers
@@ -506,6 +508,19 @@ def test_model_check_runs_once_and_leaves_the_model_as_it_was(model, monkeypatch
     token_logprobs(model, batch)
     forward.final_hidden_states(model, batch)  # the LM head check covers the plain one
     assert len(forwards) == probes + 3
+
+
+def test_padding_cost_is_warned_about():
+    """Padded rows cost documents x the longest: one long document among short ones (4 x 12
+    slots for 15 tokens) is worth a warning; close lengths are not."""
+    model = hybrid_model("lfm2")
+    with pytest.warns(UserWarning, match="right-padded rows"):  # the check, once
+        token_logprobs(model, pack([[6] * 5, [7] * 5], max_tokens=10)[0])
+    with pytest.warns(UserWarning, match="more than twice the batch's tokens"):
+        token_logprobs(model, pack([list(range(6, 18)), [6], [7], [8]], max_tokens=15)[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        token_logprobs(model, pack([[6] * 5, [7] * 4, [8] * 6], max_tokens=15)[0])
 
 
 def test_model_check_can_be_skipped(monkeypatch):
