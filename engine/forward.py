@@ -343,25 +343,26 @@ class ModelCheckError(NotImplementedError):
 
 # inner model -> {(device type, attention implementation): its verdict (`_probe`)}
 _VERIFIED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
-# The probe: a first document (two draws of it) and a second one, odd lengths; ids from a
-# private generator, so the global RNG (which a resumed run replays) is not touched.
-_PROBE_LENGTHS = (6, 9)
+# The probe: a first document (two draws of it) and a second one; ids from a private
+# generator, so the global RNG (which a resumed run replays) is not touched.
+_PROBE_LENGTHS = (7, 9)
 # Isolated, the second document's hidden states do not depend on the first one's tokens.
 # By gradient (`_leak_by_gradient`): masked attention probabilities are exactly 0, so the
 # gradient of the second document's states with respect to the first one's embeddings is
 # exactly 0 in any dtype, dense or mixture of experts (routing is per token); measured on
 # tiny random models in float32 and bf16: 0 for Llama, Gemma-2, Qwen3-MoE and Mixtral, and
-# 3.5e-4 (LFM2) to 0.33 (Bamba) of the gradient with respect to its own embeddings for the
-# hybrids. Above this share it leaks:
-_GRADIENT_LEAK = 1e-6
-# By forwards (`_leak_by_forwards`, under FSDP1 or inference mode, where the probe runs no
-# backward): the second document's states change with the first one's tokens by
-# no more than the forward's own run-to-run noise in a dense model, but a mixture of
-# experts rounds its rows differently as the routing of the first changes the experts'
-# batch sizes (1.6e-7 relative in float32, measured; bf16's order in half precision).
-# Allowed: this many times the noise plus this share of the states' norm, by the model's
-# dtype (half precision otherwise). The hybrids' leaks measured in float32 are 5e-4 (LFM2)
-# to 0.4 (Bamba); in half precision a leak under the half floor is not caught this way.
+# 7e-6 (Falcon-H1 with scaled-up embeddings) to 0.33 (Bamba) of the gradient with respect to
+# its own embeddings for the hybrids. Anything above 0 leaks.
+# By forwards (`_leak_by_forwards`, under FSDP1, where the probe runs no backward): the
+# second document's states change with the first one's tokens by no more than the
+# forward's own run-to-run noise in a dense model, but a mixture of experts rounds its rows
+# differently as the routing of the first changes the experts' batch sizes (1.6e-7
+# relative in float32, measured; bf16's order in half precision). Allowed: this many times
+# the noise plus this share of the states' norm, by the model's dtype (half precision
+# otherwise); the same floors bound the second document packed against it run alone (the
+# positions: a model that ignores the restarting `position_ids` fails there). The hybrids'
+# leaks measured in float32 are 5e-4 (LFM2) to 0.4 (Bamba); in half precision a leak under
+# the half floor is not caught by forwards.
 _NOISE_MARGIN = 10.0
 _LEAK_FLOOR = {torch.float64: 1e-9, torch.float32: 2e-5}
 _HALF_LEAK_FLOOR = 5e-2
@@ -373,25 +374,26 @@ _HALF_HEAD_TOLERANCE = 3e-2
 
 
 def verify_packed_model(model: nn.Module, device, *, lm_head: bool = True,
-                        packed: bool = True) -> None:
+                        isolation: bool = True) -> None:
     """Check that packing is exact for this model; raise `ModelCheckError` (a
     NotImplementedError) if not. `run_decoder` makes the same check and, where packed
     documents are not isolated, runs the model on padded rows instead of refusing it.
 
     The probe runs once per model, device type and attention implementation, on every rank
     alike, on two short random documents packed in one row, in eval mode. It checks
-    - (`packed=True`) that documents are isolated: the second document's final hidden
-      states do not depend on the first one's tokens. A model with layers that carry state
-      along the row (state-space, short convolution or linear-attention layers, as in Mamba
-      hybrids, LFM2, Qwen3-Next) leaks the first document into the second, which no
-      attention mask cuts. One forward and a backward to the input embeddings: isolated,
-      the gradient of the second document's states with respect to the first one's
-      embeddings is exactly 0 in any dtype (`_leak_by_gradient`). Under the legacy FSDP
-      wrapper or in inference mode, where it runs no backward, three forwards instead
-      (`_leak_by_forwards`: the first document drawn twice); they allow what rounding alone
-      changes (a mixture of experts rounds differently as its routing changes): 2e-5 of
-      the states' norm in float32, 5e-2 in half precision, where a smaller leak is not
-      caught.
+    - (`isolation=True`) that documents are isolated: the second document's final hidden
+      states do not depend on the first one's tokens, and equal those of it run alone. A
+      model with layers that carry state along the row (state-space, short convolution or
+      linear-attention layers, as in Mamba hybrids, LFM2, Qwen3-Next) leaks the first
+      document into the second, which no attention mask cuts. One forward and a backward to
+      the input embeddings: isolated, the gradient of the second document's states with
+      respect to the first one's embeddings is exactly 0 in any dtype (`_leak_by_gradient`;
+      inference mode is left for it). Under the legacy FSDP wrapper, where it runs no
+      backward, three forwards instead (`_leak_by_forwards`: the first document drawn
+      twice). A last forward runs the second document alone. The forward comparisons allow
+      what rounding alone changes (a mixture of experts rounds differently as its routing
+      changes): 2e-5 of the states' norm in float32, 5e-2 in half precision, where a
+      smaller difference is not caught.
     - (`lm_head=True`) that the LM head as `lm_head_of` reproduces it (weight, bias, softcap,
       logit scale) gives the model's own logits, so a family that transforms its logits in
       code, or through a config field this engine does not read, is caught.
@@ -399,7 +401,7 @@ def verify_packed_model(model: nn.Module, device, *, lm_head: bool = True,
     leaked context, a head not reproduced on wrong log-probs).
     """
     leak, head = _verdict(model, device)
-    if packed and leak:
+    if isolation and leak:
         raise ModelCheckError(f"{leak} `run_decoder` (token_logprobs, the algorithms) runs "
                               "such a model on right-padded rows instead.")
     if lm_head and head:
@@ -482,21 +484,27 @@ def _probe(model: nn.Module, device: torch.device) -> tuple[str | None, str | No
 
     embedded: list = []
     by_gradient = False
-    if not (_no_gradient_probe(inner) or torch.is_inference_mode_enabled()):
+    if not _no_gradient_probe(inner):
         def leaf(module, args, output):
             embedded.append(output.detach().requires_grad_())
             return embedded[-1]
 
         # the inner model: a DDP wrapper's reducer would wait for the probe's gradients
-        with torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad():
             hidden, logits, rows = run(inner, first, with_logits=head is not None, leaf=leaf)
             by_gradient = len(embedded) == 1 and hidden.requires_grad
             if by_gradient:
                 detail = _leak_by_gradient(hidden, embedded[0], rows, gen)
-    if not by_gradient:  # FSDP1, inference mode, or the embeddings not run once
+    if not by_gradient:  # FSDP1, or the embeddings not run once
         hidden, logits, _ = run(model, first, with_logits=head is not None)
         detail = _leak_by_forwards(inner, hidden.detach(), run(model, first)[0],
                                    run(model, other_first)[0])
+    if not detail:
+        (batch,) = pack([second], max_tokens=len(second))
+        alone = _forward(model, batch.to(device), lambda hidden: hidden.float(),
+                         torch.empty(0, dtype=torch.long, device=device))[0]
+        detail = _differs(inner, alone, hidden.detach(), "from it run alone",
+                          "; the model may not restart positions at each document")
     leak = None
     if detail:
         leak = (f"packed documents are not isolated in this model (model_type {model_type!r}): "
@@ -515,7 +523,8 @@ def _probe(model: nn.Module, device: torch.device) -> tuple[str | None, str | No
                 f"reproduce it (model_type {model_type!r}, softcap={head.softcap}, "
                 f"logit_scale={head.logit_scale}): relative error {error:.3g} > "
                 f"{tolerance:g}. The family transforms its logits in code or through a config "
-                "field this engine does not read. ALIGNFUSE_VERIFY_MODEL=0 skips this check.")
+                "field this engine does not read. (ALIGNFUSE_VERIFY_MODEL=0 skips the check, "
+                "and the log-probs are then wrong; `final_hidden_states` needs no LM head.)")
     return leak, mismatch
 
 
@@ -533,30 +542,37 @@ def _no_gradient_probe(inner: nn.Module) -> bool:
 
 def _leak_by_gradient(hidden: torch.Tensor, embedded: torch.Tensor, rows, gen) -> str | None:
     """None, or how much the second document's states `hidden` depend on the first one's
-    input embeddings: the gradient of a random projection of them (`_GRADIENT_LEAK`)."""
+    input embeddings: the gradient of a random projection of them, exactly 0 if isolated."""
     before_rows, own_rows = rows
     direction = torch.randn(hidden.shape, generator=gen).to(hidden.device)
     (grad,) = torch.autograd.grad((hidden * direction).sum(), embedded)
     grad = grad.reshape(-1, grad.shape[-1]).float()
     leaked, own = float(grad[before_rows].norm()), float(grad[own_rows].norm())
-    if leaked > _GRADIENT_LEAK * own or (leaked > 0 and own == 0):
-        return (f"the gradient with respect to them is {leaked / max(own, 1e-30):.3g} of the "
-                "one with respect to its own; isolated, it is exactly 0")
-    return None
+    if leaked == 0:
+        return None
+    return (f"the gradient with respect to them is {leaked / max(own, 1e-30):.3g} of the one "
+            "with respect to its own; isolated, it is exactly 0")
 
 
 def _leak_by_forwards(inner: nn.Module, hidden: torch.Tensor, again: torch.Tensor,
                       other: torch.Tensor) -> str | None:
     """None, or how much the second document's states change with the first one's tokens
     (`hidden` and `again`: the same first document, `other`: another one)."""
-    noise = float((again - hidden).norm())
-    change = float((other - hidden).norm())
-    scale = max(float(hidden.norm()), 1e-30)
+    return _differs(inner, hidden, other, "with those tokens", "",
+                    noise=float((again - hidden).norm()))
+
+
+def _differs(inner: nn.Module, expected: torch.Tensor, got: torch.Tensor, what: str,
+             hint: str, noise: float = 0.0) -> str | None:
+    """None, or how far `got` is from `expected` beyond `_NOISE_MARGIN` x `noise` plus the
+    rounding floor of the model's dtype."""
+    change = float((got - expected).norm())
+    scale = max(float(expected.norm()), 1e-30)
     floor = _LEAK_FLOOR.get(getattr(inner, "dtype", None), _HALF_LEAK_FLOOR)
     if change <= _NOISE_MARGIN * noise + floor * scale:
         return None
-    return (f"they change by {change / scale:.3g} of their norm with those tokens; "
-            f"run-to-run noise: {noise / scale:.3g}")
+    return (f"they differ by {change / scale:.3g} of their norm {what}"
+            + (f"; run-to-run noise: {noise / scale:.3g}" if noise else "") + hint)
 
 
 def _head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

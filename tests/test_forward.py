@@ -488,10 +488,10 @@ def test_head_field_the_engine_did_not_read_is_caught(monkeypatch):
         token_logprobs(model, batch)
 
 
-@pytest.mark.parametrize("by, probes", [("gradient", 1), ("forwards", 3)])
+@pytest.mark.parametrize("by, probes", [("gradient", 2), ("forwards", 4)])
 def test_model_check_runs_once_and_leaves_the_model_as_it_was(model, monkeypatch, by, probes):
-    """The probe's forwards at the first call only (one with a backward, or three for an
-    model under FSDP1); the train/eval mode of every module, the parameters' gradients and
+    """The probe's forwards at the first call only (one with a backward and the document
+    alone, or four under FSDP1); the train/eval mode of every module, the parameters' gradients and
     the global RNG (which a resumed run replays) are untouched."""
     monkeypatch.setattr(forward, "_no_gradient_probe", lambda inner: by == "forwards")
     model.train()
@@ -508,6 +508,43 @@ def test_model_check_runs_once_and_leaves_the_model_as_it_was(model, monkeypatch
     token_logprobs(model, batch)
     forward.final_hidden_states(model, batch)  # the LM head check covers the plain one
     assert len(forwards) == probes + 3
+
+
+def test_leak_found_in_inference_mode_too():
+    """A first call in inference mode still runs the gradient check (its verdict is kept for
+    training), so a bf16 hybrid's leak, under the forward check's half-precision floor, is
+    found."""
+    model = hybrid_model("lfm2").to(torch.bfloat16)
+    seqs = random_sequences(torch.Generator().manual_seed(15), [7, 9])
+    (batch,) = pack(seqs, max_tokens=16)
+    with torch.inference_mode(), pytest.warns(UserWarning, match="not isolated .*'lfm2'"):
+        token_logprobs(model, batch)
+    with pytest.raises(forward.ModelCheckError, match="gradient with respect to them"):
+        forward.verify_packed_model(model, "cpu")
+
+
+class AbsolutePositionsGPT2(transformers.GPT2LMHeadModel):
+    """Learned absolute positions that ignore the packed `position_ids` (counted along the
+    row instead): no token of the first document leaks, its length does."""
+
+    def forward(self, *args, position_ids=None, **kwargs):
+        return super().forward(*args, **kwargs)
+
+
+def test_positions_that_do_not_restart_are_found_and_run_padded():
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2,
+                                     n_positions=64, attn_implementation="sdpa")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(6)
+        model = AbsolutePositionsGPT2(config).eval()
+    seqs = random_sequences(torch.Generator().manual_seed(16), [7, 9, 5])
+    (batch,) = pack(seqs, max_tokens=21)
+    with pytest.warns(UserWarning, match="from it run alone; the model may not restart"):
+        logps = token_logprobs(model, batch)
+    with torch.no_grad():
+        expected = torch.cat([unpacked_token_logps(model, seqs[i])
+                              for i in batch.seq_index.tolist()])
+    assert_rel_close(logps, expected, 1e-5, "padded vs alone")
 
 
 def test_padding_cost_is_warned_about():
