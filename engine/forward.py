@@ -83,9 +83,17 @@ class LMHead(NamedTuple):
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The Hugging Face `PreTrainedModel` inside DDP (`.module`) and PEFT wrappers.
 
-    FSDP2 (`fully_shard`) changes the class in place and needs no unwrapping.
+    FSDP2 (`fully_shard`) changes the class in place and needs no unwrapping. A model
+    compiled whole (`torch.compile(model)`) is refused: the packed forward hooks the
+    decoder's output, which a whole-model graph does not expose; compiling each decoder
+    layer (`layer.compile()`) works.
     """
     while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's wrapper
+            raise TypeError(
+                "the model is compiled whole (torch.compile(model)); the packed forward needs "
+                "the decoder's output from inside the model's forward: compile its decoder "
+                "layers instead (for layer in model.model.layers: layer.compile())")
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
         elif hasattr(model, "get_base_model") and callable(model.get_base_model):

@@ -574,6 +574,22 @@ def test_non_linear_head_is_refused(model):
         token_logprobs(model, batch)
 
 
+def test_whole_model_compile_is_refused_and_layer_compile_works(model):
+    (batch,) = pack([[5, 6, 7], [8, 9, 10, 11]], max_tokens=7)
+    expected = token_logprobs(model, batch).detach()
+    with pytest.raises(TypeError, match=r"compile its decoder layers instead"):
+        token_logprobs(torch.compile(model, backend="eager"), batch)
+    for layer in model.model.layers:
+        layer.compile(backend="eager")
+    try:
+        logps = token_logprobs(model, batch)
+        logps.sum().backward()
+    finally:
+        torch._dynamo.reset()
+    assert_rel_close(logps, expected, 1e-6, "layers compiled")
+    assert model.model.layers[0].mlp.up_proj.weight.grad is not None
+
+
 def test_bad_packed_input_is_named(model):
     with pytest.raises(TypeError, match="PackedBatch"):
         token_logprobs(model, {"input_ids": torch.zeros(3, dtype=torch.long)})
