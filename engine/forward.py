@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 from alignfuse.kernels import linear_logprobs, segment_sum
+from alignfuse.kernels.logprobs.reference import apply_softcap
 
 from .packing import pack
 
@@ -590,7 +591,7 @@ def _head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     raw = nn.functional.linear(hidden.float(), head.weight.float(),
                                None if head.bias is None else head.bias.float())
     if head.softcap is not None:
-        raw = head.softcap * torch.tanh(raw / head.softcap)
+        raw = apply_softcap(raw, head.softcap)
     return raw * head.logit_scale
 
 
