@@ -39,7 +39,9 @@ own logits. Models with
 state-space, convolution or linear-attention layers leak (Bamba, Falcon-H1, Jamba, LFM2,
 Qwen3-Next, measured): they run on right-padded rows, one per document, which is exact
 for a causal model (hidden states gathered back into the packed order, so everything
-downstream is unchanged). A head that is not reproduced is refused (`ModelCheckError`).
+downstream is unchanged). So do models whose forward raises on the packed row (Bloom and
+ALiBi Falcon build their position bias from a 2-D attention mask). A head that is not
+reproduced is refused (`ModelCheckError`).
 """
 
 from __future__ import annotations
@@ -380,6 +382,8 @@ _HALF_LEAK_FLOOR = 5e-2
 # or cap the engine missed does not.
 _HEAD_TOLERANCE = {torch.float64: 1e-6, torch.float32: 5e-3}
 _HALF_HEAD_TOLERANCE = 3e-2
+# What a model's forward raises when it cannot take a packed row: it then runs padded.
+_UNPACKABLE = (ValueError, TypeError, IndexError, RuntimeError)
 
 
 def verify_packed_model(model: nn.Module, device, *, lm_head: bool = True,
@@ -402,7 +406,9 @@ def verify_packed_model(model: nn.Module, device, *, lm_head: bool = True,
       twice). A last forward runs the second document alone. The forward comparisons allow
       what rounding alone changes (a mixture of experts rounds differently as its routing
       changes): 2e-5 of the states' norm in float32, 5e-2 in half precision, where a
-      smaller difference is not caught.
+      smaller difference is not caught. A model whose forward raises on the packed row
+      (ValueError, TypeError, IndexError or RuntimeError, out of memory excepted) fails
+      this check too, and its head is checked on padded rows.
     - (`lm_head=True`) that the LM head as `lm_head_of` reproduces it (weight, bias, softcap,
       logit scale) gives the model's own logits, so a family that transforms its logits in
       code, or through a config field this engine does not read, is caught.
@@ -462,11 +468,13 @@ def _probe(model: nn.Module, device: torch.device) -> tuple[str | None, str | No
     except (NotImplementedError, ValueError):
         head = None
 
-    def run(runner: nn.Module, before: list, *, with_logits: bool = False, leaf=None):
-        """`second` packed after `before` through `runner`: (its rows' float32 hidden
-        states, (the head's logits, the model's logits) or None, the batch's rows of
-        `before` and of `second`). `leaf`: a hook output for the input embeddings."""
-        (batch,) = pack([before, second], max_tokens=len(before) + len(second))
+    def run(runner: nn.Module, before: list, *, with_logits: bool = False, leaf=None,
+            padded: bool = False):
+        """`second` packed after `before` through `runner` (on padded rows if `padded`):
+        (its rows' float32 hidden states, (the head's logits, the model's logits) or None,
+        the batch's rows of `before` and of `second`). `leaf`: a hook output for the input
+        embeddings."""
+        batch = probe_batch(before)
         index = int((batch.seq_index == 1).nonzero())
         rows = slice(int(batch.cu_seqlens[index]), int(batch.cu_seqlens[index + 1]))
         before_rows = slice(int(batch.cu_seqlens[1 - index]), int(batch.cu_seqlens[2 - index]))
@@ -480,34 +488,54 @@ def _probe(model: nn.Module, device: torch.device) -> tuple[str | None, str | No
                   else inner.get_input_embeddings().register_forward_hook(leaf))
         try:
             (hidden, predicted), output = _forward(
-                runner, batch.to(device), on_hidden,
-                0 if with_logits else torch.empty(0, dtype=torch.long, device=device))
+                runner, batch, on_hidden,
+                0 if with_logits else torch.empty(0, dtype=torch.long, device=device),
+                padded=padded)
         finally:
             if handle is not None:
                 handle.remove()
         logits = None
         if with_logits:
-            logits = (predicted, output.logits.detach().reshape(
-                -1, output.logits.shape[-1])[rows].float())
+            logits = output.logits.detach()
+            logits = (logits[document_ids(batch.cu_seqlens), batch.position_ids] if padded
+                      else logits.reshape(-1, logits.shape[-1]))
+            logits = (predicted, logits[rows].float())
         return hidden, logits, (before_rows, rows)
+
+    def probe_batch(before: list):
+        (batch,) = pack([before, second], max_tokens=len(before) + len(second))
+        return batch.to(device)
 
     embedded: list = []
     by_gradient = False
-    if not _no_gradient_probe(inner):
-        def leaf(module, args, output):
-            embedded.append(output.detach().requires_grad_())
-            return embedded[-1]
+    attention_inputs(model, probe_batch(first))  # its refusals (the implementation) stand
+    try:
+        if not _no_gradient_probe(inner):
+            def leaf(module, args, output):
+                embedded.append(output.detach().requires_grad_())
+                return embedded[-1]
 
-        # the inner model: a DDP wrapper's reducer would wait for the probe's gradients
-        with torch.inference_mode(False), torch.enable_grad():
-            hidden, logits, rows = run(inner, first, with_logits=head is not None, leaf=leaf)
-            by_gradient = len(embedded) == 1 and hidden.requires_grad
-            if by_gradient:
-                detail = _leak_by_gradient(hidden, embedded[0], rows, gen)
-    if not by_gradient:  # FSDP1, or the embeddings not run once
-        hidden, logits, _ = run(model, first, with_logits=head is not None)
-        detail = _leak_by_forwards(inner, hidden.detach(), run(model, first)[0],
-                                   run(model, other_first)[0])
+            # the inner model: a DDP wrapper's reducer would wait for the probe's gradients
+            with torch.inference_mode(False), torch.enable_grad():
+                hidden, logits, rows = run(inner, first, with_logits=head is not None,
+                                           leaf=leaf)
+                by_gradient = len(embedded) == 1 and hidden.requires_grad
+                if by_gradient:
+                    detail = _leak_by_gradient(hidden, embedded[0], rows, gen)
+        if not by_gradient:  # FSDP1, or the embeddings not run once
+            hidden, logits, _ = run(model, first, with_logits=head is not None)
+            detail = _leak_by_forwards(inner, hidden.detach(), run(model, first)[0],
+                                       run(model, other_first)[0])
+    except _UNPACKABLE as error:
+        if isinstance(error, torch.OutOfMemoryError):
+            raise
+        # e.g. Bloom and ALiBi Falcon build their position bias from a 2-D attention mask
+        # and take no document mask: the padded rows give them one. An error that is not
+        # about packing comes back from the padded forward below, or the next one.
+        _, logits, _ = run(model, first, with_logits=head is not None, padded=True)
+        return (f"the model cannot run packed documents in one row (model_type "
+                f"{model_type!r}): its forward raised {type(error).__name__}: {error}.",
+                _head_mismatch(inner, head, logits, model_type))
     if not detail:
         (batch,) = pack([second], max_tokens=len(second))
         alone = _forward(model, batch.to(device), lambda hidden: hidden.float(),
@@ -521,20 +549,25 @@ def _probe(model: nn.Module, device: torch.device) -> tuple[str | None, str | No
                 f"packed before it ({detail}). Some layers carry state along the packed row "
                 "(state-space, convolution and linear-attention layers do), which attention "
                 "masks cannot cut.")
-    mismatch = None
-    if logits is not None:
-        predicted, logits = logits
-        error = float((predicted - logits).norm()) / max(float(logits.norm()), 1e-30)
-        tolerance = _HEAD_TOLERANCE.get(getattr(inner, "dtype", None), _HALF_HEAD_TOLERANCE)
-        if not error <= tolerance:
-            mismatch = (
-                f"the model's logits are not its LM head's output as the fused log-probs "
-                f"reproduce it (model_type {model_type!r}, softcap={head.softcap}, "
-                f"logit_scale={head.logit_scale}): relative error {error:.3g} > "
-                f"{tolerance:g}. The family transforms its logits in code or through a config "
-                "field this engine does not read. (ALIGNFUSE_VERIFY_MODEL=0 skips the check, "
-                "and the log-probs are then wrong; `final_hidden_states` needs no LM head.)")
-    return leak, mismatch
+    return leak, _head_mismatch(inner, head, logits, model_type)
+
+
+def _head_mismatch(inner: nn.Module, head: LMHead | None, logits, model_type: str) -> str | None:
+    """None, or how the head's reproduced logits differ from the model's own (`logits`: the
+    pair from the probe's forward, None when the head was not checked)."""
+    if logits is None:
+        return None
+    predicted, logits = logits
+    error = float((predicted - logits).norm()) / max(float(logits.norm()), 1e-30)
+    tolerance = _HEAD_TOLERANCE.get(getattr(inner, "dtype", None), _HALF_HEAD_TOLERANCE)
+    if error <= tolerance:
+        return None
+    return (f"the model's logits are not its LM head's output as the fused log-probs "
+            f"reproduce it (model_type {model_type!r}, softcap={head.softcap}, "
+            f"logit_scale={head.logit_scale}): relative error {error:.3g} > "
+            f"{tolerance:g}. The family transforms its logits in code or through a config "
+            "field this engine does not read. (ALIGNFUSE_VERIFY_MODEL=0 skips the check, "
+            "and the log-probs are then wrong; `final_hidden_states` needs no LM head.)")
 
 
 def _no_gradient_probe(inner: nn.Module) -> bool:

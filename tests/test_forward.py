@@ -376,15 +376,16 @@ HYBRIDS = {  # model_type: the config fields that make it tiny (on the torch fal
 }
 
 
-def family_model(model_type: str, fields: dict, layers: int = 2, seed: int = 3):
-    """A tiny random `model_type` causal LM (sdpa) with the family's own `fields`."""
+def family_model(model_type: str, fields: dict, layers: int = 2, seed: int = 3,
+                 attention: str = "sdpa"):
+    """A tiny random `model_type` causal LM with the family's own `fields`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(
         model_type, vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=1, bos_token_id=1,
         eos_token_id=2, pad_token_id=0, **fields)
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = attention
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return AutoModelForCausalLM.from_config(config)
@@ -399,6 +400,23 @@ def leak_check(request, monkeypatch):
     """Which isolation check runs: by gradient, or by forwards (FSDP1, inference mode)."""
     monkeypatch.setattr(forward, "_no_gradient_probe", lambda inner: request.param == "forwards")
     return request.param
+
+
+def assert_equal_to_each_alone(model, seqs, batch, logps):
+    """`logps` (token_logprobs of `batch`) and their gradients equal each document run alone."""
+    order = batch.seq_index.tolist()
+    with torch.no_grad():
+        expected = torch.cat([unpacked_token_logps(model, seqs[i]) for i in order])
+    assert_rel_close(logps, expected, 1e-5, "padded vs alone")
+    model.zero_grad()
+    logps.sum().backward()
+    padded_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert padded_grads
+    model.zero_grad()
+    sum(unpacked_token_logps(model, seqs[i]).sum() for i in order).backward()
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            assert_rel_close(padded_grads[name], p.grad, 1e-5, f"grad of {name}")
 
 
 @pytest.mark.parametrize("model_type", sorted(HYBRIDS))
@@ -422,19 +440,65 @@ def test_models_whose_layers_carry_state_across_documents_run_padded(model_type,
         logps = token_logprobs(model, batch)
     with pytest.raises(forward.ModelCheckError, match="runs such a model on right-padded rows"):
         forward.verify_packed_model(model, "cpu")
-    assert_rel_close(logps, expected, 1e-5, "padded vs alone")
-    logps.sum().backward()
-    padded_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    sum(unpacked_token_logps(model, seqs[i]).sum() for i in order).backward()
-    for name, p in model.named_parameters():
-        if p.grad is not None:
-            assert_rel_close(padded_grads[name], p.grad, 1e-5, f"grad of {name}")
+    assert_equal_to_each_alone(model, seqs, batch, logps)
     with torch.no_grad():
         hidden = forward.final_hidden_states(model, batch)
         alone = torch.cat([model.get_decoder()(input_ids=torch.tensor(seqs[i])[None])
                            .last_hidden_state[0] for i in order])
     assert_rel_close(hidden, alone, 1e-5, "hidden states")
+
+
+UNPACKABLE = {  # model_type: (fields, attention); ALiBi built from a 2-D attention mask
+    "bloom": (dict(n_layer=2, n_head=4), "eager"),
+    "falcon": (dict(alibi=True, new_decoder_architecture=False, multi_query=True,
+                    parallel_attn=True), "sdpa"),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(UNPACKABLE))
+def test_models_that_take_no_document_mask_run_padded(model_type, leak_check):
+    """Bloom and ALiBi Falcon build their position bias from a 2-D attention mask, so they
+    cannot take the packed row's document mask (their forward raises, shown with the check
+    off). The check says so once, and they run on right-padded rows, exactly."""
+    fields, attention = UNPACKABLE[model_type]
+    model = family_model(model_type, fields, attention=attention)
+    seqs = random_sequences(torch.Generator().manual_seed(15), [7, 9, 4])
+    (batch,) = pack(seqs, max_tokens=20)
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(ValueError):
+        patch.setenv("ALIGNFUSE_VERIFY_MODEL", "0")
+        token_logprobs(model, batch)
+    with pytest.warns(UserWarning, match=rf"cannot run packed documents in one row .*"
+                                         rf"'{model_type}'.*ValueError.*right-padded rows"):
+        logps = token_logprobs(model, batch)
+    with pytest.raises(forward.ModelCheckError, match="cannot run packed documents"):
+        forward.verify_packed_model(model, "cpu")
+    assert_equal_to_each_alone(model, seqs, batch, logps)
+
+
+class FailingLlama(transformers.LlamaForCausalLM):
+    """A model whose forward raises `error` on every call, packed or padded."""
+
+    error: Exception = ValueError("broken on purpose")
+    calls = 0
+
+    def forward(self, *args, **kwargs):
+        type(self).calls += 1
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [ValueError("broken on purpose"),
+                                   torch.OutOfMemoryError("out of memory on purpose")])
+def test_an_error_that_padding_does_not_cure_reaches_the_caller(error, monkeypatch):
+    """The padded retry is no place to hide errors: one that the padded forward raises too
+    reaches the caller, and an out-of-memory error is not retried at all."""
+    model = tiny_model("llama", VOCAB, seed=1)
+    model.__class__ = FailingLlama
+    monkeypatch.setattr(FailingLlama, "error", error)
+    monkeypatch.setattr(FailingLlama, "calls", 0)
+    (batch,) = pack(random_sequences(torch.Generator().manual_seed(16), [5, 6]), max_tokens=11)
+    with pytest.raises(type(error), match="on purpose"):
+        token_logprobs(model, batch)
+    assert FailingLlama.calls == (1 if isinstance(error, torch.OutOfMemoryError) else 2)
 
 
 MIXTURES = {"qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
