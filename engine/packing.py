@@ -12,6 +12,15 @@ How micro-batches are formed (`plan_micro_batches`):
 2. Best-fit decreasing (BFD). Units in decreasing token count (ties: lower unit index first)
    each go to the open bin with the least room that still fits (ties: the bin opened first),
    else to a new bin. No bin exceeds `max_tokens`.
+   Padded (`padded=True`, for a model that runs on right-padded rows, one per sequence, as
+   `engine.forward.run_decoder` runs a model whose packed documents are not isolated): a
+   micro-batch costs its sequence count times its longest sequence, and that is what stays
+   within `max_tokens`. Units in decreasing width (a unit's longest sequence; ties: lower
+   index first) go to the newest bin if its rows times its width (its first unit's) still
+   fit and the unit is wider than half of that width, else to a new bin (next-fit
+   decreasing: lengths alike share a micro-batch). So every row is less than twice as
+   wide as its widest sequence, and a wide bin with rows to spare does not take a short
+   sequence as a row of padding. The costs below are then those of the padded rows.
 3. Equal counts across ranks. Under DDP/FSDP every rank must run the same number of
    gradient-accumulation steps, so the bin count is raised to a multiple of `num_ranks` by
    splitting bins: the costliest bin holding two or more units (ties: lower bin id) is split
@@ -152,16 +161,18 @@ def _units(num_seqs: int, groups) -> tuple[np.ndarray, np.ndarray]:
 
 def plan_micro_batches(lengths, *, max_tokens: int, groups=None, num_ranks: int = 1,
                        linear_cost: float = 1.0, attention_cost: float = DEFAULT_ATTENTION_COST,
-                       backend: str = "auto") -> list[list[np.ndarray]]:
+                       padded: bool = False, backend: str = "auto") -> list[list[np.ndarray]]:
     """Assign sequences to micro-batches and ranks (steps 1-5 of the module docstring).
 
     Args:
         lengths: `[num_seqs]` token count of each sequence (>= 1).
-        max_tokens: token budget of one micro-batch.
+        max_tokens: token budget of one micro-batch; with `padded`, of its padded rows
+            (sequences x the longest).
         groups: optional `[num_seqs]` group id per sequence; a group is packed as one unit.
         num_ranks: number of data-parallel ranks; every rank gets the same number of
             micro-batches.
         linear_cost, attention_cost: workload model `linear_cost*L + attention_cost*L**2`.
+        padded: budget (and cost) the right-padded rows a padded forward runs, not the tokens.
         backend: "auto" (C++ when built), "cpp" or "python" (identical results).
 
     Returns:
@@ -178,6 +189,8 @@ def plan_micro_batches(lengths, *, max_tokens: int, groups=None, num_ranks: int 
     if not (isinstance(attention_cost, numbers.Real) and math.isfinite(attention_cost)
             and attention_cost >= 0):
         raise ValueError(f"attention_cost must be a finite number >= 0, got {attention_cost!r}")
+    if not isinstance(padded, (bool, np.bool_)):
+        raise TypeError(f"padded must be a bool, got {padded!r}")
     if lengths.size == 0:
         raise ValueError("lengths must hold at least one sequence")
     if lengths.min() < 1:
@@ -190,6 +203,7 @@ def plan_micro_batches(lengths, *, max_tokens: int, groups=None, num_ranks: int 
     seq_cost = linear_cost * lengths_f + attention_cost * lengths_f * lengths_f
     if groups is None:  # every sequence is its own unit
         unit_tokens, unit_cost = lengths, seq_cost
+        unit_width, unit_count = lengths, np.ones_like(lengths)
     else:
         unit_of_seq, seq_order = _units(lengths.size, groups)
         unit_sizes = np.bincount(unit_of_seq)
@@ -197,16 +211,31 @@ def plan_micro_batches(lengths, *, max_tokens: int, groups=None, num_ranks: int 
         np.cumsum(unit_sizes, out=member_starts[1:])
         unit_tokens = np.add.reduceat(lengths[seq_order], member_starts[:-1])
         unit_cost = np.add.reduceat(seq_cost[seq_order], member_starts[:-1])
-    too_big = np.flatnonzero(unit_tokens > max_tokens)
+        unit_width = np.maximum.reduceat(lengths[seq_order], member_starts[:-1])
+        unit_count = unit_sizes.astype(np.int64)
+    # what each unit takes of a micro-batch's budget: its tokens, or its padded rows
+    unit_size = unit_count * unit_width if padded else unit_tokens
+    too_big = np.flatnonzero(unit_size > max_tokens)
     if too_big.size:
         u = int(too_big[0])
-        what = (f"groups: group {np.asarray(groups)[seq_order[member_starts[u]]]!r}"
+        what = (f"groups: group {np.asarray(groups)[seq_order[member_starts[u]]].item()!r}"
                 if groups is not None else f"sequences[{u}]")
+        if padded:
+            raise ValueError(f"{what} needs {int(unit_size[u])} padded slots ({int(unit_count[u])} "
+                             f"sequences x its longest, {int(unit_width[u])} tokens), more than "
+                             f"max_tokens={max_tokens}; raise max_tokens")
         raise ValueError(f"{what} has {int(unit_tokens[u])} tokens, more than max_tokens="
                          f"{max_tokens}; raise max_tokens or pass truncate=True to pack")
 
-    units_by_bin, bin_offsets, schedule = _plan_bins(unit_tokens, unit_cost, int(max_tokens),
-                                                     int(num_ranks), backend)
+    if padded:  # a unit's rows cost as much as its widest sequence (the micro-batch's, or less)
+        width_f = unit_width.astype(np.float64)
+        unit_cost = unit_count * (linear_cost * width_f + attention_cost * width_f * width_f)
+        units_by_bin, bin_offsets, schedule = _plan_bins(
+            None, unit_cost, int(max_tokens), int(num_ranks), backend,
+            widths=unit_width, counts=unit_count)
+    else:
+        units_by_bin, bin_offsets, schedule = _plan_bins(unit_tokens, unit_cost,
+                                                         int(max_tokens), int(num_ranks), backend)
     if groups is None:
         seqs_by_bin, seq_offsets = units_by_bin, bin_offsets
     else:  # expand each unit into its members, in original order
@@ -221,59 +250,81 @@ def plan_micro_batches(lengths, *, max_tokens: int, groups=None, num_ranks: int 
             for r in range(num_ranks)]
 
 
-def _plan_bins(unit_tokens: np.ndarray, unit_cost: np.ndarray, max_tokens: int, num_ranks: int,
-               backend: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Steps 2-5 on units. Returns `units_by_bin [U]` (units grouped by bin, ascending within
-    a bin), `bin_offsets [B+1]` and `schedule [num_ranks * M]` (bin ids, rank-major: rank r
-    runs bins `schedule[r*M:(r+1)*M]` in order)."""
+def _plan_bins(unit_tokens: np.ndarray | None, unit_cost: np.ndarray, max_tokens: int,
+               num_ranks: int, backend: str, widths: np.ndarray | None = None,
+               counts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Steps 2-5 on units (padded: by `widths` and `counts` instead of `unit_tokens`).
+    Returns `units_by_bin [U]` (units grouped by bin, ascending within a bin), `bin_offsets
+    [B+1]` and `schedule [num_ranks * M]` (bin ids, rank-major: rank r runs bins
+    `schedule[r*M:(r+1)*M]` in order)."""
     if backend not in ("auto", "cpp", "python"):
         raise ValueError(f"backend must be 'auto', 'cpp' or 'python', got {backend!r}")
-    host = _host_module() if backend != "python" else None
+    entry = "plan_bins" if widths is None else "plan_padded_bins"
+    host = _host_module(entry) if backend != "python" else None
     if backend == "cpp" and host is None:
-        raise RuntimeError("backend='cpp' but alignfuse.engine._host has no plan_bins; rebuild "
+        raise RuntimeError(f"backend='cpp' but alignfuse.engine._host has no {entry}; rebuild "
                            "with: ALIGNFUSE_BUILD_CUDA=0 python setup.py build_ext --inplace")
+    # C++ std::invalid_argument (e.g. too few units) arrives as ValueError.
+    if widths is not None:
+        if host is not None:
+            return host.plan_padded_bins(widths, counts, unit_cost, max_tokens, num_ranks)
+        return _plan_bins_python(None, unit_cost.tolist(), max_tokens, num_ranks,
+                                 widths=widths.tolist(), counts=counts.tolist())
     if host is not None:
-        # C++ std::invalid_argument (e.g. too few units) arrives as ValueError.
         return host.plan_bins(unit_tokens, unit_cost, max_tokens, num_ranks)
     return _plan_bins_python(unit_tokens.tolist(), unit_cost.tolist(), max_tokens, num_ranks)
 
 
-def _host_module():
+def _host_module(entry: str = "plan_bins"):
     try:
         from . import _host
     except ImportError:
         return None
-    return _host if hasattr(_host, "plan_bins") else None
+    return _host if hasattr(_host, entry) else None
 
 
-def _plan_bins_python(tokens: list[int], cost: list[float], max_tokens: int,
-                      num_ranks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The readable reference of `_host.plan_bins` (keep the two in step)."""
-    # Step 2: best-fit decreasing. `open_bins` is sorted (room left, bin id), so bisect finds
-    # the least room that still fits, and among equal room the bin opened first.
-    order = sorted(range(len(tokens)), key=lambda u: (-tokens[u], u))
+def _plan_bins_python(tokens: list[int] | None, cost: list[float], max_tokens: int,
+                      num_ranks: int, widths: list[int] | None = None,
+                      counts: list[int] | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The readable reference of `_host.plan_bins` and `_host.plan_padded_bins` (keep them
+    in step): by `tokens`, or padded by `widths` and `counts`."""
     bins: list[list[int]] = []        # units of each bin, in placement order
     bin_cost: list[float] = []
-    open_bins: list[tuple[int, int]] = []
-    for u in order:
-        i = bisect.bisect_left(open_bins, (tokens[u], -1))
-        if i < len(open_bins):
-            room, b = open_bins.pop(i)
-        else:
-            room, b = max_tokens, len(bins)
-            bins.append([])
-            bin_cost.append(0.0)
-        bins[b].append(u)
-        bin_cost[b] += cost[u]
-        if room - tokens[u] > 0:  # a full bin can take nothing more (every unit has >= 1 token)
-            bisect.insort(open_bins, (room - tokens[u], b))
+    if widths is not None:
+        # Step 2, padded: next-fit decreasing on width. A bin is as wide as its first unit.
+        rows = width = 0
+        for u in sorted(range(len(widths)), key=lambda u: (-widths[u], u)):
+            if not bins or (rows + counts[u]) * width > max_tokens or 2 * widths[u] <= width:
+                bins.append([])
+                bin_cost.append(0.0)
+                rows, width = 0, widths[u]
+            bins[-1].append(u)
+            bin_cost[-1] += cost[u]
+            rows += counts[u]
+    else:
+        # Step 2: best-fit decreasing. `open_bins` is sorted (room left, bin id), so bisect
+        # finds the least room that still fits, and among equal room the bin opened first.
+        open_bins: list[tuple[int, int]] = []
+        for u in sorted(range(len(tokens)), key=lambda u: (-tokens[u], u)):
+            i = bisect.bisect_left(open_bins, (tokens[u], -1))
+            if i < len(open_bins):
+                room, b = open_bins.pop(i)
+            else:
+                room, b = max_tokens, len(bins)
+                bins.append([])
+                bin_cost.append(0.0)
+            bins[b].append(u)
+            bin_cost[b] += cost[u]
+            if room - tokens[u] > 0:  # a full bin takes nothing more (every unit has a token)
+                bisect.insort(open_bins, (room - tokens[u], b))
 
     # Step 3: split bins until every rank can get the same number.
     target = num_ranks * -(-len(bins) // num_ranks)
     while len(bins) < target:
         splittable = [b for b in range(len(bins)) if len(bins[b]) >= 2]
         if not splittable:
-            raise ValueError(_too_few_units_message(len(tokens), num_ranks, target))
+            raise ValueError(_too_few_units_message(len(cost), num_ranks, target))
         b = max(splittable, key=lambda b: (bin_cost[b], -b))
         halves: list[list[int]] = [[], []]
         half_cost = [0.0, 0.0]
@@ -355,7 +406,7 @@ def pack(sequences: Sequence, *, max_tokens: int, prompt_lengths=None,
          loss_masks: Sequence | None = None, groups=None,
          extras: dict[str, object] | None = None, num_ranks: int = 1, rank: int = 0,
          linear_cost: float = 1.0, attention_cost: float = DEFAULT_ATTENTION_COST,
-         truncate: bool = False, ignore_index: int = -100,
+         truncate: bool = False, ignore_index: int = -100, padded: bool = False,
          backend: str = "auto") -> list[PackedBatch]:
     """Pack token sequences into micro-batches of at most `max_tokens` tokens.
 
@@ -378,6 +429,9 @@ def pack(sequences: Sequence, *, max_tokens: int, prompt_lengths=None,
         truncate: cut sequences longer than `max_tokens` to their first `max_tokens` tokens
             instead of raising.
         ignore_index: the target value where no loss is taken.
+        padded: budget `max_tokens` for right-padded rows (sequences x the longest), as a
+            model that runs padded needs (`engine.forward.runs_padded(model)`): the batches
+            keep the packed layout, and `to_padded` fits the budget.
         backend: "auto", "cpp" or "python" planner (identical results).
 
     Returns:
@@ -429,7 +483,7 @@ def pack(sequences: Sequence, *, max_tokens: int, prompt_lengths=None,
 
     plan = plan_micro_batches(lengths, max_tokens=max_tokens, groups=groups, num_ranks=num_ranks,
                               linear_cost=linear_cost, attention_cost=attention_cost,
-                              backend=backend)[rank]
+                              padded=padded, backend=backend)[rank]
     # Built a chunk of micro-batches at a time: per-batch numpy calls cost more than the work
     # for small batches, and whole-rank arrays cost gigabytes for large inputs.
     batches = []

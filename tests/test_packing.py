@@ -87,7 +87,8 @@ def test_cpp_and_python_plans_are_identical():
                   if trial % 2 else None)
         kwargs = dict(max_tokens=max_tokens, groups=groups,
                       num_ranks=int(rng.integers(1, 9)),
-                      attention_cost=float(rng.choice([0.0, 0.01, 1 / 3])))
+                      attention_cost=float(rng.choice([0.0, 0.01, 1 / 3])),
+                      padded=trial % 3 == 1)
         results = []
         for backend in ("cpp", "python"):
             try:
@@ -102,6 +103,93 @@ def test_cpp_and_python_plans_are_identical():
         assert [[b.tolist() for b in rank] for rank in cpp] == \
                [[b.tolist() for b in rank] for rank in python]
     assert compared > 100
+
+
+def _naive_next_fit_by_width(lengths: list[int], groups: list[int],
+                             max_tokens: int) -> set[frozenset[int]]:
+    """The padded plan's step 2 written the obvious way: groups by decreasing longest member
+    (ties: first appearance), each into the newest micro-batch while its sequences times
+    that micro-batch's width (its first group's longest) stay within max_tokens and the
+    group's longest is over half that width."""
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    units = list(members.values())  # in order of first appearance
+    bins: list[list[int]] = []
+    for unit in sorted(units, key=lambda u: (-max(lengths[i] for i in u), units.index(u))):
+        width = max(lengths[i] for i in bins[-1]) if bins else 0
+        if bins and (len(bins[-1]) + len(unit)) * width <= max_tokens \
+                and 2 * max(lengths[i] for i in unit) > width:
+            bins[-1] += unit
+        else:
+            bins.append(list(unit))
+    return {frozenset(b) for b in bins}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padded_plan_budgets_the_padded_rows(backend):
+    """With `padded=True`, sequences x the longest stay within max_tokens in every
+    micro-batch (what a model that runs on padded rows allocates), groups stay together,
+    every rank gets as many micro-batches, and one rank's plan is next-fit decreasing."""
+    rng = np.random.default_rng()
+    for trial in range(30):
+        max_tokens = int(rng.integers(40, 300))
+        lengths = rng.integers(1, max_tokens // 2 + 1, size=int(rng.integers(20, 200)))
+        groups = rng.integers(0, lengths.size // 2, size=lengths.size).tolist()
+        widest = max(np.bincount(groups)[g] * lengths[np.asarray(groups) == g].max()
+                     for g in set(groups))
+        if widest > max_tokens:
+            with pytest.raises(ValueError, match="padded slots.*max_tokens"):
+                plan_micro_batches(lengths, max_tokens=max_tokens, groups=groups, padded=True,
+                                   backend=backend)
+            continue
+        num_ranks = 1 + trial % 4
+        plan = plan_micro_batches(lengths, max_tokens=max_tokens, groups=groups, padded=True,
+                                  num_ranks=num_ranks, backend=backend)
+        assert len({len(rank) for rank in plan}) == 1
+        batches = [b for rank in plan for b in rank]
+        assert np.array_equal(np.sort(np.concatenate(batches)), np.arange(lengths.size))
+        assert max(b.size * int(lengths[b].max()) for b in batches) <= max_tokens
+        widths = {g: int(lengths[np.asarray(groups) == g].max()) for g in set(groups)}
+        for b in batches:  # no group's rows are mostly padding
+            in_batch = [widths[g] for g in {groups[i] for i in b.tolist()}]
+            assert 2 * min(in_batch) > max(in_batch)
+        for b in batches:  # a group lies whole in one micro-batch
+            assert all(set(np.flatnonzero(np.asarray(groups) == groups[i])) <= set(b.tolist())
+                       for i in b.tolist())
+        if num_ranks == 1:
+            assert {frozenset(b.tolist()) for b in plan[0]} == \
+                   _naive_next_fit_by_width(lengths.tolist(), groups, max_tokens)
+
+
+def test_padded_plan_by_hand():
+    # Widths 9, 7, 5, 5, 3, 3, 2 (sequences 1, 4, 2, 5, 0, 6, 3) under 20 padded slots:
+    # [9, 7] (2 x 9 = 18; a third row of 9 is 27), [5, 5, 3, 3] (4 x 5 = 20), then 5 x 5 > 20
+    # opens [2]. Costs (each sequence padded to its own width, attention_cost 0): 16, 16, 2.
+    for backend in ["python"] + (["cpp"] if HAS_CPP else []):
+        plan = plan_micro_batches([3, 9, 5, 2, 7, 5, 3], max_tokens=20, padded=True,
+                                  attention_cost=0.0, backend=backend)
+        assert [b.tolist() for b in plan[0]] == [[1, 4], [0, 2, 5, 6], [3]]
+        # 2 x 9 fits, but a 4 among 9s would be a row of more padding than tokens
+        plan = plan_micro_batches([4, 9], max_tokens=20, padded=True, backend=backend)
+        assert [b.tolist() for b in plan[0]] == [[1], [0]]
+
+
+def test_padded_pack_bounds_what_a_padded_forward_allocates():
+    """One long document among many short ones: token-budgeted, the padded rows of a
+    micro-batch hold many times its tokens; padded, they stay within max_tokens and
+    little of them is padding."""
+    rng = np.random.default_rng()
+    lengths = [1000] + rng.integers(5, 40, size=300).tolist()
+    sequences = [rng.integers(3, 90, size=n).tolist() for n in lengths]
+    by_tokens = pack(sequences, max_tokens=2048)
+    assert max(b.num_seqs * b.max_seqlen for b in by_tokens) > 10 * 2048
+    padded = pack(sequences, max_tokens=2048, padded=True)
+    _check_batches_hold(padded, sequences)
+    assert max(b.num_seqs * b.max_seqlen for b in padded) <= 2048
+    assert all(b.to_padded(b.input_ids).numel() <= 2048 for b in padded)
+    slots = sum(b.num_seqs * b.max_seqlen for b in padded)
+    assert sum(lengths) / slots > 0.8, "next-fit by width should leave little padding"
 
 
 def test_karmarkar_karp_balances_better_than_round_robin():
@@ -263,7 +351,7 @@ def test_extras_and_to_device():
 def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match=r"sequences\[1\].*max_tokens=4"):
         pack([[1, 2], [1, 2, 3, 4, 5]], max_tokens=4)
-    with pytest.raises(ValueError, match="groups.*max_tokens=4"):
+    with pytest.raises(ValueError, match="groups: group 0 has 5 tokens.*max_tokens=4"):
         pack([[1, 2], [1, 2, 3]], max_tokens=4, groups=[0, 0])
     with pytest.raises(ValueError, match="at least 1 token"):
         pack([[1], []], max_tokens=4)
@@ -281,6 +369,11 @@ def test_bad_input_names_the_argument():
         pack([[1, 2]], max_tokens=4, loss_masks=[[1, 1, 1]])
     with pytest.raises(ValueError, match="extras"):
         pack([[1, 2]], max_tokens=4, extras={"score": [1.0, 2.0]})
+    with pytest.raises(ValueError, match=r"groups: group 0 needs 6 padded slots \(2 "
+                                         r"sequences x its longest, 3 tokens\).*max_tokens=5"):
+        pack([[1, 2, 3], [1]], max_tokens=5, groups=[0, 0], padded=True)
+    with pytest.raises(TypeError, match="padded must be a bool"):
+        pack([[1, 2]], max_tokens=4, padded="yes")
 
 
 def test_truncate_keeps_the_first_max_tokens():

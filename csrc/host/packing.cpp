@@ -1,5 +1,6 @@
-// Sequence packing plan: best-fit decreasing bins, split to a multiple of the rank count,
-// equal-size Karmarkar-Karp partition across data-parallel ranks.
+// Sequence packing plan: best-fit decreasing bins (next-fit decreasing on width for a padded
+// plan), split to a multiple of the rank count, equal-size Karmarkar-Karp partition across
+// data-parallel ranks.
 //
 // This is the hot path of engine/packing.py::_plan_bins_python, which is the readable
 // reference. The two must give IDENTICAL plans (tests/test_packing.py checks it), so every
@@ -157,23 +158,39 @@ std::vector<int64_t> decreasing_order(const int64_t* tokens, int64_t num_units,
   return order;
 }
 
+// `tokens` (best-fit decreasing on tokens) or, for a padded plan, `widths` and `counts`
+// (next-fit decreasing on width: a bin of n rows as wide as its first unit holds n * width
+// <= max_tokens padded slots, and only units wider than half of it).
 Plan plan_bins(const int64_t* tokens, const double* cost, int64_t num_units, int64_t max_tokens,
-               int64_t num_ranks) {
-  // Step 2: best-fit decreasing.
+               int64_t num_ranks, const int64_t* widths = nullptr,
+               const int64_t* counts = nullptr) {
+  // Step 2: best-fit decreasing, or next-fit decreasing on width.
   const bool indexed = index_by_tokens(max_tokens, num_units);
-  const std::vector<int64_t> order = decreasing_order(tokens, num_units, max_tokens, indexed);
   std::vector<List> bins;
   std::vector<int64_t> unit_next(num_units, -1);
-  OpenBins open(max_tokens, indexed);
-  for (int64_t u : order) {
-    auto [room, b] = open.take(tokens[u]);
-    if (b < 0) {
-      room = max_tokens;
-      b = static_cast<int64_t>(bins.size());
-      bins.emplace_back();
+  if (widths != nullptr) {
+    int64_t width = 0, rows = 0;
+    for (int64_t u : decreasing_order(widths, num_units, max_tokens, indexed)) {
+      if (bins.empty() || (rows + counts[u]) * width > max_tokens || 2 * widths[u] <= width) {
+        bins.emplace_back();
+        width = widths[u];
+        rows = 0;
+      }
+      append(bins.back(), unit_next, u, cost[u]);
+      rows += counts[u];
     }
-    append(bins[b], unit_next, u, cost[u]);
-    if (room - tokens[u] > 0) open.put(room - tokens[u], b);
+  } else {
+    OpenBins open(max_tokens, indexed);
+    for (int64_t u : decreasing_order(tokens, num_units, max_tokens, indexed)) {
+      auto [room, b] = open.take(tokens[u]);
+      if (b < 0) {
+        room = max_tokens;
+        b = static_cast<int64_t>(bins.size());
+        bins.emplace_back();
+      }
+      append(bins[b], unit_next, u, cost[u]);
+      if (room - tokens[u] > 0) open.put(room - tokens[u], b);
+    }
   }
 
   // Step 3: split the costliest multi-unit bin (lowest id on ties) until the bin count is a
@@ -300,6 +317,38 @@ HostRegistrar registrar([](py::module_& m) {
       py::arg("tokens"), py::arg("cost"), py::arg("max_tokens"), py::arg("num_ranks"),
       "Packing plan (see engine/packing.py): returns (units_by_bin [U], bin_offsets [B+1], "
       "schedule [R*M]).");
+  m.def(
+      "plan_padded_bins",
+      [](py::array_t<int64_t, py::array::c_style | py::array::forcecast> widths,
+         py::array_t<int64_t, py::array::c_style | py::array::forcecast> counts,
+         py::array_t<double, py::array::c_style | py::array::forcecast> cost, int64_t max_tokens,
+         int64_t num_ranks) {
+        if (widths.ndim() != 1 || counts.ndim() != 1 || cost.ndim() != 1 ||
+            widths.size() != counts.size() || widths.size() != cost.size())
+          throw std::invalid_argument(
+              "widths, counts and cost must be 1-D arrays of the same length");
+        if (widths.size() == 0) throw std::invalid_argument("widths must not be empty");
+        if (max_tokens < 1) throw std::invalid_argument("max_tokens must be >= 1");
+        if (num_ranks < 1) throw std::invalid_argument("num_ranks must be >= 1");
+        const int64_t* w = widths.data();
+        const int64_t* c = counts.data();
+        for (py::ssize_t i = 0; i < widths.size(); ++i)
+          if (w[i] < 1 || c[i] < 1 || c[i] > max_tokens / w[i])
+            throw std::invalid_argument(
+                "unit " + std::to_string(i) + ": " + std::to_string(c[i]) + " rows of width " +
+                std::to_string(w[i]) + " are outside [1, max_tokens] padded slots");
+        Plan plan;
+        {
+          py::gil_scoped_release release;
+          plan = plan_bins(nullptr, cost.data(), widths.size(), max_tokens, num_ranks, w, c);
+        }
+        return py::make_tuple(to_numpy(plan.units_by_bin), to_numpy(plan.bin_offsets),
+                              to_numpy(plan.schedule));
+      },
+      py::arg("widths"), py::arg("counts"), py::arg("cost"), py::arg("max_tokens"),
+      py::arg("num_ranks"),
+      "Padded packing plan (see engine/packing.py): units of counts[u] rows of widths[u] "
+      "tokens; returns (units_by_bin [U], bin_offsets [B+1], schedule [R*M]).");
 });
 
 }  // namespace
