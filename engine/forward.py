@@ -40,8 +40,10 @@ state-space, convolution or linear-attention layers leak (Bamba, Falcon-H1, Jamb
 Qwen3-Next, measured): they run on right-padded rows, one per document, which is exact
 for a causal model (hidden states gathered back into the packed order, so everything
 downstream is unchanged). So do models whose forward raises on the packed row (Bloom and
-ALiBi Falcon build their position bias from a 2-D attention mask). A head that is not
-reproduced is refused (`ModelCheckError`).
+ALiBi Falcon build their position bias from a 2-D attention mask). `runs_padded(model)`
+tells, so that their batches are packed with `pack(..., padded=True)`, which budgets the
+padded rows (the loops and algorithms do). A head that is not reproduced is refused
+(`ModelCheckError`).
 """
 
 from __future__ import annotations
@@ -307,8 +309,9 @@ def run_decoder(model: nn.Module, packed, on_hidden: Callable[[torch.Tensor], ob
     padded = leak is not None and packed.cu_seqlens.numel() > 2
     if padded and packed.num_seqs * int(packed.max_seqlen) > 2 * packed.num_tokens:
         warnings.warn("the padded rows of this model hold more than twice the batch's tokens "
-                      "(one long document among short ones): pack it with a smaller "
-                      "max_tokens, or group documents of similar length", stacklevel=2)
+                      "(one long document among short ones): pack its batches with "
+                      "pack(..., padded=True), which budgets the padded rows (the engine's "
+                      "loops do; `runs_padded(model)` tells)", stacklevel=2)
     # no position kept: the LM head runs on an empty slice, so no [N, V] logits
     return _forward(model, packed, on_hidden,
                     torch.empty(0, dtype=torch.long, device=device), padded=padded)[0]
@@ -421,6 +424,18 @@ def verify_packed_model(model: nn.Module, device, *, lm_head: bool = True,
                               "such a model on right-padded rows instead.")
     if lm_head and head:
         raise ModelCheckError(head)
+
+
+def runs_padded(model: nn.Module, device=None) -> bool:
+    """Whether `run_decoder` runs `model` on right-padded rows, one per document, instead of
+    one packed row (`verify_packed_model`'s probe found its documents not isolated, or its
+    forward refusing a packed row; the probe runs now if it has not yet). Pack such a
+    model's batches with `pack(..., padded=True)`, so that `max_tokens` bounds the padded
+    rows it allocates; the engine's loops and algorithms do. `device`: where the batches
+    will be (default: the model's parameters')."""
+    if device is None:
+        device = next(unwrap_model(model).parameters()).device
+    return _verdict(model, device)[0] is not None
 
 
 def _verdict(model: nn.Module, device) -> tuple[str | None, str | None]:

@@ -311,8 +311,10 @@ def load_records(cfg: TrainConfig, source: str, *, evaluation: bool):
     return data.load_scored(source) if cfg.rm_kind == "pointwise" else data.load_ranked(source)
 
 
-def build_dataset(cfg: TrainConfig, records, tokenizer):
-    """Tokenized sequences in the layout the algorithm reads (see each algorithm's module)."""
+def build_dataset(cfg: TrainConfig, records, tokenizer, padded: bool = False):
+    """Tokenized sequences in the layout the algorithm reads (see each algorithm's module).
+    `padded`: the model runs on padded rows (`runs_padded`), so a record's sequences take
+    their count times the longest of a micro-batch's budget."""
     from .algorithms.kto import kto_dataset
     from .data import tokenize_records
 
@@ -323,14 +325,21 @@ def build_dataset(cfg: TrainConfig, records, tokenizer):
         dataset = kto_dataset(dataset)
     # The loop packs without truncation (a cut completion would change what is learned),
     # so a record (its sequences are packed together) must fit one micro-batch.
-    sizes = [0] * dataset.num_records
+    sizes, counts, widths = ([0] * dataset.num_records for _ in range(3))
     for i, record in enumerate(dataset.record_index):
-        sizes[record] += len(dataset.sequence(i))
+        length = len(dataset.sequence(i))
+        sizes[record] += length
+        counts[record] += 1
+        widths[record] = max(widths[record], length)
+    if padded:
+        sizes = [count * width for count, width in zip(counts, widths)]
     largest = max(range(len(sizes)), key=sizes.__getitem__, default=None)
     if largest is not None and sizes[largest] > cfg.max_tokens:
-        raise ConfigError(f"max_tokens={cfg.max_tokens} is too small: record {largest} has "
-                          f"{sizes[largest]} tokens (its sequences are packed together); "
-                          f"raise max_tokens")
+        what = (f"needs {sizes[largest]} padded slots ({counts[largest]} sequences x the "
+                f"longest: this model runs on padded rows)" if padded
+                else f"has {sizes[largest]} tokens")
+        raise ConfigError(f"max_tokens={cfg.max_tokens} is too small: record {largest} {what} "
+                          f"(its sequences are packed together); raise max_tokens")
     return dataset
 
 
@@ -402,10 +411,13 @@ def run_batches(algorithm, batches, *, train: bool) -> dict[str, float]:
 
 
 def evaluate(algorithm, dataset, max_tokens: int) -> dict[str, float]:
+    from .forward import runs_padded
+
     was_training = algorithm.model.training
     algorithm.model.eval()
     try:
-        return run_batches(algorithm, dataset.pack(max_tokens=max_tokens), train=False)
+        batches = dataset.pack(max_tokens=max_tokens, padded=runs_padded(algorithm.model))
+        return run_batches(algorithm, batches, train=False)
     finally:
         algorithm.model.train(was_training)
 
@@ -435,6 +447,7 @@ def sft_warmup(cfg: TrainConfig, model, records, tokenizer) -> None:
     fresh model that knows no answer format yet. Its own optimizer, thrown away after."""
     from .algorithms import SFT
     from .data import tokenize_records
+    from .forward import runs_padded
 
     data = preferred_only(tokenize_records(records, tokenizer))
     sft = SFT(model)
@@ -442,7 +455,8 @@ def sft_warmup(cfg: TrainConfig, model, records, tokenizer) -> None:
     for step in range(cfg.sft_warmup_steps):
         records_now = records_for_step(data.num_records, cfg.batch_size, cfg.seed + 7, step)
         optimizer.zero_grad(set_to_none=True)
-        run_batches(sft, data.pack(records_now, max_tokens=cfg.max_tokens), train=True)
+        run_batches(sft, data.pack(records_now, max_tokens=cfg.max_tokens,
+                                   padded=runs_padded(model)), train=True)
         optimizer.step()
 
 
@@ -492,11 +506,14 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         torch.set_num_threads(cfg.num_threads)
     _seed_everything(cfg.seed)
     model, tokenizer = load_model_and_tokenizer(cfg)
+    from .forward import runs_padded
+
+    padded = runs_padded(model)  # then every micro-batch budgets its padded rows
     records = load_records(cfg, cfg.data, evaluation=False)
-    dataset = build_dataset(cfg, records, tokenizer)
+    dataset = build_dataset(cfg, records, tokenizer, padded)
     eval_source = cfg.eval_data or (cfg.data if cfg.data.startswith("builtin:") else None)
-    eval_dataset = (build_dataset(cfg, load_records(cfg, eval_source, evaluation=True), tokenizer)
-                    if eval_source else None)
+    eval_dataset = (build_dataset(cfg, load_records(cfg, eval_source, evaluation=True),
+                                  tokenizer, padded) if eval_source else None)
 
     needs_reference = cfg.algorithm in ("dpo", "kto")
     reference_path = out / "reference.pt"  # the reference weights (the model after warm-up)
@@ -554,7 +571,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             records_now = records_for_step(dataset.num_records, cfg.batch_size, cfg.seed, step)
-            batches = dataset.pack(records_now, max_tokens=cfg.max_tokens)
+            batches = dataset.pack(records_now, max_tokens=cfg.max_tokens, padded=padded)
             optimizer.zero_grad(set_to_none=True)
             train_metrics = run_batches(algorithm, batches, train=True)
             if cfg.max_grad_norm is not None:
@@ -597,9 +614,10 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
 def attach_reference_logps(ref_model, dataset, max_tokens: int) -> None:
     """Compute every sequence's reference log-prob once and store it with the dataset
     (`extras["reference_logps"]`), so batches carry it and no reference model is kept."""
-    from .forward import precompute_reference_logps
+    from .forward import precompute_reference_logps, runs_padded
 
-    logps = precompute_reference_logps(ref_model, dataset.pack(max_tokens=max_tokens))
+    logps = precompute_reference_logps(
+        ref_model, dataset.pack(max_tokens=max_tokens, padded=runs_padded(ref_model)))
     dataset.extras["reference_logps"] = logps.tolist()
 
 

@@ -157,6 +157,7 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
 def sft_warmup(model, tokenizer, cfg: OnlineConfig) -> list[float]:
     """`sft_warmup_steps` SFT steps on right answers (prompt tokens are not predicted)."""
     from .algorithms import SFT
+    from .forward import runs_padded
 
     rng = random.Random(cfg.seed + 7)
     prompts = addition_prompts(cfg.max_operand)
@@ -170,7 +171,8 @@ def sft_warmup(model, tokenizer, cfg: OnlineConfig) -> list[float]:
             answer = tokenizer.encode(str(solve(text)), add_special_tokens=False)
             seqs.append(prompt + answer + [tokenizer.eos_token_id])
             prompt_lengths.append(len(prompt))
-        batches = pack(seqs, max_tokens=cfg.max_tokens, prompt_lengths=prompt_lengths)
+        batches = pack(seqs, max_tokens=cfg.max_tokens, prompt_lengths=prompt_lengths,
+                       padded=runs_padded(model))
         total = sum(sft.num_units(b) for b in batches)
         for batch in batches:
             losses.append(sft.step(batch, loss_scale=sft.num_units(batch) / total)["loss"])

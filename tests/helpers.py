@@ -140,3 +140,39 @@ def transformed_head_model(family: str, attn: str = "sdpa", seed: int = 1, *, vo
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(gain)
     return model.eval()
+
+
+# Tiny models of families whose layers carry state along the packed row (state-space,
+# short convolution, linear attention): their packed documents are not isolated.
+HYBRIDS = {  # model_type: the config fields that make it tiny (on the torch fallbacks)
+    "bamba": dict(attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=32, mamba_n_groups=1,
+                  mamba_d_state=16),                                     # Mamba-2 + attention
+    "falcon_h1": dict(mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1,
+                      mamba_d_state=16),                           # Mamba-2 || attention
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=100,
+                  num_experts=1, mamba_d_state=8),                       # Mamba-1 + attention
+    "lfm2": dict(layer_types=["conv", "full_attention"]),               # short convolutions
+    "qwen3_next": dict(layer_types=["linear_attention", "full_attention"], num_experts=0,
+                       linear_num_value_heads=4, linear_num_key_heads=2, head_dim=16,
+                       linear_key_head_dim=16, linear_value_head_dim=16),  # gated delta rule
+}
+
+
+def family_model(model_type: str, fields: dict, layers: int = 2, seed: int = 3,
+                 attention: str = "sdpa", vocab: int = 97):
+    """A tiny random `model_type` causal LM with the family's own `fields`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        model_type, vocab_size=vocab, hidden_size=64, intermediate_size=96,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=1, bos_token_id=1,
+        eos_token_id=2, pad_token_id=0, **fields)
+    config._attn_implementation = attention
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config)
+
+
+def hybrid_model(model_type: str, **kwargs):
+    """A tiny hybrid whose packed documents are not isolated (tests/test_forward.py)."""
+    return family_model(model_type, HYBRIDS[model_type], **kwargs)

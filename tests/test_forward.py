@@ -19,8 +19,8 @@ from alignfuse.engine.packing import pack
 from alignfuse.engine.tiny import tiny_model
 from alignfuse.kernels.preference import dpo_loss, kto_kl, kto_loss, orpo_loss, simpo_loss
 from alignfuse.kernels.reward_model import listwise_rm_loss, pairwise_rm_loss, pointwise_rm_loss
-from helpers import (TRANSFORMED_HEADS, assert_rel_close, preference_pairs,
-                     transformed_head_model)
+from helpers import (HYBRIDS, TRANSFORMED_HEADS, assert_rel_close, family_model,
+                     hybrid_model, preference_pairs, transformed_head_model)
 
 VOCAB = 97
 FAMILIES = ("llama", "qwen2")
@@ -362,39 +362,6 @@ def test_unsupported_head_transforms_are_refused(field, value, error):
 # with layers that carry state along the row leak one packed document into the next (in
 # float64 as much as in float32: not rounding); heads transformed in code are caught too.
 
-HYBRIDS = {  # model_type: the config fields that make it tiny (on the torch fallbacks)
-    "bamba": dict(attn_layer_indices=[1], mamba_n_heads=4, mamba_d_head=32, mamba_n_groups=1,
-                  mamba_d_state=16),                                     # Mamba-2 + attention
-    "falcon_h1": dict(mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1,
-                      mamba_d_state=16),                           # Mamba-2 || attention
-    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=100,
-                  num_experts=1, mamba_d_state=8),                       # Mamba-1 + attention
-    "lfm2": dict(layer_types=["conv", "full_attention"]),               # short convolutions
-    "qwen3_next": dict(layer_types=["linear_attention", "full_attention"], num_experts=0,
-                       linear_num_value_heads=4, linear_num_key_heads=2, head_dim=16,
-                       linear_key_head_dim=16, linear_value_head_dim=16),  # gated delta rule
-}
-
-
-def family_model(model_type: str, fields: dict, layers: int = 2, seed: int = 3,
-                 attention: str = "sdpa"):
-    """A tiny random `model_type` causal LM with the family's own `fields`."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model(
-        model_type, vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=1, bos_token_id=1,
-        eos_token_id=2, pad_token_id=0, **fields)
-    config._attn_implementation = attention
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(config)
-
-
-def hybrid_model(model_type: str):
-    return family_model(model_type, HYBRIDS[model_type])
-
-
 @pytest.fixture(params=["gradient", "forwards"])
 def leak_check(request, monkeypatch):
     """Which isolation check runs: by gradient, or by forwards (FSDP1, inference mode)."""
@@ -446,6 +413,16 @@ def test_models_whose_layers_carry_state_across_documents_run_padded(model_type,
         alone = torch.cat([model.get_decoder()(input_ids=torch.tensor(seqs[i])[None])
                            .last_hidden_state[0] for i in order])
     assert_rel_close(hidden, alone, 1e-5, "hidden states")
+
+
+def test_runs_padded_names_the_models_that_run_on_padded_rows():
+    """`runs_padded` is the check's verdict, for packing with `pack(..., padded=True)`."""
+    assert not forward.runs_padded(tiny_model("llama", VOCAB, seed=1))
+    with pytest.warns(UserWarning, match="not isolated"):
+        assert forward.runs_padded(hybrid_model("lfm2"))
+    fields, attention = UNPACKABLE["bloom"]
+    with pytest.warns(UserWarning, match="cannot run packed documents"):
+        assert forward.runs_padded(family_model("bloom", fields, attention=attention), "cpu")
 
 
 UNPACKABLE = {  # model_type: (fields, attention); ALiBi built from a 2-D attention mask

@@ -432,6 +432,31 @@ def test_every_algorithm_trains_from_the_command_line(tmp_path, algorithm):
     assert all(r["loss"] is not None for r in rows)
 
 
+def test_a_model_that_runs_padded_is_packed_padded_everywhere(tmp_path, monkeypatch):
+    """When the model runs on padded rows (`runs_padded`), every pack of the loop budgets the
+    padded rows: SFT warm-up, reference log-probs, evaluation and training; and a record
+    too wide for max_tokens in padded rows is a config error naming it."""
+    from alignfuse.engine import data, forward, loop
+
+    monkeypatch.setattr(forward, "runs_padded", lambda model, device=None: True)
+    calls = []
+    real_pack = data.TokenizedDataset.pack
+    monkeypatch.setattr(data.TokenizedDataset, "pack",
+                        lambda self, *a, **k: calls.append(k) or real_pack(self, *a, **k))
+    rc = main(["train", "dpo", f"out_dir={tmp_path / 'run'}", "steps=2", "eval_every=1",
+               "reference=precompute", *SMALL])
+    assert rc == 0
+    assert len(calls) >= 2 + 2 + 2 + 2  # warm-up, references, evaluations, steps
+    assert all(k.get("padded") is True for k in calls)
+    records = [data.PreferenceRecord("1+1=", "2" * 20, "3")]
+    cfg = loop.make_config(algorithm="dpo", max_tokens=40)
+    tokenizer = loop.load_model_and_tokenizer(cfg)[1]
+    assert loop.build_dataset(cfg, records, tokenizer).num_records == 1
+    with pytest.raises(loop.ConfigError, match=r"max_tokens=40 is too small: record 0 needs "
+                                               r"\d+ padded slots \(2 sequences"):
+        loop.build_dataset(cfg, records, tokenizer, padded=True)
+
+
 def test_logged_lr_is_the_rate_the_step_ran_at(tmp_path):
     train(make_config(overrides=[*SMALL, "algorithm=sft", "sft_warmup_steps=0", "steps=3",
                                  "warmup_steps=2", "lr=1e-3", f"out_dir={tmp_path}"]))

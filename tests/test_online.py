@@ -21,7 +21,7 @@ from alignfuse.engine.packing import pack
 from alignfuse.engine.rollout import HFRollout, SamplingConfig, VLLMRollout, vllm_available
 from alignfuse.engine.tiny import tiny_model
 
-from helpers import assert_rel_close
+from helpers import assert_rel_close, hybrid_model
 
 needs_vllm = pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed")
 PROMPTS = [[1, 5, 9, 14], [1, 33, 7], [1, 40, 41, 42, 43]]
@@ -231,6 +231,46 @@ def test_grpo_scores_with_a_reward_model():
         with torch.no_grad():
             assert abs(float(scorer.scores(alone)[0]) - float(score)) < 1e-5
     assert scores.std() > 0
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_rollouts_of_a_model_that_runs_padded_budget_its_padded_rows(algorithm, monkeypatch):
+    """An LFM2 policy (short convolutions: packed documents are not isolated) runs on padded
+    rows, and so do PPO's critic (its copy) and a reference: the rollout batches budget
+    sequences x the longest within max_tokens, and training on them works."""
+    from alignfuse.engine.algorithms import grpo as grpo_module
+
+    calls = []
+    real_pack = grpo_module.pack
+    monkeypatch.setattr(grpo_module, "pack", lambda *a, **k: calls.append(k) or real_pack(*a, **k))
+    model = hybrid_model("lfm2", vocab=128)
+    ref = hybrid_model("lfm2", vocab=128).eval()
+    kind = GRPO if algorithm == "grpo" else PPO
+    with pytest.warns(UserWarning, match="not isolated"):
+        algo = kind(model, HFRollout(model), parity_reward, ref_model=ref, group_size=G,
+                    sampling=sampling(seed=6), max_tokens=24,
+                    **({"beta": 0.01} if algorithm == "grpo" else {"kl_coef": 0.01}))
+        batches, _ = algo.make_experience(PROMPTS)
+    assert calls and all(k.get("padded") is True for k in calls)
+    assert len(batches) > 1
+    assert max(b.packed.num_seqs * b.packed.max_seqlen for b in batches) <= 24
+    metrics = algo.step(batches[0])
+    assert math.isfinite(metrics["loss"])
+
+
+def test_online_sft_warmup_packs_padded_for_a_model_that_runs_padded(monkeypatch):
+    from alignfuse.engine import online_loop
+    from alignfuse.engine.tiny import tiny_tokenizer
+
+    calls = []
+    real_pack = online_loop.pack
+    monkeypatch.setattr(online_loop, "pack", lambda *a, **k: calls.append(k) or real_pack(*a, **k))
+    tokenizer = tiny_tokenizer()
+    model = hybrid_model("lfm2", vocab=len(tokenizer))
+    cfg = online_loop.make_online_config(None, ["sft_warmup_steps=1", "sft_examples=4"])
+    with pytest.warns(UserWarning, match="not isolated"):
+        losses = online_loop.sft_warmup(model, tokenizer, cfg)
+    assert calls and all(k.get("padded") is True for k in calls) and losses
 
 
 def test_grpo_rejects_bad_options():

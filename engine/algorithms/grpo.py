@@ -36,7 +36,7 @@ from torch import nn
 from alignfuse.kernels import group_advantages, linear_policy_loss, segment_sum
 from alignfuse.kernels.policy.aggregation import LOSS_AGG_MODES
 
-from ..forward import lm_head_of, run_decoder, token_logprobs
+from ..forward import lm_head_of, run_decoder, runs_padded, token_logprobs
 from ..packing import PackedBatch, pack
 from ..rollout import Rollout, Sample, SamplingConfig
 from .base import Algorithm
@@ -94,11 +94,12 @@ def completion_tensor(packed: PackedBatch, per_sample: Sequence[torch.Tensor]) -
 
 
 def pack_samples(samples: Sequence[Sample], max_tokens: int,
-                 device: torch.device | str = "cpu") -> list[PackedBatch]:
+                 device: torch.device | str = "cpu", padded: bool = False) -> list[PackedBatch]:
     """Pack prompt + completion of each sample; the loss sees only completion tokens.
 
     `seq_index` is the sample's index in `samples`. Samples of one prompt may land in
-    different micro-batches: their advantages are computed before packing.
+    different micro-batches: their advantages are computed before packing. `padded`: budget
+    the right-padded rows (for models that `runs_padded`).
     """
     sequences = [s.prompt_token_ids + s.completion_token_ids for s in samples]
     longest = max(len(s) for s in sequences)
@@ -106,7 +107,7 @@ def pack_samples(samples: Sequence[Sample], max_tokens: int,
         raise ValueError(f"max_tokens={max_tokens} is smaller than the longest prompt + "
                          f"completion ({longest} tokens); raise max_tokens")
     batches = pack(sequences, max_tokens=max_tokens,
-                   prompt_lengths=[len(s.prompt_token_ids) for s in samples])
+                   prompt_lengths=[len(s.prompt_token_ids) for s in samples], padded=padded)
     return [b.to(device) for b in batches]
 
 
@@ -194,7 +195,8 @@ class OnlineAlgorithm(Algorithm):
         if hasattr(self.reward, "scores"):
             scores = torch.zeros(len(samples))
             device = model_device(self.reward.model)
-            for batch in pack_samples(samples, self.max_tokens, device):
+            for batch in pack_samples(samples, self.max_tokens, device,
+                                      runs_padded(self.reward.model, device)):
                 scores[batch.seq_index.cpu()] = self.reward.scores(batch).float().cpu()
             return scores
         values = []
@@ -208,6 +210,11 @@ class OnlineAlgorithm(Algorithm):
         if not bool(torch.isfinite(rewards).all()):
             raise ValueError("the reward function returned NaN or inf")
         return rewards
+
+    def packed_models(self) -> list[nn.Module]:
+        """The models that run on the packed rollout batches: if one runs on padded rows
+        (`runs_padded`), the batches budget their padded rows."""
+        return [m for m in (self.model, self.ref_model) if m is not None]
 
     @torch.no_grad()
     def _token_logps(self, model: nn.Module, batch: PackedBatch) -> torch.Tensor:
@@ -228,9 +235,11 @@ class OnlineAlgorithm(Algorithm):
         """
         batches = []
         chunks = torch.arange(len(samples)).tensor_split(min(self.mini_batches, len(samples)))
+        device = model_device(self.model)
+        padded = any(runs_padded(model, device) for model in self.packed_models())
         for mini_batch, chunk in enumerate(chunks):
             for packed in pack_samples([samples[i] for i in chunk.tolist()], self.max_tokens,
-                                       model_device(self.model)):
+                                       device, padded):
                 packed.seq_index = chunk.to(packed.seq_index.device)[packed.seq_index]
                 batches.append(self._attach(packed, samples, rewards, advantages, mini_batch))
         return batches

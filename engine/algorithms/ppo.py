@@ -128,6 +128,9 @@ class PPO(OnlineAlgorithm):
         """Everything this algorithm trains: the policy's and the critic's parameters."""
         return [*self.model.parameters(), *self.critic.parameters()]
 
+    def packed_models(self) -> list[nn.Module]:
+        return [*super().packed_models(), self.critic]
+
     @torch.no_grad()
     def make_experience(self, prompts: Sequence) -> tuple[list[RolloutBatch], dict[str, float]]:
         """Generate, score, and compute per-token rewards, values, GAE advantages, returns."""
