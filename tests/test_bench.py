@@ -595,3 +595,22 @@ def test_a_later_stage_adds_contenders_and_modes_to_the_same_record():
     got = _by_name(record)
     assert got["eager"]["modes"]["fwd"]["status"] == "skipped"
     assert set(got["fast"]["modes"]["fwd+bwd"]["speedup_vs"]) == {"eager"}
+
+
+def test_packing_efficiency_counts_the_slots_each_layout_allocates():
+    """The packing suite's metrics, recomputed by hand on a small long-tailed draw: packed
+    micro-batches allocate max_tokens each, the padded plan sequences x the longest."""
+    import numpy as np
+
+    from alignfuse.engine.packing import plan_micro_batches
+    from bench.suites.packing import efficiency, lognormal_lengths
+
+    lengths = lognormal_lengths(301, 40, 1.0, 500, seed=3)
+    m = efficiency(lengths, 1024)
+    packed = plan_micro_batches(lengths, max_tokens=1024)[0]
+    padded = plan_micro_batches(lengths, max_tokens=1024, padded=True)[0]
+    assert m["efficiency_packed"] == pytest.approx(lengths.sum() / (len(packed) * 1024))
+    slots = sum(b.size * int(lengths[b].max()) for b in padded)
+    assert m["efficiency_padded_plan"] == pytest.approx(lengths.sum() / slots)
+    assert m["padded_plan_steps"] == len(padded) >= m["packed_steps"] == len(packed)
+    assert 0.5 < m["efficiency_padded_plan"] <= 1 and np.isfinite(m["efficiency_padded_b8"])

@@ -4,8 +4,10 @@ Lengths are lognormal (median `median_len`, log-sigma `sigma_log`, clipped to
 [1, max_len]): most sequences are short, a few are very long, as in chat and reasoning
 data. Recorded per case:
 - metrics: real tokens / allocated token slots for alignfuse's packing (every micro-batch
-  allocates `max_tokens` slots) and for padding in the given order and after sorting by
-  length (a length-grouped sampler, padding's best case); see `efficiency`.
+  allocates `max_tokens` slots), for its padded plan (`pack(padded=True)`, for models
+  that run on padded rows: sequences x the longest per micro-batch) and for padding in
+  the given order and after sorting by length (a length-grouped sampler, padding's best
+  case); see `efficiency`.
 - speed: `alignfuse.engine.pack` with the C++ and the Python planner, against building
   length-sorted padded batches with `torch.nn.utils.rnn.pad_sequence` (the baseline).
   Each contender's output is checked: every sequence appears once with all its tokens.
@@ -115,6 +117,12 @@ def efficiency(lengths: np.ndarray, max_tokens: int) -> dict:
         return out
     eff = padding_efficiency(lengths, max_tokens=max_tokens, batch_size=budget_batch)
     out.update(efficiency_packed=eff.packed, packed_steps=eff.num_micro_batches)
+    # The padded plan (pack(padded=True)), for models that run on padded rows: what its
+    # micro-batches allocate is sequences x the longest, within max_tokens.
+    plan = alignfuse_op("engine", "plan_micro_batches")(lengths, max_tokens=max_tokens,
+                                                          padded=True)[0]
+    out.update(efficiency_padded_plan=out["real_tokens"] / sum(
+        b.size * int(lengths[b].max()) for b in plan), padded_plan_steps=len(plan))
     return out
 
 
@@ -154,7 +162,8 @@ def run(preset, device, cfg, ceilings, log, on_progress=None) -> list[dict]:
         return [record]
     record["metrics"] = m = efficiency(lengths, max_tokens)
     log(f"  packing: efficiency packed={m.get('efficiency_packed')} in {m.get('packed_steps')} "
-        f"steps; padded (batch 8) {m['efficiency_padded_b8']:.3f}, sorted "
+        f"steps; padded plan {m.get('efficiency_padded_plan')} in "
+        f"{m.get('padded_plan_steps')} steps; padded (batch 8) {m['efficiency_padded_b8']:.3f}, sorted "
         f"{m['efficiency_padded_sorted_b8']:.3f}; padded at the same budget: "
         f"{m['padded_steps_at_budget']} steps")
     return [record]
