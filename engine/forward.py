@@ -51,6 +51,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import sys
 import warnings
 import weakref
 from typing import Callable, Iterable, NamedTuple
@@ -308,13 +309,26 @@ def run_decoder(model: nn.Module, packed, on_hidden: Callable[[torch.Tensor], ob
         raise ModelCheckError(head)
     padded = leak is not None and packed.cu_seqlens.numel() > 2
     if padded and packed.num_seqs * int(packed.max_seqlen) > 2 * packed.num_tokens:
-        warnings.warn("the padded rows of this model hold more than twice the batch's tokens "
-                      "(one long document among short ones): pack its batches with "
-                      "pack(..., padded=True), which budgets the padded rows (the engine's "
-                      "loops do; `runs_padded(model)` tells)", stacklevel=2)
+        _warn_caller("the padded rows of this model hold more than twice the batch's tokens "
+                     "(one long document among short ones): pack its batches with "
+                     "pack(..., padded=True), which budgets the padded rows (the engine's "
+                     "loops do; `runs_padded(model)` tells)")
     # no position kept: the LM head runs on an empty slice, so no [N, V] logits
     return _forward(model, packed, on_hidden,
                     torch.empty(0, dtype=torch.long, device=device), padded=padded)[0]
+
+
+_OWN_CODE = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               folder, "") for folder in ("engine", "kernels"))
+
+
+def _warn_caller(message: str) -> None:
+    """A UserWarning attributed to the first caller outside alignfuse's engine and kernels
+    (the user's line, however deep the engine's own calls go)."""
+    frame, level = sys._getframe(0), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_OWN_CODE):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)
 
 
 def _forward(model: nn.Module, packed, on_hidden: Callable[[torch.Tensor], object],
@@ -460,8 +474,8 @@ def _verdict(model: nn.Module, device) -> tuple[str | None, str | None]:
             for module, training in modes:
                 module.training = training
         if verdict[0]:
-            warnings.warn(f"{verdict[0]} alignfuse runs it on right-padded rows, one per "
-                          "document, instead of packed ones.", stacklevel=3)
+            _warn_caller(f"{verdict[0]} alignfuse runs it on right-padded rows, one per "
+                         "document, instead of packed ones.")
         # attention_inputs may have switched the implementation: the verdict is the new one's
         verdicts[before] = verdicts[key()] = verdict
     return verdicts[key()]

@@ -403,8 +403,11 @@ def test_models_whose_layers_carry_state_across_documents_run_padded(model_type,
             patch.setenv("ALIGNFUSE_VERIFY_MODEL", "0")
             leaked = token_logprobs(model, batch).double()
     assert float((leaked - expected).abs().max()) > 1e-5
-    with pytest.warns(UserWarning, match=rf"not isolated .*'{model_type}'.*right-padded rows"):
+    with pytest.warns(UserWarning, match=rf"not isolated .*'{model_type}'.*right-padded rows") \
+            as record:
         logps = token_logprobs(model, batch)
+    # attributed to the caller's line, not to the engine's
+    assert {w.filename for w in record if "not isolated" in str(w.message)} == {__file__}
     with pytest.raises(forward.ModelCheckError, match="runs such a model on right-padded rows"):
         forward.verify_packed_model(model, "cpu")
     assert_equal_to_each_alone(model, seqs, batch, logps)
