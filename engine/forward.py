@@ -307,24 +307,30 @@ def run_decoder(model: nn.Module, packed, on_hidden: Callable[[torch.Tensor], ob
     leak, head = _verdict(model, device)
     if lm_head and head:
         raise ModelCheckError(head)
-    padded = leak is not None and packed.cu_seqlens.numel() > 2
+    # one document runs padded too: one row, no padding, and a model that cannot take the
+    # packed row's mask (Bloom) gets its 2-D mask
+    padded = leak is not None
     if padded and packed.num_seqs * int(packed.max_seqlen) > 2 * packed.num_tokens:
         _warn_caller("the padded rows of this model hold more than twice the batch's tokens "
-                     "(one long document among short ones): pack its batches with "
-                     "pack(..., padded=True), which budgets the padded rows (the engine's "
-                     "loops do; `runs_padded(model)` tells)")
+                     "(one long document among short ones, or one group of very unequal "
+                     "lengths): pack its batches with pack(..., padded=True), which budgets "
+                     "the padded rows and puts documents of like length together (the "
+                     "engine's loops do; `runs_padded(model)` tells)")
     # no position kept: the LM head runs on an empty slice, so no [N, V] logits
     return _forward(model, packed, on_hidden,
                     torch.empty(0, dtype=torch.long, device=device), padded=padded)[0]
 
 
-_OWN_CODE = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                               folder, "") for folder in ("engine", "kernels"))
+# alignfuse's engine and kernels, and torch (its decorators, `torch.no_grad()` on an engine
+# method, and module calls wrap the engine's frames)
+_OWN_CODE = (*(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            folder, "") for folder in ("engine", "kernels")),
+             os.path.join(os.path.dirname(os.path.abspath(torch.__file__)), ""))
 
 
 def _warn_caller(message: str) -> None:
     """A UserWarning attributed to the first caller outside alignfuse's engine and kernels
-    (the user's line, however deep the engine's own calls go)."""
+    and torch (the user's line, however deep the engine's own calls go)."""
     frame, level = sys._getframe(0), 1
     while frame is not None and frame.f_code.co_filename.startswith(_OWN_CODE):
         frame, level = frame.f_back, level + 1
@@ -536,35 +542,45 @@ def _probe(model: nn.Module, device: torch.device) -> tuple[str | None, str | No
         return batch.to(device)
 
     embedded: list = []
-    by_gradient = False
-    attention_inputs(model, probe_batch(first))  # its refusals (the implementation) stand
-    try:
-        if not _no_gradient_probe(inner):
-            def leaf(module, args, output):
-                embedded.append(output.detach().requires_grad_())
-                return embedded[-1]
 
-            # the inner model: a DDP wrapper's reducer would wait for the probe's gradients
-            with torch.inference_mode(False), torch.enable_grad():
-                hidden, logits, rows = run(inner, first, with_logits=head is not None,
-                                           leaf=leaf)
-                by_gradient = len(embedded) == 1 and hidden.requires_grad
-                if by_gradient:
-                    detail = _leak_by_gradient(hidden, embedded[0], rows, gen)
-        if not by_gradient:  # FSDP1, or the embeddings not run once
-            hidden, logits, _ = run(model, first, with_logits=head is not None)
-            detail = _leak_by_forwards(inner, hidden.detach(), run(model, first)[0],
-                                       run(model, other_first)[0])
-    except _UNPACKABLE as error:
+    def leaf(module, args, output):
+        embedded.append(output.detach().requires_grad_())
+        return embedded[-1]
+
+    def padded_instead(error: Exception, runner: nn.Module):
+        """The verdict for a model whose packed forward through `runner` raised `error`, if
+        it runs padded (through the same runner in the same autograd mode: an error that is
+        not about packing is raised again)."""
         if isinstance(error, torch.OutOfMemoryError):
-            raise
+            raise error
         # e.g. Bloom and ALiBi Falcon build their position bias from a 2-D attention mask
-        # and take no document mask: the padded rows give them one. An error that is not
-        # about packing comes back from the padded forward below, or the next one.
-        _, logits, _ = run(model, first, with_logits=head is not None, padded=True)
+        # and take no document mask: padded rows give them one
+        _, logits, _ = run(runner, first, with_logits=head is not None, padded=True)
         return (f"the model cannot run packed documents in one row (model_type "
                 f"{model_type!r}): its forward raised {type(error).__name__}: {error}.",
                 _head_mismatch(inner, head, logits, model_type))
+
+    # Only the packed forwards are tried: an error anywhere else is no reason to pad.
+    attention_inputs(model, probe_batch(first))  # its refusals (the implementation) stand
+    by_gradient = False
+    if not _no_gradient_probe(inner):
+        # the inner model: a DDP wrapper's reducer would wait for the probe's gradients
+        with torch.inference_mode(False), torch.enable_grad():
+            try:
+                hidden, logits, rows = run(inner, first, with_logits=head is not None,
+                                           leaf=leaf)
+            except _UNPACKABLE as error:
+                return padded_instead(error, inner)
+            by_gradient = len(embedded) == 1 and hidden.requires_grad
+            if by_gradient:
+                detail = _leak_by_gradient(hidden, embedded[0], rows, gen)
+    if not by_gradient:  # FSDP1, inference-mode parameters, or the embeddings not run once
+        try:
+            hidden, logits, _ = run(model, first, with_logits=head is not None)
+            again, other = run(model, first)[0], run(model, other_first)[0]
+        except _UNPACKABLE as error:
+            return padded_instead(error, model)
+        detail = _leak_by_forwards(inner, hidden.detach(), again, other)
     if not detail:
         (batch,) = pack([second], max_tokens=len(second))
         alone = _forward(model, batch.to(device), lambda hidden: hidden.float(),
@@ -601,9 +617,13 @@ def _head_mismatch(inner: nn.Module, head: LMHead | None, logits, model_type: st
 
 def _no_gradient_probe(inner: nn.Module) -> bool:
     """Whether the probe must not run a backward through this model: under the legacy FSDP
-    wrapper (FSDP1), whose flat parameters' hooks expect a whole training step. FSDP2
-    (`fully_shard`) takes the probe's backward: tests/test_multiprocess.py's FSDP2 step,
-    probe included, equals the single-process one."""
+    wrapper (FSDP1), whose flat parameters' hooks expect a whole training step, or with
+    parameters made in inference mode, which autograd cannot save (a frozen reference
+    loaded under `torch.inference_mode()`). FSDP2 (`fully_shard`) takes the probe's
+    backward: tests/test_multiprocess.py's FSDP2 step, probe included, equals the
+    single-process one."""
+    if any(p.is_inference() for p in inner.parameters()):
+        return True
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
     except ImportError:  # torch built without distributed

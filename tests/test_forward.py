@@ -418,6 +418,33 @@ def test_models_whose_layers_carry_state_across_documents_run_padded(model_type,
     assert_rel_close(hidden, alone, 1e-5, "hidden states")
 
 
+def test_a_model_made_in_inference_mode_is_checked_by_forwards_and_runs_packed():
+    """Parameters made under `torch.inference_mode()` (a frozen reference loaded so) cannot
+    be saved for a backward: the check runs forwards instead, and packing stays."""
+    with torch.inference_mode():
+        model = tiny_model("llama", VOCAB, seed=1).eval()
+    assert all(p.is_inference() for p in model.parameters())
+    seqs = random_sequences(torch.Generator().manual_seed(17), [6, 9, 4])
+    (batch,) = pack(seqs, max_tokens=19)
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # no padded-rows warning
+        logps = token_logprobs(model, batch)
+        expected = torch.cat([unpacked_token_logps(model, seqs[i])
+                              for i in batch.seq_index.tolist()])
+    assert not forward.runs_padded(model)
+    assert_rel_close(logps, expected, 1e-5, "inference-mode model, packed")
+
+
+def test_warnings_point_at_the_callers_line_through_torch_decorators():
+    """`precompute_reference_logps` is wrapped in `torch.no_grad()`: the warning still names
+    the line that called it."""
+    model = hybrid_model("lfm2")
+    (batch,) = pack(random_sequences(torch.Generator().manual_seed(18), [5, 7]), max_tokens=12)
+    with pytest.warns(UserWarning, match="not isolated") as record:
+        precompute_reference_logps(model, [batch])
+    assert {w.filename for w in record if "not isolated" in str(w.message)} == {__file__}
+
+
 def test_runs_padded_names_the_models_that_run_on_padded_rows():
     """`runs_padded` is the check's verdict, for packing with `pack(..., padded=True)`."""
     assert not forward.runs_padded(tiny_model("llama", VOCAB, seed=1))
@@ -453,6 +480,8 @@ def test_models_that_take_no_document_mask_run_padded(model_type, leak_check):
     with pytest.raises(forward.ModelCheckError, match="cannot run packed documents"):
         forward.verify_packed_model(model, "cpu")
     assert_equal_to_each_alone(model, seqs, batch, logps)
+    (one,) = pack(seqs[1:2], max_tokens=20)  # one document runs padded too (its 2-D mask)
+    assert_equal_to_each_alone(model, seqs[1:2], one, token_logprobs(model, one))
 
 
 class FailingLlama(transformers.LlamaForCausalLM):
