@@ -20,7 +20,8 @@ How micro-batches are formed (`plan_micro_batches`):
    fit and the unit is wider than half of that width, else to a new bin (next-fit
    decreasing: lengths alike share a micro-batch). So every row is less than twice as
    wide as its widest sequence, and a wide bin with rows to spare does not take a short
-   sequence as a row of padding. The costs below are then those of the padded rows.
+   sequence as a row of padding. The costs below are then those of each unit's rows
+   padded to its own longest sequence (a lower bound of what its micro-batch runs).
 3. Equal counts across ranks. Under DDP/FSDP every rank must run the same number of
    gradient-accumulation steps, so the bin count is raised to a multiple of `num_ranks` by
    splitting bins: the costliest bin holding two or more units (ties: lower bin id) is split
@@ -295,7 +296,7 @@ def _plan_bins_python(tokens: list[int] | None, cost: list[float], max_tokens: i
         # Step 2, padded: next-fit decreasing on width. A bin is as wide as its first unit.
         rows = width = 0
         for u in sorted(range(len(widths)), key=lambda u: (-widths[u], u)):
-            if not bins or (rows + counts[u]) * width > max_tokens or 2 * widths[u] <= width:
+            if not bins or 2 * widths[u] <= width or (rows + counts[u]) * width > max_tokens:
                 bins.append([])
                 bin_cost.append(0.0)
                 rows, width = 0, widths[u]

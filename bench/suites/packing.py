@@ -94,7 +94,8 @@ def _padded_efficiency(lengths: np.ndarray, batch_size: int) -> float:
 
 
 def efficiency(lengths: np.ndarray, max_tokens: int) -> dict:
-    """Real tokens / allocated slots: packed, and padded at several batch sizes.
+    """Real tokens / allocated slots: packed, the padded plan (`pack(padded=True)`:
+    sequences x the longest per micro-batch), and padded at several batch sizes.
 
     At the packer's token budget, padding fits only `max_tokens // longest` sequences per
     batch (1 with a long tail), so it pays in steps rather than in slots: both the step
@@ -162,7 +163,7 @@ def run(preset, device, cfg, ceilings, log, on_progress=None) -> list[dict]:
         return [record]
     record["metrics"] = m = efficiency(lengths, max_tokens)
     log(f"  packing: efficiency packed={m.get('efficiency_packed')} in {m.get('packed_steps')} "
-        f"steps; padded plan {m.get('efficiency_padded_plan')} in "
+        f"steps; padded plan {m.get('efficiency_padded_plan', float('nan')):.3f} in "
         f"{m.get('padded_plan_steps')} steps; padded (batch 8) {m['efficiency_padded_b8']:.3f}, sorted "
         f"{m['efficiency_padded_sorted_b8']:.3f}; padded at the same budget: "
         f"{m['padded_steps_at_budget']} steps")

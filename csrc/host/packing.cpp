@@ -171,7 +171,8 @@ Plan plan_bins(const int64_t* tokens, const double* cost, int64_t num_units, int
   if (widths != nullptr) {
     int64_t width = 0, rows = 0;
     for (int64_t u : decreasing_order(widths, num_units, max_tokens, indexed)) {
-      if (bins.empty() || (rows + counts[u]) * width > max_tokens || 2 * widths[u] <= width) {
+      // rows * width <= max_tokens, written so that nothing overflows
+      if (bins.empty() || 2 * widths[u] <= width || rows + counts[u] > max_tokens / width) {
         bins.emplace_back();
         width = widths[u];
         rows = 0;
