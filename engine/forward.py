@@ -345,7 +345,6 @@ def _forward(model: nn.Module, packed, on_hidden: Callable[[torch.Tensor], objec
     decoder = unwrap_model(model).get_decoder()
     captured: list = []
     if padded:
-        document, position = document_ids(packed.cu_seqlens), packed.position_ids
         inputs = {"input_ids": packed.to_padded(packed.input_ids),
                   "attention_mask": packed.to_padded(torch.ones_like(packed.input_ids))}
     else:
@@ -355,7 +354,7 @@ def _forward(model: nn.Module, packed, on_hidden: Callable[[torch.Tensor], objec
 
     def hook(module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
-        hidden = hidden[document, position] if padded else hidden.reshape(-1, hidden.shape[-1])
+        hidden = packed.from_padded(hidden) if padded else hidden.reshape(-1, hidden.shape[-1])
         captured.append(on_hidden(hidden))
 
     handle = decoder.register_forward_hook(hook)
@@ -532,7 +531,7 @@ def _probe(model: nn.Module, device: torch.device) -> tuple[str | None, str | No
         logits = None
         if with_logits:
             logits = output.logits.detach()
-            logits = (logits[document_ids(batch.cu_seqlens), batch.position_ids] if padded
+            logits = (batch.from_padded(logits) if padded
                       else logits.reshape(-1, logits.shape[-1]))
             logits = (predicted, logits[rows].float())
         return hidden, logits, (before_rows, rows)

@@ -450,13 +450,14 @@ def sft_warmup(cfg: TrainConfig, model, records, tokenizer) -> None:
     from .forward import runs_padded
 
     data = preferred_only(tokenize_records(records, tokenizer))
+    padded = runs_padded(model)
     sft = SFT(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr)
     for step in range(cfg.sft_warmup_steps):
         records_now = records_for_step(data.num_records, cfg.batch_size, cfg.seed + 7, step)
         optimizer.zero_grad(set_to_none=True)
-        run_batches(sft, data.pack(records_now, max_tokens=cfg.max_tokens,
-                                   padded=runs_padded(model)), train=True)
+        run_batches(sft, data.pack(records_now, max_tokens=cfg.max_tokens, padded=padded),
+                    train=True)
         optimizer.step()
 
 

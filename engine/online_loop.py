@@ -163,6 +163,7 @@ def sft_warmup(model, tokenizer, cfg: OnlineConfig) -> list[float]:
     prompts = addition_prompts(cfg.max_operand)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr)
     sft = SFT(model)
+    padded = runs_padded(model)
     losses = []
     for _ in range(cfg.sft_warmup_steps):
         seqs, prompt_lengths = [], []
@@ -172,7 +173,7 @@ def sft_warmup(model, tokenizer, cfg: OnlineConfig) -> list[float]:
             seqs.append(prompt + answer + [tokenizer.eos_token_id])
             prompt_lengths.append(len(prompt))
         batches = pack(seqs, max_tokens=cfg.max_tokens, prompt_lengths=prompt_lengths,
-                       padded=runs_padded(model))
+                       padded=padded)
         total = sum(sft.num_units(b) for b in batches)
         for batch in batches:
             losses.append(sft.step(batch, loss_scale=sft.num_units(batch) / total)["loss"])

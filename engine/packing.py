@@ -112,10 +112,24 @@ class PackedBatch:
             raise ValueError(f"values must have {self.num_tokens} rows (one per packed token), "
                              f"got shape {tuple(values.shape)}")
         out = values.new_full((self.num_seqs, self.max_seqlen, *values.shape[1:]), pad_value)
-        seq = torch.repeat_interleave(torch.arange(self.num_seqs, device=values.device),
-                                      self.seq_lengths.to(values.device))
-        out[seq, self.position_ids.to(values.device)] = values
+        out[self._padded_index(values.device)] = values
         return out
+
+    def from_padded(self, values: torch.Tensor) -> torch.Tensor:
+        """Right-padded `values [S, max_seqlen, ...]` back to per-token `[N, ...]` (the
+        inverse of `to_padded`; padding dropped)."""
+        if values.dim() < 2 or values.shape[0] != self.num_seqs \
+                or values.shape[1] < self.max_seqlen:
+            raise ValueError(f"values must be [{self.num_seqs}, >= {self.max_seqlen}, ...] "
+                             f"(one right-padded row per sequence), got shape "
+                             f"{tuple(values.shape)}")
+        return values[self._padded_index(values.device)]
+
+    def _padded_index(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, column) of each packed token in the right-padded layout."""
+        seq = torch.repeat_interleave(torch.arange(self.num_seqs, device=device),
+                                      self.seq_lengths.to(device))
+        return seq, self.position_ids.to(device)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "PackedBatch":
         """A copy with every tensor on `device`."""

@@ -330,8 +330,11 @@ def test_unpack_and_to_padded_round_trip():
         for k, piece in enumerate(batch.unpack(values)):
             n = piece.shape[0]
             assert torch.equal(padded[k, :n], piece) and padded[k, n:].isnan().all()
+        assert torch.equal(batch.from_padded(padded), values)  # the inverse, padding dropped
         with pytest.raises(ValueError, match="values"):
             batch.unpack(values[:-1])
+        with pytest.raises(ValueError, match="values"):
+            batch.from_padded(padded[:-1])
 
 
 def test_extras_and_to_device():
