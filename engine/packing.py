@@ -20,8 +20,8 @@ How micro-batches are formed (`plan_micro_batches`):
    fit and the unit is wider than half of that width, else to a new bin (next-fit
    decreasing: lengths alike share a micro-batch). So every row is less than twice as
    wide as its widest sequence, and a wide bin with rows to spare does not take a short
-   sequence as a row of padding. The costs below are then those of each unit's rows
-   padded to its own longest sequence (a lower bound of what its micro-batch runs).
+   sequence as a row of padding. A padded micro-batch then costs its rows times the cost
+   of its widest sequence (below): every row runs at that width.
 3. Equal counts across ranks. Under DDP/FSDP every rank must run the same number of
    gradient-accumulation steps, so the bin count is raised to a multiple of `num_ranks` by
    splitting bins: the costliest bin holding two or more units (ties: lower bin id) is split
@@ -37,7 +37,7 @@ How micro-batches are formed (`plan_micro_batches`):
 
 The C++ path (`csrc/host/packing.cpp`, `alignfuse.engine._host.plan_bins`) and the Python
 path (`_plan_bins_python`) implement steps 2-5 identically, tie-breaking included; tests
-check that they give identical plans. Both compute with the same float64 additions in the
+check that they give identical plans. Both compute with the same float64 operations in the
 same order, so float ties resolve the same way.
 """
 
@@ -242,11 +242,11 @@ def plan_micro_batches(lengths, *, max_tokens: int, groups=None, num_ranks: int 
         raise ValueError(f"{what} has {int(unit_tokens[u])} tokens, more than max_tokens="
                          f"{max_tokens}; raise max_tokens or pass truncate=True to pack")
 
-    if padded:  # a unit's rows cost as much as its widest sequence (the micro-batch's, or less)
+    if padded:  # the cost of one row padded to the unit's width; a bin's rows take its widest's
         width_f = unit_width.astype(np.float64)
-        unit_cost = unit_count * (linear_cost * width_f + attention_cost * width_f * width_f)
+        row_cost = linear_cost * width_f + attention_cost * width_f * width_f
         units_by_bin, bin_offsets, schedule = _plan_bins(
-            None, unit_cost, int(max_tokens), int(num_ranks), backend,
+            None, row_cost, int(max_tokens), int(num_ranks), backend,
             widths=unit_width, counts=unit_count)
     else:
         units_by_bin, bin_offsets, schedule = _plan_bins(unit_tokens, unit_cost,
@@ -268,7 +268,8 @@ def plan_micro_batches(lengths, *, max_tokens: int, groups=None, num_ranks: int 
 def _plan_bins(unit_tokens: np.ndarray | None, unit_cost: np.ndarray, max_tokens: int,
                num_ranks: int, backend: str, widths: np.ndarray | None = None,
                counts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Steps 2-5 on units (padded: by `widths` and `counts` instead of `unit_tokens`).
+    """Steps 2-5 on units (padded: by `widths` and `counts` instead of `unit_tokens`, and
+    `unit_cost` is the cost of one of a unit's rows at its width).
     Returns `units_by_bin [U]` (units grouped by bin, ascending within a bin), `bin_offsets
     [B+1]` and `schedule [num_ranks * M]` (bin ids, rank-major: rank r runs bins
     `schedule[r*M:(r+1)*M]` in order)."""
@@ -303,20 +304,24 @@ def _plan_bins_python(tokens: list[int] | None, cost: list[float], max_tokens: i
                       counts: list[int] | None = None
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The readable reference of `_host.plan_bins` and `_host.plan_padded_bins` (keep them
-    in step): by `tokens`, or padded by `widths` and `counts`."""
+    in step): by `tokens`, or padded by `widths` and `counts` (`cost` per row, then)."""
     bins: list[list[int]] = []        # units of each bin, in placement order
     bin_cost: list[float] = []
     if widths is not None:
         # Step 2, padded: next-fit decreasing on width. A bin is as wide as its first unit.
+        # `cost` is a unit's cost per row; every row of a micro-batch is padded to its widest,
+        # so a bin costs its rows times its costliest row.
         rows = width = 0
+        row_cost = 0.0
         for u in sorted(range(len(widths)), key=lambda u: (-widths[u], u)):
             if not bins or 2 * widths[u] <= width or (rows + counts[u]) * width > max_tokens:
                 bins.append([])
                 bin_cost.append(0.0)
-                rows, width = 0, widths[u]
+                rows, width, row_cost = 0, widths[u], 0.0
             bins[-1].append(u)
-            bin_cost[-1] += cost[u]
             rows += counts[u]
+            row_cost = max(row_cost, cost[u])
+            bin_cost[-1] = rows * row_cost
     else:
         # Step 2: best-fit decreasing. `open_bins` is sorted (room left, bin id), so bisect
         # finds the least room that still fits, and among equal room the bin opened first.
@@ -343,10 +348,16 @@ def _plan_bins_python(tokens: list[int] | None, cost: list[float], max_tokens: i
         b = max(splittable, key=lambda b: (bin_cost[b], -b))
         halves: list[list[int]] = [[], []]
         half_cost = [0.0, 0.0]
+        half_rows, half_row_cost = [0, 0], [0.0, 0.0]  # padded: as in step 2
         for u in bins[b]:
             h = 0 if half_cost[0] <= half_cost[1] else 1
             halves[h].append(u)
-            half_cost[h] += cost[u]
+            if widths is None:
+                half_cost[h] += cost[u]
+            else:
+                half_rows[h] += counts[u]
+                half_row_cost[h] = max(half_row_cost[h], cost[u])
+                half_cost[h] = half_rows[h] * half_row_cost[h]
         bins[b], bin_cost[b] = halves[0], half_cost[0]
         bins.append(halves[1])
         bin_cost.append(half_cost[1])

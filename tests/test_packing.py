@@ -132,9 +132,11 @@ def test_padded_plan_budgets_the_padded_rows(backend):
     micro-batch (what a model that runs on padded rows allocates), groups stay together,
     every rank gets as many micro-batches, and one rank's plan is next-fit decreasing."""
     rng = np.random.default_rng()
+    planned = 0
     for trial in range(30):
         max_tokens = int(rng.integers(40, 300))
-        lengths = rng.integers(1, max_tokens // 2 + 1, size=int(rng.integers(20, 200)))
+        # short enough that most groups (about 2 sequences each) fit, some do not
+        lengths = rng.integers(1, max_tokens // 8 + 2, size=int(rng.integers(20, 200)))
         groups = rng.integers(0, lengths.size // 2, size=lengths.size).tolist()
         widest = max(np.bincount(groups)[g] * lengths[np.asarray(groups) == g].max()
                      for g in set(groups))
@@ -143,6 +145,7 @@ def test_padded_plan_budgets_the_padded_rows(backend):
                 plan_micro_batches(lengths, max_tokens=max_tokens, groups=groups, padded=True,
                                    backend=backend)
             continue
+        planned += 1
         num_ranks = 1 + trial % 4
         plan = plan_micro_batches(lengths, max_tokens=max_tokens, groups=groups, padded=True,
                                   num_ranks=num_ranks, backend=backend)
@@ -157,19 +160,25 @@ def test_padded_plan_budgets_the_padded_rows(backend):
         for b in batches:  # a group lies whole in one micro-batch
             assert all(set(np.flatnonzero(np.asarray(groups) == groups[i])) <= set(b.tolist())
                        for i in b.tolist())
+        for rank in plan:  # runs costliest first, a micro-batch costing rows x its widest
+            cost = [b.size * (width + width * width / (6 * 4096))
+                    for b in rank for width in [float(lengths[b].max())]]
+            assert all(a >= b * (1 - 1e-12) for a, b in zip(cost, cost[1:])), cost
         if num_ranks == 1:
             assert {frozenset(b.tolist()) for b in plan[0]} == \
                    _naive_next_fit_by_width(lengths.tolist(), groups, max_tokens)
+    assert planned >= 15, planned  # the draws above mostly plan, not only raise
 
 
 def test_padded_plan_by_hand():
     # Widths 9, 7, 5, 5, 3, 3, 2 (sequences 1, 4, 2, 5, 0, 6, 3) under 20 padded slots:
     # [9, 7] (2 x 9 = 18; a third row of 9 is 27), [5, 5, 3, 3] (4 x 5 = 20), then 5 x 5 > 20
-    # opens [2]. Costs (each sequence padded to its own width, attention_cost 0): 16, 16, 2.
+    # opens [2]. Costs (rows x the widest, attention_cost 0): 18, 20, 2, so the four rows of
+    # 5 run first (summing each sequence padded to its own width would say 16, 16, 2).
     for backend in ["python"] + (["cpp"] if HAS_CPP else []):
         plan = plan_micro_batches([3, 9, 5, 2, 7, 5, 3], max_tokens=20, padded=True,
                                   attention_cost=0.0, backend=backend)
-        assert [b.tolist() for b in plan[0]] == [[1, 4], [0, 2, 5, 6], [3]]
+        assert [b.tolist() for b in plan[0]] == [[0, 2, 5, 6], [1, 4], [3]]
         # 2 x 9 fits, but a 4 among 9s would be a row of more padding than tokens
         plan = plan_micro_batches([4, 9], max_tokens=20, padded=True, backend=backend)
         assert [b.tolist() for b in plan[0]] == [[1], [0]]

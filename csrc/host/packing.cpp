@@ -34,10 +34,13 @@ struct Plan {
   std::vector<int64_t> schedule;      // [R * M] bin ids, rank-major
 };
 
-// A list of items (units or bins) threaded through a shared `next` array.
+// A list of items (units or bins) threaded through a shared `next` array. `sum` is its cost;
+// a padded bin also keeps its rows and its costliest row (`rows`, `row_cost`).
 struct List {
   int64_t head = -1, tail = -1, count = 0;
   double sum = 0.0;
+  int64_t rows = 0;
+  double row_cost = 0.0;
 };
 
 void append(List& list, std::vector<int64_t>& next, int64_t item, double cost) {
@@ -160,7 +163,8 @@ std::vector<int64_t> decreasing_order(const int64_t* tokens, int64_t num_units,
 
 // `tokens` (best-fit decreasing on tokens) or, for a padded plan, `widths` and `counts`
 // (next-fit decreasing on width: a bin of n rows as wide as its first unit holds n * width
-// <= max_tokens padded slots, and only units wider than half of it).
+// <= max_tokens padded slots, and only units wider than half of it). `cost`: each unit's
+// cost, or for a padded plan the cost of one of its rows padded to its width.
 Plan plan_bins(const int64_t* tokens, const double* cost, int64_t num_units, int64_t max_tokens,
                int64_t num_ranks, const int64_t* widths = nullptr,
                const int64_t* counts = nullptr) {
@@ -168,6 +172,18 @@ Plan plan_bins(const int64_t* tokens, const double* cost, int64_t num_units, int
   const bool indexed = index_by_tokens(max_tokens, num_units);
   std::vector<List> bins;
   std::vector<int64_t> unit_next(num_units, -1);
+  // A bin's cost: its units' costs summed, or its rows times its costliest row (every row
+  // of a padded micro-batch is as wide as its widest).
+  auto add = [&](List& bin, int64_t u) {
+    if (widths == nullptr) {
+      append(bin, unit_next, u, cost[u]);
+      return;
+    }
+    append(bin, unit_next, u, 0.0);
+    bin.rows += counts[u];
+    bin.row_cost = std::max(bin.row_cost, cost[u]);
+    bin.sum = static_cast<double>(bin.rows) * bin.row_cost;
+  };
   if (widths != nullptr) {
     int64_t width = 0, rows = 0;
     for (int64_t u : decreasing_order(widths, num_units, max_tokens, indexed)) {
@@ -177,7 +193,7 @@ Plan plan_bins(const int64_t* tokens, const double* cost, int64_t num_units, int
         width = widths[u];
         rows = 0;
       }
-      append(bins.back(), unit_next, u, cost[u]);
+      add(bins.back(), u);
       rows += counts[u];
     }
   } else {
@@ -189,7 +205,7 @@ Plan plan_bins(const int64_t* tokens, const double* cost, int64_t num_units, int
         b = static_cast<int64_t>(bins.size());
         bins.emplace_back();
       }
-      append(bins[b], unit_next, u, cost[u]);
+      add(bins[b], u);
       if (room - tokens[u] > 0) open.put(room - tokens[u], b);
     }
   }
@@ -211,7 +227,7 @@ Plan plan_bins(const int64_t* tokens, const double* cost, int64_t num_units, int
     List halves[2];
     for (int64_t u = bins[best].head; u >= 0;) {
       const int64_t following = unit_next[u];
-      append(halves[halves[0].sum <= halves[1].sum ? 0 : 1], unit_next, u, cost[u]);
+      add(halves[halves[0].sum <= halves[1].sum ? 0 : 1], u);
       u = following;
     }
     bins[best] = halves[0];
@@ -322,12 +338,12 @@ HostRegistrar registrar([](py::module_& m) {
       "plan_padded_bins",
       [](py::array_t<int64_t, py::array::c_style | py::array::forcecast> widths,
          py::array_t<int64_t, py::array::c_style | py::array::forcecast> counts,
-         py::array_t<double, py::array::c_style | py::array::forcecast> cost, int64_t max_tokens,
-         int64_t num_ranks) {
-        if (widths.ndim() != 1 || counts.ndim() != 1 || cost.ndim() != 1 ||
-            widths.size() != counts.size() || widths.size() != cost.size())
+         py::array_t<double, py::array::c_style | py::array::forcecast> row_cost,
+         int64_t max_tokens, int64_t num_ranks) {
+        if (widths.ndim() != 1 || counts.ndim() != 1 || row_cost.ndim() != 1 ||
+            widths.size() != counts.size() || widths.size() != row_cost.size())
           throw std::invalid_argument(
-              "widths, counts and cost must be 1-D arrays of the same length");
+              "widths, counts and row_cost must be 1-D arrays of the same length");
         if (widths.size() == 0) throw std::invalid_argument("widths must not be empty");
         if (max_tokens < 1) throw std::invalid_argument("max_tokens must be >= 1");
         if (num_ranks < 1) throw std::invalid_argument("num_ranks must be >= 1");
@@ -341,15 +357,15 @@ HostRegistrar registrar([](py::module_& m) {
         Plan plan;
         {
           py::gil_scoped_release release;
-          plan = plan_bins(nullptr, cost.data(), widths.size(), max_tokens, num_ranks, w, c);
+          plan = plan_bins(nullptr, row_cost.data(), widths.size(), max_tokens, num_ranks, w, c);
         }
         return py::make_tuple(to_numpy(plan.units_by_bin), to_numpy(plan.bin_offsets),
                               to_numpy(plan.schedule));
       },
-      py::arg("widths"), py::arg("counts"), py::arg("cost"), py::arg("max_tokens"),
+      py::arg("widths"), py::arg("counts"), py::arg("row_cost"), py::arg("max_tokens"),
       py::arg("num_ranks"),
       "Padded packing plan (see engine/packing.py): units of counts[u] rows of widths[u] "
-      "tokens; returns (units_by_bin [U], bin_offsets [B+1], schedule [R*M]).");
+      "tokens, each row costing row_cost[u] at that width; returns (units_by_bin [U], bin_offsets [B+1], schedule [R*M]).");
 });
 
 }  // namespace
