@@ -53,7 +53,6 @@ import numbers
 import os
 import sys
 import warnings
-import weakref
 from typing import Callable, Iterable, NamedTuple
 
 import torch
@@ -374,8 +373,11 @@ class ModelCheckError(NotImplementedError):
     reproduced); see `verify_packed_model`."""
 
 
-# inner model -> {(device type, attention implementation): its verdict (`_probe`)}
-_VERIFIED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+# The inner model's attribute {(device type, attention implementation): its verdict
+# (`_probe`)}. An attribute, so a deep copy (the reference model, PPO's critic) keeps the
+# verdict rather than probing and warning again: it depends on the architecture and the
+# config, which the copy shares, not on the weights.
+_VERDICTS = "_alignfuse_packed_verdicts"
 # The probe: a first document (two draws of it) and a second one; ids from a private
 # generator, so the global RNG (which a resumed run replays) is not touched.
 _PROBE_LENGTHS = (7, 9)
@@ -467,7 +469,7 @@ def _verdict(model: nn.Module, device) -> tuple[str | None, str | None]:
     def key():
         return device.type, str(getattr(inner.config, "_attn_implementation", None))
 
-    verdicts = _VERIFIED.setdefault(inner, {})
+    verdicts = inner.__dict__.setdefault(_VERDICTS, {})
     if key() not in verdicts:
         before = key()
         modes = [(module, module.training) for module in model.modules()]

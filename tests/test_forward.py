@@ -6,6 +6,7 @@ log-softmax in float64), so it shares no code with the packed path.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -453,6 +454,24 @@ def test_runs_padded_names_the_models_that_run_on_padded_rows():
     fields, attention = UNPACKABLE["bloom"]
     with pytest.warns(UserWarning, match="cannot run packed documents"):
         assert forward.runs_padded(family_model("bloom", fields, attention=attention), "cpu")
+
+
+def test_a_deep_copy_keeps_the_verdict():
+    """The reference model and PPO's critic are deep copies of the policy: they keep its
+    verdict (the architecture's, not the weights'), so the check neither probes nor warns
+    again; another model of the same architecture is still probed."""
+    model = hybrid_model("lfm2")
+    with pytest.warns(UserWarning, match="not isolated"):
+        assert forward.runs_padded(model)
+    copied = copy.deepcopy(model)
+    forwards = []
+    copied.register_forward_hook(lambda *args: forwards.append(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert forward.runs_padded(copied)
+    assert not forwards
+    with pytest.warns(UserWarning, match="not isolated"):
+        assert forward.runs_padded(hybrid_model("lfm2", seed=4))
 
 
 UNPACKABLE = {  # model_type: (fields, attention); ALiBi built from a 2-D attention mask
