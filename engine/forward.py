@@ -517,8 +517,9 @@ def _probe(model: nn.Module, device: torch.device) -> tuple[str | None, str | No
 
         def on_hidden(hidden):  # inside the forward: FSDP2 has gathered the head
             hidden = hidden[rows]
+            # detached: compared with float() later, in grad mode after a padded retry
             return (hidden.float(),
-                    _head_logits(model, hidden.detach()) if with_logits else None)
+                    _head_logits(model, hidden.detach()).detach() if with_logits else None)
 
         handle = (None if leaf is None
                   else inner.get_input_embeddings().register_forward_hook(leaf))
