@@ -33,6 +33,14 @@
 #   run, keeping what finished: see below). A likely session gets through the model
 #   shapes or further; a worst-case one through the N sweep; what does not fit is
 #   recorded as skipped for time.
+# A second call, if the session has device time left (status): within the machine's 30 s
+# of warmth, so the build is still there (else it is redone),
+#   run(command="ALIGNFUSE_SESSION_PART=tests bash bench/gpu_session.sh", timeout_s=600)
+# runs the WHOLE suite on the GPU (`ALIGNFUSE_TEST_DEVICE=cuda pytest -m "not cpu_only"`:
+# every test that takes `device`, every backend), kernel test files first, stopped by
+# SIGINT before the call's limit so pytest still writes its summary and JUnit XML; no
+# benchmarks. Commit its log (bench/results/gpu-tests/) with the failures it shows.
+#
 # The result JSON is written into $OUT itself and rewritten after every contender, so a
 # run killed by the timeout (or the device call's limit) still returns all that finished
 # (complete: false). A CUDA fault (illegal memory access) breaks the process's context:
@@ -52,6 +60,8 @@ PY="${PY:-python3}"
 # tests, the cpu preset instead of gpu (used to check this script itself).
 DRY="${ALIGNFUSE_SESSION_DRY:-0}"
 PRESET=gpu; [ "$DRY" = 1 ] && PRESET=cpu
+PART="${ALIGNFUSE_SESSION_PART:-main}"   # main: build, GPU tests, benchmarks; tests: see above
+case "$PART" in main|tests) ;; *) echo "ALIGNFUSE_SESSION_PART must be main or tests, got $PART"; exit 2 ;; esac
 
 stage "machine"
 {
@@ -66,11 +76,13 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target /tmp/site .whl/*.whl 2>&1 | tee -a "$LOG"
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-else
+elif [ "$PART" = main ]; then
   echo "no .whl/ carried: liger and cce will be recorded as skipped (run bench/fetch_wheels.sh)" | tee -a "$LOG"
 fi
 
-if [ "$DRY" != 1 ]; then
+if [ "$DRY" != 1 ] && [ "$PART" = tests ] && $PY -c "import alignfuse.kernels._cuda" 2>/dev/null; then
+  stage "build: the first call's CUDA module is still here (warm machine)"
+elif [ "$DRY" != 1 ]; then
   stage "build alignfuse (host C++ + CUDA for sm_90a only, to save time)"
   export ALIGNFUSE_BUILD_CUDA=1 ALIGNFUSE_CUDA_ARCHS="90a"
   timeout 240 $PY -m pip install -q --no-build-isolation --no-deps --no-index -e . \
@@ -79,6 +91,32 @@ if [ "$DRY" != 1 ]; then
   tail -5 "$OUT/build.log" | tee -a "$LOG"
 fi
 $PY -c "import alignfuse.kernels.backends as b; m = b.cuda_module(); print('cuda module:', m and m.build_info())" 2>&1 | tee -a "$LOG"
+
+if [ "$PART" = tests ]; then
+  # Kernel tests first (what a GPU can newly break), then the engine's; SIGINT, not KILL,
+  # at the deadline, so pytest reports what ran. DRY: the flow on CPU, two small files.
+  FILES="test_foundation test_logprobs test_linear_cross_entropy test_linear_policy_loss
+    test_logprobs_memory test_policy_loss test_preference test_advantages test_gae
+    test_reward_model test_triton_sm90 test_packing test_forward test_algorithms test_rollout
+    test_data test_loop test_online test_multiprocess test_bench test_cuda_emu"
+  [ "$DRY" = 1 ] && FILES="test_advantages test_reward_model"
+  ARGS=(); for f in $FILES; do ARGS+=("tests/$f.py"); done
+  # any test file not named above still runs, last
+  [ "$DRY" = 1 ] || for f in tests/test_*.py; do
+    [[ " ${ARGS[*]} " == *" $f "* ]] || ARGS+=("$f")
+  done
+  LEFT=$(( TOTAL_S - $(elapsed) - 20 ))
+  stage "whole suite on the GPU (pytest -m 'not cpu_only'), ${LEFT}s"
+  DEVICE=cuda; [ "$DRY" = 1 ] && DEVICE=cpu
+  ALIGNFUSE_TEST_DEVICE=$DEVICE timeout -s INT "$LEFT" $PY -m pytest -q -m "not cpu_only" \
+      -p no:cacheprovider --continue-on-collection-errors -rfE --durations=20 \
+      --junitxml="$OUT/pytest_gpu_all.xml" "${ARGS[@]}" > "$OUT/pytest_gpu_all.log" 2>&1
+  echo "pytest exit $?" | tee -a "$LOG"
+  grep -E "^(FAILED|ERROR)" "$OUT/pytest_gpu_all.log" | head -40 | tee -a "$LOG"
+  tail -3 "$OUT/pytest_gpu_all.log" | tee -a "$LOG"
+  stage "done"
+  exit 0
+fi
 
 if [ "$DRY" != 1 ]; then
   # the gpu tests and every backend="cuda" case that takes `device`: csrc/cuda against
