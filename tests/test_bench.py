@@ -614,3 +614,29 @@ def test_packing_efficiency_counts_the_slots_each_layout_allocates():
     assert m["efficiency_padded_plan"] == pytest.approx(lengths.sum() / slots)
     assert m["padded_plan_steps"] == len(padded) >= m["packed_steps"] == len(packed)
     assert 0.5 < m["efficiency_padded_plan"] <= 1 and np.isfinite(m["efficiency_padded_b8"])
+
+
+@pytest.mark.slow
+def test_gpu_session_tests_part_rehearses_dry_and_reports(tmp_path):
+    """The GPU session's second call (`ALIGNFUSE_SESSION_PART=tests`), rehearsed on CPU
+    (dry: two small test files): pytest runs, and its log and JUnit XML land in $OUT; an
+    unknown part is refused before anything runs."""
+    import xml.etree.ElementTree as ElementTree
+
+    env = {**os.environ, "OUT": str(tmp_path), "ALIGNFUSE_SESSION_DRY": "1",
+           "ALIGNFUSE_SESSION_PART": "tests", "PY": sys.executable}
+    env.pop("ALIGNFUSE_TEST_DEVICE", None)
+    proc = subprocess.run(["bash", "bench/gpu_session.sh"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "pytest exit 0" in (tmp_path / "session.log").read_text()
+    suite = ElementTree.parse(tmp_path / "pytest_gpu_all.xml").getroot().find("testsuite")
+    assert int(suite.get("tests")) > 50 and suite.get("failures") == suite.get("errors") == "0"
+    # every test file is named in the script's priority list (the kernel files first)
+    script = (ROOT / "bench" / "gpu_session.sh").read_text()
+    listed = script.split('FILES="', 1)[1].split('"', 1)[0].split()
+    assert sorted(listed) == sorted(p.stem for p in (ROOT / "tests").glob("test_*.py"))
+    assert listed[:2] == ["test_foundation", "test_logprobs"]
+    bad = subprocess.run(["bash", "bench/gpu_session.sh"], cwd=ROOT, capture_output=True,
+                         text=True, env={**env, "ALIGNFUSE_SESSION_PART": "bench"}, timeout=60)
+    assert bad.returncode == 2 and "ALIGNFUSE_SESSION_PART must be main or tests" in bad.stdout
