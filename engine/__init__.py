@@ -12,9 +12,9 @@ from .data import (DataFormatError, KTORecord, PreferenceRecord, RankedRecord,  
 from .rollout import HFRollout, Rollout, Sample, SamplingConfig, VLLMRollout  # noqa: E402,F401
 from .algorithms.grpo import GRPO, RolloutBatch  # noqa: E402,F401
 from .algorithms.ppo import PPO  # noqa: E402,F401
-from .forward import (ModelCheckError, final_hidden_states,  # noqa: E402,F401
-                      precompute_reference_logps, runs_padded, token_logprobs,
-                      verify_packed_model)
+from .forward import (ModelCheckError, disable_dropout,  # noqa: E402,F401
+                      final_hidden_states, precompute_reference_logps, runs_padded,
+                      token_logprobs, verify_packed_model)
 from .algorithms import DPO, KTO, ORPO, SFT, RewardModel, SimPO  # noqa: E402,F401
 from .loop import TrainConfig, make_config, train  # noqa: E402,F401
 from .tasks import addition_preferences, arithmetic_problems, arithmetic_reward  # noqa: E402,F401

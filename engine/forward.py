@@ -110,6 +110,34 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def disable_dropout(model: nn.Module) -> int:
+    """Turn off every dropout of `model` (returns how many it turned off): `nn.Dropout`
+    modules, and the probabilities that Hugging Face attention modules keep as plain
+    attributes (`attention_dropout`, read by the attention call in training mode) and in
+    the config. Preference and policy losses compare the policy's log-probs with a
+    reference's and with the samples' log-probs, computed in eval mode: dropout in the
+    training forward makes them differ at step 0 (DPO's rewards are not 0, GRPO's ratios
+    not 1). TRL turns it off for the same reason; the ready loops call this."""
+    changed = 0
+    for module in unwrap_model(model).modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            changed += module.p != 0
+            module.p = 0.0
+            continue
+        for name, value in list(vars(module).items()):
+            if (isinstance(value, float) and value != 0
+                    and (name.endswith("dropout") or name.endswith("pdrop"))):
+                setattr(module, name, 0.0)
+                changed += 1
+    config = getattr(unwrap_model(model), "config", None)
+    for sub in (config, getattr(config, "text_config", None)):
+        for name, value in (vars(sub).items() if sub is not None else ()):
+            if isinstance(value, float) and value != 0 and (
+                    name.endswith("dropout") or name.endswith("pdrop")):
+                setattr(sub, name, 0.0)
+    return int(changed)
+
+
 # Config fields by which some families scale the LM head's logits, and what each does:
 # (field, model_type prefix it means this for, exponent: logits = raw * value ** exponent).
 # The same field name means other things elsewhere, so the model type is part of the key.

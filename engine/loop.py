@@ -3,11 +3,14 @@
 It is a short function on top of the same pieces a user's own loop uses: load and tokenize
 the data, pack each optimizer step's records into micro-batches of at most `max_tokens`
 tokens, `algorithm.step(micro_batch, loss_scale=units/total)` for each (gradient
-accumulation that equals one big batch), then the optimizer and scheduler step. Around it: a
+accumulation that equals one big batch, except KTO's reference point z0, which is estimated
+per micro-batch as in TRL: there `max_tokens` changes the numbers a little), then the
+optimizer and scheduler step (on fp32 master weights when the model is bf16). Around it: a
 tqdm bar with tokens/s, metrics to JSONL/TensorBoard, a PNG plot at the end, atomic
-checkpoints every `save_every` steps and an exact `resume` (model, optimizer, scheduler,
-RNG states and data position are restored; the data order is a pure function of the seed
-and the step, so the resumed run sees exactly the batches the uninterrupted run would).
+checkpoints every `save_every` steps and an exact `resume` (model, master weights,
+optimizer, scheduler, RNG states and data position are restored; the data order is a pure
+function of the seed and the step, so the resumed run sees exactly the batches the
+uninterrupted run would). Dropout is off unless `disable_dropout=false`.
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ class TrainConfig:
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
     seed: int = 0
-    dtype: str = "float32"
+    dtype: str = "float32"          # or bfloat16: bf16 weights and compute, fp32 master weights
     device: str = "cpu"
     # CPU threads for torch (None: torch's default). On a busy shared machine 1 thread was
     # 5-15x faster than 2 for the tiny model: oversubscribed threads wait on each other.
@@ -99,6 +102,9 @@ class TrainConfig:
     rm_kind: str = "pairwise"         # reward model: pointwise, pairwise, listwise
     reference: str = "precompute"     # DPO/KTO: precompute log-probs once, or keep a model
     # Read by every algorithm:
+    # Dropout off (`engine.forward.disable_dropout`), as TRL does: with it on, the policy's
+    # training forward differs from the reference's eval forward at step 0.
+    disable_dropout: bool = True
     sft_warmup_steps: int = 0         # brief SFT on the chosen answers before DPO/KTO/...
     sft_lr: float = 3e-3
     log_every: int = 1
@@ -118,8 +124,13 @@ class TrainConfig:
         if self.reference not in REFERENCE_CHOICES:
             raise ConfigError(f"reference must be one of {REFERENCE_CHOICES}, "
                               f"got {self.reference!r}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.dtype == "float16":
+            raise ConfigError("dtype=float16 cannot train here: its gradients need loss "
+                              "scaling, which this loop does not do (the weights overflow "
+                              "within a step); use bfloat16 (computed in bf16, updated in "
+                              "fp32) or float32")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         try:
             device = torch.device(self.device)
         except RuntimeError:
@@ -343,6 +354,23 @@ def build_dataset(cfg: TrainConfig, records, tokenizer, padded: bool = False):
     return dataset
 
 
+def check_token_ids(dataset, tokenizer, model, key: str) -> None:
+    """Every token id of `dataset` (from config key `key`) has a row in the model's input
+    embeddings. A tokenizer with tokens added after the model was saved gives ids past them:
+    an IndexError deep in torch's embedding on CPU, a device-side assert on a GPU."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) <= rows:  # no id can be past the embeddings: nothing to scan
+        return
+    for i in range(len(dataset)):
+        top = max(dataset.sequence(i))
+        if top >= rows:
+            raise ConfigError(
+                f"{key}: record {dataset.record_index[i]} has token id {top}, but the model's "
+                f"input embeddings have {rows} rows (the tokenizer has {len(tokenizer)} "
+                f"tokens); after adding tokens, resize the model "
+                f"(model.resize_token_embeddings(len(tokenizer))) and save it again")
+
+
 def preferred_only(tokenized):
     """The preferred completions of a tokenized dataset (chosen / desirable / best-ranked;
     all of them for data without such a label), one record each."""
@@ -426,6 +454,49 @@ def evaluate(algorithm, dataset, max_tokens: int) -> dict[str, float]:
 # The loop
 
 
+class MasterWeights:
+    """fp32 master copies of half-precision parameters, for the optimizer. AdamW on bf16
+    weights loses every update smaller than half a bf16 step of the weight (8 bits of
+    mantissa: a weight of 1.0 ignores updates under 2^-8, so at lr 1e-4 the norm weights
+    never move), so `dtype=bfloat16` computes in bf16 and keeps fp32 weights to update, as
+    mixed-precision trainers do: gradients are copied into the masters before the step and
+    the masters rounded into the model after it. fp32 parameters are their own masters."""
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.params = params
+        self.masters = [p if p.dtype == torch.float32
+                        else p.detach().float().requires_grad_(True) for p in params]
+
+    def zero_grad(self) -> None:
+        for p, m in zip(self.params, self.masters):
+            p.grad = m.grad = None
+
+    def gradients_in(self) -> None:
+        for p, m in zip(self.params, self.masters):
+            if m is not p:
+                m.grad = None if p.grad is None else p.grad.float()
+
+    @torch.no_grad()
+    def weights_out(self) -> None:
+        for p, m in zip(self.params, self.masters):
+            if m is not p:
+                p.copy_(m)
+
+    def state_dict(self) -> list[torch.Tensor]:
+        return [m.detach() for p, m in zip(self.params, self.masters) if m is not p]
+
+    @torch.no_grad()
+    def load_state_dict(self, tensors: list[torch.Tensor] | None) -> None:
+        """Restore the masters a checkpoint saved (None: a checkpoint without them, of a
+        run whose parameters were all fp32)."""
+        own = [m for p, m in zip(self.params, self.masters) if m is not p]
+        if len(tensors or []) != len(own):
+            raise ValueError(f"the checkpoint holds {len(tensors or [])} fp32 master weights, "
+                             f"this model needs {len(own)}")
+        for m, t in zip(own, tensors or []):
+            m.copy_(t)
+
+
 def _lr_lambda(warmup: int, total: int):
     def factor(step: int) -> float:  # linear warmup, then linear decay to 10%
         if warmup and step < warmup:
@@ -452,13 +523,16 @@ def sft_warmup(cfg: TrainConfig, model, records, tokenizer) -> None:
     data = preferred_only(tokenize_records(records, tokenizer))
     padded = runs_padded(model)
     sft = SFT(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr)
+    master = MasterWeights(list(model.parameters()))
+    optimizer = torch.optim.AdamW(master.masters, lr=cfg.sft_lr)
     for step in range(cfg.sft_warmup_steps):
         records_now = records_for_step(data.num_records, cfg.batch_size, cfg.seed + 7, step)
-        optimizer.zero_grad(set_to_none=True)
+        master.zero_grad()
         run_batches(sft, data.pack(records_now, max_tokens=cfg.max_tokens, padded=padded),
                     train=True)
+        master.gradients_in()
         optimizer.step()
+        master.weights_out()
 
 
 # Keys that may change between a run and its resumption (they do not change the numbers).
@@ -507,14 +581,19 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         torch.set_num_threads(cfg.num_threads)
     _seed_everything(cfg.seed)
     model, tokenizer = load_model_and_tokenizer(cfg)
-    from .forward import runs_padded
+    from .forward import disable_dropout, runs_padded
 
+    if cfg.disable_dropout:
+        disable_dropout(model)
     padded = runs_padded(model)  # then every micro-batch budgets its padded rows
     records = load_records(cfg, cfg.data, evaluation=False)
     dataset = build_dataset(cfg, records, tokenizer, padded)
+    check_token_ids(dataset, tokenizer, model, "data")
     eval_source = cfg.eval_data or (cfg.data if cfg.data.startswith("builtin:") else None)
     eval_dataset = (build_dataset(cfg, load_records(cfg, eval_source, evaluation=True),
                                   tokenizer, padded) if eval_source else None)
+    if eval_dataset is not None:
+        check_token_ids(eval_dataset, tokenizer, model, "eval_data")
 
     needs_reference = cfg.algorithm in ("dpo", "kto")
     reference_path = out / "reference.pt"  # the reference weights (the model after warm-up)
@@ -537,7 +616,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
             ref_model = None  # the log-probs live with the data now; free the model
 
     algorithm = make_algorithm(cfg, model, ref_model)
-    params = [p for p in model.parameters() if p.requires_grad]
+    master = MasterWeights([p for p in model.parameters() if p.requires_grad])
+    params = master.masters  # what the optimizer updates: fp32
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                   _lr_lambda(cfg.warmup_steps, cfg.steps))
@@ -545,6 +625,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     if state is not None:
         model.load_state_dict(state["model"])
+        master.load_state_dict(state.get("master"))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
@@ -560,7 +641,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
 
     def save(step: int) -> None:
         ckpt.save_checkpoint(ckpt_root, step, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "model": model.state_dict(), "master": master.state_dict(),
+            "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "config": dataclasses.asdict(cfg),
             "before": summary.get("before"),
         }, keep=cfg.keep_checkpoints)
@@ -573,13 +655,15 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
             t0 = time.perf_counter()
             records_now = records_for_step(dataset.num_records, cfg.batch_size, cfg.seed, step)
             batches = dataset.pack(records_now, max_tokens=cfg.max_tokens, padded=padded)
-            optimizer.zero_grad(set_to_none=True)
+            master.zero_grad()
             train_metrics = run_batches(algorithm, batches, train=True)
+            master.gradients_in()
             if cfg.max_grad_norm is not None:
                 train_metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
                     params, cfg.max_grad_norm))
             train_metrics["lr"] = scheduler.get_last_lr()[0]  # the rate this step ran at
             optimizer.step()
+            master.weights_out()
             scheduler.step()
             train_metrics["tokens_per_s"] = train_metrics["tokens"] / (time.perf_counter() - t0)
             done = step + 1

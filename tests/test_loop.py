@@ -485,3 +485,97 @@ def test_builtin_tasks_have_checkable_answers():
     assert solve("12-30=") == -18
     with pytest.raises(ValueError, match="prompt must look like"):
         solve("what is 2+2?")
+
+
+def test_bfloat16_steps_fp32_master_weights_and_resumes_them_exactly(tmp_path):
+    """dtype=bfloat16: the model computes in bf16, AdamW updates fp32 masters. At lr 1e-4
+    an RMSNorm weight of 1.0 moves by ~1e-4 a step, under half a bf16 step (2^-8): the bf16
+    weight stays 1.0 while its master moves (bf16 AdamW alone would lose every such
+    update). The masters are checkpointed: a crashed run resumes bit-identical."""
+    common = [*SMALL, "dtype=bfloat16", "lr=1e-4", "steps=3", "save_every=1",
+              "eval_every=0", "sft_warmup_steps=0"]
+    train(make_config(overrides=[*common, f"out_dir={tmp_path / 'full'}"]))
+    full = ckpt.load_checkpoint(tmp_path / "full" / "checkpoints", restore_rng=False)
+    names = list(full["model"])
+    assert all(t.dtype == torch.bfloat16 for t in full["model"].values())
+    masters = dict(zip(names, full["master"]))  # every parameter is trainable here
+    assert len(masters) == len(names) and all(m.dtype == torch.float32 for m in masters.values())
+    norms = [n for n in names if n.endswith("norm.weight")]
+    assert norms
+    for n in norms:
+        assert torch.equal(full["model"][n], torch.ones_like(full["model"][n])), n
+        assert (masters[n] != 1.0).any(), n
+    for n in names:  # the model holds its masters rounded to bf16
+        assert torch.equal(full["model"][n], masters[n].to(torch.bfloat16)), n
+    with pytest.raises(RuntimeError, match="injected crash"):
+        train(make_config(overrides=[*common, f"out_dir={tmp_path / 'cut'}",
+                                     "crash_after_steps=2"]))
+    train(make_config(overrides=[*common, f"out_dir={tmp_path / 'cut'}"]), resume=True)
+    cut = ckpt.load_checkpoint(tmp_path / "cut" / "checkpoints", restore_rng=False)
+    assert all(torch.equal(a, b) for a, b in zip(full["master"], cut["master"]))
+    assert_same_run(tmp_path / "full", tmp_path / "cut", 3)
+
+
+def test_float16_training_is_refused_with_the_reason():
+    with pytest.raises(ConfigError, match="dtype=float16 cannot train here.*bfloat16"):
+        make_config(overrides=["dtype=float16"])
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_dropout_is_off_unless_asked_for(tmp_path, monkeypatch, disable):
+    """A model with attention and module dropout: the first DPO step's policy IS the
+    reference, so its implicit rewards are 0 (to rounding: the reference log-probs were
+    packed otherwise), unless dropout (left on with disable_dropout=false) makes the
+    training forward differ from the reference's."""
+    from alignfuse.engine import tiny
+
+    real = tiny.tiny_model
+
+    def with_dropout(*args, **kwargs):
+        model = real(*args, **kwargs)
+        model.config.attention_dropout = 0.3
+        for layer in model.model.layers:
+            layer.self_attn.attention_dropout = 0.3
+            layer.mlp.down_proj = torch.nn.Sequential(layer.mlp.down_proj,
+                                                      torch.nn.Dropout(0.2))
+        return model
+
+    monkeypatch.setattr(tiny, "tiny_model", with_dropout)
+    train(make_config(overrides=[*SMALL, "steps=1", "sft_warmup_steps=0", "eval_every=0",
+                                 f"disable_dropout={str(disable).lower()}",
+                                 f"out_dir={tmp_path}"]))
+    (row,) = _train_rows(tmp_path / "metrics.jsonl")
+    rewards = max(abs(row["rewards/chosen"]), abs(row["rewards/rejected"]))
+    assert rewards < 1e-6 if disable else rewards > 1e-3, rewards
+
+
+def test_disable_dropout_zeroes_modules_attributes_and_config():
+    from alignfuse.engine import disable_dropout
+    from alignfuse.engine.tiny import tiny_model
+
+    model = tiny_model("llama", 31, seed=0)
+    model.config.attention_dropout = 0.1
+    model.model.layers[0].self_attn.attention_dropout = 0.1
+    model.extra = torch.nn.Dropout(0.5)
+    assert disable_dropout(model) == 2
+    assert model.extra.p == 0.0 and model.model.layers[0].self_attn.attention_dropout == 0.0
+    assert model.config.attention_dropout == 0.0
+    assert disable_dropout(model) == 0
+
+
+def test_a_token_id_past_the_models_embeddings_is_a_config_error(tmp_path, monkeypatch):
+    """A tokenizer with tokens the model has no embedding rows for (added, not resized):
+    named up front, not an IndexError deep in torch (a device assert on a GPU)."""
+    from alignfuse.engine import loop
+
+    real = loop.load_model_and_tokenizer
+
+    def small_embeddings(cfg):
+        model, tokenizer = real(cfg)
+        model.resize_token_embeddings(8)  # the addition task uses ids past 8 ("3" is 9)
+        return model, tokenizer
+
+    monkeypatch.setattr(loop, "load_model_and_tokenizer", small_embeddings)
+    with pytest.raises(ConfigError, match=r"data: record \d+ has token id \d+, but the "
+                                          r"model's input embeddings have \d+ rows"):
+        train(make_config(overrides=[*SMALL, "steps=1", f"out_dir={tmp_path}"]))
