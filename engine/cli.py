@@ -9,7 +9,9 @@ Every key of `engine/loop.py::TrainConfig` (`engine/online_loop.py::OnlineConfig
 grpo/ppo) may be set in the YAML file or as `key=value` (the command line wins). A bad key or
 value stops the run with a message naming the key (exit status 2), and so does an algorithm
 knob the chosen algorithm does not read (`ALGORITHM_KNOBS`, `ONLINE_ALGORITHM_KNOBS`: e.g.
-`loss_type` with kto): it is refused, never silently ignored.
+`loss_type` with kto): it is refused, never silently ignored. Unusable data (a malformed
+record, an empty file, a tokenizer that cannot encode it: `engine/data.py::DataError`) stops
+it the same way, one line naming the file, line and field (exit status 2).
 """
 
 from __future__ import annotations
@@ -97,6 +99,7 @@ def _print_summary(summary: dict, algorithm: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .data import DataError
     from .loop import ALGORITHMS, ConfigError
 
     parser = argparse.ArgumentParser(prog="alignfuse", description=__doc__,
@@ -127,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as exc:
         print(f"alignfuse: config error: {exc}", file=sys.stderr)
+        return 2
+    except DataError as exc:  # unusable data or tokenizer; any other error is a bug: traceback
+        print(f"alignfuse: data error: {exc}", file=sys.stderr)
         return 2
 
 

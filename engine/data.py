@@ -1,8 +1,17 @@
 """Training data: JSONL / Hugging Face `datasets` loaders, tokenization, and packing.
 
-Record shapes (one JSON object per line; a `datasets.Dataset` with the same columns is
-accepted wherever a path is):
+Sources: a path to a JSONL file (one JSON object per line), a path to a folder written by
+`datasets.Dataset.save_to_disk`, or an in-memory `datasets.Dataset`, with the same fields
+(columns) in each. A `DatasetDict` (in memory or saved) holds splits: pass one split
+(`dd["train"]`, or the split's folder `path/train`).
 
+Record shapes:
+
+- `load_sft` -> `SFTRecord`: `instruction` str, `input` str (optional), `output` str (the
+  Alpaca shape; KTO's without `kto_tag`). A source of preference records (the `load_dpo`
+  shape) is SFT data too: its `chosen` is the output, `rejected` is validated and dropped.
+  The first record's keys decide the shape of the whole source; a record of the other shape
+  is an error naming its line.
 - `load_dpo` -> `PreferenceRecord`: `instruction` str, `input` str (optional), `chosen` str,
   `rejected` str.
 - `load_kto` -> `KTORecord`: `instruction`, `input` (optional), `output` str, `kto_tag` bool
@@ -16,8 +25,10 @@ accepted wherever a path is):
   of `0..K-1`; without it the responses are already best first. Records always hold them
   best first. Pairwise reward-model data uses the DPO shape.
 - Loaders validate the whole source before returning, so a bad record stops the run at
-  start-up, not halfway: a `DataFormatError` (a `ValueError`) names the file, the line
-  number (or dataset row) and the field.
+  start-up, not halfway: a `DataFormatError` names the file, the line number (or dataset
+  row) and the field. Every unusable-input error here (bad record, empty source, a folder
+  that is no saved dataset, a tokenizer that cannot encode the records) is a `DataError`
+  (a `ValueError`), which the `alignfuse` command prints as one line (exit status 2).
 
 Tokenization (`tokenize_records`): with a chat template, the prompt is the user turn and the
 completion the assistant turn; the prompt ids are the template rendered up to the assistant
@@ -40,18 +51,34 @@ import torch
 from .packing import PackedBatch, pack
 
 
-class DataFormatError(ValueError):
-    """A malformed record: `source` (file or "dataset"), `line` (1-based line or row), and
-    `field` (None when the record itself is bad, e.g. invalid JSON)."""
+class DataError(ValueError):
+    """Training data (or the tokenizer that encodes it) that cannot be used, a mistake in the
+    user's input rather than a bug: the `alignfuse` command prints it as one line."""
 
-    def __init__(self, source: str, line: int, field: str | None, problem: str):
-        where = f"{source}: {'line' if source != 'dataset' else 'row'} {line}"
-        super().__init__(f"{where}: " + (f"field {field!r}: " if field else "") + problem)
-        self.source, self.line, self.field = source, line, field
+
+class DataFormatError(DataError):
+    """A malformed record: `source` (file, saved dataset folder or "dataset"), `line`
+    (1-based line or row), and `field` (None when the record itself is bad, e.g. invalid
+    JSON). `unit` is "line" or "row"; by default "row" for the in-memory "dataset"."""
+
+    def __init__(self, source: str, line: int, field: str | None, problem: str, *,
+                 unit: str | None = None):
+        unit = unit or ("row" if source == "dataset" else "line")
+        super().__init__(f"{source}: {unit} {line}: " + (f"field {field!r}: " if field else "")
+                         + problem)
+        self.source, self.line, self.field, self.unit = source, line, field, unit
 
 
 # ---------------------------------------------------------------------------------------
 # Records
+
+
+@dataclass(frozen=True)
+class SFTRecord:
+    """A prompt and the completion to learn (supervised fine-tuning)."""
+
+    prompt: str
+    completion: str
 
 
 @dataclass(frozen=True)
@@ -98,10 +125,15 @@ def instruction_prompt(instruction: str, input: str = "") -> str:
 # Reading and validating
 
 
-def _rows(source) -> Iterator[tuple[str, int, Any]]:
-    """(source name, 1-based line or row, parsed object) for a JSONL path or a Dataset."""
+def _rows(source) -> Iterator[tuple[str, str, int, Any]]:
+    """(source name, "line" or "row", 1-based line or row, parsed object) for a JSONL path, a
+    saved dataset folder or a Dataset."""
     if isinstance(source, (str, os.PathLike)):
         name = os.fspath(source)
+        if os.path.isdir(name):
+            for number, row in enumerate(_saved_dataset(name), start=1):
+                yield name, "row", number, row
+            return
         # Bytes, decoded line by line: a text-mode read raises a bad byte's error with no
         # line number.
         with open(name, "rb") as f:
@@ -114,7 +146,7 @@ def _rows(source) -> Iterator[tuple[str, int, Any]]:
                 if not text.strip():
                     continue  # blank lines (e.g. a trailing newline) are not records
                 try:
-                    yield name, number, json.loads(text)
+                    yield name, "line", number, json.loads(text)
                 except json.JSONDecodeError as err:
                     raise DataFormatError(name, number, None, f"invalid JSON ({err.msg} at "
                                           f"column {err.colno})") from None
@@ -124,23 +156,46 @@ def _rows(source) -> Iterator[tuple[str, int, Any]]:
                         "pass one split, e.g. source[\"train\"]")
     if hasattr(source, "column_names") and hasattr(source, "__iter__"):  # datasets.Dataset
         for number, row in enumerate(source, start=1):
-            yield "dataset", number, row
+            yield "dataset", "row", number, row
         return
-    raise TypeError("source must be a path to a JSONL file or a datasets.Dataset, "
-                    f"got {type(source).__name__}")
+    raise TypeError("source must be a path (a JSONL file or a saved dataset folder) or a "
+                    f"datasets.Dataset, got {type(source).__name__}")
+
+
+def _saved_dataset(path: str):
+    """The `datasets.Dataset` saved in folder `path` (by `save_to_disk`)."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{path} is a folder: reading a saved dataset needs the `datasets` "
+                        "package (pip install datasets); or pass a JSONL file") from None
+    try:
+        loaded = datasets.load_from_disk(path)
+    except FileNotFoundError as err:  # what datasets raises for a folder of anything else
+        raise DataError(f"{path} is a folder but not a dataset saved by save_to_disk ({err}); "
+                        "pass a JSONL file or such a folder") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        splits = list(loaded)
+        raise DataError(f"{path} is a saved DatasetDict with splits {splits}; pass one split's "
+                        f"folder, e.g. {os.path.join(path, splits[0] if splits else 'train')}")
+    return loaded
 
 
 class _Fields:
     """Typed access to one record's fields; every failure names source, line and field."""
 
-    def __init__(self, source: str, line: int, row: Any):
+    def __init__(self, source: str, unit: str, line: int, row: Any):
         if not isinstance(row, dict):
             raise DataFormatError(source, line, None,
-                                  f"expected a JSON object, got {type(row).__name__}")
-        self.source, self.line, self.row = source, line, row
+                                  f"expected a JSON object, got {type(row).__name__}", unit=unit)
+        self.source, self.unit, self.line, self.row = source, unit, line, row
 
-    def fail(self, name: str, problem: str):
-        raise DataFormatError(self.source, self.line, name, problem)
+    def fail(self, name: str | None, problem: str):
+        raise DataFormatError(self.source, self.line, name, problem, unit=self.unit)
+
+    def has(self, name: str) -> bool:
+        """Whether the record holds `name` (a Dataset row holds None in a column it lacks)."""
+        return self.row.get(name) is not None
 
     def get(self, name: str, check: Callable[[Any], bool], expected: str, *,
             optional: bool = False, default: Any = None) -> Any:
@@ -161,11 +216,46 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _source_name(source) -> str:
+    return os.fspath(source) if isinstance(source, (str, os.PathLike)) else "dataset"
+
+
 def _load(source, parse: Callable[[_Fields], Any]) -> list:
-    records = [parse(_Fields(name, line, row)) for name, line, row in _rows(source)]
+    records = [parse(_Fields(name, unit, line, row)) for name, unit, line, row in _rows(source)]
     if not records:
-        raise ValueError(f"source {source!r:.80} holds no records")
+        raise DataError(f"source {_source_name(source)!r:.80} holds no records")
     return records
+
+
+def load_sft(source) -> list[SFTRecord]:
+    """SFT examples from JSONL, a saved dataset folder or a Dataset: `instruction`, `input`
+    (optional), `output`; or preference records (`load_dpo`'s shape), whose `chosen` is the
+    output. The first record decides the shape; every record must have it."""
+    first: list[tuple[str, int]] = []  # (shape, line) of the first record
+
+    def parse(r: _Fields) -> SFTRecord:
+        if r.has("kto_tag"):  # SFT would learn the undesirable outputs as well
+            r.fail("kto_tag", "a KTO record is not SFT data (its output may be undesirable); "
+                              "drop kto_tag from the desirable records to learn them")
+        if r.has("output") and r.has("chosen"):
+            r.fail(None, "both 'output' (an SFT record) and 'chosen' (a preference record): "
+                         "expected one of them")
+        if not r.has("output") and not r.has("chosen"):
+            r.fail("output", "missing (an SFT record has instruction, input (optional), "
+                             "output; a preference record instruction, input, chosen, rejected)")
+        shape = "an SFT" if r.has("output") else "a preference"
+        if not first:
+            first.append((shape, r.line))
+        elif shape != first[0][0]:
+            r.fail(None, f"{shape} record, but {r.unit} {first[0][1]} is {first[0][0]} record; "
+                         "a source holds records of one shape")
+        prompt = instruction_prompt(r.text("instruction"), r.text("input", optional=True,
+                                                                  default=""))
+        if r.has("output"):
+            return SFTRecord(prompt, r.text("output"))
+        r.text("rejected")  # validated as in load_dpo, so a malformed pair is not half-read
+        return SFTRecord(prompt, r.text("chosen"))
+    return _load(source, parse)
 
 
 def load_dpo(source) -> list[PreferenceRecord]:
@@ -179,13 +269,18 @@ def load_dpo(source) -> list[PreferenceRecord]:
 
 def load_kto(source) -> list[KTORecord]:
     """Labelled completions from JSONL or a Dataset: `instruction`, `input`, `output`,
-    `kto_tag` (bool: desirable)."""
+    `kto_tag` (bool: desirable). At least 2 records (KTO pairs each with the next one)."""
     def parse(r: _Fields) -> KTORecord:
         prompt = instruction_prompt(r.text("instruction"), r.text("input", optional=True,
                                                                   default=""))
         tag = r.get("kto_tag", lambda v: isinstance(v, bool), "a bool (true/false)")
         return KTORecord(prompt, r.text("output"), tag)
-    return _load(source, parse)
+    records = _load(source, parse)
+    if len(records) < 2:  # else `kto_dataset` fails later, after the model has loaded
+        raise DataError(f"source {_source_name(source)!r:.80} holds {len(records)} record; KTO "
+                        "needs >= 2 (each is paired with the next record's completion to "
+                        "estimate its reference point)")
+    return records
 
 
 def load_scored(source) -> list[ScoredRecord]:
@@ -238,14 +333,15 @@ def encode_prompt_completion(tokenizer, prompt: str,
         full_text = tokenizer.apply_chat_template(
             user + [{"role": "assistant", "content": completion}], tokenize=False)
         if not full_text.startswith(prompt_text):
-            raise ValueError("tokenizer's chat template does not render the conversation as "
+            raise DataError("tokenizer's chat template does not render the conversation as "
                              "the generation prompt followed by the answer; cannot split the "
                              "prompt from the completion")
         # Encoded apart, so the prompt length is exact; the template carries the specials.
         return (tokenizer(prompt_text, add_special_tokens=False)["input_ids"],
                 tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"])
     if tokenizer.eos_token_id is None:
-        raise ValueError("tokenizer has neither a chat template nor an eos token")
+        raise DataError("tokenizer has neither a chat template nor an eos token: the end of "
+                        "a completion cannot be marked")
     return (tokenizer(prompt)["input_ids"],
             tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
 
@@ -254,7 +350,7 @@ def encode_prompt_completion(tokenizer, prompt: str,
 class TokenizedDataset:
     """Tokenized records as sequences ready for `pack`: prompt + completion per sequence.
 
-    A record becomes one sequence (KTO, scored) or several that are packed together as one
+    A record becomes one sequence (SFT, KTO, scored) or several that are packed together as one
     group (DPO: chosen then rejected, so chosen sequences have even indices; ranked: K
     responses best first). The fields below are per sequence.
     """
@@ -317,7 +413,9 @@ def tokenize_records(records: Iterable, tokenizer) -> TokenizedDataset:
         elif type(record) is not kind:
             raise TypeError(f"records must all be of one kind; records[{index}] is "
                             f"{type(record).__name__}, records[0] is {kind.__name__}")
-        if isinstance(record, PreferenceRecord):
+        if isinstance(record, SFTRecord):
+            items = [(record.completion, {})]
+        elif isinstance(record, PreferenceRecord):
             items = [(record.chosen, {"chosen": True}), (record.rejected, {"chosen": False})]
         elif isinstance(record, KTORecord):
             items = [(record.completion, {"desirable": record.desirable})]

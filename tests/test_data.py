@@ -8,15 +8,20 @@ import json
 import pytest
 import torch
 
-from alignfuse.engine.data import (DataFormatError, KTORecord, PreferenceRecord, RankedRecord,
-                                   ScoredRecord, encode_prompt_completion, load_dpo, load_kto,
-                                   load_ranked, load_scored, tokenize_records)
+from alignfuse.engine.data import (DataError, DataFormatError, KTORecord, PreferenceRecord,
+                                   RankedRecord, ScoredRecord, SFTRecord,
+                                   encode_prompt_completion, load_dpo, load_kto, load_ranked,
+                                   load_scored, load_sft, tokenize_records)
 from alignfuse.engine.tiny import tiny_tokenizer
 
 DPO_ROWS = [
     {"instruction": "Add", "input": "2+3", "chosen": "5", "rejected": "6"},
     {"instruction": "Say hi", "input": "", "chosen": "hi", "rejected": "no"},
     {"instruction": "Echo", "chosen": "a b", "rejected": "b"},  # "input" may be left out
+]
+SFT_ROWS = [  # the Alpaca shape
+    {"instruction": "Add", "input": "2+3", "output": "5"},
+    {"instruction": "Say hi", "output": "hi"},  # "input" may be left out
 ]
 KTO_ROWS = [
     {"instruction": "Add", "input": "1+1", "output": "2", "kto_tag": True},
@@ -188,7 +193,8 @@ def test_tokenized_subsets_and_extras(tmp_path):
 
 @pytest.mark.parametrize("loader, rows", [(load_dpo, DPO_ROWS), (load_kto, KTO_ROWS),
                                           (load_scored, SCORED_ROWS),
-                                          (load_ranked, RANKED_ROWS)])
+                                          (load_ranked, RANKED_ROWS), (load_sft, SFT_ROWS),
+                                          (load_sft, DPO_ROWS)])
 def test_datasets_equivalent_gives_the_same_records(tmp_path, loader, rows):
     datasets = pytest.importorskip("datasets")
     from_file = loader(write_jsonl(tmp_path / "d.jsonl", rows))
@@ -196,6 +202,10 @@ def test_datasets_equivalent_gives_the_same_records(tmp_path, loader, rows):
     columns = list(dict.fromkeys(k for row in rows for k in row))
     table = datasets.Dataset.from_list([{k: row.get(k) for k in columns} for row in rows])
     assert loader(table) == from_file
+    # A folder written by save_to_disk is a source too (a path, like the JSONL file).
+    table.save_to_disk(str(tmp_path / "saved"))
+    assert loader(str(tmp_path / "saved")) == from_file
+    assert loader(tmp_path / "saved") == from_file
 
 
 def test_datasets_malformed_row_names_row_and_field():
@@ -225,3 +235,120 @@ def test_packed_tokens_match_the_tokenized_sequences(tmp_path):
             data.pack(max_tokens=48, num_ranks=2, rank=1):
         for piece, s in zip(batch.unpack(batch.input_ids), batch.seq_index.tolist()):
             assert torch.equal(piece, torch.tensor(data.sequence(s)))
+
+
+# ---------------------------------------------------------------------------------------
+# SFT records
+
+
+def test_load_sft_reads_the_alpaca_shape_and_preference_pairs(tmp_path):
+    assert load_sft(write_jsonl(tmp_path / "sft.jsonl", SFT_ROWS)) == [
+        SFTRecord("Add\n2+3", "5"), SFTRecord("Say hi", "hi")]
+    # Preference pairs are SFT data too: the chosen answer is learned, the rejected dropped.
+    assert load_sft(write_jsonl(tmp_path / "dpo.jsonl", DPO_ROWS)) == [
+        SFTRecord("Add\n2+3", "5"), SFTRecord("Say hi", "hi"), SFTRecord("Echo", "a b")]
+
+
+@pytest.mark.parametrize("rows, bad_row, field, problem", [
+    # The first record decides the shape; the other shape is refused, naming its line.
+    (SFT_ROWS, DPO_ROWS[0], None, "a preference record, but line 1 is an SFT record"),
+    (DPO_ROWS, SFT_ROWS[0], None, "an SFT record, but line 1 is a preference record"),
+    (SFT_ROWS, {"instruction": "x", "output": "o", "chosen": "c", "rejected": "r"}, None,
+     "both 'output'"),
+    (SFT_ROWS, {"instruction": "x", "answer": "o"}, "output", "missing"),
+    (SFT_ROWS, {"instruction": "x", "output": 5}, "output", "expected a string"),
+    (DPO_ROWS, {"instruction": "x", "chosen": "c"}, "rejected", "missing"),
+    # KTO records hold undesirable outputs: not SFT data.
+    (SFT_ROWS, KTO_ROWS[0], "kto_tag", "not SFT data"),
+])
+def test_load_sft_names_the_bad_line(tmp_path, rows, bad_row, field, problem):
+    path = write_jsonl(tmp_path / "data.jsonl", rows[:2] + [bad_row] + rows[:1])
+    with pytest.raises(DataFormatError) as info:
+        load_sft(path)
+    assert (info.value.source, info.value.line, info.value.field) == (path, 3, field)
+    assert f"{path}: line 3: " in str(info.value) and problem in str(info.value)
+
+
+def test_sft_records_tokenize_to_one_sequence_each(tmp_path):
+    tokenizer = tiny_tokenizer()
+    records = load_sft(write_jsonl(tmp_path / "sft.jsonl", SFT_ROWS))
+    data = tokenize_records(records, tokenizer)
+    assert len(data) == data.num_records == len(records)
+    assert data.record_index == [0, 1] and data.extras == {}
+    (batch,) = data.pack(max_tokens=64)
+    for targets, s in zip(batch.unpack(batch.targets), batch.seq_index.tolist()):
+        kept = targets[targets != -100].tolist()  # loss on the output only
+        assert tokenizer.decode(kept) == records[s].completion + "<eos>"
+
+
+# ---------------------------------------------------------------------------------------
+# Saved dataset folders and the errors the command line prints as data errors
+
+
+def test_saved_folder_errors_name_the_folder(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = [dict(SCORED_ROWS[0]), {"prompt": "p", "completion": None, "score": 0.5}]
+    folder = str(tmp_path / "scored")
+    datasets.Dataset.from_list(rows).save_to_disk(folder)
+    with pytest.raises(DataFormatError, match=rf"{folder}: row 2: field 'completion': missing"):
+        load_scored(folder)
+    # A saved DatasetDict asks for one split's folder, which then loads.
+    splits = str(tmp_path / "splits")
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(SCORED_ROWS)}).save_to_disk(splits)
+    with pytest.raises(DataError, match=r"saved DatasetDict with splits \['train'\]; pass one "
+                                        r"split's folder, e.g. .*splits/train"):
+        load_scored(splits)
+    assert load_scored(f"{splits}/train") == load_scored(datasets.Dataset.from_list(SCORED_ROWS))
+    # Any other folder (here one holding a JSONL file) is named, not an IsADirectoryError.
+    other = tmp_path / "other"
+    other.mkdir()
+    write_jsonl(other / "d.jsonl", SCORED_ROWS)
+    with pytest.raises(DataError, match=rf"{other} is a folder but not a dataset saved"):
+        load_scored(str(other))
+
+
+def test_unusable_input_errors_are_data_errors(tmp_path):
+    with pytest.raises(DataError, match="holds no records"):
+        load_dpo(write_jsonl(tmp_path / "empty.jsonl", []))
+    # KTO pairs each record with the next one's completion: one record cannot train.
+    with pytest.raises(DataError, match=r"holds 1 record; KTO needs >= 2"):
+        load_kto(write_jsonl(tmp_path / "one.jsonl", KTO_ROWS[:1]))
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = None
+    tokenizer.eos_token = None
+    with pytest.raises(DataError, match="neither a chat template nor an eos token"):
+        encode_prompt_completion(tokenizer, "p", "c")
+    tokenizer = tiny_tokenizer()  # an assistant turn rendered unlike the generation prompt
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{% if m['role'] == "
+                               "'assistant' %}x{% endif %}{{ m['content'] }}{% endfor %}"
+                               "{% if add_generation_prompt %}<|assistant|>y{% endif %}")
+    with pytest.raises(DataError, match="chat template does not render"):
+        encode_prompt_completion(tokenizer, "p", "c")
+
+
+@pytest.mark.parametrize("rows, message", [
+    (DPO_ROWS[:1] + [{"instruction": "x", "rejected": "r"}],
+     "line 2: field 'chosen': missing"),
+    ([], "holds no records"),
+])
+def test_cli_prints_a_data_error_as_one_line(tmp_path, capsys, rows, message):
+    from alignfuse.engine.cli import main
+
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    status = main(["train", "dpo", f"data={path}", "model=tiny-llama", "steps=1",
+                   f"out_dir={tmp_path / 'run'}", "progress=false", "tensorboard=false"])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.startswith("alignfuse: data error: ") and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_cli_keeps_the_traceback_of_other_value_errors(tmp_path, monkeypatch):
+    from alignfuse.engine import cli, loop
+
+    def bug(*args, **kwargs):
+        raise ValueError("a bug, not the user's data")
+
+    monkeypatch.setattr(loop, "train", bug)
+    with pytest.raises(ValueError, match="a bug"):
+        cli.main(["train", "dpo", f"out_dir={tmp_path / 'run'}"])
