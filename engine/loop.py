@@ -121,6 +121,10 @@ class TrainConfig:
             _check_type(f.name, getattr(self, f.name), f.type)
         if self.algorithm not in ALGORITHMS:
             raise ConfigError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        from .algorithms.reward_model import KINDS as RM_KINDS
+
+        if self.rm_kind not in RM_KINDS:
+            raise ConfigError(f"rm_kind must be one of {RM_KINDS}, got {self.rm_kind!r}")
         if self.reference not in REFERENCE_CHOICES:
             raise ConfigError(f"reference must be one of {REFERENCE_CHOICES}, "
                               f"got {self.reference!r}")
@@ -314,8 +318,10 @@ def load_records(cfg: TrainConfig, source: str, *, evaluation: bool):
         return tasks.addition_preferences(cfg.num_examples, seed=cfg.seed, exclude=held_out)
     if not Path(source).exists():
         raise ConfigError(f"{'eval_data' if evaluation else 'data'}: file {source} does not exist")
-    if cfg.algorithm in ("sft", "dpo", "orpo", "simpo") or (cfg.algorithm == "rm"
-                                                            and cfg.rm_kind == "pairwise"):
+    if cfg.algorithm == "sft":  # instruction/input/output records, or preference pairs
+        return data.load_sft(source)
+    if cfg.algorithm in ("dpo", "orpo", "simpo") or (cfg.algorithm == "rm"
+                                                     and cfg.rm_kind == "pairwise"):
         return data.load_dpo(source)
     if cfg.algorithm == "kto":
         return data.load_kto(source)
@@ -580,13 +586,13 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
     _seed_everything(cfg.seed)
+    records = load_records(cfg, cfg.data, evaluation=False)  # data errors before the model
     model, tokenizer = load_model_and_tokenizer(cfg)
     from .forward import disable_dropout, runs_padded
 
     if cfg.disable_dropout:
         disable_dropout(model)
     padded = runs_padded(model)  # then every micro-batch budgets its padded rows
-    records = load_records(cfg, cfg.data, evaluation=False)
     dataset = build_dataset(cfg, records, tokenizer, padded)
     check_token_ids(dataset, tokenizer, model, "data")
     eval_source = cfg.eval_data or (cfg.data if cfg.data.startswith("builtin:") else None)

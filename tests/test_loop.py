@@ -39,6 +39,8 @@ def test_unknown_or_bad_config_keys_are_named():
         make_config({"lr": 0})
     with pytest.raises(ConfigError, match="^reference must be one of"):
         make_config({"reference": "none"})
+    with pytest.raises(ConfigError, match="rm_kind must be one of .*'pairwize'"):
+        make_config(overrides=["algorithm=rm", "rm_kind=pairwize"])
     with pytest.raises(ConfigError, match="key=value"):
         make_config(overrides=["steps"])
     with pytest.raises(ConfigError, match="^max_grad_norm must be"):
@@ -404,10 +406,15 @@ def test_demo_at_reduced_size(tmp_path, capsys):
     assert (tmp_path / "curves.png").stat().st_size > 1000
 
 
-@pytest.mark.parametrize("algorithm", ["sft", "rm", "rm-pointwise", "rm-listwise", "kto",
-                                       "orpo", "simpo"])
+@pytest.mark.parametrize("algorithm", ["sft", "sft-alpaca", "rm", "rm-pointwise",
+                                       "rm-listwise", "kto", "orpo", "simpo"])
 def test_every_algorithm_trains_from_the_command_line(tmp_path, algorithm):
     extra = []
+    if algorithm == "sft-alpaca":  # SFT's own records: instruction, input, output
+        data = tmp_path / "sft.jsonl"
+        data.write_text("".join(f'{{"instruction": "add", "input": "{a}+{b}=", '
+                                f'"output": "{a + b}"}}\n' for a in range(4) for b in range(3)))
+        algorithm, extra = "sft", [f"data={data}"]
     if algorithm == "rm-pointwise":
         data = tmp_path / "scored.jsonl"
         data.write_text("".join(f'{{"prompt": "{a}+1=", "completion": "{a + 1 + b}", '
