@@ -106,6 +106,33 @@ def save_checkpoint(root: str | os.PathLike, step: int, state: dict[str, Any], *
     return final
 
 
+def export_pretrained(model, tokenizer, path: str | os.PathLike) -> Path:
+    """The model as a Hugging Face folder (`save_pretrained`: config, safetensors weights,
+    and the tokenizer), which `from_pretrained` and this engine's `model=` load. Written
+    into a temporary folder beside `path`, each file fsync'ed, then swapped in: `path` is
+    always a whole export (a crash mid-swap leaves the previous one as `.<name>.*.old`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    old = tmp.with_name(tmp.name + ".old")
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for file in tmp.iterdir():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
 def _step_of(path: Path) -> int | None:
     match = re.fullmatch(r"step-(\d+)", path.name)
     return int(match.group(1)) if match else None

@@ -88,7 +88,7 @@ def _print_summary(summary: dict, algorithm: str) -> None:
     before, after = summary.get("before"), summary.get("after")
     if before and after:
         print(f"\nheld-out evaluation, before -> after {algorithm}:")
-        names = dict(DEMO_METRICS)
+        names = {**dict(DEMO_METRICS), "loss": f"{algorithm.upper()} loss"}
         for key in sorted(set(before) & set(after)):
             if key in ("tokens",):
                 continue
@@ -96,6 +96,8 @@ def _print_summary(summary: dict, algorithm: str) -> None:
     print(f"metrics: {summary['metrics']}")
     if summary.get("plot"):
         print(f"plot:    {summary['plot']}")
+    if summary.get("export"):
+        print(f"model:   {summary['export']} (Hugging Face folder: from_pretrained, or model=)")
 
 
 def main(argv: list[str] | None = None) -> int:

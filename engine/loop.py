@@ -110,6 +110,9 @@ class TrainConfig:
     log_every: int = 1
     eval_every: int = 0               # 0: only before and after training
     save_every: int = 0               # 0: only at the end
+    # At the end, the trained model and tokenizer as a Hugging Face folder, out_dir/model
+    # (`model=` of a later run, or `from_pretrained`, loads it).
+    export_model: bool = True
     keep_checkpoints: int = 2
     tensorboard: bool = True
     progress: bool = True
@@ -545,7 +548,8 @@ def sft_warmup(cfg: TrainConfig, model, records, tokenizer) -> None:
 # Not `steps`: the learning rate decays over `steps` optimizer steps, so a resumed run with
 # another value would jump to a point of a schedule neither run follows.
 RESUMABLE_CHANGES = ("crash_after_steps", "progress", "save_every", "eval_every",
-                     "log_every", "tensorboard", "keep_checkpoints", "num_threads")
+                     "log_every", "tensorboard", "keep_checkpoints", "num_threads",
+                     "export_model")
 
 
 def open_run(cfg, *, resume: bool, resumable: tuple[str, ...]
@@ -690,6 +694,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         if bar is not None:
             bar.close()
     save(cfg.steps)
+    if cfg.export_model:
+        summary["export"] = str(ckpt.export_pretrained(model, tokenizer, out / "model"))
     if eval_dataset is not None:
         summary["after"] = evaluate(algorithm, eval_dataset, cfg.max_tokens)
         logger.log(cfg.steps, summary["after"], split="eval")

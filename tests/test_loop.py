@@ -586,3 +586,26 @@ def test_a_token_id_past_the_models_embeddings_is_a_config_error(tmp_path, monke
     with pytest.raises(ConfigError, match=r"data: record \d+ has token id \d+, but the "
                                           r"model's input embeddings have \d+ rows"):
         train(make_config(overrides=[*SMALL, "steps=1", f"out_dir={tmp_path}"]))
+
+
+def test_the_trained_model_is_exported_for_from_pretrained_and_a_next_run(tmp_path, capsys):
+    """The end of a run writes out_dir/model (save_pretrained: weights and tokenizer): it
+    loads with from_pretrained, gives the trained model's logits, and a later run (SFT, then
+    DPO from it) takes it as `model=`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert main(["train", "sft", f"out_dir={tmp_path / 'sft'}", "steps=2", *SMALL]) == 0
+    assert f"model:   {tmp_path / 'sft' / 'model'}" in capsys.readouterr().out
+    state = ckpt.load_checkpoint(tmp_path / "sft" / "checkpoints", restore_rng=False)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "sft" / "model")
+    assert set(state["model"]) >= set(exported.state_dict())
+    for name, tensor in exported.state_dict().items():
+        assert torch.equal(tensor, state["model"][name]), name
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "sft" / "model")
+    assert tokenizer("1+2=")["input_ids"][-4:] == [7, 69, 8, 73]
+    assert not [p for p in (tmp_path / "sft").iterdir() if p.name.startswith(".model")]
+    assert main(["train", "dpo", f"out_dir={tmp_path / 'dpo'}", "steps=1", *SMALL,
+                 f"model={tmp_path / 'sft' / 'model'}"]) == 0
+    assert main(["train", "sft", f"out_dir={tmp_path / 'off'}", "steps=1", *SMALL,
+                 "export_model=false"]) == 0
+    assert not (tmp_path / "off" / "model").exists()
