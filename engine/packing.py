@@ -195,9 +195,7 @@ def plan_micro_batches(lengths, *, max_tokens: int, groups=None, num_ranks: int 
         groups are contiguous, ordered by first appearance, members in original order.
     """
     lengths = _as_int_array("lengths", lengths)
-    for name, value in (("max_tokens", max_tokens), ("num_ranks", num_ranks)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    _check_positive_ints(max_tokens=max_tokens, num_ranks=num_ranks)
     if not (isinstance(linear_cost, numbers.Real) and math.isfinite(linear_cost)
             and linear_cost > 0):
         raise ValueError(f"linear_cost must be a finite number > 0, got {linear_cost!r}")
@@ -389,6 +387,12 @@ def _plan_bins_python(tokens: list[int] | None, cost: list[float], max_tokens: i
     return units_by_bin, bin_offsets, np.asarray(schedule, dtype=np.int64)
 
 
+def _check_positive_ints(**values) -> None:
+    for name, value in values.items():
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 def _too_few_units_message(num_units: int, num_ranks: int, target: int) -> str:
     return (f"cannot give num_ranks={num_ranks} ranks the same number of micro-batches: "
             f"{target} micro-batches are needed but there are only {num_units} "
@@ -465,6 +469,7 @@ def pack(sequences: Sequence, *, max_tokens: int, prompt_lengths=None,
     """
     if isinstance(sequences, (str, bytes, torch.Tensor)) or not hasattr(sequences, "__len__"):
         raise TypeError("sequences must be a list of token-id sequences")
+    _check_positive_ints(max_tokens=max_tokens, num_ranks=num_ranks)
     if not isinstance(rank, (int, np.integer)) or not 0 <= rank < num_ranks:
         raise ValueError(f"rank must be an int in [0, num_ranks={num_ranks}), got {rank!r}")
     if prompt_lengths is not None and loss_masks is not None:
@@ -492,6 +497,10 @@ def pack(sequences: Sequence, *, max_tokens: int, prompt_lengths=None,
         prompts = _as_int_array("prompt_lengths", prompt_lengths, num_seqs)
         if prompts.min() < 0:
             raise ValueError("prompt_lengths must be >= 0")
+        if (prompts > full_lengths).any():
+            bad = int(np.argmax(prompts > full_lengths))
+            raise ValueError(f"prompt_lengths[{bad}]={int(prompts[bad])} is longer than "
+                             f"sequences[{bad}] ({int(full_lengths[bad])} tokens)")
     if not truncate and full_lengths.max() > max_tokens:
         bad = int(np.argmax(full_lengths > max_tokens))
         raise ValueError(f"sequences[{bad}] has {int(full_lengths[bad])} tokens, more than "

@@ -375,8 +375,13 @@ def test_bad_input_names_the_argument():
         pack([[1, 2], [3]], max_tokens=4, groups=[0])
     with pytest.raises(ValueError, match="rank"):
         pack([[1, 2]], max_tokens=4, num_ranks=2, rank=2)
-    with pytest.raises(ValueError, match="max_tokens"):
+    with pytest.raises(ValueError, match="max_tokens must be a positive int, got 0"):
         pack([[1, 2]], max_tokens=0)
+    with pytest.raises(ValueError, match="max_tokens must be a positive int, got '10'"):
+        pack([[1, 2]], max_tokens="10")
+    with pytest.raises(ValueError, match=r"prompt_lengths\[1\]=7 is longer than sequences"
+                                         r"\[1\] \(3 tokens\)"):
+        pack([[1, 2], [1, 2, 3]], max_tokens=4, prompt_lengths=[1, 7])
     with pytest.raises(ValueError, match=r"loss_masks\[0\]"):
         pack([[1, 2]], max_tokens=4, loss_masks=[[1, 1, 1]])
     with pytest.raises(ValueError, match="extras"):
@@ -446,9 +451,9 @@ def test_lists_arrays_and_tensors_pack_the_same(monkeypatch):
                 assert torch.equal(getattr(a, name), getattr(b, name)), name
             assert b.input_ids.dtype == torch.int64
     # Large inputs are built a chunk of micro-batches at a time: the same batches result.
-    whole = pack(lists, max_tokens=64, prompt_lengths=[3] * len(lists))
+    whole = pack(lists, max_tokens=64, prompt_lengths=[min(3, len(s)) for s in lists])
     monkeypatch.setattr("alignfuse.engine.packing._CHUNK_TOKENS", 100)
-    chunked = pack(lists, max_tokens=64, prompt_lengths=[3] * len(lists))
+    chunked = pack(lists, max_tokens=64, prompt_lengths=[min(3, len(s)) for s in lists])
     for a, b in zip(whole, chunked, strict=True):
         for name in ("input_ids", "position_ids", "cu_seqlens", "targets", "seq_index"):
             assert torch.equal(getattr(a, name), getattr(b, name)), name
