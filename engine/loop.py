@@ -164,25 +164,20 @@ class TrainConfig:
         """beta, loss_type, label_smoothing, ...: the algorithm's own loss checks them on one
         dummy pair, so a bad value stops the run here (not after model load and warm-up)
         and the valid values keep one definition, the kernels'."""
-        from alignfuse.kernels import dpo_loss, kto_loss, orpo_loss, simpo_loss
-        from alignfuse.kernels.preference.dpo import LENGTH_NORMALIZED
+        from .algorithms import DPO, KTO, ORPO, SimPO
 
-        logps, lengths = torch.full((1,), -1.0), torch.ones(1)
         try:
             if self.algorithm == "dpo":
-                extra = ({"chosen_lengths": lengths, "rejected_lengths": lengths}
-                         if self.loss_type in LENGTH_NORMALIZED else {})
-                dpo_loss(logps, logps, logps, logps, beta=self.beta, loss_type=self.loss_type,
-                         label_smoothing=self.label_smoothing, backend="torch", **extra)
+                DPO.check_options(beta=self.beta, loss_type=self.loss_type,
+                                  label_smoothing=self.label_smoothing)
             elif self.algorithm == "kto":
-                kto_loss(logps, logps, torch.ones(1, dtype=torch.bool), 0.0, beta=self.beta,
-                         desirable_weight=self.desirable_weight,
-                         undesirable_weight=self.undesirable_weight, backend="torch")
+                KTO.check_options(beta=self.beta, desirable_weight=self.desirable_weight,
+                                  undesirable_weight=self.undesirable_weight)
             elif self.algorithm == "orpo":
-                orpo_loss(logps, logps, -logps, beta=self.beta, backend="torch")
+                ORPO.check_options(beta=self.beta)
             elif self.algorithm == "simpo":
-                simpo_loss(logps, logps, lengths, lengths, beta=self.beta, gamma=self.gamma,
-                           label_smoothing=self.label_smoothing, backend="torch")
+                SimPO.check_options(beta=self.beta, gamma=self.gamma,
+                                    label_smoothing=self.label_smoothing)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{self.algorithm}: {exc}") from None
 

@@ -318,3 +318,19 @@ def test_grpo_on_transformed_heads_matches_model_logits(family):
     assert fused.keys() == expected.keys()
     for name in expected:
         assert_rel_close(fused[name], expected[name], 1e-4, f"{family} GRPO grad {name}")
+
+
+def test_bad_loss_options_are_refused_when_the_algorithm_is_made():
+    """The loss's own checks run at construction (one dummy pair), not at the first step."""
+    model = tiny_model("llama", 31, seed=0)
+    with pytest.raises(ValueError, match="beta"):
+        DPO(model, beta=-1.0)
+    with pytest.raises(ValueError, match="loss_type"):
+        DPO(model, loss_type="sigmod")
+    with pytest.raises(ValueError, match="desirable_weight"):
+        KTO(model, desirable_weight=-1.0)
+    with pytest.raises(ValueError, match="beta"):
+        ORPO(model, beta=float("nan"))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        SimPO(model, label_smoothing=0.7)
+    DPO(model, loss_type="ipo", beta=0.5)  # valid options pass

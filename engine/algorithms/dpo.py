@@ -29,11 +29,23 @@ class DPO(Algorithm):
     def __init__(self, model: nn.Module, ref_model: nn.Module | None = None, *,
                  beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
                  temperature: float = 1.0):
+        self.check_options(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
         super().__init__(model, temperature=temperature)
         self.ref_model = ref_model
         self.beta = beta
         self.loss_type = loss_type
         self.label_smoothing = label_smoothing
+
+    @staticmethod
+    def check_options(*, beta, loss_type, label_smoothing) -> None:
+        """Raises what `dpo_loss` raises for these options (its own checks, run on one
+        dummy pair): a bad value stops the caller when the object is made, or a config
+        when it is read, not at the first step."""
+        logps, lengths = torch.full((1,), -1.0), torch.ones(1)
+        extra = ({"chosen_lengths": lengths, "rejected_lengths": lengths}
+                 if loss_type in LENGTH_NORMALIZED else {})
+        dpo_loss(logps, logps, logps, logps, beta=beta, loss_type=loss_type,
+                 label_smoothing=label_smoothing, backend="torch", **extra)
 
     def num_units(self, batch) -> int:
         return batch.num_seqs // 2

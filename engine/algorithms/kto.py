@@ -71,11 +71,21 @@ class KTO(Algorithm):
     def __init__(self, model: nn.Module, ref_model: nn.Module | None = None, *,
                  beta: float = 0.1, desirable_weight: float = 1.0,
                  undesirable_weight: float = 1.0, temperature: float = 1.0):
+        self.check_options(beta=beta, desirable_weight=desirable_weight,
+                           undesirable_weight=undesirable_weight)
         super().__init__(model, temperature=temperature)
         self.ref_model = ref_model
         self.beta = beta
         self.desirable_weight = desirable_weight
         self.undesirable_weight = undesirable_weight
+
+    @staticmethod
+    def check_options(*, beta, desirable_weight, undesirable_weight) -> None:
+        """Raises what `kto_loss` raises for these options (as `DPO.check_options`)."""
+        logps = torch.full((1,), -1.0)
+        kto_loss(logps, logps, torch.ones(1, dtype=torch.bool), 0.0, beta=beta,
+                 desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
+                 backend="torch")
 
     def num_units(self, batch) -> int:
         return batch.num_seqs // 2

@@ -28,8 +28,15 @@ class ORPO(_PairwiseReferenceFree):
     """ORPO step: chosen NLL + beta * odds-ratio term, on length-averaged log-probs."""
 
     def __init__(self, model: nn.Module, *, beta: float = 0.1, temperature: float = 1.0):
+        self.check_options(beta=beta)
         super().__init__(model, temperature=temperature)
         self.beta = beta
+
+    @staticmethod
+    def check_options(*, beta) -> None:
+        """Raises what `orpo_loss` raises for these options (as `DPO.check_options`)."""
+        logps = torch.full((1,), -1.0)
+        orpo_loss(logps, logps, -logps, beta=beta, backend="torch")
 
     def loss(self, batch) -> tuple[torch.Tensor, dict[str, float]]:
         cs, rs, cl, rl = self.pair_logps(batch, "ORPO")
@@ -45,8 +52,16 @@ class SimPO(_PairwiseReferenceFree):
 
     def __init__(self, model: nn.Module, *, beta: float = 2.0, gamma: float = 0.5,
                  label_smoothing: float = 0.0, temperature: float = 1.0):
+        self.check_options(beta=beta, gamma=gamma, label_smoothing=label_smoothing)
         super().__init__(model, temperature=temperature)
         self.beta, self.gamma, self.label_smoothing = beta, gamma, label_smoothing
+
+    @staticmethod
+    def check_options(*, beta, gamma, label_smoothing) -> None:
+        """Raises what `simpo_loss` raises for these options (as `DPO.check_options`)."""
+        logps, lengths = torch.full((1,), -1.0), torch.ones(1)
+        simpo_loss(logps, logps, lengths, lengths, beta=beta, gamma=gamma,
+                   label_smoothing=label_smoothing, backend="torch")
 
     def loss(self, batch) -> tuple[torch.Tensor, dict[str, float]]:
         cs, rs, cl, rl = self.pair_logps(batch, "SimPO")
