@@ -172,7 +172,7 @@ def test_malformed_batches_are_named():
         SimPO(model).loss(unpaired)
     (no_labels,) = pack(seqs[:4], max_tokens=400, groups=[0, 0, 1, 1])
     with pytest.raises(ValueError, match="desirable"):
-        KTO(model, model).loss(no_labels)
+        KTO(model, tiny_model("llama", VOCAB, seed=18)).loss(no_labels)
     with pytest.raises(ValueError, match="kind"):
         RewardModel(model, kind="triplet")
     with pytest.raises(TypeError, match="model"):
@@ -334,3 +334,7 @@ def test_bad_loss_options_are_refused_when_the_algorithm_is_made():
     with pytest.raises(ValueError, match="label_smoothing"):
         SimPO(model, label_smoothing=0.7)
     DPO(model, loss_type="ipo", beta=0.5)  # valid options pass
+    # a reference that is the policy itself would move with it: the loss stays at its start
+    for algorithm in (DPO, KTO):
+        with pytest.raises(ValueError, match="ref_model is the policy model itself"):
+            algorithm(model, model)

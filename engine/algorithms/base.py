@@ -57,6 +57,16 @@ def loss_token_counts(batch) -> torch.Tensor:
     return segment_sum(batch.loss_mask.to(torch.float32), batch.cu_seqlens)
 
 
+def check_reference(model: nn.Module, ref_model: nn.Module | None) -> None:
+    """A reference that is the policy itself (or wraps the same model) moves with every
+    update: the implicit rewards and the KL stay 0 and the loss never leaves its start."""
+    from ..forward import unwrap_model
+
+    if ref_model is not None and unwrap_model(ref_model) is unwrap_model(model):
+        raise ValueError("ref_model is the policy model itself; pass a frozen copy made "
+                         "before training (copy.deepcopy(model).eval().requires_grad_(False))")
+
+
 def reference_sequence_logps(batch, ref_model: nn.Module | None, temperature: float,
                              who: str) -> torch.Tensor:
     """`[S]` reference log-probs: from `ref_model` (no grad), or precomputed in

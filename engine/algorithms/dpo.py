@@ -15,7 +15,8 @@ from torch import nn
 from alignfuse.kernels.preference import dpo_loss
 from alignfuse.kernels.preference.dpo import LENGTH_NORMALIZED
 
-from .base import Algorithm, loss_token_counts, reference_sequence_logps, split_pairs
+from .base import (Algorithm, check_reference, loss_token_counts, reference_sequence_logps,
+                   split_pairs)
 
 
 class DPO(Algorithm):
@@ -30,6 +31,7 @@ class DPO(Algorithm):
                  beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
                  temperature: float = 1.0):
         self.check_options(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+        check_reference(model, ref_model)
         super().__init__(model, temperature=temperature)
         self.ref_model = ref_model
         self.beta = beta

@@ -39,7 +39,7 @@ from alignfuse.kernels.policy.aggregation import LOSS_AGG_MODES
 from ..forward import lm_head_of, run_decoder, runs_padded, token_logprobs
 from ..packing import PackedBatch, pack
 from ..rollout import Rollout, Sample, SamplingConfig
-from .base import Algorithm
+from .base import Algorithm, check_reference
 
 # A per-sample reward: (prompt, completion) -> float. Texts when the algorithm has a
 # tokenizer, else token-id lists.
@@ -144,6 +144,7 @@ class OnlineAlgorithm(Algorithm):
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         self.rollout = rollout
         self.reward = reward
+        check_reference(model, ref_model)
         self.ref_model = ref_model
         self.tokenizer = tokenizer
         self.group_size = group_size

@@ -18,7 +18,7 @@ from torch import nn
 
 from alignfuse.kernels.preference import kto_kl, kto_loss
 
-from .base import Algorithm, reference_sequence_logps, split_pairs
+from .base import Algorithm, check_reference, reference_sequence_logps, split_pairs
 
 
 def kto_sequences(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
@@ -73,6 +73,7 @@ class KTO(Algorithm):
                  undesirable_weight: float = 1.0, temperature: float = 1.0):
         self.check_options(beta=beta, desirable_weight=desirable_weight,
                            undesirable_weight=undesirable_weight)
+        check_reference(model, ref_model)
         super().__init__(model, temperature=temperature)
         self.ref_model = ref_model
         self.beta = beta
