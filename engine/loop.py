@@ -358,6 +358,24 @@ def build_dataset(cfg: TrainConfig, records, tokenizer, padded: bool = False):
     return dataset
 
 
+def data_fingerprint(source: str | None) -> str | None:
+    """sha256 of a data file's bytes, or of every file of a saved dataset folder (with its
+    relative path); None for no data or a builtin task (its config keys define it)."""
+    if source is None or source.startswith("builtin:"):
+        return None
+    import hashlib
+
+    root = Path(source)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(root) if root.is_dir() else "").encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def check_token_ids(dataset, tokenizer, model, key: str) -> None:
     """Every token id of `dataset` (from config key `key`) has a row in the model's input
     embeddings. A tokenizer with tokens added after the model was saved gives ids past them:
@@ -586,6 +604,16 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         torch.set_num_threads(cfg.num_threads)
     _seed_everything(cfg.seed)
     records = load_records(cfg, cfg.data, evaluation=False)  # data errors before the model
+    # A resumed run must see the data the checkpoint's run saw (the order is a function of
+    # the step, over the records as they were).
+    fingerprints = {key: data_fingerprint(getattr(cfg, key)) for key in ("data", "eval_data")}
+    for key, digest in fingerprints.items():
+        saved = (state or {}).get("data_sha256", {}).get(key)
+        if saved is not None and saved != digest:
+            raise ConfigError(f"resume: {key}={getattr(cfg, key)!r} changed since the "
+                              f"checkpoint (sha256 {saved[:12]}... then, {str(digest)[:12]}... "
+                              "now); a resumed run would not see the batches the run saw: "
+                              "restore it, or start a new out_dir")
     model, tokenizer = load_model_and_tokenizer(cfg)
     from .forward import disable_dropout, runs_padded
 
@@ -647,6 +675,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     def save(step: int) -> None:
         ckpt.save_checkpoint(ckpt_root, step, {
             "model": model.state_dict(), "master": master.state_dict(),
+            "data_sha256": fingerprints,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "config": dataclasses.asdict(cfg),
             "before": summary.get("before"),

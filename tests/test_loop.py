@@ -609,3 +609,20 @@ def test_the_trained_model_is_exported_for_from_pretrained_and_a_next_run(tmp_pa
     assert main(["train", "sft", f"out_dir={tmp_path / 'off'}", "steps=1", *SMALL,
                  "export_model=false"]) == 0
     assert not (tmp_path / "off" / "model").exists()
+
+
+def test_resume_refuses_data_that_changed_since_the_checkpoint(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    rows = [f'{{"instruction": "{a}+{b}=", "chosen": "{a + b}", "rejected": "{a + b + 1}"}}\n'
+            for a in range(4) for b in range(4)]
+    data.write_text("".join(rows))
+    common = [*SMALL, "steps=2", "save_every=1", "sft_warmup_steps=0", f"data={data}",
+              f"out_dir={tmp_path / 'run'}"]
+    with pytest.raises(RuntimeError, match="injected crash"):
+        train(make_config(overrides=[*common, "crash_after_steps=1"]))
+    data.write_text("".join(rows[:-1]))  # one record fewer
+    with pytest.raises(ConfigError, match=r"resume: data='.*pairs.jsonl' changed since the "
+                                          r"checkpoint"):
+        train(make_config(overrides=common), resume=True)
+    data.write_text("".join(rows))  # restored: the run resumes
+    assert train(make_config(overrides=common), resume=True)["train"]["loss"] > 0
