@@ -173,6 +173,10 @@ def test_malformed_batches_are_named():
     (no_labels,) = pack(seqs[:4], max_tokens=400, groups=[0, 0, 1, 1])
     with pytest.raises(ValueError, match="desirable"):
         KTO(model, tiny_model("llama", VOCAB, seed=18)).loss(no_labels)
+    (float_labels,) = pack(seqs[:4], max_tokens=400, groups=[0, 0, 1, 1],
+                           extras={"desirable": [0.3, 0.3, 0.0, 0.0]})
+    with pytest.raises(TypeError, match=r"extras\['desirable'\] must be bool"):
+        KTO(model, tiny_model("llama", VOCAB, seed=18)).loss(float_labels)
     with pytest.raises(ValueError, match="kind"):
         RewardModel(model, kind="triplet")
     with pytest.raises(TypeError, match="model"):

@@ -95,6 +95,9 @@ class KTO(Algorithm):
         if "desirable" not in (getattr(batch, "extras", None) or {}):
             raise ValueError("KTO batches need extras['desirable'] (bool per sequence); "
                              "build them with kto_sequences(...)")
+        if batch.extras["desirable"].dtype != torch.bool:  # 0.3 would silently mean True
+            raise TypeError(f"extras['desirable'] must be bool per sequence, got "
+                            f"{batch.extras['desirable'].dtype}; build it with kto_sequences")
         matched, mismatched = split_pairs(batch, "KTO")
         policy = self.policy_sequence_logps(batch)
         ref = reference_sequence_logps(batch, self.ref_model, self.temperature, "KTO")
