@@ -360,8 +360,9 @@ def build_dataset(cfg: TrainConfig, records, tokenizer, padded: bool = False):
 
 def data_fingerprint(source: str | None) -> str | None:
     """sha256 of a data file's bytes, or of every file of a saved dataset folder (with its
-    relative path); None for no data or a builtin task (its config keys define it)."""
-    if source is None or source.startswith("builtin:"):
+    relative path); None for no data, a builtin task (its config keys define it), or a
+    path that does not exist (its loader names it)."""
+    if source is None or source.startswith("builtin:") or not Path(source).exists():
         return None
     import hashlib
 
@@ -478,9 +479,9 @@ def evaluate(algorithm, dataset, max_tokens: int) -> dict[str, float]:
 
 class MasterWeights:
     """fp32 master copies of half-precision parameters, for the optimizer. AdamW on bf16
-    weights loses every update smaller than half a bf16 step of the weight (8 bits of
-    mantissa: a weight of 1.0 ignores updates under 2^-8, so at lr 1e-4 the norm weights
-    never move), so `dtype=bfloat16` computes in bf16 and keeps fp32 weights to update, as
+    weights loses every update smaller than half a bf16 step of the weight (8 significant
+    bits: next to 1.0 the steps are 2^-7 and 2^-8, so at lr 1e-4 the norm weights never
+    move), so `dtype=bfloat16` computes in bf16 and keeps fp32 weights to update, as
     mixed-precision trainers do: gradients are copied into the masters before the step and
     the masters rounded into the model after it. fp32 parameters are their own masters."""
 
