@@ -215,6 +215,9 @@ def test_malformed_data_stops_the_run_before_training(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
     with pytest.raises(ConfigError, match="data: file .* does not exist"):
         train(make_config(overrides=[f"data={tmp_path / 'nope.jsonl'}", *SMALL]))
+    with pytest.raises(ConfigError, match="^eval_data: file .* does not exist"):
+        train(make_config(overrides=[f"eval_data={tmp_path / 'nope.jsonl'}",
+                                     f"out_dir={tmp_path / 'run'}", *SMALL]))
 
 
 def test_data_order_is_a_function_of_the_step():
