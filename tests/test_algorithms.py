@@ -342,3 +342,12 @@ def test_bad_loss_options_are_refused_when_the_algorithm_is_made():
     for algorithm in (DPO, KTO):
         with pytest.raises(ValueError, match="ref_model is the policy model itself"):
             algorithm(model, model)
+
+
+def test_a_kto_dataset_of_one_record_is_a_data_error():
+    """Data, not a bug: the command prints a DataError as one line (exit status 2)."""
+    from alignfuse.engine.algorithms.kto import kto_dataset
+    from alignfuse.engine.data import DataError, TokenizedDataset
+
+    with pytest.raises(DataError, match="needs >= 2 records"):
+        kto_dataset(TokenizedDataset([[5]], [[6]], [0], {"desirable": [True]}))

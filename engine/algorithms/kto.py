@@ -49,11 +49,11 @@ def kto_dataset(tokenized):
     """The `kto_sequences` layout for a tokenized KTO dataset (`engine/data.py`): each record
     becomes a group of its matched sequence and a mismatched one (the next record's
     completion), with `extras["desirable"]` on both."""
-    from ..data import TokenizedDataset
+    from ..data import DataError, TokenizedDataset
 
     n = len(tokenized)
-    if n < 2 or "desirable" not in tokenized.extras:
-        raise ValueError("a KTO dataset needs >= 2 records with a 'desirable' label each")
+    if n < 2 or "desirable" not in tokenized.extras:  # data, not a bug: one line in the CLI
+        raise DataError("a KTO dataset needs >= 2 records with a 'desirable' label each")
     out = TokenizedDataset([], [], [], {"desirable": []})
     for i in range(n):
         for completion in (tokenized.completion_ids[i], tokenized.completion_ids[(i + 1) % n]):
