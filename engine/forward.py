@@ -118,23 +118,27 @@ def disable_dropout(model: nn.Module) -> int:
     reference's and with the samples' log-probs, computed in eval mode: dropout in the
     training forward makes them differ at step 0 (DPO's rewards are not 0, GRPO's ratios
     not 1). TRL turns it off for the same reason; the ready loops call this."""
+    def zero_rates(obj) -> int:
+        """Set obj's nonzero float `*dropout` / `*pdrop` attributes to 0; how many."""
+        rates = [name for name, value in vars(obj).items()
+                 if isinstance(value, float) and value != 0
+                 and (name.endswith("dropout") or name.endswith("pdrop"))]
+        for name in rates:
+            setattr(obj, name, 0.0)
+        return len(rates)
+
+    inner = unwrap_model(model)
     changed = 0
-    for module in unwrap_model(model).modules():
+    for module in inner.modules():
         if isinstance(module, nn.modules.dropout._DropoutNd):
             changed += module.p != 0
             module.p = 0.0
-            continue
-        for name, value in list(vars(module).items()):
-            if (isinstance(value, float) and value != 0
-                    and (name.endswith("dropout") or name.endswith("pdrop"))):
-                setattr(module, name, 0.0)
-                changed += 1
-    config = getattr(unwrap_model(model), "config", None)
+        else:
+            changed += zero_rates(module)
+    config = getattr(inner, "config", None)
     for sub in (config, getattr(config, "text_config", None)):
-        for name, value in (vars(sub).items() if sub is not None else ()):
-            if isinstance(value, float) and value != 0 and (
-                    name.endswith("dropout") or name.endswith("pdrop")):
-                setattr(sub, name, 0.0)
+        if sub is not None:
+            zero_rates(sub)
     return int(changed)
 
 
