@@ -6,9 +6,9 @@ a ready loop behind the `alignfuse` command.
 """
 
 from .packing import PackedBatch, pack, padding_efficiency, plan_micro_batches  # noqa: E402,F401
-from .data import (DataError, DataFormatError, KTORecord, PreferenceRecord,  # noqa: E402,F401
-                   RankedRecord, ScoredRecord, SFTRecord, TokenizedDataset, load_dpo, load_kto,
-                   load_ranked, load_scored, load_sft, tokenize_records)
+from .data import (DataError, DataFormatError, DataWarning, KTORecord,  # noqa: E402,F401
+                   PreferenceRecord, RankedRecord, ScoredRecord, SFTRecord, TokenizedDataset,
+                   load_dpo, load_kto, load_ranked, load_scored, load_sft, tokenize_records)
 from .rollout import HFRollout, Rollout, Sample, SamplingConfig, VLLMRollout  # noqa: E402,F401
 from .algorithms.grpo import GRPO, RolloutBatch  # noqa: E402,F401
 from .algorithms.ppo import PPO  # noqa: E402,F401

@@ -11,13 +11,15 @@ value stops the run with a message naming the key (exit status 2), and so does a
 knob the chosen algorithm does not read (`ALGORITHM_KNOBS`, `ONLINE_ALGORITHM_KNOBS`: e.g.
 `loss_type` with kto): it is refused, never silently ignored. Unusable data (a malformed
 record, an empty file, a tokenizer that cannot encode it: `engine/data.py::DataError`) stops
-it the same way, one line naming the file, line and field (exit status 2).
+it the same way, one line naming the file, line and field (exit status 2). Records dropped
+at load (preference ties, `ties=drop`) are reported in one line too, and the run goes on.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 # The main job: DPO on the built-in addition preferences with the embedded tiny model.
 # A fresh model is briefly SFT-warmed on the right answers (it knows no answer format yet),
@@ -100,6 +102,21 @@ def _print_summary(summary: dict, algorithm: str) -> None:
         print(f"model:   {summary['export']} (Hugging Face folder: from_pretrained, or model=)")
 
 
+def _one_line_data_warnings() -> None:
+    """Print a DataWarning (records dropped at load) as one line, like a data error; inside
+    `warnings.catch_warnings()`, which restores the default."""
+    from .data import DataWarning
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, DataWarning):
+            print(f"alignfuse: data warning: {message}", file=file or sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .loop import ALGORITHMS, ConfigError
@@ -129,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*args.overrides, *extra]
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            _one_line_data_warnings()
+            return args.func(args)
     except ConfigError as exc:
         print(f"alignfuse: config error: {exc}", file=sys.stderr)
         return 2

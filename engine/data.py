@@ -13,7 +13,8 @@ Record shapes:
   The first record's keys decide the shape of the whole source; a record of the other shape
   is an error naming its line.
 - `load_dpo` -> `PreferenceRecord`: `instruction` str, `input` str (optional), `chosen` str,
-  `rejected` str.
+  `rejected` str. Ties (chosen == rejected) are dropped with a `DataWarning` by default
+  (`ties=`).
 - `load_kto` -> `KTORecord`: `instruction`, `input` (optional), `output` str, `kto_tag` bool
   (true = desirable).
 - `load_scored` -> `ScoredRecord`: `prompt` str, `completion` str, `score` finite number.
@@ -35,7 +36,9 @@ completion the assistant turn; the prompt ids are the template rendered up to th
 turn (`add_generation_prompt=True`), the completion ids the rest of the rendered
 conversation. Without a template, prompt ids are `tokenizer(prompt)` (its own special
 tokens, e.g. BOS) and completion ids `tokenizer(completion) + [eos]`. Every sequence carries
-its prompt length, so `pack` gives prompt tokens no targets.
+its prompt length, so `pack` gives prompt tokens no targets. An empty completion is
+accepted: its targets are the end tokens alone (eos, or the template's end of turn), which
+teaches the model to answer with nothing.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -54,6 +58,11 @@ from .packing import PackedBatch, pack
 class DataError(ValueError):
     """Training data (or the tokenizer that encodes it) that cannot be used, a mistake in the
     user's input rather than a bug: the `alignfuse` command prints it as one line."""
+
+
+class DataWarning(UserWarning):
+    """Records that load but teach nothing, e.g. a preference pair whose chosen equals its
+    rejected; `warnings.simplefilter("error", DataWarning)` makes them errors."""
 
 
 class DataFormatError(DataError):
@@ -227,6 +236,14 @@ def _load(source, parse: Callable[[_Fields], Any]) -> list:
     return records
 
 
+TIES = ("drop", "keep", "error")
+
+
+def _check_ties(ties: Any) -> None:
+    if ties not in TIES:
+        raise ValueError(f"ties must be one of {TIES}, got {ties!r}")
+
+
 def load_sft(source) -> list[SFTRecord]:
     """SFT examples from JSONL, a saved dataset folder or a Dataset: `instruction`, `input`
     (optional), `output`; or preference records (`load_dpo`'s shape), whose `chosen` is the
@@ -258,13 +275,43 @@ def load_sft(source) -> list[SFTRecord]:
     return _load(source, parse)
 
 
-def load_dpo(source) -> list[PreferenceRecord]:
-    """Preference pairs from JSONL or a Dataset: `instruction`, `input`, `chosen`, `rejected`."""
-    def parse(r: _Fields) -> PreferenceRecord:
+def load_dpo(source, *, ties: str = "drop") -> list[PreferenceRecord]:
+    """Preference pairs from JSONL or a Dataset: `instruction`, `input`, `chosen`, `rejected`.
+
+    A tie (`chosen == rejected`, the same text) is a pair with no preference: the policy's
+    log-probs of its two answers are equal, so DPO/IPO/SimPO/Bradley-Terry give it a
+    constant loss and no gradient, yet it counts in the batch mean and as a miss in the
+    reward accuracy. `ties="drop"` (default) drops ties with a `DataWarning` giving their
+    count and first lines, `"keep"` keeps them (ORPO's SFT term still learns the answer),
+    `"error"` refuses the source at the first tie.
+    """
+    _check_ties(ties)
+    tie_lines: list[str] = []
+
+    def parse(r: _Fields) -> PreferenceRecord | None:
         prompt = instruction_prompt(r.text("instruction"), r.text("input", optional=True,
                                                                   default=""))
-        return PreferenceRecord(prompt, r.text("chosen"), r.text("rejected"))
-    return _load(source, parse)
+        record = PreferenceRecord(prompt, r.text("chosen"), r.text("rejected"))
+        if record.chosen != record.rejected or ties == "keep":
+            return record
+        if ties == "error":
+            r.fail("rejected", "equal to 'chosen' (a tie teaches no preference); drop the "
+                               "record, or pass ties='drop' / 'keep'")
+        tie_lines.append(f"{r.unit} {r.line}")
+        return None
+
+    parsed = _load(source, parse)
+    records = [r for r in parsed if r is not None]
+    if tie_lines:
+        name = _source_name(source)
+        if not records:
+            raise DataError(f"source {name!r:.80}: all {len(parsed)} pairs are ties "
+                            "(chosen == rejected); no preference to learn")
+        shown = ", ".join(tie_lines[:5]) + (", ..." if len(tie_lines) > 5 else "")
+        warnings.warn(f"{name}: dropped {len(tie_lines)} of {len(parsed)} pairs whose chosen "
+                      f"equals rejected (no gradient in DPO-style losses): {shown}; "
+                      "ties='keep' keeps them", DataWarning, stacklevel=2)
+    return records
 
 
 def load_kto(source) -> list[KTORecord]:

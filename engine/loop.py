@@ -54,6 +54,7 @@ ALGORITHM_KNOBS: dict[str, tuple[str, ...]] = {
     "undesirable_weight": ("kto",),
     "rm_kind": ("rm",),                          # make_algorithm: RewardModel; load_records
     "reference": ("dpo", "kto"),                 # train: the algorithms with a reference
+    "ties": ("dpo", "orpo", "simpo", "rm"),      # load_records: pairs (rm: rm_kind=pairwise)
 }
 
 
@@ -101,6 +102,8 @@ class TrainConfig:
     undesirable_weight: float = 1.0
     rm_kind: str = "pairwise"         # reward model: pointwise, pairwise, listwise
     reference: str = "precompute"     # DPO/KTO: precompute log-probs once, or keep a model
+    # Pairs whose chosen equals rejected (no gradient): drop (with a warning), keep, error.
+    ties: str = "drop"                # DPO, ORPO, SimPO, pairwise RM (engine/data.py)
     # Read by every algorithm:
     # Dropout off (`engine.forward.disable_dropout`), as TRL does: with it on, the policy's
     # training forward differs from the reference's eval forward at step 0.
@@ -131,6 +134,10 @@ class TrainConfig:
         if self.reference not in REFERENCE_CHOICES:
             raise ConfigError(f"reference must be one of {REFERENCE_CHOICES}, "
                               f"got {self.reference!r}")
+        from .data import TIES
+
+        if self.ties not in TIES:
+            raise ConfigError(f"ties must be one of {TIES}, got {self.ties!r}")
         if self.dtype == "float16":
             raise ConfigError("dtype=float16 cannot train here: its gradients need loss "
                               "scaling, which this loop does not do (the weights overflow "
@@ -320,7 +327,7 @@ def load_records(cfg: TrainConfig, source: str, *, evaluation: bool):
         return data.load_sft(source)
     if cfg.algorithm in ("dpo", "orpo", "simpo") or (cfg.algorithm == "rm"
                                                      and cfg.rm_kind == "pairwise"):
-        return data.load_dpo(source)
+        return data.load_dpo(source, ties=cfg.ties)
     if cfg.algorithm == "kto":
         return data.load_kto(source)
     return data.load_scored(source) if cfg.rm_kind == "pointwise" else data.load_ranked(source)

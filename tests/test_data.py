@@ -4,11 +4,13 @@ masking through packing, and malformed records named by file, line and field."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
 
-from alignfuse.engine.data import (DataError, DataFormatError, KTORecord, PreferenceRecord,
+from alignfuse.engine.data import (DataError, DataFormatError, DataWarning, KTORecord,
+                                   PreferenceRecord,
                                    RankedRecord, ScoredRecord, SFTRecord,
                                    encode_prompt_completion, load_dpo, load_kto, load_ranked,
                                    load_scored, load_sft, tokenize_records)
@@ -341,6 +343,59 @@ def test_cli_prints_a_data_error_as_one_line(tmp_path, capsys, rows, message):
     assert status == 2
     assert err.startswith("alignfuse: data error: ") and message in err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_ties_are_dropped_with_a_warning_kept_or_refused(tmp_path):
+    tie = {"instruction": "Same", "chosen": "x", "rejected": "x"}
+    path = write_jsonl(tmp_path / "ties.jsonl", [DPO_ROWS[0], tie, DPO_ROWS[1], tie])
+    with pytest.warns(DataWarning, match=r"dropped 2 of 4 pairs .*: line 2, line 4;"):
+        records = load_dpo(path)
+    assert records == load_dpo(write_jsonl(tmp_path / "clean.jsonl", DPO_ROWS[:2]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kept = load_dpo(path, ties="keep")
+    assert kept[1] == kept[3] == PreferenceRecord("Same", "x", "x") and len(kept) == 4
+    with pytest.raises(DataFormatError, match=r"line 2: field 'rejected': equal to 'chosen'"):
+        load_dpo(path, ties="error")
+    with pytest.raises(DataError, match="all 2 pairs are ties"):
+        load_dpo(write_jsonl(tmp_path / "all.jsonl", [tie, tie]))
+    with pytest.raises(ValueError, match="ties must be one of"):
+        load_dpo(path, ties="skip")
+    # An SFT source of pairs learns each chosen answer, ties included.
+    assert len(load_sft(path)) == 4
+
+
+def test_a_tie_gives_dpo_no_gradient():
+    """Why ties are dropped: the pair's logit is 0 whatever the weights, so the loss is the
+    constant log 2 and its gradient 0 (beside the other pairs, it only dilutes the mean)."""
+    from alignfuse.kernels import dpo_loss
+
+    logps = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    ref = torch.randn(2, dtype=torch.float64)
+    loss = dpo_loss(logps[:1], logps[:1], ref[:1], ref[:1], beta=0.1, backend="torch")[0][0]
+    loss.backward()
+    assert torch.allclose(loss.detach(), torch.tensor(2.0, dtype=torch.float64).log())
+    assert logps.grad.abs().max() == 0
+
+
+def test_cli_reports_dropped_ties_in_one_line_and_trains(tmp_path, capsys):
+    from alignfuse.engine.cli import main
+
+    tie = {"instruction": "Same", "chosen": "x", "rejected": "x"}
+    path = write_jsonl(tmp_path / "ties.jsonl", DPO_ROWS + [tie])
+    status = main(["train", "dpo", f"data={path}", "model=tiny-llama", "steps=1",
+                   "batch_size=2", f"out_dir={tmp_path / 'run'}", "progress=false",
+                   "tensorboard=false", "export_model=false"])
+    err = capsys.readouterr().err
+    assert status == 0
+    line = [x for x in err.splitlines() if "ties" in x or "dropped" in x]
+    assert line == [f"alignfuse: data warning: {path}: dropped 1 of 4 pairs whose chosen equals "
+                    "rejected (no gradient in DPO-style losses): line 4; ties='keep' keeps them"]
+    assert main(["train", "dpo", f"data={path}", "ties=error", "steps=1",
+                 f"out_dir={tmp_path / 'run2'}"]) == 2
+    assert "line 4: field 'rejected': equal to 'chosen'" in capsys.readouterr().err
+    assert main(["train", "kto", "ties=keep", f"out_dir={tmp_path / 'run3'}"]) == 2
+    assert "ties is not used by algorithm=kto" in capsys.readouterr().err
 
 
 def test_cli_keeps_the_traceback_of_other_value_errors(tmp_path, monkeypatch):

@@ -157,7 +157,7 @@ def test_the_knob_table_is_what_make_algorithm_reads(monkeypatch):
                             lambda *args, _name=name, **kwargs: calls.setdefault(_name, kwargs))
     distinct = {"beta": 0.123, "loss_type": "ipo", "label_smoothing": 0.0456, "gamma": 0.789,
                 "desirable_weight": 1.25, "undesirable_weight": 2.5, "rm_kind": "listwise"}
-    assert set(distinct) == set(ALGORITHM_KNOBS) - {"reference"}
+    assert set(distinct) == set(ALGORITHM_KNOBS) - {"reference", "ties"}
     for algorithm in ALGORITHMS:
         calls.clear()
         make_algorithm(TrainConfig(algorithm=algorithm, **distinct), torch.nn.Linear(1, 1))
@@ -165,6 +165,28 @@ def test_the_knob_table_is_what_make_algorithm_reads(monkeypatch):
         read = {key for key, value in distinct.items() if value in passed.values()}
         assert read == {key for key in distinct if algorithm in ALGORITHM_KNOBS[key]}, algorithm
     assert ALGORITHM_KNOBS["reference"] == ("dpo", "kto")  # train(): needs_reference
+
+
+def test_the_ties_knob_is_what_load_records_reads(monkeypatch, tmp_path):
+    """`ties` reaches load_dpo for exactly the algorithms ALGORITHM_KNOBS names (rm: the
+    pairwise kind); the others load data that has no pairs."""
+    from alignfuse.engine import data
+    from alignfuse.engine.loop import load_records
+
+    source = tmp_path / "d.jsonl"
+    source.write_text("{}\n")
+    read = set()
+    monkeypatch.setattr(data, "load_dpo", lambda path, **kw: read.add(kw.get("ties")))
+    for name in ("load_sft", "load_kto", "load_scored", "load_ranked"):
+        monkeypatch.setattr(data, name, lambda path, **kw: kw and read.add("other"))
+    for algorithm in ALGORITHMS:
+        for rm_kind in ("pointwise", "pairwise", "listwise"):
+            read.clear()
+            load_records(TrainConfig(algorithm=algorithm, rm_kind=rm_kind, ties="keep"),
+                         str(source), evaluation=False)
+            reads = algorithm in ALGORITHM_KNOBS["ties"] and (algorithm != "rm"
+                                                               or rm_kind == "pairwise")
+            assert read == ({"keep"} if reads else set()), (algorithm, rm_kind)
 
 
 def test_cli_reports_config_errors_with_the_key(tmp_path, capsys):
