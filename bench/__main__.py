@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         from .runner import run as run_preset
 
         suites = tuple(s.strip() for s in args.suites.split(",") if s.strip())
+        if not suites:
+            parser.error(f"--suites names no suite; choose from {','.join(SUITES)}")
+        if args.budget_s is not None and not args.budget_s > 0:
+            parser.error(f"--budget-s must be > 0 seconds, got {args.budget_s}")
         out = args.out or (RESULTS if PRESETS[args.preset].device == "cuda" else RESULTS / "local")
         try:
             path = run_preset(args.preset, suites, out, args.budget_s, argv=["bench", *argv])

@@ -6,8 +6,9 @@ For each (preset, device) the latest result is reported: a header with the devic
 versions, commit and ceilings, then per suite a table whose rows are (case, mode) and whose
 columns are the contenders. A cell is the median time with its spread, the speedup over
 torch-eager (its median / this median) and the fraction of the physical floor; ✗ marks a contender
-whose output failed the check against the reference. Skips and errors are listed with
-their reasons under each table. Plots: one PNG per (suite, mode, sizes other than N) for
+whose output failed the check against the reference. Quantities a case measures besides
+time (the packing suite's padding efficiency, the step suite's tokens per step) get a table
+of their own; skips and errors are listed with their reasons under each table. Plots: one PNG per (suite, mode, sizes other than N) for
 time, and one for peak memory where it was measured (GPU).
 """
 
@@ -140,12 +141,13 @@ def _suite_table(suite: str, body: dict) -> list[str]:
         for c in case["contenders"]:
             if c["name"] not in names:
                 names.append(c["name"])
+    eager = f" ×speedup over {EAGER}," if EAGER in names else ""
     lines = [f"### {suite}", "",
-             "Cell: median time ±half the interquartile range, ×speedup over torch-eager, "
-             "(% of the physical floor); ✗ = failed the check against the reference.", "",
+             f"Cell: median time ±half the interquartile range,{eager} (% of the physical "
+             "floor); ✗ = failed the check against the reference.", "",
              "| case | mode | " + " | ".join(names) + " |",
              "|---|---|" + "---|" * len(names)]
-    memory_rows, notes = [], []
+    memory_rows, notes, measured = [], [], []
     for case in cases:
         by_name = {c["name"]: c for c in case["contenders"]}
         for mode in case["modes"]:
@@ -163,13 +165,17 @@ def _suite_table(suite: str, body: dict) -> list[str]:
                                  for k, v in c["check"]["rel_err"].items())
                 notes.append(f"- {case['case']} / {c['name']}: failed the check ({errs})")
         for key, value in (case.get("metrics") or {}).items():
-            notes.append(f"- {case['case']}: {key} = {value}")
+            shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+            measured.append(f"| {case['case']} | {key} | {shown} |")
     speed_rows = _speedup_rows(cases)
     if speed_rows:
         lines += ["", "Speedup of each alignfuse contender over each baseline "
                   "(baseline median / its median; memory: its peak / the baseline's):", "",
                   "| case | mode | contender | speedup | memory |", "|---|---|---|---|---|",
                   *speed_rows]
+    if measured:  # what a suite measures besides time (padding efficiency, tokens/step)
+        lines += ["", "Measured in each case besides time:", "",
+                  "| case | quantity | value |", "|---|---|---|", *measured]
     if memory_rows:
         lines += ["", "Peak memory above the live inputs; extra: the peak above the outputs "
                   "and the inputs' gradients, which every implementation holds (the goal for "
@@ -265,7 +271,10 @@ def plots(r: dict, out: Path) -> list[Path]:
                     ax.set_xlabel(axis)
                     ax.set_ylabel("median time (ms)" if what == "time" else "peak memory (MiB)")
                     extra = ", ".join(f"{k}={v}" for k, v in rest)
-                    ax.set_title(f"{op} {mode} on {r['device']['name']}\n{extra}", fontsize=9)
+                    title = f"{op} {mode} on {r['device']['name']}\n{extra}"
+                    if r.get("triton_interpreter"):  # the PNG may be seen without report.md
+                        title += "\nTriton interpreted (CPU): a smoke test, times mean nothing"
+                    ax.set_title(title, fontsize=9)
                     ax.grid(True, which="both", alpha=0.3)
                     ax.legend(fontsize=8)
                     fig.tight_layout()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -215,6 +216,29 @@ def test_report_renders_a_table_and_pngs(cpu_result, tmp_path):
     pngs = [p for p in paths if p.suffix == ".png"]
     assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     assert any("logprobs" in p.name and p.name.endswith("_time.png") for p in pngs)
+    # What the packing suite measures (padding efficiency) is a table of its own, not a
+    # note among the skips; its legend names no torch-eager column it does not have.
+    packing = report[report.index("### packing"):].split("\n### ")[0]
+    assert "| case | quantity | value |" in packing
+    assert re.search(r"\| [^|]+ \| efficiency_packed \| 0\.\d+ \|", packing), packing
+    details = packing.split("<details>")[1] if "<details>" in packing else ""
+    assert "efficiency_" not in details
+    assert "speedup over torch-eager" not in packing.split("| case | mode |")[0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--suites", ""], "--suites names no suite"),
+    (["run", "--suites", " , "], "--suites names no suite"),
+    (["run", "--budget-s", "-5"], "--budget-s must be > 0 seconds, got -5.0"),
+    (["run", "--budget-s", "0"], "--budget-s must be > 0 seconds"),
+])
+def test_bench_run_refuses_a_run_that_would_measure_nothing(argv, message, capsys):
+    from bench.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.gpu
