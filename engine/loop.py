@@ -675,8 +675,11 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     elif eval_dataset is not None:
         summary["before"] = evaluate(algorithm, eval_dataset, cfg.max_tokens)
 
+    # Resuming a finished run: its final evaluation, logged after the last checkpoint at
+    # step `steps`, is logged again below (mid-run evaluations come before their checkpoint).
     logger = MetricsLogger(out, tensorboard=cfg.tensorboard,
-                           resume_step=start if state is not None else None)
+                           resume_step=start if state is not None else None,
+                           final_eval_logged=state is not None and start == cfg.steps)
     if state is None and summary.get("before"):
         logger.log(0, summary["before"], split="eval")
 

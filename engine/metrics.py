@@ -17,14 +17,18 @@ class MetricsLogger:
     """Append metrics rows to `out_dir/metrics.jsonl` (and TensorBoard under `out_dir/tb`)."""
 
     def __init__(self, out_dir: str | os.PathLike, *, tensorboard: bool = True,
-                 resume_step: int | None = None):
+                 resume_step: int | None = None, final_eval_logged: bool = False):
+        """resume_step: continue a run from its checkpoint at this step (rows logged after it
+        are dropped). final_eval_logged: the checkpoint is the run's last one, after which
+        the run logged its final evaluation at the same step; those eval rows go too, since
+        the resumed run logs them again (or, extended, logs them at its own end)."""
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.out_dir / "metrics.jsonl"
         if resume_step is None:
             self.path.write_text("")
         else:
-            self.truncate_after(resume_step)
+            self.truncate_after(resume_step, drop_eval_at_step=final_eval_logged)
         self._file = open(self.path, "a", encoding="utf-8")
         self._tb = None
         if tensorboard:
@@ -35,9 +39,10 @@ class MetricsLogger:
             if SummaryWriter is not None:
                 self._tb = SummaryWriter(str(self.out_dir / "tb"))
 
-    def truncate_after(self, step: int) -> None:
+    def truncate_after(self, step: int, drop_eval_at_step: bool = False) -> None:
         """Drop rows logged after `step` (they belong to a run that died before its next
-        checkpoint and will be logged again)."""
+        checkpoint and will be logged again), and with `drop_eval_at_step` the eval rows
+        at `step` itself."""
         from .checkpoint import atomic_write_bytes
 
         if not self.path.exists():
@@ -57,7 +62,8 @@ class MetricsLogger:
                     break
                 raise ValueError(f"{self.path}: line {number} is not valid JSON; cannot cut "
                                  f"the metrics back to step {step}") from None
-        kept = [row for row in rows if row["step"] <= step]
+        kept = [row for row in rows if row["step"] < step or (
+            row["step"] == step and not (drop_eval_at_step and row.get("split") == "eval"))]
         # Atomic: a kill while rewriting must not lose the rows of the steps already done.
         atomic_write_bytes(self.path, "".join(json.dumps(row) + "\n" for row in kept).encode())
 

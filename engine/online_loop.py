@@ -291,8 +291,11 @@ def train_online(cfg: OnlineConfig, *, resume: bool = False, rollout: Rollout | 
         progress(f"alignfuse {cfg.algorithm}: {summary['rollout']}; SFT warm-up "
                  f"{cfg.sft_warmup_steps} steps (loss {sft_losses[0]:.2f} -> "
                  f"{sft_losses[-1]:.2f}); reward before {summary['reward_before']:.3f}")
+    # Its evaluations are at 0 and after the last checkpoint: a resumed run logs the final
+    # one again, at the end (the checkpoint's iteration, or a later one when extended).
     logger = MetricsLogger(out, tensorboard=cfg.tensorboard,
-                           resume_step=start if state is not None else None)
+                           resume_step=start if state is not None else None,
+                           final_eval_logged=state is not None)
     if state is None:
         logger.log(0, {"reward": summary["reward_before"]}, split="eval")
 

@@ -357,6 +357,12 @@ def test_crashed_run_resumes_exactly(tmp_path):
                    tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(tmp_path / "full", tmp_path / "cut", 4)
+    # Resuming the finished run evaluates again and replaces its final eval row, not adds one.
+    again = _cli(["train", "dpo", "--resume", f"out_dir={tmp_path / 'cut'}", *common], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    steps = [[(row["split"], row["step"]) for row in read_metrics(tmp_path / run / "metrics.jsonl")]
+             for run in ("full", "cut")]
+    assert steps[0] == steps[1] and steps[0].count(("eval", 4)) == 1, steps
 
 
 def test_sigkilled_run_resumes_exactly(tmp_path):
