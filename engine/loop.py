@@ -162,6 +162,7 @@ class TrainConfig:
         for key in ("lr", "sft_lr"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key} must be > 0, got {getattr(self, key)!r}")
+        check_max_grad_norm(self.max_grad_norm)
         if self.algorithm != "rm" and self.batch_size < 2 and self.algorithm == "kto":
             raise ConfigError("batch_size must be >= 2 for kto (mismatched pairs)")
         self._check_loss_options()
@@ -187,6 +188,14 @@ class TrainConfig:
                                     label_smoothing=self.label_smoothing)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{self.algorithm}: {exc}") from None
+
+
+def check_max_grad_norm(value: float | None) -> None:
+    """max_grad_norm > 0 or None: torch's clip multiplies the gradient by max_norm / norm, so
+    a negative value flips it (training ascends the loss) and 0 stops training."""
+    if value is not None and not value > 0:
+        raise ConfigError(f"max_grad_norm must be > 0 or None (no clipping), got {value!r}: a "
+                          "negative norm flips the gradient, 0 stops training")
 
 
 def _check_type(key: str, value: Any, annotation: str) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
-from .loop import ConfigError, _check_type, build_config, open_run
+from .loop import ConfigError, _check_type, build_config, check_max_grad_norm, open_run
 from .metrics import MetricsLogger, plot_metrics, pyplot, read_metrics
 from .packing import pack
 from .rollout import HFRollout, Rollout, SamplingConfig, VLLMRollout, vllm_available
@@ -71,7 +71,7 @@ class OnlineConfig:
     KNOBS = ONLINE_ALGORITHM_KNOBS
 
     algorithm: str = "grpo"
-    model: str = "tiny-llama"        # tiny-llama / tiny-qwen2, or a local HF model folder
+    model: str = "tiny-llama"        # tiny-llama / tiny-qwen2 (the task needs their tokenizer)
     task: str = "builtin:addition"   # the built-in verifiable-reward task (the only one yet)
     max_operand: int = 4             # prompts "a+b=" with a, b in 0..max_operand
     out_dir: str = "runs/online"
@@ -124,6 +124,10 @@ class OnlineConfig:
         if self.algorithm not in ONLINE_ALGORITHMS:
             raise ConfigError(f"algorithm must be one of {ONLINE_ALGORITHMS}, "
                               f"got {self.algorithm!r}")
+        if self.model not in ("tiny-llama", "tiny-qwen2"):
+            raise ConfigError(f"model must be tiny-llama or tiny-qwen2, got {self.model!r}: the "
+                              "built-in addition task uses the embedded character tokenizer "
+                              "(your own model, prompts and reward: GRPO/PPO in your loop)")
         if self.task != "builtin:addition":
             raise ConfigError(f"task must be 'builtin:addition', got {self.task!r}")
         if self.rollout not in ("auto", "vllm", "hf"):
@@ -134,7 +138,42 @@ class OnlineConfig:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)!r}")
         if not 0 <= self.max_operand <= 99:
             raise ConfigError(f"max_operand must be in [0, 99], got {self.max_operand!r}")
+        for key in ("keep_checkpoints", "num_threads", "max_tokens"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)!r}")
+        for key in ("sft_warmup_steps", "save_every"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)!r}")
+        for key in ("lr", "sft_lr", "temperature"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)!r}")
+        check_max_grad_norm(self.max_grad_norm)
+        for key in ("gae_gamma", "gae_lambda"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ConfigError(f"{key} must be in [0, 1], got {getattr(self, key)!r}")
+        self._check_algorithm_options()
         return self
+
+    def _check_algorithm_options(self) -> None:
+        """The algorithm's own option checks (`GRPO/PPO.check_options`, the kernels' checks
+        on dummy inputs), so a bad value stops here, before warm-up, vLLM and generation."""
+        from .algorithms.grpo import GRPO
+        from .algorithms.ppo import PPO
+
+        common = dict(group_size=self.group_size, clip_low=self.clip_low,
+                      clip_high=self.clip_high, loss_agg=self.loss_agg, tis_cap=self.tis_cap,
+                      ppo_epochs=self.ppo_epochs, mini_batches=self.mini_batches,
+                      max_tokens=self.max_tokens)
+        try:
+            if self.algorithm == "grpo":
+                GRPO.check_options(estimator=self.estimator, scale=self.scale, beta=self.beta,
+                                   importance_level=self.importance_level, **common)
+            else:
+                PPO.check_options(kl_coef=self.kl_coef, target_kl=self.target_kl,
+                                  gamma=self.gae_gamma, lam=self.gae_lambda,
+                                  vf_coef=self.vf_coef, **common)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{self.algorithm}: {exc}") from None
 
 
 def make_online_config(values: dict[str, Any] | None = None,
@@ -258,11 +297,7 @@ def train_online(cfg: OnlineConfig, *, resume: bool = False, rollout: Rollout | 
     random.seed(cfg.seed)
     start_time = time.perf_counter()
     tokenizer = tiny_tokenizer()
-    if cfg.model in ("tiny-llama", "tiny-qwen2"):
-        model = tiny_model(cfg.model.split("-", 1)[1], len(tokenizer), seed=cfg.seed)
-    else:
-        raise ConfigError("model: the built-in addition task uses the embedded character "
-                          "tokenizer; only tiny-llama and tiny-qwen2 fit it")
+    model = tiny_model(cfg.model.split("-", 1)[1], len(tokenizer), seed=cfg.seed)  # validated
     sft_losses = sft_warmup(model, tokenizer, cfg) if state is None else []
     # The reference (for the KL terms) is the model after warm-up.
     ref_model = None

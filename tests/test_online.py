@@ -234,6 +234,50 @@ def test_grpo_scores_with_a_reward_model():
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_reward_gets_the_prompt_as_given_and_its_fields(algorithm):
+    """A string prompt reaches the reward function as the caller wrote it (not decoded back
+    from ids: characters the tokenizer drops, here '%', would change it), and the other keys
+    of a mapping prompt arrive as keywords, e.g. the ground-truth answer."""
+    from alignfuse.engine.tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    assert tokenizer.decode(tokenizer.encode("50% of 8=", add_special_tokens=False),
+                            skip_special_tokens=True) != "50% of 8="
+    model = tiny_model("llama", len(tokenizer), seed=0)
+    seen = []
+
+    def reward(prompt, completion, **fields):
+        seen.append((prompt, fields))
+        return completion.startswith(fields.get("answer", "?"))  # a bool is a reward too
+
+    cls, extra = (GRPO, {}) if algorithm == "grpo" else (PPO, {"kl_coef": 0.0})
+    algo = cls(model, HFRollout(model), reward, tokenizer=tokenizer, group_size=2,
+               sampling=sampling(max_new_tokens=2), **extra)
+    prompts = ["50% of 8=", {"prompt": "2+2=", "answer": "4", "id": 7},
+               {"prompt": tokenizer.encode("1+1=", add_special_tokens=False), "answer": "2"}]
+    batches, metrics = algo.make_experience(prompts)
+    assert seen == [("50% of 8=", {})] * 2 + [("2+2=", {"answer": "4", "id": 7})] * 2 + [
+        ("1+1=", {"answer": "2"})] * 2  # token ids: decoded (there is no other text)
+    assert math.isfinite(metrics["reward_std"])
+    with pytest.raises(ValueError, match=r"prompts\[1\] is a mapping without a 'prompt' key"):
+        algo.make_experience(["1+1=", {"text": "2+2="}])
+    with pytest.raises(ValueError, match=r"prompts\[0\] holds token id 10000, outside the "
+                                         rf"model's vocabulary \[0, {len(tokenizer)}\)"):
+        algo.make_experience([[5, 6, 10_000]])
+    algo.reward = lambda prompt, completion: None
+    with pytest.raises(TypeError, match=r"the reward function returned NoneType None for "
+                                        r"sample 0 \(prompt 0\); expected a float"):
+        algo.make_experience(["1+1="])
+
+
+def test_one_sample_has_a_zero_reward_std():
+    model = tiny_model("llama", 128, seed=0)
+    ppo = PPO(model, HFRollout(model), parity_reward, kl_coef=0.0, group_size=1,
+              sampling=sampling())
+    assert ppo.make_experience(PROMPTS[:1])[1]["reward_std"] == 0.0
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
 def test_rollouts_of_a_model_that_runs_padded_budget_its_padded_rows(algorithm, monkeypatch):
     """An LFM2 policy (short convolutions: packed documents are not isolated) runs on padded
     rows, and so do PPO's critic (its copy) and a reference: the rollout batches budget
@@ -286,6 +330,19 @@ def test_grpo_rejects_bad_options():
         GRPO(model, rollout, parity_reward, importance_level="seq")
     with pytest.raises(TypeError, match="rollout"):
         GRPO(model, object(), parity_reward)
+    # The kernels' own option checks, at construction rather than after a first generation.
+    for options, message in [({"estimator": "ppo"}, "estimator must be one of"),
+                             ({"scale": "std"}, "scale must be one of"),
+                             ({"clip_low": 1.5}, "clip_low must be in"),
+                             ({"dual_clip": 0.5}, "dual_clip must be"),
+                             ({"kl_estimator": "k4"}, "kl_estimator must be one of"),
+                             ({"tis_cap": 0.0}, "tis_cap must be > 0"),
+                             ({"beta": -0.1}, "beta must be >= 0"),
+                             ({"max_tokens": 0}, "max_tokens must be an int >= 1")]:
+        with pytest.raises(ValueError, match=message):
+            GRPO(model, rollout, parity_reward, **options)
+        with pytest.raises(ValueError, match=message):
+            GRPO.check_options(**options)
     grpo = GRPO(model, rollout, lambda p, c: float("nan"), sampling=sampling())
     with pytest.raises(ValueError, match="NaN"):
         grpo.make_experience(PROMPTS[:1])
@@ -400,6 +457,77 @@ def test_ppo_rejects_bad_options():
         PPO(model, HFRollout(model), parity_reward, kl_coef=0.1)
     with pytest.raises(ValueError, match="ptx_batches"):
         PPO(model, HFRollout(model), parity_reward, kl_coef=0.0, ptx_coef=0.1)
+    for options, message in [({"gamma": 1.5}, r"gamma must be a number in \[0, 1\]"),
+                             ({"lam": -0.1}, r"lam must be a number in \[0, 1\]"),
+                             ({"value_clip": -1.0}, "value_clip must be >= 0 or None"),
+                             ({"kl_estimator": "k4"}, "kl_estimator must be one of"),
+                             ({"target_kl": 0.0}, "target_kl and kl_horizon must be > 0"),
+                             ({"vf_coef": -1.0}, "vf_coef must be >= 0"),
+                             ({"loss_agg": "sum"}, "loss_agg must be one of")]:
+        with pytest.raises(ValueError, match=message):
+            PPO(model, HFRollout(model), parity_reward, kl_coef=0.0, **options)
+        with pytest.raises(ValueError, match=message):
+            PPO.check_options(kl_coef=0.0, **options)
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_train_iteration_refuses_an_optimizer_missing_parameters_and_bad_clipping(algorithm):
+    """An optimizer over the policy alone (PPO's critic left out) would leave gradients that
+    are never applied nor zeroed; a max_grad_norm <= 0 flips or kills the update. Both are
+    refused before generating anything."""
+    model = tiny_model("llama", 128, seed=0)
+    cls, extra = (GRPO, {}) if algorithm == "grpo" else (PPO, {"kl_coef": 0.0})
+    algo = cls(model, HFRollout(model), parity_reward, group_size=2, sampling=sampling(),
+               **extra)
+    full = torch.optim.SGD(algo.parameters(), lr=0.0)
+    for bad in (-1.0, 0.0):
+        with pytest.raises(ValueError, match="max_grad_norm must be > 0 or None"):
+            algo.train_iteration(PROMPTS[:1], full, max_grad_norm=bad)
+    partial = torch.optim.SGD(list(model.parameters())[1:], lr=0.0)
+    with pytest.raises(ValueError, match=r"optimizer holds \d+ of the \d+ trainable parameters "
+                                         rf"of {cls.__name__} .*algorithm.parameters\(\)"):
+        algo.train_iteration(PROMPTS[:1], partial)
+    if algorithm == "ppo":  # the README's GRPO pattern, reused for PPO: the critic is missed
+        with pytest.raises(ValueError, match=r"\(PPO: the policy and the critic\)"):
+            algo.train_iteration(PROMPTS[:1], torch.optim.SGD(model.parameters(), lr=0.0))
+    model.model.embed_tokens.requires_grad_(False)  # frozen on purpose: not required
+    frozen = torch.optim.SGD([p for p in algo.parameters() if p.requires_grad], lr=0.0)
+    assert math.isfinite(algo.train_iteration(PROMPTS[:1], frozen)["grad_norm"])
+    assert all(p.grad is None for p in algo.parameters())  # applied and zeroed
+
+
+@pytest.mark.parametrize("algorithm, setting, message", [
+    ("grpo", "estimator=bogus", "grpo: estimator must be one of"),
+    ("grpo", "scale=bogus", "grpo: scale must be one of"),
+    ("grpo", "loss_agg=bogus", "grpo: loss_agg must be one of"),
+    ("grpo", "clip_low=2", "grpo: clip_low must be in [0, 1)"),
+    ("grpo", "importance_level=seq", "grpo: importance_level must be one of"),
+    ("grpo", "group_size=1", "grpo: GRPO needs group_size >= 2"),
+    ("grpo", "beta=-1", "grpo: beta must be >= 0"),
+    ("grpo", "tis_cap=0", "grpo: tis_cap must be > 0"),
+    ("grpo", "temperature=0", "temperature must be > 0"),
+    ("grpo", "lr=-1", "lr must be > 0"),
+    ("grpo", "max_grad_norm=-1", "max_grad_norm must be > 0 or None"),
+    ("grpo", "keep_checkpoints=0", "keep_checkpoints must be >= 1"),
+    ("grpo", "num_threads=0", "num_threads must be >= 1"),
+    ("grpo", "max_tokens=0", "max_tokens must be >= 1"),
+    ("ppo", "gae_gamma=2", "gae_gamma must be in [0, 1]"),
+    ("ppo", "vf_coef=-1", "ppo: vf_coef must be >= 0"),
+    ("ppo", "kl_coef=-1", "ppo: kl_coef must be >= 0"),
+    ("ppo", "target_kl=0", "ppo: target_kl and kl_horizon must be > 0"),
+    ("ppo", "target_kl=0.01", "ppo: target_kl=0.01 adapts kl_coef, which is 0 here"),
+    ("grpo", "model=/some/folder", "model must be tiny-llama or tiny-qwen2"),
+])
+def test_online_config_refuses_bad_values_before_any_work(tmp_path, capsys, algorithm, setting,
+                                                           message):
+    """Each bad value is a config error naming the key (exit status 2), found when the config
+    is read: nothing is written, no warm-up runs, vLLM never starts."""
+    from alignfuse.engine.cli import main
+
+    assert main(["train", algorithm, f"out_dir={tmp_path / 'run'}", setting]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("alignfuse: config error: ") and message in err, err
+    assert not (tmp_path / "run").exists()
 
 
 # ---------------------------------------------------------------------------------------
@@ -484,6 +612,22 @@ def test_online_loop_resumes_exactly(tmp_path, algorithm):
     rows = [[{k: v for k, v in row.items() if k.startswith(("kl", "loss", "reward"))}
              for row in read_metrics(tmp_path / run / "metrics.jsonl")] for run in "ab"]
     assert rows[0] == rows[1]
+    if algorithm != "grpo":
+        return
+    # Resuming the finished run again replaces its final evaluation (one eval row at 3), and
+    # a run of 2 iterations extended to 3 has the 3-iteration run's rows: its eval at 2 goes.
+    train_online(make_online_config(None, [*small, f"out_dir={tmp_path / 'b'}"]), resume=True,
+                 progress=quiet)
+    short = [arg for arg in small if not arg.startswith("iterations=")]
+    train_online(make_online_config(None, [*short, "iterations=2", f"out_dir={tmp_path / 'c'}"]),
+                 progress=quiet)
+    extended = train_online(make_online_config(None, [*small, f"out_dir={tmp_path / 'c'}"]),
+                            resume=True, progress=quiet)
+    steps = {run: [(row["split"], row["step"])
+                   for row in read_metrics(tmp_path / run / "metrics.jsonl")] for run in "abc"}
+    assert steps["a"] == [("eval", 0), ("train", 1), ("train", 2), ("train", 3), ("eval", 3)]
+    assert steps["b"] == steps["c"] == steps["a"], steps
+    assert extended["reward_curve"] == full["reward_curve"]
 
 
 # ---------------------------------------------------------------------------------------

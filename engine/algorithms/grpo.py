@@ -26,24 +26,27 @@ optimizer steps.
 
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from alignfuse.kernels import group_advantages, linear_policy_loss, segment_sum
+from alignfuse.kernels import group_advantages, linear_policy_loss, policy_loss, segment_sum
 from alignfuse.kernels.policy.aggregation import LOSS_AGG_MODES
 
-from ..forward import lm_head_of, run_decoder, runs_padded, token_logprobs
+from ..forward import lm_head_of, run_decoder, runs_padded, token_logprobs, unwrap_model
 from ..packing import PackedBatch, pack
 from ..rollout import Rollout, Sample, SamplingConfig
 from .base import Algorithm, check_reference
 
-# A per-sample reward: (prompt, completion) -> float. Texts when the algorithm has a
-# tokenizer, else token-id lists.
-RewardFn = Callable[[object, object], float]
+# A per-sample reward: (prompt, completion, **fields) -> float. The prompt as the caller gave
+# it when a string, else its token ids (decoded to text when the algorithm has a tokenizer);
+# the completion as text with a tokenizer, else token ids. `fields`: the other keys of a
+# prompt given as a mapping {"prompt": ..., "answer": ...} (e.g. the ground truth).
+RewardFn = Callable[..., float]
 
 
 @dataclass
@@ -127,21 +130,16 @@ class OnlineAlgorithm(Algorithm):
                  ppo_epochs: int = 1, mini_batches: int = 1, max_tokens: int = 4096):
         sampling = sampling or SamplingConfig()
         super().__init__(model, temperature=sampling.temperature)
+        OnlineAlgorithm.check_options(
+            group_size=group_size, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+            loss_agg=loss_agg, tis_cap=tis_cap, ppo_epochs=ppo_epochs,
+            mini_batches=mini_batches, max_tokens=max_tokens)
         if not isinstance(rollout, Rollout):
             raise TypeError(f"rollout must be a Rollout (VLLMRollout or HFRollout), got "
                             f"{type(rollout).__name__}")
         if not callable(reward) and not hasattr(reward, "scores"):
             raise TypeError("reward must be a callable (prompt, completion) -> float or a "
                             f"RewardModel, got {type(reward).__name__}")
-        if not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
-        if loss_agg not in LOSS_AGG_MODES:
-            raise ValueError(f"loss_agg must be one of {LOSS_AGG_MODES}, got {loss_agg!r}")
-        if tis_cap is not None and not tis_cap > 0:
-            raise ValueError(f"tis_cap must be > 0 or None, got {tis_cap!r}")
-        for name, value in (("ppo_epochs", ppo_epochs), ("mini_batches", mini_batches)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         self.rollout = rollout
         self.reward = reward
         check_reference(model, ref_model)
@@ -156,17 +154,91 @@ class OnlineAlgorithm(Algorithm):
         self.mini_batches = mini_batches
         self.max_tokens = max_tokens
 
+    @staticmethod
+    def check_options(*, group_size: int = 1, clip_low: float = 0.2, clip_high: float = 0.2,
+                      dual_clip: float | None = None, loss_agg: str = "token-mean",
+                      tis_cap: float | None = None, ppo_epochs: int = 1, mini_batches: int = 1,
+                      max_tokens: int = 4096, kl_estimator: str = "k3",
+                      importance_level: str = "token") -> None:
+        """Raises what the constructor and the loss kernel (`policy_loss`'s own checks, run on
+        one dummy sequence) raise for these options, without a model or a rollout: a bad
+        value stops a config when it is read, not after warm-up and a first generation."""
+        for name, value in (("group_size", group_size), ("ppo_epochs", ppo_epochs),
+                            ("mini_batches", mini_batches), ("max_tokens", max_tokens)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if loss_agg not in LOSS_AGG_MODES:
+            raise ValueError(f"loss_agg must be one of {LOSS_AGG_MODES}, got {loss_agg!r}")
+        if tis_cap is not None and not (isinstance(tis_cap, (int, float)) and tis_cap > 0):
+            raise ValueError(f"tis_cap must be > 0 or None, got {tis_cap!r}")
+        x = torch.zeros(2)
+        policy_loss(x, x, x, cu_seqlens=torch.tensor([0, 2], dtype=torch.int32),
+                    clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+                    kl_estimator=kl_estimator, importance_level=importance_level,
+                    loss_agg=loss_agg, backend="torch")
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Everything this algorithm trains (build the optimizer from it): the policy's
+        parameters (PPO adds its critic's)."""
+        return list(self.model.parameters())
+
+    def _check_optimizer(self, optimizer: torch.optim.Optimizer,
+                         max_grad_norm: float | None) -> list[nn.Parameter]:
+        """The optimizer's parameters, after checking that it holds every trainable
+        parameter the loss reaches: one it lacks would get gradients that are never applied
+        nor zeroed, summing up over iterations."""
+        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float))
+                                              and max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r} (a "
+                             "negative norm flips the gradient, 0 stops training)")
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        held = {id(p) for p in params}
+        trained = {id(p): p for p in self.parameters() if p.requires_grad}
+        missing = [p for key, p in trained.items() if key not in held]
+        if missing:
+            raise ValueError(
+                f"optimizer holds {len(trained) - len(missing)} of the {len(trained)} trainable "
+                f"parameters of {type(self).__name__} ({sum(p.numel() for p in missing):,} "
+                "values missing); build it from algorithm.parameters() (PPO: the policy and "
+                "the critic), or set requires_grad=False on what should stay frozen")
+        return params
+
     # generation ---------------------------------------------------------------------------
 
+    @staticmethod
+    def _prompt_of(prompts: Sequence, i: int) -> tuple[object, dict]:
+        """(the prompt, the reward's extra fields) of `prompts[i]`: a string, token ids, or a
+        mapping with a "prompt" key whose other keys go to the reward function."""
+        p = prompts[i]
+        if isinstance(p, Mapping):
+            if "prompt" not in p:
+                raise ValueError(f"prompts[{i}] is a mapping without a 'prompt' key (the other "
+                                 "keys go to the reward function); got keys "
+                                 f"{sorted(map(str, p))}")
+            return p["prompt"], {k: v for k, v in p.items() if k != "prompt"}
+        return p, {}
+
     def encode_prompts(self, prompts: Sequence) -> list[list[int]]:
-        """Token ids of each prompt (strings need the tokenizer)."""
+        """Token ids of each prompt: a string (encoded by the tokenizer, no special tokens
+        added: a chat-templated prompt carries its own), token ids, or a mapping whose
+        "prompt" is one of those (its other keys go to the reward function)."""
+        if isinstance(prompts, (str, Mapping)) or not isinstance(prompts, Sequence):
+            raise TypeError("prompts must be a list of strings, token id lists or mappings, "
+                            f"got {type(prompts).__name__}")
+        vocab = unwrap_model(self.model).get_input_embeddings().num_embeddings
         out = []
-        for i, p in enumerate(prompts):
+        for i in range(len(prompts)):
+            p, _ = self._prompt_of(prompts, i)
             if isinstance(p, str):
                 if self.tokenizer is None:
                     raise TypeError(f"prompts[{i}] is a string; pass tokenizer= or token ids")
                 p = self.tokenizer.encode(p, add_special_tokens=False)
-            out.append([int(t) for t in p])
+            ids = [int(t) for t in p]
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompts[{i}] holds token id {bad[0]}, outside the model's "
+                                 f"vocabulary [0, {vocab})")
+            out.append(ids)
         return out
 
     def generate(self, prompts: Sequence) -> tuple[list[Sample], dict[str, float]]:
@@ -191,8 +263,10 @@ class OnlineAlgorithm(Algorithm):
         return samples, stats
 
     @torch.no_grad()
-    def score(self, samples: Sequence[Sample]) -> torch.Tensor:
-        """`[S]` float32 rewards: the user's function per sample, or a `RewardModel`."""
+    def score(self, samples: Sequence[Sample], prompts: Sequence | None = None) -> torch.Tensor:
+        """`[S]` float32 rewards: the user's function per sample (given `prompts`, those
+        `generate` was given: a string prompt reaches it as given, and a mapping's other
+        keys as keywords), or a `RewardModel`."""
         if hasattr(self.reward, "scores"):
             scores = torch.zeros(len(samples))
             device = model_device(self.reward.model)
@@ -201,12 +275,23 @@ class OnlineAlgorithm(Algorithm):
                 scores[batch.seq_index.cpu()] = self.reward.scores(batch).float().cpu()
             return scores
         values = []
-        for s in samples:
+        for k, s in enumerate(samples):
+            given, fields = (self._prompt_of(prompts, s.prompt_index) if prompts is not None
+                             else (None, {}))
             prompt, completion = s.prompt_token_ids, s.completion_token_ids
             if self.tokenizer is not None:
                 prompt = self.tokenizer.decode(prompt, skip_special_tokens=True)
                 completion = self.tokenizer.decode(completion, skip_special_tokens=True)
-            values.append(float(self.reward(prompt, completion)))
+            if isinstance(given, str):
+                prompt = given
+            value = self.reward(prompt, completion, **fields)
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = value.item()
+            if not isinstance(value, numbers.Real):  # bools and numpy scalars pass
+                raise TypeError(f"the reward function returned {type(value).__name__} "
+                                f"{value!r:.40} for sample {k} (prompt {s.prompt_index}); "
+                                "expected a float")
+            values.append(float(value))
         rewards = torch.tensor(values, dtype=torch.float32)
         if not bool(torch.isfinite(rewards).all()):
             raise ValueError("the reward function returned NaN or inf")
@@ -317,6 +402,7 @@ class OnlineAlgorithm(Algorithm):
                         scheduler=None) -> dict[str, float]:
         """One generation batch: `make_experience(prompts)`, then `ppo_epochs` passes over
         `mini_batches` optimizer steps. Returns averaged float metrics."""
+        params = self._check_optimizer(optimizer, max_grad_norm)
         batches, metrics = self.make_experience(prompts)
         start = time.perf_counter()
         sums: dict[str, float] = {}
@@ -329,7 +415,6 @@ class OnlineAlgorithm(Algorithm):
                     for k, v in out.items():
                         sums[k] = sums.get(k, 0.0) + v
                     steps += 1
-                params = [p for g in optimizer.param_groups for p in g["params"]]
                 if max_grad_norm is not None:
                     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
                     sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(norm) * len(group)
@@ -372,29 +457,41 @@ class GRPO(OnlineAlgorithm):
                  importance_level: str = "token", **options):
         super().__init__(model, rollout, reward, ref_model=ref_model, tokenizer=tokenizer,
                          group_size=group_size, sampling=sampling, **options)
-        if group_size < 2:
-            raise ValueError(f"GRPO needs group_size >= 2 (advantages are relative to the "
-                             f"group), got {group_size}")
-        if beta < 0:
-            raise ValueError(f"beta must be >= 0, got {beta!r}")
+        self.check_options(group_size=group_size, estimator=estimator, scale=scale, beta=beta,
+                           kl_estimator=kl_estimator, importance_level=importance_level,
+                           **options)
         if beta > 0 and ref_model is None:
             raise ValueError("beta > 0 needs ref_model= (the KL is to a reference policy)")
-        if importance_level not in ("token", "sequence"):
-            raise ValueError(f"importance_level must be 'token' or 'sequence' (GSPO), got "
-                             f"{importance_level!r}")
         self.estimator, self.scale = estimator, scale
         self.beta, self.kl_estimator = beta, kl_estimator
         self.importance_level = importance_level
+
+    @staticmethod
+    def check_options(*, group_size: int = 4, estimator: str = "grpo", scale: str = "group",
+                      beta: float = 0.0, kl_estimator: str = "k3",
+                      importance_level: str = "token", **options) -> None:
+        """`OnlineAlgorithm.check_options` and GRPO's own: group_size >= 2, beta >= 0, and
+        `group_advantages`' checks of estimator and scale (run on one dummy group)."""
+        OnlineAlgorithm.check_options(group_size=group_size, kl_estimator=kl_estimator,
+                                      importance_level=importance_level, **options)
+        if group_size < 2:
+            raise ValueError(f"GRPO needs group_size >= 2 (advantages are relative to the "
+                             f"group), got {group_size}")
+        if not (isinstance(beta, (int, float)) and beta >= 0):
+            raise ValueError(f"beta must be >= 0, got {beta!r}")
+        group_advantages(torch.arange(group_size, dtype=torch.float32), group_size,
+                         estimator=estimator, scale=scale, backend="torch")
 
     def make_experience(self, prompts: Sequence) -> tuple[list[RolloutBatch], dict[str, float]]:
         """Generate `group_size` samples per prompt, score them, compute group advantages
         and pack them. Returns `(micro-batches, metrics)`."""
         samples, metrics = self.generate(prompts)
-        rewards = self.score(samples)
+        rewards = self.score(samples, prompts)
         advantages = group_advantages(rewards, self.group_size, estimator=self.estimator,
                                       scale=self.scale)
         grouped = rewards.reshape(-1, self.group_size)
-        metrics.update({"reward": float(rewards.mean()), "reward_std": float(rewards.std()),
+        metrics.update({"reward": float(rewards.mean()),
+                        "reward_std": float(rewards.std(correction=0)),
                         "reward_max": float(rewards.max()),
                         # Groups whose rewards are all equal give no learning signal.
                         "zero_std_groups": float((grouped.std(1) == 0).float().mean())})

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from alignfuse.kernels import gae, kl_penalty, value_loss
+from alignfuse.kernels.policy.kl import kl_estimator_names
 
 from ..forward import run_decoder, token_logprobs, unwrap_model
 from ..packing import PackedBatch
@@ -106,9 +107,10 @@ class PPO(OnlineAlgorithm):
                  **options):
         super().__init__(model, rollout, reward, ref_model=ref_model, tokenizer=tokenizer,
                          **options)
-        if kl_coef < 0 or ptx_coef < 0 or vf_coef < 0:
-            raise ValueError("kl_coef, ptx_coef and vf_coef must be >= 0, got "
-                             f"{kl_coef}, {ptx_coef}, {vf_coef}")
+        self.check_options(gamma=gamma, lam=lam, vf_coef=vf_coef, value_clip=value_clip,
+                           kl_coef=kl_coef, kl_estimator=kl_estimator, target_kl=target_kl,
+                           kl_horizon=kl_horizon, ptx_coef=ptx_coef,
+                           **{k: v for k, v in options.items() if k != "sampling"})
         if kl_coef > 0 and ref_model is None:
             raise ValueError("kl_coef > 0 needs ref_model= (the KL is to a reference policy); "
                              "pass kl_coef=0.0 to train without it")
@@ -124,6 +126,32 @@ class PPO(OnlineAlgorithm):
         self.ptx_coef = ptx_coef
         self._ptx = itertools.cycle(list(ptx_batches)) if ptx_batches is not None else None
 
+    @staticmethod
+    def check_options(*, gamma: float = 1.0, lam: float = 0.95, vf_coef: float = 0.5,
+                      value_clip: float | None = 0.2, kl_coef: float = 0.05,
+                      kl_estimator: str = "k1", target_kl: float | None = None,
+                      kl_horizon: float = 10_000, ptx_coef: float = 0.0, **options) -> None:
+        """`OnlineAlgorithm.check_options` and PPO's own, with the kernels' checks (`gae`,
+        `value_loss`, `kl_penalty` on dummy tokens): no model or rollout needed."""
+        OnlineAlgorithm.check_options(**options)
+        for name, value in (("kl_coef", kl_coef), ("ptx_coef", ptx_coef), ("vf_coef", vf_coef)):
+            if not (isinstance(value, (int, float)) and value >= 0):
+                raise ValueError(f"{name} must be >= 0, got {value!r}")
+        if target_kl is not None:
+            AdaptiveKLController(kl_coef, target_kl, kl_horizon)
+            if not kl_coef > 0:  # the controller scales kl_coef: from 0 it stays 0
+                raise ValueError(f"target_kl={target_kl} adapts kl_coef, which is 0 here: "
+                                 "give kl_coef > 0 (the starting coefficient)")
+        if value_clip is not None and not (isinstance(value_clip, (int, float))
+                                           and value_clip >= 0):
+            raise ValueError(f"value_clip must be >= 0 or None, got {value_clip!r}")
+        if kl_estimator not in kl_estimator_names():
+            raise ValueError(f"kl_estimator must be one of {kl_estimator_names()}, "
+                             f"got {kl_estimator!r}")
+        x = torch.zeros(2)
+        gae(x, x, cu_seqlens=torch.tensor([0, 2], dtype=torch.int32), gamma=gamma, lam=lam,
+            backend="torch")
+
     def parameters(self) -> list[nn.Parameter]:
         """Everything this algorithm trains: the policy's and the critic's parameters."""
         return [*self.model.parameters(), *self.critic.parameters()]
@@ -135,7 +163,7 @@ class PPO(OnlineAlgorithm):
     def make_experience(self, prompts: Sequence) -> tuple[list[RolloutBatch], dict[str, float]]:
         """Generate, score, and compute per-token rewards, values, GAE advantages, returns."""
         samples, metrics = self.generate(prompts)
-        scores = self.score(samples)
+        scores = self.score(samples, prompts)
         # Token rewards are built per batch below; `_batches` takes per-sample advantages,
         # filled in afterwards (zeros for now).
         zeros = [torch.zeros(len(s.completion_token_ids)) for s in samples]
@@ -169,7 +197,8 @@ class PPO(OnlineAlgorithm):
         if self.whiten:
             _whiten_over_batches(batches)
         mean_kl_per_seq = kl_sum / max(len(samples), 1)
-        metrics.update({"reward": float(scores.mean()), "reward_std": float(scores.std()),
+        metrics.update({"reward": float(scores.mean()),
+                        "reward_std": float(scores.std(correction=0)),
                         "kl_per_token": kl_sum / max(kl_tokens, 1), "kl_coef": self.kl_coef})
         if self.kl_controller is not None and self.ref_model is not None:
             self.kl_coef = self.kl_controller.update(mean_kl_per_seq, len(samples))
