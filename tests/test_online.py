@@ -270,6 +270,20 @@ def test_reward_gets_the_prompt_as_given_and_its_fields(algorithm):
         algo.make_experience(["1+1="])
 
 
+def test_a_nan_loss_is_refused_before_the_optimizer_steps():
+    """policy_loss does not scan its per-token inputs for NaN (that would cost a device
+    sync per call); `step` reads the loss after backward anyway and raises on a NaN, naming
+    the algorithm, so a loop never applies those gradients."""
+    model = tiny_model("llama", 128, seed=0)
+    grpo = GRPO(model, HFRollout(model), parity_reward, group_size=G, sampling=sampling())
+    batches, _ = grpo.make_experience(PROMPTS)
+    batches[0].advantages[0] = float("nan")
+    with pytest.raises(FloatingPointError, match="GRPO loss is nan on this micro-batch"):
+        grpo.step(batches[0])
+    for batch in batches[1:]:
+        assert math.isfinite(grpo.step(batch)["loss"])
+
+
 def test_one_sample_has_a_zero_reward_std():
     model = tiny_model("llama", 128, seed=0)
     ppo = PPO(model, HFRollout(model), parity_reward, kl_coef=0.0, group_size=1,

@@ -9,6 +9,8 @@ ready loop (`engine/loop.py`) does this, across data-parallel ranks too.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -40,7 +42,15 @@ class Algorithm:
         """
         loss, metrics = self.loss(batch)
         (loss * loss_scale).backward()
-        return {"loss": float(loss.detach()), "units": float(self.num_units(batch)), **metrics}
+        value = float(loss.detach())  # read after backward: its sync then costs nothing
+        if not math.isfinite(value):
+            # Raised before any optimizer step: the weights are intact (this micro-batch's
+            # gradients are not; zero them to go on).
+            raise FloatingPointError(
+                f"{type(self).__name__} loss is {value} on this micro-batch: a NaN or inf in "
+                "its inputs (advantages, rewards, reference log-probs) or in the model's "
+                "output; nothing was applied to the weights")
+        return {"loss": value, "units": float(self.num_units(batch)), **metrics}
 
     # helpers shared by the subclasses -----------------------------------------------------
 
