@@ -50,7 +50,7 @@ def ref_aggregate(loss, mask, mode, horizon):
 def ref_policy_loss(lp, old, adv, mask, ref=None, *, clip_low=0.2, clip_high=0.2, dual_clip=None,
                     kl_coef=0.0, kl_estimator="k3", level="token", agg="token-mean", horizon=None):
     """PPO-clip (+ dual clip, + KL) or GSPO on padded float64 tensors. Returns (loss, metrics)."""
-    horizon = lp.shape[1] if horizon is None else horizon
+    horizon = max(int(mask.sum(-1).max()), 1) if horizon is None else horizon
     m = mask.bool()
     adv = adv if adv.dim() == 2 else adv[:, None].expand_as(lp)
     neg_kl = lp - old
@@ -207,7 +207,7 @@ def test_policy_loss_padded_and_packed_agree(backend, device, loss_agg):
             assert abs(float(ma[name]) - float(mb[name])) < 1e-6, name
 
 
-def test_policy_loss_packed_default_horizon_is_longest_sequence(backend, device):
+def test_policy_loss_default_horizon_is_the_most_valid_tokens_in_both_layouts(backend, device):
     lp, old, _, adv, _ = make_batch(B=1, T=11, device=device)
     cu = torch.tensor([0, 4, 11], dtype=torch.int32, device=device)
     flat = [x.reshape(-1) for x in (lp, old, adv)]
@@ -215,6 +215,20 @@ def test_policy_loss_packed_default_horizon_is_longest_sequence(backend, device)
     b, _ = policy_loss(*flat, cu_seqlens=cu, loss_agg="seq-mean-token-sum-norm", horizon=7,
                        backend=backend)
     assert_rel_close(a, b, 1e-7, "default horizon = longest sequence (7)")
+    # Padded rows wider than any sequence, and a packed batch whose rows hold masked
+    # (prompt) tokens: the default horizon counts valid tokens, so the layouts agree.
+    lp, old, ref, adv, mask = make_batch(B=4, T=31, device=device)
+    mask[:, 25:] = False
+    mask[1, :3] = False
+    (p_lp, p_old, p_adv), p_mask, cu, _ = pack([lp, old, adv], mask)
+    la, _ = policy_loss(lp, old, adv, mask=mask, loss_agg="seq-mean-token-sum-norm",
+                        backend=backend)
+    lb, _ = policy_loss(p_lp, p_old, p_adv, mask=p_mask, cu_seqlens=cu,
+                        loss_agg="seq-mean-token-sum-norm", backend=backend)
+    lc, _ = policy_loss(lp, old, adv, mask=mask, loss_agg="seq-mean-token-sum-norm",
+                        horizon=float(mask.sum(-1).max()), backend=backend)
+    assert_rel_close(lb, la, 1e-6, "padded vs packed, default horizon")
+    assert_rel_close(la, lc, 1e-7, "default horizon = the most valid tokens")
 
 
 def test_policy_loss_gradcheck_torch_reference():
@@ -414,18 +428,19 @@ def test_value_loss_matches_formula(backend, device, loss_agg, clip):
                                backend=backend)
     (grad,) = torch.autograd.grad(loss, x)
     y = v.clone().requires_grad_()
-    exp, frac = ref_value_loss(y, old, ret, mask, clip, loss_agg, T)
+    exp, frac = ref_value_loss(y, old, ret, mask, clip, loss_agg,
+                               max(int(mask.sum(-1).max()), 1))  # the default horizon
     (exp_grad,) = torch.autograd.grad(exp, y)
     assert_rel_close(loss, exp, 1e-5, "value loss")
     assert_rel_close(grad, exp_grad, 1e-5, "value grad")
     assert abs(float(metrics["vf_clipfrac"]) - float(frac)) < 1e-6
     if clip is not None:
         assert float(frac) > 0
-    # packed agrees with padded
+    # packed agrees with padded, default horizon included
     (pv, pold, pret), pmask, cu, _ = pack([v, old, ret], mask)
     px = pv.clone().requires_grad_()
     ploss, _ = value_loss(px, pold, pret, mask=pmask, cu_seqlens=cu, clip=clip, loss_agg=loss_agg,
-                          horizon=T, backend=backend)
+                          backend=backend)
     (pgrad,) = torch.autograd.grad(ploss, px)
     assert_rel_close(ploss, loss, 1e-6, "packed value loss")
     assert_rel_close(pgrad, pack([grad], mask)[0][0], 1e-6, "packed value grad")

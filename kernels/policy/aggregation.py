@@ -8,9 +8,10 @@ sequence s, N = sum_s n_s, S' the number of sequences with n_s > 0 and H the hor
 - "seq-mean-token-sum":      (1/S') sum_s  sum_{t in s} m_t L_t
 - "seq-mean-token-sum-norm": (1/S') sum_s (sum_{t in s} m_t L_t) / H     (Dr. GRPO,
   https://arxiv.org/abs/2503.20783, TRL's loss_type="dr_grpo": a constant normaliser,
-  so no length bias). H defaults to T for a padded `[B, T]` batch and to the longest
-  sequence for a packed one; pass `horizon=` (e.g. the max response length) to keep it
-  constant across steps and equal between the two layouts.
+  so no length bias). H defaults to max_s n_s, the most valid tokens of any sequence, which
+  is the same for both layouts (the padded width T or a packed row's prompt tokens would
+  make the layouts disagree); pass `horizon=` (e.g. the max response length) to keep it
+  constant across steps, as the engine does.
 
 Design decisions (documented because verl has varied between versions):
 - Sequences with no valid token are left out of the sequence mean (S' not S), so a packed
@@ -36,13 +37,12 @@ LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
 
 
 def resolve_horizon(layout: TokenLayout, horizon: float | None) -> float:
-    """H of seq-mean-token-sum-norm: the given value, else T (padded) or the longest sequence."""
+    """H of seq-mean-token-sum-norm: the given value, else the most valid tokens of any
+    sequence (at least 1), the same whichever layout carries the batch."""
     if horizon is not None:
         return checks.positive("horizon", horizon)
-    if len(layout.shape) == 2:
-        return float(max(layout.shape[1], 1))
-    lengths = layout.cu_seqlens[1:] - layout.cu_seqlens[:-1]
-    return float(max(int(lengths.max()), 1)) if lengths.numel() else 1.0
+    counts = valid_counts(layout)
+    return float(max(int(counts.max()), 1)) if counts.numel() else 1.0
 
 
 def valid_counts(layout: TokenLayout) -> torch.Tensor:
