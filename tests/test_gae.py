@@ -119,6 +119,18 @@ def test_gae_has_no_gradient_and_checks_input():
         gae(torch.zeros(0), torch.zeros(0), cu_seqlens=torch.tensor([0, 0], dtype=torch.int32))
     with pytest.raises(ValueError, match="without cu_seqlens, rewards must be padded 2-D"):
         gae(torch.randn(5), torch.randn(5))
+    # NaN/inf where a token counts is refused (API.md: NaN in rewards); test_gae_masked_...
+    # shows the same values at masked tokens pass.
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    for name, position in (("rewards", 0), ("values", 1)):
+        inputs = [torch.randn(2, 5), torch.randn(2, 5)]
+        inputs[position][1, 3] = float("nan")
+        inputs[position][0, 0] = float("inf")
+        with pytest.raises(ValueError, match=f"{name} contains 2 NaN or inf value"):
+            gae(*inputs, mask=mask)
+        mask_out = mask.clone()
+        mask_out[1, 3] = mask_out[0, 0] = False
+        assert torch.isfinite(gae(*inputs, mask=mask_out)[0]).all()
 
 
 def test_gae_long_sequences_cross_tiles(backend, device):

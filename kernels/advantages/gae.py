@@ -88,6 +88,14 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, *, mask: torch.Tensor | Non
     checks.same_device("values", values, "rewards", rewards)
     flat_rewards = layout.flat("rewards", rewards)
     flat_values = layout.flat("values", values)
+    # NaN/inf at a counted token poisons every advantage before it; at a masked one (padding)
+    # it is never read. One device sync for both counts.
+    valid = layout.mask > 0
+    bad = torch.stack([(~torch.isfinite(flat_rewards) & valid).sum(),
+                       (~torch.isfinite(flat_values) & valid).sum()]).tolist()
+    for name, count in zip(("rewards", "values"), bad):
+        if count:
+            raise ValueError(f"{name} contains {count} NaN or inf value(s) at valid tokens")
     for name, x in (("gamma", gamma), ("lam", lam)):
         if not isinstance(x, (int, float)) or isinstance(x, bool) or not 0 <= x <= 1:
             raise ValueError(f"{name} must be a number in [0, 1], got {x!r}")
