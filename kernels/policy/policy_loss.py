@@ -85,8 +85,8 @@ def policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.
     importance_level: "token" (PPO/GRPO) or "sequence" (GSPO).
     loss_agg: "token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
         "seq-mean-token-sum-norm" (see `alignfuse.kernels.policy.aggregation`).
-    horizon: the constant H of seq-mean-token-sum-norm; default T (padded) or the longest
-        sequence (packed).
+    horizon: the constant H of seq-mean-token-sum-norm; default the most valid tokens of any
+        sequence (the same in both layouts); pass the max response length to keep it fixed.
 
     Returns `(loss, metrics)`: loss is a float32 scalar (float64 inputs give float64),
     differentiable with respect to `logps`; metrics are detached scalars over valid tokens:
