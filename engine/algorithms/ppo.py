@@ -131,8 +131,8 @@ class PPO(OnlineAlgorithm):
                       value_clip: float | None = 0.2, kl_coef: float = 0.05,
                       kl_estimator: str = "k1", target_kl: float | None = None,
                       kl_horizon: float = 10_000, ptx_coef: float = 0.0, **options) -> None:
-        """`OnlineAlgorithm.check_options` and PPO's own, with the kernels' checks (`gae`,
-        `value_loss`, `kl_penalty` on dummy tokens): no model or rollout needed."""
+        """`OnlineAlgorithm.check_options` and PPO's own (gamma and lam by `gae`'s own check
+        on dummy tokens): no model or rollout needed."""
         OnlineAlgorithm.check_options(**options)
         for name, value in (("kl_coef", kl_coef), ("ptx_coef", ptx_coef), ("vf_coef", vf_coef)):
             if not (isinstance(value, (int, float)) and value >= 0):
