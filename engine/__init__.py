@@ -17,4 +17,5 @@ from .forward import (ModelCheckError, disable_dropout,  # noqa: E402,F401
                       token_logprobs, verify_packed_model)
 from .algorithms import DPO, KTO, ORPO, SFT, RewardModel, SimPO  # noqa: E402,F401
 from .loop import TrainConfig, make_config, train  # noqa: E402,F401
+from .precision import MasterWeights  # noqa: E402,F401
 from .tasks import addition_preferences, arithmetic_problems, arithmetic_reward  # noqa: E402,F401

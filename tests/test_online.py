@@ -284,6 +284,34 @@ def test_a_nan_loss_is_refused_before_the_optimizer_steps():
         assert math.isfinite(grpo.step(batch)["loss"])
 
 
+def test_grpo_updates_a_bf16_model_through_fp32_master_weights():
+    """`train_iteration(..., master_weights=)`: AdamW steps the fp32 masters (at lr 1e-4 the
+    bf16 norm weights, next to 1.0, cannot move by themselves), and the model is its masters
+    rounded after every step; an optimizer over the bf16 parameters instead is refused."""
+    from alignfuse.engine import MasterWeights
+
+    model = tiny_model("llama", 128, seed=0).to(torch.bfloat16)
+    grpo = GRPO(model, HFRollout(model), parity_reward, group_size=G, sampling=sampling())
+    master = MasterWeights([p for p in grpo.parameters() if p.requires_grad])
+    with pytest.raises(ValueError, match=r"optimizer holds 0 of the \d+ trainable"):
+        grpo.train_iteration(PROMPTS, torch.optim.AdamW(model.parameters()),
+                             master_weights=master)
+    with pytest.raises(ValueError, match="master_weights holds no master for 1 of"):
+        grpo.train_iteration(PROMPTS, torch.optim.AdamW(master.masters[1:]),
+                             master_weights=MasterWeights(master.params[1:]))
+    optimizer = torch.optim.AdamW(master.masters, lr=1e-4, weight_decay=0.0)
+    norms = [i for i, (name, _) in enumerate(model.named_parameters()) if "norm" in name]
+    before = [master.masters[i].detach().clone() for i in norms]
+    metrics = grpo.train_iteration(PROMPTS, optimizer, master_weights=master)
+    assert math.isfinite(metrics["loss"])
+    moved = [not torch.equal(master.masters[i], b) for i, b in zip(norms, before)]
+    assert sum(moved) >= len(norms) // 2, moved  # the fp32 masters took the small steps
+    assert all(torch.equal(master.params[i].float(), b) for i, b in zip(norms, before))
+    for p, m in zip(master.params, master.masters):
+        assert p.dtype == torch.bfloat16 and m.dtype == torch.float32
+        assert torch.equal(p, m.to(torch.bfloat16)) and p.grad is None and m.grad is None
+
+
 def test_one_sample_has_a_zero_reward_std():
     model = tiny_model("llama", 128, seed=0)
     ppo = PPO(model, HFRollout(model), parity_reward, kl_coef=0.0, group_size=1,

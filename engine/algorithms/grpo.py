@@ -182,11 +182,11 @@ class OnlineAlgorithm(Algorithm):
         parameters (PPO adds its critic's)."""
         return list(self.model.parameters())
 
-    def _check_optimizer(self, optimizer: torch.optim.Optimizer,
-                         max_grad_norm: float | None) -> list[nn.Parameter]:
+    def _check_optimizer(self, optimizer: torch.optim.Optimizer, max_grad_norm: float | None,
+                         master_weights=None) -> list[nn.Parameter]:
         """The optimizer's parameters, after checking that it holds every trainable
-        parameter the loss reaches: one it lacks would get gradients that are never applied
-        nor zeroed, summing up over iterations."""
+        parameter the loss reaches (or, with `master_weights`, its fp32 master): one it
+        lacks would get gradients that are never applied nor zeroed, summing up."""
         if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float))
                                               and max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r} (a "
@@ -194,6 +194,15 @@ class OnlineAlgorithm(Algorithm):
         params = [p for g in optimizer.param_groups for p in g["params"]]
         held = {id(p) for p in params}
         trained = {id(p): p for p in self.parameters() if p.requires_grad}
+        if master_weights is not None:
+            master_of = {id(p): m for p, m in zip(master_weights.params, master_weights.masters)}
+            lacking = [p for key, p in trained.items() if key not in master_of]
+            if lacking:
+                raise ValueError(f"master_weights holds no master for {len(lacking)} of the "
+                                 f"{len(trained)} trainable parameters of "
+                                 f"{type(self).__name__}; build it from "
+                                 "algorithm.parameters() that require grad")
+            trained = {id(master_of[key]): master_of[key] for key in trained}
         missing = [p for key, p in trained.items() if key not in held]
         if missing:
             raise ValueError(
@@ -398,11 +407,15 @@ class OnlineAlgorithm(Algorithm):
         return [groups[k] for k in sorted(groups)]
 
     def train_iteration(self, prompts: Sequence, optimizer: torch.optim.Optimizer, *,
-                        max_grad_norm: float | None = 1.0,
-                        scheduler=None) -> dict[str, float]:
+                        max_grad_norm: float | None = 1.0, scheduler=None,
+                        master_weights=None) -> dict[str, float]:
         """One generation batch: `make_experience(prompts)`, then `ppo_epochs` passes over
-        `mini_batches` optimizer steps. Returns averaged float metrics."""
-        params = self._check_optimizer(optimizer, max_grad_norm)
+        `mini_batches` optimizer steps. Returns averaged float metrics.
+
+        master_weights: a `MasterWeights` of a bf16 model's parameters, whose fp32
+        `masters` the optimizer holds (`alignfuse.engine.precision`): gradients go into the
+        masters before each step, and the masters, rounded, into the model after it."""
+        params = self._check_optimizer(optimizer, max_grad_norm, master_weights)
         batches, metrics = self.make_experience(prompts)
         start = time.perf_counter()
         sums: dict[str, float] = {}
@@ -415,11 +428,16 @@ class OnlineAlgorithm(Algorithm):
                     for k, v in out.items():
                         sums[k] = sums.get(k, 0.0) + v
                     steps += 1
+                if master_weights is not None:
+                    master_weights.gradients_in()
                 if max_grad_norm is not None:
                     norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
                     sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(norm) * len(group)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if master_weights is not None:
+                    master_weights.weights_out()
+                    master_weights.zero_grad()  # the model's bf16 gradients too
                 if scheduler is not None:
                     scheduler.step()
         metrics.update({k: v / max(steps, 1) for k, v in sums.items() if k != "units"})
