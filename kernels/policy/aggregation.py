@@ -36,11 +36,14 @@ LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
                   "seq-mean-token-sum-norm")
 
 
-def resolve_horizon(layout: TokenLayout, horizon: float | None) -> float:
+def resolve_horizon(layout: TokenLayout, horizon: float | None, loss_agg: str) -> float:
     """H of seq-mean-token-sum-norm: the given value, else the most valid tokens of any
-    sequence (at least 1), the same whichever layout carries the batch."""
+    sequence (at least 1), the same whichever layout carries the batch. The other modes do
+    not read H: its default is then not computed (that would cost a device sync per call)."""
     if horizon is not None:
         return checks.positive("horizon", horizon)
+    if loss_agg != "seq-mean-token-sum-norm":
+        return 1.0
     counts = valid_counts(layout)
     return float(max(int(counts.max()), 1)) if counts.numel() else 1.0
 

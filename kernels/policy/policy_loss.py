@@ -152,7 +152,7 @@ def _options(layout: TokenLayout, clip_low, clip_high, dual_clip, kl_coef, kl_es
     return PolicyLossOptions(float(clip_low), float(clip_high),
                              None if dual_clip is None else float(dual_clip), float(kl_coef),
                              kl_estimator, importance_level, loss_agg,
-                             resolve_horizon(layout, horizon))
+                             resolve_horizon(layout, horizon, loss_agg))
 
 
 # ---------------------------------------------------------------------------------------

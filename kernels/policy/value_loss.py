@@ -50,7 +50,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     if clip is not None:
         clip = checks.non_negative("clip", clip)
     checks.one_of("loss_agg", loss_agg, LOSS_AGG_MODES)
-    horizon = resolve_horizon(layout, horizon)
+    horizon = resolve_horizon(layout, horizon, loss_agg)
     return dispatch("value_loss", backend, values.device, flat_values, flat_old, flat_returns,
                     layout, clip, loss_agg, horizon)
 
