@@ -192,11 +192,13 @@ class TrainConfig:
 
 
 def check_max_grad_norm(value: float | None) -> None:
-    """max_grad_norm > 0 or None: torch's clip multiplies the gradient by max_norm / norm, so
-    a negative value flips it (training ascends the loss) and 0 stops training."""
-    if value is not None and not value > 0:
-        raise ConfigError(f"max_grad_norm must be > 0 or None (no clipping), got {value!r}: a "
-                          "negative norm flips the gradient, 0 stops training")
+    """`algorithms.base.check_max_grad_norm`, as a ConfigError for the configs."""
+    from .algorithms.base import check_max_grad_norm as check
+
+    try:
+        check(value)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _check_type(key: str, value: Any, annotation: str) -> None:

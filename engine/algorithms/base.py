@@ -67,6 +67,14 @@ def loss_token_counts(batch) -> torch.Tensor:
     return segment_sum(batch.loss_mask.to(torch.float32), batch.cu_seqlens)
 
 
+def check_max_grad_norm(value: float | None) -> None:
+    """max_grad_norm > 0 or None: torch's clip multiplies the gradient by max_norm / norm, so
+    a negative value flips it (training ascends the loss) and 0 stops training."""
+    if value is not None and not (isinstance(value, (int, float)) and value > 0):
+        raise ValueError(f"max_grad_norm must be > 0 or None (no clipping), got {value!r}: a "
+                         "negative norm flips the gradient, 0 stops training")
+
+
 def check_reference(model: nn.Module, ref_model: nn.Module | None) -> None:
     """A reference that is the policy itself (or wraps the same model) moves with every
     update: the implicit rewards and the KL stay 0 and the loss never leaves its start."""

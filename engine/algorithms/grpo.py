@@ -40,7 +40,7 @@ from alignfuse.kernels.policy.aggregation import LOSS_AGG_MODES
 from ..forward import lm_head_of, run_decoder, runs_padded, token_logprobs, unwrap_model
 from ..packing import PackedBatch, pack
 from ..rollout import Rollout, Sample, SamplingConfig
-from .base import Algorithm, check_reference
+from .base import Algorithm, check_max_grad_norm, check_reference
 
 # A per-sample reward: (prompt, completion, **fields) -> float. The prompt as the caller gave
 # it when a string, else its token ids (decoded to text when the algorithm has a tokenizer);
@@ -130,10 +130,8 @@ class OnlineAlgorithm(Algorithm):
                  ppo_epochs: int = 1, mini_batches: int = 1, max_tokens: int = 4096):
         sampling = sampling or SamplingConfig()
         super().__init__(model, temperature=sampling.temperature)
-        OnlineAlgorithm.check_options(
-            group_size=group_size, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-            loss_agg=loss_agg, tis_cap=tis_cap, ppo_epochs=ppo_epochs,
-            mini_batches=mini_batches, max_tokens=max_tokens)
+        # The options are checked by the subclass's `check_options` (which runs this class's
+        # too), once, right after this constructor.
         if not isinstance(rollout, Rollout):
             raise TypeError(f"rollout must be a Rollout (VLLMRollout or HFRollout), got "
                             f"{type(rollout).__name__}")
@@ -187,10 +185,7 @@ class OnlineAlgorithm(Algorithm):
         """The optimizer's parameters, after checking that it holds every trainable
         parameter the loss reaches (or, with `master_weights`, its fp32 master): one it
         lacks would get gradients that are never applied nor zeroed, summing up."""
-        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float))
-                                              and max_grad_norm > 0):
-            raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r} (a "
-                             "negative norm flips the gradient, 0 stops training)")
+        check_max_grad_norm(max_grad_norm)
         params = [p for g in optimizer.param_groups for p in g["params"]]
         held = {id(p) for p in params}
         trained = {id(p): p for p in self.parameters() if p.requires_grad}
