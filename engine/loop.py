@@ -153,16 +153,11 @@ class TrainConfig:
                               f"got {self.device!r}") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device={self.device!r}, but torch sees no CUDA device here")
-        for key in ("steps", "batch_size", "max_tokens", "num_examples", "log_every",
-                    "keep_checkpoints", "num_threads"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)!r}")
-        for key in ("warmup_steps", "eval_every", "save_every", "sft_warmup_steps"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)!r}")
-        for key in ("lr", "sft_lr"):
-            if not getattr(self, key) > 0:
-                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)!r}")
+        check_bounds(self, at_least_one=("steps", "batch_size", "max_tokens", "num_examples",
+                                         "log_every", "keep_checkpoints", "num_threads"),
+                     non_negative=("warmup_steps", "eval_every", "save_every",
+                                   "sft_warmup_steps"),
+                     positive=("lr", "sft_lr"))
         check_max_grad_norm(self.max_grad_norm)
         if self.algorithm != "rm" and self.batch_size < 2 and self.algorithm == "kto":
             raise ConfigError("batch_size must be >= 2 for kto (mismatched pairs)")
@@ -189,6 +184,19 @@ class TrainConfig:
                                     label_smoothing=self.label_smoothing)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{self.algorithm}: {exc}") from None
+
+
+def check_bounds(cfg, *, at_least_one: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
+                 positive: tuple[str, ...] = ()) -> None:
+    """ConfigError naming the first of these keys of `cfg` out of its range (an optional
+    key left None passes): counts >= 1, non-negative ones >= 0, rates and the like > 0."""
+    for keys, rule, ok in ((at_least_one, ">= 1", lambda v: v >= 1),
+                           (non_negative, ">= 0", lambda v: v >= 0),
+                           (positive, "> 0", lambda v: v > 0)):
+        for key in keys:
+            value = getattr(cfg, key)
+            if value is not None and not ok(value):
+                raise ConfigError(f"{key} must be {rule}, got {value!r}")
 
 
 def check_max_grad_norm(value: float | None) -> None:

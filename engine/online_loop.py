@@ -31,7 +31,8 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
-from .loop import ConfigError, _check_type, build_config, check_max_grad_norm, open_run
+from .loop import (ConfigError, _check_type, build_config, check_bounds, check_max_grad_norm,
+                   open_run)
 from .metrics import MetricsLogger, plot_metrics, pyplot, read_metrics
 from .packing import pack
 from .rollout import HFRollout, Rollout, SamplingConfig, VLLMRollout, vllm_available
@@ -132,21 +133,14 @@ class OnlineConfig:
             raise ConfigError(f"task must be 'builtin:addition', got {self.task!r}")
         if self.rollout not in ("auto", "vllm", "hf"):
             raise ConfigError(f"rollout must be auto, vllm or hf, got {self.rollout!r}")
-        for key in ("iterations", "prompts_per_iteration", "group_size", "max_new_tokens",
-                    "eval_samples", "sft_examples", "ppo_epochs", "mini_batches"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)!r}")
+        check_bounds(self, at_least_one=("iterations", "prompts_per_iteration", "group_size",
+                                         "max_new_tokens", "eval_samples", "sft_examples",
+                                         "ppo_epochs", "mini_batches", "keep_checkpoints",
+                                         "num_threads", "max_tokens"),
+                     non_negative=("sft_warmup_steps", "save_every"),
+                     positive=("lr", "sft_lr", "temperature"))
         if not 0 <= self.max_operand <= 99:
             raise ConfigError(f"max_operand must be in [0, 99], got {self.max_operand!r}")
-        for key in ("keep_checkpoints", "num_threads", "max_tokens"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)!r}")
-        for key in ("sft_warmup_steps", "save_every"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)!r}")
-        for key in ("lr", "sft_lr", "temperature"):
-            if not getattr(self, key) > 0:
-                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)!r}")
         check_max_grad_norm(self.max_grad_norm)
         for key in ("gae_gamma", "gae_lambda"):
             if not 0 <= getattr(self, key) <= 1:
