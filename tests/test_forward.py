@@ -776,3 +776,37 @@ def test_reward_model_kinds_packed_equal_unpacked(model, kind):
     with torch.no_grad():
         loss, _ = rm.loss(batch)
     assert_rel_close(loss, expected, 1e-5, f"{kind} rm loss")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradient_checkpointing_keeps_fewer_activations_and_the_same_numbers(family):
+    """With Hugging Face's gradient checkpointing on (non-reentrant, as the ready loop's
+    `gradient_checkpointing=true` sets it), the packed forward keeps a fraction of the
+    activations for the backward, and its log-probs and every gradient are the same."""
+    gen = torch.Generator().manual_seed(31)
+    lengths = [61, 127, 37]
+    (batch,) = pack(random_sequences(gen, lengths), max_tokens=400, prompt_lengths=[3, 11, 5])
+    weights = torch.randn(batch.num_tokens, generator=gen)
+    results = {}
+    for checkpointing in (False, True):
+        model = tiny_model(family, VOCAB, seed=32).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        token_logprobs(model, batch)  # the model check, once per model
+        kept = [0]
+
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            kept[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            logps = token_logprobs(model, batch)
+        (logps * weights).sum().backward()
+        results[checkpointing] = (kept[0], logps.detach(),
+                                  {n: p.grad for n, p in model.named_parameters()})
+    (plain_bytes, plain, plain_grads), (gc_bytes, gc, gc_grads) = results[False], results[True]
+    assert gc_bytes < 0.25 * plain_bytes, (gc_bytes, plain_bytes)
+    assert_rel_close(gc, plain, 1e-6, "log-probs with checkpointing")
+    for name, grad in plain_grads.items():
+        assert_rel_close(gc_grads[name], grad, 1e-6, f"grad {name} with checkpointing")
