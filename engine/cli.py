@@ -100,6 +100,8 @@ def _print_summary(summary: dict, algorithm: str) -> None:
         print(f"plot:    {summary['plot']}")
     if summary.get("export"):
         print(f"model:   {summary['export']} (Hugging Face folder: from_pretrained, or model=)")
+    if summary.get("adapter"):
+        print(f"adapter: {summary['adapter']} (LoRA: peft.PeftModel.from_pretrained(base, path))")
 
 
 def _one_line_data_warnings() -> None:

@@ -70,6 +70,8 @@ class TrainConfig:
     # Not fields (no annotation): what `build_config`/`check_knobs` check given keys against.
     ALGORITHMS = ALGORITHMS
     KNOBS = ALGORITHM_KNOBS
+    # Keys read only when another key is on: given while it is off, they are refused.
+    NEEDS = {"lora_alpha": "lora_r", "lora_targets": "lora_r"}
 
     algorithm: str = "dpo"
     # model: "tiny-llama" / "tiny-qwen2" (the embedded default) or a local HF model folder.
@@ -106,6 +108,16 @@ class TrainConfig:
     # Pairs whose chosen equals rejected (no gradient): drop (with a warning), keep, error.
     ties: str = "drop"                # DPO, ORPO, SimPO, pairwise RM (engine/data.py)
     # Read by every algorithm:
+    # LoRA (engine/lora.py): lora_r > 0 trains rank-r adapters on lora_targets ("all-linear":
+    # every linear layer but the LM head; or names, "q_proj,v_proj") scaled by lora_alpha / r,
+    # and freezes the rest; 0 trains every weight.
+    lora_r: int = 0
+    lora_alpha: float = 16.0          # only with lora_r > 0
+    lora_targets: str = "all-linear"  # only with lora_r > 0
+    # Recompute each decoder layer's activations in the backward instead of keeping them
+    # (Hugging Face's gradient_checkpointing_enable, non-reentrant): less memory, one more
+    # forward per step, the same numbers.
+    gradient_checkpointing: bool = False
     # Dropout off (`engine.forward.disable_dropout`), as TRL does: with it on, the policy's
     # training forward differs from the reference's eval forward at step 0.
     disable_dropout: bool = True
@@ -156,8 +168,8 @@ class TrainConfig:
         check_bounds(self, at_least_one=("steps", "batch_size", "max_tokens", "num_examples",
                                          "log_every", "keep_checkpoints", "num_threads"),
                      non_negative=("warmup_steps", "eval_every", "save_every",
-                                   "sft_warmup_steps"),
-                     positive=("lr", "sft_lr"))
+                                   "sft_warmup_steps", "lora_r"),
+                     positive=("lr", "sft_lr", "lora_alpha"))
         check_max_grad_norm(self.max_grad_norm)
         if self.algorithm != "rm" and self.batch_size < 2 and self.algorithm == "kto":
             raise ConfigError("batch_size must be >= 2 for kto (mismatched pairs)")
@@ -275,7 +287,8 @@ def build_config(config_class: type, values: dict[str, Any] | None,
 
 def check_knobs(cfg, given) -> None:
     """ConfigError for each key of `given` (the keys the user set) that is an algorithm knob
-    of `type(cfg).KNOBS` not read by `cfg.algorithm`; whatever its value, the default too.
+    of `type(cfg).KNOBS` not read by `cfg.algorithm`, or a key of `type(cfg).NEEDS` whose
+    switch is off (lora_alpha with lora_r=0); whatever its value, the default too.
     Keys left out are never refused: their defaults apply to every algorithm."""
     knobs, algorithms = type(cfg).KNOBS, type(cfg).ALGORITHMS
     if cfg.algorithm not in algorithms:
@@ -287,6 +300,11 @@ def check_knobs(cfg, given) -> None:
                      else f"{readers[0]} reads")
             raise ConfigError(f"{key} is not used by algorithm={cfg.algorithm} (only {names} "
                               f"it); remove it")
+        switch = getattr(type(cfg), "NEEDS", {}).get(key)
+        if switch is not None and not getattr(cfg, switch):
+            raise ConfigError(f"{key} is not used with {switch}={getattr(cfg, switch)!r} "
+                              f"(it is read only when {switch} is set); remove it or set "
+                              f"{switch}")
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -547,7 +565,7 @@ def sft_warmup(cfg: TrainConfig, model, records, tokenizer) -> None:
 # another value would jump to a point of a schedule neither run follows.
 RESUMABLE_CHANGES = ("crash_after_steps", "progress", "save_every", "eval_every",
                      "log_every", "tensorboard", "keep_checkpoints", "num_threads",
-                     "export_model")
+                     "export_model", "gradient_checkpointing")
 
 
 def open_run(cfg, *, resume: bool, resumable: tuple[str, ...]
@@ -614,18 +632,28 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         check_token_ids(eval_dataset, tokenizer, model, "eval_data")
 
     needs_reference = cfg.algorithm in ("dpo", "kto")
-    reference_path = out / "reference.pt"  # the reference weights (the model after warm-up)
+    # The model after warm-up: the reference, and the frozen base under LoRA adapters (a
+    # LoRA checkpoint holds the adapters alone).
+    base_path = out / "reference.pt"
     ref_model = None
+    if cfg.lora_r:
+        from .lora import lora_targets
+
+        try:
+            lora_targets(model, cfg.lora_targets)  # before the warm-up's time is spent
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     if state is None and cfg.sft_warmup_steps:
         sft_warmup(cfg, model, records, tokenizer)
-    if needs_reference:
-        ref_model = copy.deepcopy(model)
+    if needs_reference or (cfg.lora_r and cfg.sft_warmup_steps):
         if state is None:
             buffer = io.BytesIO()
             torch.save(model.state_dict(), buffer)
-            ckpt.atomic_write_bytes(reference_path, buffer.getvalue())
-        else:
-            ref_model.load_state_dict(torch.load(reference_path, map_location=cfg.device))
+            ckpt.atomic_write_bytes(base_path, buffer.getvalue())
+        else:  # the run's model after warm-up (without adapters, the checkpoint's follows)
+            model.load_state_dict(torch.load(base_path, map_location=cfg.device))
+    if needs_reference:
+        ref_model = copy.deepcopy(model)
         ref_model.eval().requires_grad_(False)
         if cfg.reference == "precompute":
             attach_reference_logps(ref_model, dataset, cfg.max_tokens)
@@ -633,6 +661,12 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
                 attach_reference_logps(ref_model, eval_dataset, cfg.max_tokens)
             ref_model = None  # the log-probs live with the data now; free the model
 
+    if cfg.lora_r:
+        from .lora import add_lora
+
+        model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, targets=cfg.lora_targets)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     algorithm = make_algorithm(cfg, model, ref_model)
     master = MasterWeights([p for p in model.parameters() if p.requires_grad])
     params = master.masters  # what the optimizer updates: fp32
@@ -642,7 +676,12 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     start = 0
     summary: dict[str, Any] = {}
     if state is not None:
-        model.load_state_dict(state["model"])
+        if cfg.lora_r:
+            from .lora import load_trainable_state
+
+            load_trainable_state(model, state["model"])
+        else:
+            model.load_state_dict(state["model"])
         master.load_state_dict(state.get("master"))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -661,8 +700,14 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         logger.log(0, summary["before"], split="eval")
 
     def save(step: int) -> None:
+        if cfg.lora_r:
+            from .lora import trainable_state
+
+            weights = trainable_state(model)  # the base is model= plus reference.pt
+        else:
+            weights = model.state_dict()
         ckpt.save_checkpoint(ckpt_root, step, {
-            "model": model.state_dict(), "master": master.state_dict(),
+            "model": weights, "master": master.state_dict(),
             "data_sha256": fingerprints,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "config": dataclasses.asdict(cfg),
@@ -706,11 +751,17 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         if bar is not None:
             bar.close()
     save(cfg.steps)
-    if cfg.export_model:
-        summary["export"] = str(ckpt.export_pretrained(model, tokenizer, out / "model"))
     if eval_dataset is not None:
         summary["after"] = evaluate(algorithm, eval_dataset, cfg.max_tokens)
         logger.log(cfg.steps, summary["after"], split="eval")
+    if cfg.lora_r:
+        from .lora import merge
+
+        if cfg.export_model:
+            summary["adapter"] = str(ckpt.export_pretrained(model, tokenizer, out / "adapter"))
+        model = merge(model)  # after the last use of the adapters
+    if cfg.export_model:
+        summary["export"] = str(ckpt.export_pretrained(model, tokenizer, out / "model"))
     logger.close()
     summary["train"] = train_metrics
     summary["metrics"] = str(logger.path)

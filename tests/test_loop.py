@@ -20,6 +20,7 @@ from alignfuse.engine.data import DataFormatError
 from alignfuse.engine.loop import (ALGORITHM_KNOBS, ALGORITHMS, ConfigError, TrainConfig,
                                    load_config_file, make_config, records_for_step, train)
 from alignfuse.engine.metrics import read_metrics
+from helpers import assert_rel_close
 
 # A run small enough for a busy 2-core machine: tiny model, a few steps.
 SMALL = ["num_examples=24", "batch_size=6", "max_tokens=64", "sft_warmup_steps=2",
@@ -657,3 +658,77 @@ def test_resume_refuses_data_that_changed_since_the_checkpoint(tmp_path):
         train(make_config(overrides=common), resume=True)
     data.write_text("".join(rows))  # restored: the run resumes
     assert train(make_config(overrides=common), resume=True)["train"]["loss"] > 0
+
+
+LORA = ["lora_r=4", "lora_alpha=8", "lr=5e-3"]
+
+
+def test_lora_trains_the_adapters_alone_resumes_exactly_and_exports_both_forms(tmp_path):
+    """lora_r > 0: the base (the warmed-up model, reference.pt) stays frozen and checkpoints
+    hold the adapters alone; a crashed run resumes bit-identical (its base rebuilt from
+    reference.pt). The run ends with the adapter folder, which PEFT loads onto the base,
+    and the merged model, which gives the same logits. Gradient checkpointing, on for the
+    uninterrupted run only, changes none of the numbers."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from alignfuse.engine.tiny import tiny_model, tiny_tokenizer
+
+    common = [*SMALL, *LORA, "steps=4", "save_every=2", "eval_every=0"]
+    summary = train(make_config(overrides=[*common, f"out_dir={tmp_path / 'full'}",
+                                           "gradient_checkpointing=true"]))
+    assert summary["model"].is_gradient_checkpointing
+    crashed = _cli(["train", "dpo", f"out_dir={tmp_path / 'cut'}", *common,
+                    "crash_after_steps=3"], tmp_path)
+    assert crashed.returncode != 0 and "injected crash" in crashed.stderr
+    resumed = _cli(["train", "dpo", "--resume", f"out_dir={tmp_path / 'cut'}", *common],
+                   tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "adapter: " in resumed.stdout
+    assert_same_run(tmp_path / "full", tmp_path / "cut", 4)
+
+    full = tmp_path / "full"
+    state = ckpt.load_checkpoint(full / "checkpoints", restore_rng=False)
+    assert state["model"] and all(".lora_A." in n or ".lora_B." in n for n in state["model"])
+    base_weights = torch.load(full / "reference.pt")
+    merged = AutoModelForCausalLM.from_pretrained(full / "model")
+    adapted = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    for name, tensor in merged.state_dict().items():
+        if name.split(".")[-2] in adapted:  # all-linear: every linear layer but the head
+            assert not torch.equal(tensor, base_weights[name]), name
+        else:
+            assert torch.equal(tensor, base_weights[name]), name
+    base = tiny_model("llama", len(tiny_tokenizer()))
+    base.load_state_dict(base_weights)
+    with_adapter = PeftModel.from_pretrained(base, full / "adapter").eval()
+    ids = torch.tensor([tiny_tokenizer()("3+4=7")["input_ids"]])
+    with torch.no_grad():
+        assert_rel_close(merged(ids).logits, with_adapter(ids).logits, 1e-5, "merged logits")
+    rows = [row for row in read_metrics(full / "metrics.jsonl") if row["split"] == "eval"]
+    assert rows[-1]["loss"] < rows[0]["loss"], rows  # the adapters learned
+
+
+def test_lora_keys_are_checked_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="lora_alpha is not used with lora_r=0"):
+        make_config(overrides=["lora_alpha=8"])
+    with pytest.raises(ConfigError, match="lora_targets is not used with lora_r=0"):
+        make_config({"lora_targets": "q_proj"})
+    with pytest.raises(ConfigError, match="^lora_r must be >= 0"):
+        make_config(overrides=["lora_r=-1"])
+    with pytest.raises(ConfigError, match="^lora_alpha must be > 0"):
+        make_config(overrides=["lora_r=4", "lora_alpha=0"])
+    run = [*SMALL, "steps=1", "lora_r=4", f"out_dir={tmp_path}"]
+    # PEFT alone would adapt q_proj and silently skip the misspelt name.
+    with pytest.raises(ConfigError, match="'vproj' matches no module.*did you mean v_proj"):
+        train(make_config(overrides=[*run, "lora_targets=q_proj,vproj"]))
+    with pytest.raises(ConfigError, match="'lm_head' is the LM head"):
+        train(make_config(overrides=[*run, "lora_targets=q_proj,lm_head"]))
+    assert not (tmp_path / "reference.pt").exists()  # refused before the warm-up
+    summary = train(make_config(overrides=[*run, "lora_targets=q_proj,v_proj",
+                                           "algorithm=sft", "dtype=bfloat16"]))
+    adapters = [n for n, p in summary["model"].named_parameters()]  # merged: plain again
+    assert not any("lora_" in n for n in adapters)
+    state = ckpt.load_checkpoint(tmp_path / "checkpoints", restore_rng=False)
+    assert sorted({n.split(".")[-4] for n in state["model"]}) == ["q_proj", "v_proj"]
+    # PEFT keeps the adapters in fp32 under a bf16 base: they are their own masters.
+    assert all(t.dtype == torch.float32 for t in state["model"].values()) and not state["master"]
