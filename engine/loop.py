@@ -662,9 +662,15 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
             ref_model = None  # the log-probs live with the data now; free the model
 
     if cfg.lora_r:
+        from .algorithms.reward_model import attach_reward_head
         from .lora import add_lora
 
-        model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, targets=cfg.lora_targets)
+        # A reward model's head trains whole and goes into the adapter folder with them.
+        head = ("reward_head",) if cfg.algorithm == "rm" else ()
+        if head:
+            attach_reward_head(model)
+        model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, targets=cfg.lora_targets,
+                         modules_to_save=head)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     algorithm = make_algorithm(cfg, model, ref_model)

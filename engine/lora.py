@@ -54,17 +54,20 @@ def lora_targets(model: nn.Module, targets: str) -> str | list[str]:
     return names
 
 
-def add_lora(model: nn.Module, *, r: int, alpha: float, targets: str) -> nn.Module:
+def add_lora(model: nn.Module, *, r: int, alpha: float, targets: str,
+             modules_to_save: tuple[str, ...] = ()) -> nn.Module:
     """`model` wrapped in PEFT LoRA adapters of rank `r` and scale `alpha / r` on `targets`
     (see `lora_targets`). The adapters start at zero (B = 0), so the wrapped model computes
-    what `model` did."""
+    what `model` did. `modules_to_save`: modules trained whole beside the adapters and saved
+    with them (a reward model's `reward_head`)."""
     try:
         import peft
     except ImportError:
         raise ImportError("lora_r > 0 needs peft: pip install peft "
                           "(or the project's train extra)") from None
     config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, bias="none",
-                             target_modules=lora_targets(model, targets), task_type="CAUSAL_LM")
+                             target_modules=lora_targets(model, targets), task_type="CAUSAL_LM",
+                             modules_to_save=list(modules_to_save) or None)
     return peft.get_peft_model(model, config)
 
 

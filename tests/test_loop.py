@@ -732,3 +732,18 @@ def test_lora_keys_are_checked_before_training(tmp_path):
     assert sorted({n.split(".")[-4] for n in state["model"]}) == ["q_proj", "v_proj"]
     # PEFT keeps the adapters in fp32 under a bf16 base: they are their own masters.
     assert all(t.dtype == torch.float32 for t in state["model"].values()) and not state["master"]
+
+
+def test_a_lora_reward_model_trains_its_head_whole_and_saves_it_with_the_adapters(tmp_path):
+    """The reward head is not a LoRA target: it trains whole beside the adapters (PEFT's
+    modules_to_save) and is in the adapter folder too, not only in the merged model."""
+    from safetensors.torch import load_file
+
+    train(make_config(overrides=[*SMALL, *LORA, "algorithm=rm", "steps=2",
+                                 f"out_dir={tmp_path}"]))
+    merged = load_file(tmp_path / "model" / "model.safetensors")
+    adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    for part in ("weight", "bias"):
+        head = merged[f"reward_head.{part}"]
+        assert head.abs().sum() > 0  # it starts at zero: it trained
+        assert torch.equal(adapter[f"base_model.model.reward_head.{part}"], head)
