@@ -19,3 +19,4 @@ from .algorithms import DPO, KTO, ORPO, SFT, RewardModel, SimPO  # noqa: E402,F4
 from .loop import TrainConfig, make_config, train  # noqa: E402,F401
 from .precision import MasterWeights  # noqa: E402,F401
 from .tasks import addition_preferences, arithmetic_problems, arithmetic_reward  # noqa: E402,F401
+from .lora import BaseReference  # noqa: E402,F401

@@ -61,6 +61,7 @@ from torch import nn
 from alignfuse.kernels import linear_logprobs, segment_sum
 from alignfuse.kernels.logprobs.reference import apply_softcap
 
+from .lora import BaseReference
 from .packing import pack
 
 IGNORE_INDEX = -100
@@ -486,6 +487,8 @@ def runs_padded(model: nn.Module, device=None) -> bool:
     model's batches with `pack(..., padded=True)`, so that `max_tokens` bounds the padded
     rows it allocates; the engine's loops and algorithms do. `device`: where the batches
     will be (default: the model's parameters')."""
+    if isinstance(model, BaseReference):
+        model = model.model  # the same modules: the same verdict
     if device is None:
         device = next(unwrap_model(model).parameters()).device
     return _verdict(model, device)[0] is not None
@@ -727,7 +730,12 @@ def token_logprobs(model: nn.Module, packed, *, temperature: float = 1.0,
         `max_seqlen`, `targets [N]` with -100 where no token is predicted).
     Returns `logps [N]` float32 (0 where the target is -100), or `(logps, entropy)` with
     `return_entropy=True`. Documents are isolated and no `[N, V]` tensor is built.
+    `model` may also be a `lora.BaseReference` (a PEFT policy's base, adapters off).
     """
+    if isinstance(model, BaseReference):
+        with model.active() as policy:
+            return token_logprobs(policy, packed, temperature=temperature,
+                                  return_entropy=return_entropy)
     _check_packed(packed)
     lm_head_of(model).op_kwargs(temperature)  # refuse an unsupported head before running
 
@@ -750,14 +758,16 @@ def precompute_reference_logps(model: nn.Module, batches: Iterable, *,
                                temperature: float = 1.0) -> torch.Tensor:
     """Summed log-prob of every sequence under a frozen reference model, computed once.
 
+    model: the reference, or a `lora.BaseReference` (a PEFT policy's base).
     batches: the `PackedBatch`es of a whole dataset (each sequence exactly once).
     Returns `[num_sequences]` float32 on the CPU, indexed by each sequence's original index
     (`packed.seq_index`), to store with the dataset (`torch.save`) and pass to `DPO`/`KTO`
     as `reference_logps=` instead of keeping a second model in memory during training.
     """
-    was_training = unwrap_model(model).training
-    model.eval()
-    device = next(model.parameters()).device
+    owner = model.model if isinstance(model, BaseReference) else model
+    was_training = unwrap_model(owner).training
+    owner.eval()
+    device = next(owner.parameters()).device
     found: dict[int, float] = {}
     try:
         for packed in batches:
@@ -769,7 +779,7 @@ def precompute_reference_logps(model: nn.Module, batches: Iterable, *,
                     raise ValueError(f"batches hold sequence {index} more than once")
                 found[index] = value
     finally:
-        model.train(was_training)
+        owner.train(was_training)
     if not found:
         raise ValueError("batches is empty: no sequence to compute reference log-probs for")
     size = max(found) + 1

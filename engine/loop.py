@@ -652,18 +652,12 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
             ckpt.atomic_write_bytes(base_path, buffer.getvalue())
         else:  # the run's model after warm-up (without adapters, the checkpoint's follows)
             model.load_state_dict(torch.load(base_path, map_location=cfg.device))
-    if needs_reference:
+    if needs_reference and not cfg.lora_r:
         ref_model = copy.deepcopy(model)
         ref_model.eval().requires_grad_(False)
-        if cfg.reference == "precompute":
-            attach_reference_logps(ref_model, dataset, cfg.max_tokens)
-            if eval_dataset is not None:
-                attach_reference_logps(ref_model, eval_dataset, cfg.max_tokens)
-            ref_model = None  # the log-probs live with the data now; free the model
-
     if cfg.lora_r:
         from .algorithms.reward_model import attach_reward_head
-        from .lora import add_lora
+        from .lora import BaseReference, add_lora
 
         # A reward model's head trains whole and goes into the adapter folder with them.
         head = ("reward_head",) if cfg.algorithm == "rm" else ()
@@ -671,6 +665,13 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
             attach_reward_head(model)
         model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, targets=cfg.lora_targets,
                          modules_to_save=head)
+        if needs_reference:  # the frozen base itself, adapters off: no copy of the model
+            ref_model = BaseReference(model)
+    if ref_model is not None and cfg.reference == "precompute":
+        attach_reference_logps(ref_model, dataset, cfg.max_tokens)
+        if eval_dataset is not None:
+            attach_reference_logps(ref_model, eval_dataset, cfg.max_tokens)
+        ref_model = None  # the log-probs live with the data now; free the model
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     algorithm = make_algorithm(cfg, model, ref_model)

@@ -2,8 +2,9 @@
 through PEFT: `lora_r > 0` trains low-rank adapters on the model's linear layers and keeps
 every base weight frozen.
 
-The base model is then the reference: DPO's and KTO's reference log-probs are the base's
-(precomputed once, as without adapters; `reference=model` keeps a copy of the base). Checkpoints hold
+The base model is then the reference (`BaseReference`: the policy with its adapters off),
+so no copy of the model is made: DPO's and KTO's reference log-probs are the base's,
+precomputed once or (`reference=model`) computed at each step. Checkpoints hold
 the adapters alone (a resume rebuilds the base from `model=` and the warmed-up weights, then
 loads them); the run ends with the adapter folder (`out_dir/adapter`, which
 `peft.PeftModel.from_pretrained(base, path)` loads) and the model with the adapters merged
@@ -16,6 +17,7 @@ algorithms take PEFT models.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 
 import torch
@@ -93,3 +95,51 @@ def merge(model: nn.Module) -> nn.Module:
     """The base model with the adapters merged into its weights (PEFT's merge_and_unload):
     a plain Hugging Face model again. `model` is consumed."""
     return model.merge_and_unload()
+
+
+def _is_adapter(name: str) -> bool:
+    """A PEFT parameter that `disable_adapter` turns off: a LoRA matrix or a trained copy of
+    a module to save (the base module stays beside it)."""
+    return ".lora_" in name or ".modules_to_save." in name
+
+
+class BaseReference:
+    """The reference of a LoRA policy without a second model: the policy's own base, run with
+    its adapters disabled (PEFT's `disable_adapter`) and in eval mode, under no grad. Pass it
+    as `ref_model=` to DPO, KTO, GRPO and PPO (TRL does the same for PEFT models); the
+    reference then costs no memory and gives exactly the base model's log-probs.
+
+    model: the PEFT policy. Refused when a base weight trains too (outside the adapters):
+    the reference would move with every update."""
+
+    training = False  # what the algorithms read and set on a reference model
+
+    def __init__(self, model: nn.Module):
+        if not callable(getattr(model, "disable_adapter", None)):
+            raise TypeError(f"BaseReference needs a PEFT model (peft.get_peft_model), got "
+                            f"{type(model).__name__}")
+        moving = [name for name, p in model.named_parameters()
+                  if p.requires_grad and not _is_adapter(name)]
+        if moving:
+            raise ValueError(f"BaseReference: the base of this model trains too ({moving[0]} "
+                             f"and {len(moving) - 1} more require grad), so its log-probs "
+                             "would follow every update; freeze them, or pass a frozen copy "
+                             "as ref_model")
+        self.model = model
+
+    def eval(self) -> "BaseReference":
+        return self
+
+    def train(self, mode: bool = True) -> "BaseReference":
+        return self
+
+    @contextlib.contextmanager
+    def active(self):
+        """The policy with its adapters off and in eval mode, for the duration."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), self.model.disable_adapter():
+                yield self.model
+        finally:
+            self.model.train(was_training)

@@ -164,6 +164,44 @@ def test_lora_dpo_trains_only_the_adapters():
     assert history[-1] < history[0], history
 
 
+def test_base_reference_is_the_lora_policys_base_without_a_copy():
+    """`BaseReference(model)`: the PEFT policy run with its adapters off is the reference.
+    DPO then computes exactly what it does with a frozen copy of the base (loss, metrics,
+    gradients), and the policy comes back as it was (training mode, adapters on)."""
+    import copy
+
+    import peft
+
+    from alignfuse.engine import BaseReference, token_logprobs
+
+    base = tiny_model("qwen2", VOCAB, seed=21)
+    frozen = copy.deepcopy(base).eval().requires_grad_(False)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                             init_lora_weights=False)  # nonzero adapters: policy != base
+    model = peft.get_peft_model(base, config).train()
+    seqs, prompts, groups = pair_data(22)
+    (batch,) = pack(seqs, max_tokens=400, prompt_lengths=prompts, groups=groups)
+    policy_before = token_logprobs(model, batch).detach()
+    results = []
+    for ref in (frozen, BaseReference(model)):
+        model.zero_grad()
+        results.append((DPO(model, ref, beta=0.5).step(batch), grads(model)))
+    (copied, copied_grads), (based, based_grads) = results
+    assert abs(copied["rewards/margin"]) > 1e-3  # the policy is not its base
+    for key, value in copied.items():
+        assert based[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
+    assert copied_grads.keys() == based_grads.keys() and copied_grads
+    for name, grad in copied_grads.items():
+        assert_rel_close(based_grads[name], grad, 1e-6, name)
+    assert model.training
+    assert torch.equal(token_logprobs(model, batch).detach(), policy_before)
+    with pytest.raises(TypeError, match="needs a PEFT model"):
+        BaseReference(frozen)
+    model.base_model.model.lm_head.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="the base of this model trains too.*lm_head"):
+        BaseReference(model)
+
+
 def test_malformed_batches_are_named():
     model = tiny_model("llama", VOCAB, seed=16)
     seqs, prompts, _ = pair_data(17)

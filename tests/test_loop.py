@@ -747,3 +747,19 @@ def test_a_lora_reward_model_trains_its_head_whole_and_saves_it_with_the_adapter
         head = merged[f"reward_head.{part}"]
         assert head.abs().sum() > 0  # it starts at zero: it trained
         assert torch.equal(adapter[f"base_model.model.reward_head.{part}"], head)
+
+
+def test_lora_reference_model_is_the_base_at_each_step(tmp_path):
+    """With lora_r, reference=model computes the base's log-probs at each step with the
+    adapters off (BaseReference, no copy of the model): the same run as precomputing them."""
+    runs = {}
+    for reference in ("precompute", "model"):
+        out = tmp_path / reference
+        train(make_config(overrides=[*SMALL, *LORA, "steps=3", f"reference={reference}",
+                                     f"out_dir={out}"]))
+        runs[reference] = _train_rows(out / "metrics.jsonl")
+    assert len(runs["model"]) == 3 and runs["model"][-1]["rewards/margin"] != 0
+    for live, saved in zip(runs["model"], runs["precompute"]):
+        for key, value in saved.items():
+            if isinstance(value, float) and key != "tokens_per_s":
+                assert live[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key

@@ -776,3 +776,31 @@ def test_online_knob_table_is_what_the_loop_reads(monkeypatch):
     assert needs_reference(OnlineConfig(algorithm="ppo", beta=0.0, kl_coef=0.1))
     assert not needs_reference(OnlineConfig(algorithm="grpo", beta=0.0, kl_coef=0.1))
     assert needs_reference(OnlineConfig(algorithm="grpo", beta=0.04, kl_coef=0.0))
+
+
+def test_grpo_kl_to_the_base_of_a_lora_policy_without_a_copy():
+    """GRPO with `ref_model=BaseReference(model)`: with fresh adapters (B = 0) the policy is
+    its base, so the reference log-probs equal the old ones; after an update they still
+    equal a frozen copy of the base's, and differ from the policy's."""
+    import copy
+
+    import peft
+
+    from alignfuse.engine import BaseReference
+
+    base = tiny_model("llama", 128, seed=6)
+    frozen = copy.deepcopy(base).eval().requires_grad_(False)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8,
+                                                      target_modules=["q_proj", "v_proj"]))
+    grpo = GRPO(model, HFRollout(model), parity_reward, ref_model=BaseReference(model),
+                beta=0.04, group_size=G, sampling=sampling(seed=7))
+    batches, _ = grpo.make_experience(PROMPTS)
+    for b in batches:
+        assert torch.equal(b.ref_logps, b.old_logps)
+    optimizer = torch.optim.AdamW(grpo.parameters(), lr=3e-2)
+    for _ in range(2):
+        grpo.train_iteration(PROMPTS, optimizer)
+    batches, _ = grpo.make_experience(PROMPTS)
+    for b in batches:
+        assert_rel_close(b.ref_logps, grpo._token_logps(frozen, b.packed), 1e-6, "reference")
+        assert not torch.allclose(b.ref_logps, b.old_logps)

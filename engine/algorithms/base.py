@@ -79,7 +79,10 @@ def check_reference(model: nn.Module, ref_model: nn.Module | None) -> None:
     """A reference that is the policy itself (or wraps the same model) moves with every
     update: the implicit rewards and the KL stay 0 and the loss never leaves its start."""
     from ..forward import unwrap_model
+    from ..lora import BaseReference
 
+    if isinstance(ref_model, BaseReference):
+        return  # the policy's base with its adapters off: it checked that the base is frozen
     if ref_model is not None and unwrap_model(ref_model) is unwrap_model(model):
         raise ValueError("ref_model is the policy model itself; pass a frozen copy made "
                          "before training (copy.deepcopy(model).eval().requires_grad_(False))")

@@ -23,7 +23,8 @@ class DPO(Algorithm):
     """DPO step: loss = mean over the batch's pairs of `dpo_loss(...)`. Units are pairs.
 
     model: the policy (HF causal LM, optionally DDP/FSDP2/PEFT wrapped).
-    ref_model: frozen reference, or None to read `batch.extras["reference_logps"]`.
+    ref_model: frozen reference (`BaseReference(model)`: a PEFT policy's base), or None to
+        read `batch.extras["reference_logps"]`.
     beta, loss_type, label_smoothing: as in `alignfuse.kernels.dpo_loss`.
     """
 

@@ -450,7 +450,8 @@ class GRPO(OnlineAlgorithm):
     rollout: a `VLLMRollout` or `HFRollout` built on the same model.
     reward: `reward(prompt, completion) -> float` (texts when `tokenizer` is given, else
         token-id lists), or a `RewardModel` whose `scores` rate prompt + completion.
-    ref_model: frozen reference for the KL term; needed when `beta > 0`.
+    ref_model: frozen reference for the KL term; needed when `beta > 0`. For a PEFT policy,
+        `BaseReference(model)` (its base, adapters off) needs no copy.
     group_size: samples per prompt (G).
     estimator, scale: as in `alignfuse.kernels.group_advantages`.
     beta, kl_estimator: coefficient and estimator of the KL-to-reference loss term.

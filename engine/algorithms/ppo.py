@@ -87,7 +87,8 @@ class PPO(OnlineAlgorithm):
     model: the policy; critic: a causal LM to put a `value_head` on (default: a deep copy of
         the policy). The caller's optimizer must cover `ppo.parameters()` (policy + critic).
     reward: `reward(prompt, completion) -> float` or a `RewardModel` (the sample's score).
-    ref_model: frozen reference; needed when `kl_coef > 0`.
+    ref_model: frozen reference; needed when `kl_coef > 0` (`BaseReference(model)` for a
+        PEFT policy's base).
     gamma, lam: GAE discount and lambda; whiten: standardise the advantages over the batch.
     vf_coef, value_clip: weight and clip range of the value loss.
     kl_coef, kl_estimator, kl_in_reward: the KL penalty (see the module docstring);
