@@ -31,6 +31,8 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from .lora import (BaseReference, add_lora, load_trainable_state, lora_targets, merge,
+                   trainable_state)
 from .metrics import MetricsLogger, plot_metrics
 from .precision import MasterWeights
 
@@ -637,8 +639,6 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     base_path = out / "reference.pt"
     ref_model = None
     if cfg.lora_r:
-        from .lora import lora_targets
-
         try:
             lora_targets(model, cfg.lora_targets)  # before the warm-up's time is spent
         except ValueError as exc:
@@ -657,7 +657,6 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         ref_model.eval().requires_grad_(False)
     if cfg.lora_r:
         from .algorithms.reward_model import attach_reward_head
-        from .lora import BaseReference, add_lora
 
         # A reward model's head trains whole and goes into the adapter folder with them.
         head = ("reward_head",) if cfg.algorithm == "rm" else ()
@@ -684,8 +683,6 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     if state is not None:
         if cfg.lora_r:
-            from .lora import load_trainable_state
-
             load_trainable_state(model, state["model"])
         else:
             model.load_state_dict(state["model"])
@@ -708,8 +705,6 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
 
     def save(step: int) -> None:
         if cfg.lora_r:
-            from .lora import trainable_state
-
             weights = trainable_state(model)  # the base is model= plus reference.pt
         else:
             weights = model.state_dict()
@@ -762,8 +757,6 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
         summary["after"] = evaluate(algorithm, eval_dataset, cfg.max_tokens)
         logger.log(cfg.steps, summary["after"], split="eval")
     if cfg.lora_r:
-        from .lora import merge
-
         if cfg.export_model:
             summary["adapter"] = str(ckpt.export_pretrained(model, tokenizer, out / "adapter"))
         model = merge(model)  # after the last use of the adapters
