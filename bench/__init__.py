@@ -5,7 +5,10 @@ Run from a checkout:
 
     python -m bench run --preset cpu            # CI smoke, about a minute on 2 cores
     python -m bench run --preset gpu            # on a GPU (bench/gpu_session.sh)
-    python -m bench run --preset gpu-full       # everything, in a device call of its own
+    python -m bench run --preset gpu-full       # everything, in device calls of its own
+                                                # (540 s budget: split it with --suites)
+    python -m bench run --preset cpu --exclude cce,liger   # leave contenders out
+    python -m bench preflight --contender cce   # one family alone on a tiny case
     python -m bench report                      # Markdown table + PNG plots from results
 
 Layout (one concern per file):

@@ -32,6 +32,17 @@ def main(argv: list[str] | None = None) -> int:
                           "presets, bench/results/local, not committed, for the CPU one)")
     run.add_argument("--budget-s", type=float, default=None,
                      help="start nothing new after this many seconds (default: the preset's)")
+    run.add_argument("--exclude", default="",
+                     help="comma-separated contender names, name prefixes or fnmatch patterns "
+                          "(e.g. cce,liger,*/cuda) never to run; recorded as skipped, "
+                          "'excluded by --exclude'")
+
+    pre = sub.add_parser("preflight", help="one tiny check and timing of the logprobs "
+                         "contenders a name matches, alone (bench/gpu_session.sh runs it "
+                         "under a timeout before the main run); exit 1 if one raised")
+    pre.add_argument("--contender", required=True,
+                     help="a logprobs contender name, prefix or pattern (cce, liger, "
+                          "alignfuse/cuda)")
 
     report = sub.add_parser("report", help="Markdown table and PNG plots from result files")
     report.add_argument("results", nargs="*", type=Path,
@@ -42,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="also put the latest GPU logprobs table into README.md")
 
     args = parser.parse_args(argv)
+    if args.command == "preflight":
+        from .runner import preflight
+
+        return preflight(args.contender)
     if args.command == "run":
         from .runner import run as run_preset
 
@@ -50,9 +65,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--suites names no suite; choose from {','.join(SUITES)}")
         if args.budget_s is not None and not args.budget_s > 0:
             parser.error(f"--budget-s must be > 0 seconds, got {args.budget_s}")
+        exclude = tuple(p.strip() for p in args.exclude.split(",") if p.strip())
         out = args.out or (RESULTS if PRESETS[args.preset].device == "cuda" else RESULTS / "local")
         try:
-            path = run_preset(args.preset, suites, out, args.budget_s, argv=["bench", *argv])
+            path = run_preset(args.preset, suites, out, args.budget_s, argv=["bench", *argv],
+                              exclude=exclude)
         except (ValueError, RuntimeError) as exc:  # bad arguments, or no GPU for a GPU preset
             print(f"bench run: {exc}", file=sys.stderr)
             return 2

@@ -21,7 +21,13 @@ Method (device README METHOD.md):
   later contenders are recorded as skipped with that reason, and `ContextLost` carries the
   record to the runner, which writes what it has and stops the run. Cleanup never raises.
 - A case that starts after the deadline builds nothing (no inputs, no reference): every
-  contender is recorded as skipped for time.
+  contender is recorded as skipped for time. Within a contender, a mode whose runs
+  (warm-ups, the fewest timed runs, the peak-memory run) would not fit in the time left,
+  at the cost of its first warm-up, is skipped for time with that estimate instead of
+  overrunning; a contender with no mode timed is "skipped", never "ok". Every such
+  reason says "time budget" (the runner counts them: `budget_exhausted`).
+- Contenders named by `TimingConfig.exclude` (`python -m bench run --exclude`) never run:
+  they are recorded as skipped, "excluded by --exclude".
 
 Modes: "fwd" is a training forward (inputs require grad, so the contender saves what its
 backward needs); "bwd" times only the backward of a forward run just before it; "fwd+bwd"
@@ -36,18 +42,30 @@ import statistics
 import time
 import traceback
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from typing import Callable
 
 import torch
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 STATUSES = ("ok", "wrong", "skipped", "error")
+# In every reason for a skip for time (contender, mode or case): what the runner counts.
+TIME_BUDGET = "time budget"
+EXCLUDED = "excluded by --exclude"
 
 Tensors = dict[str, torch.Tensor]
 
 
 class Unavailable(Exception):
     """Raised by a contender that cannot run here; the message says why."""
+
+
+class OutOfTime(Exception):
+    """A mode whose estimated runs do not fit in the time left (`estimate_s`: their total)."""
+
+    def __init__(self, reason: str, estimate_s: float):
+        super().__init__(reason)
+        self.estimate_s = estimate_s
 
 
 class ContextLost(Exception):
@@ -126,6 +144,15 @@ class TimingConfig:
     rotate_bytes: int = 256 << 20  # rotate input sets until they span this many bytes
     max_sets: int = 4
     deadline: float = math.inf  # time.monotonic() after which nothing new starts
+    # Contenders never run, only recorded as skipped (`--exclude`): names, name prefixes or
+    # fnmatch patterns ("cce", "liger", "*/cuda"); see `excluded_by`.
+    exclude: tuple[str, ...] = ()
+
+
+def excluded_by(name: str, patterns: tuple[str, ...]) -> str | None:
+    """The first of `patterns` that names contender `name` (equal, a prefix of it, or an
+    fnmatch pattern matching it), or None."""
+    return next((p for p in patterns if p and (name.startswith(p) or fnmatch(name, p))), None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -289,16 +316,35 @@ def check(case: Case, contender: Contender, inputs: InputSet, reference: Tensors
 
 
 def time_mode(case: Case, contender: Contender, sets: list[InputSet], mode: str,
-              device: torch.device, cfg: TimingConfig) -> dict:
-    """Warm up, then time `mode` over rotated input sets; returns the summary."""
+              device: torch.device, cfg: TimingConfig, estimate: float | None = None) -> dict:
+    """Warm up, then time `mode` over rotated input sets; returns the summary.
+
+    Raises `OutOfTime` when the mode's runs (warm-ups, `min_reps` timed runs and the
+    peak-memory run) would not fit before `cfg.deadline`, judged from the first warm-up (the
+    check before it compiled what it needs) or, without warm-ups, from `estimate` (seconds
+    of one run, e.g. the check's). Timed runs are capped to what fits, never under min_reps.
+    """
     # Warm up on every input set: a new shape may compile (Triton autotuning, flex attention).
     warmup = 0 if cfg.warmup == 0 else max(cfg.warmup, len(sets))
     t0 = time.perf_counter()
-    for i in range(warmup):
+    if warmup:
+        _run_mode(case, contender, sets[0], mode, None)
+        synchronize(device)
+    first = time.perf_counter() - t0 if warmup else (estimate or 0.0)
+    runs = max(warmup - 1, 0) + cfg.min_reps + 1
+    left = cfg.deadline - time.monotonic()
+    if first * runs > left:
+        raise OutOfTime(f"{TIME_BUDGET}: {runs} more runs of ~{first:.3g} s "
+                        f"(~{first * runs:.3g} s: warm-ups, {cfg.min_reps} timed, 1 for "
+                        f"memory) do not fit in the {max(left, 0):.3g} s left", first * runs)
+    for i in range(1, warmup):
         _run_mode(case, contender, sets[i % len(sets)], mode, None)
     synchronize(device)
-    per_run = (time.perf_counter() - t0) / max(warmup, 1)
+    per_run = (time.perf_counter() - t0) / warmup if warmup else first
     reps = int(min(cfg.max_reps, max(cfg.min_reps, math.ceil(cfg.target_s / max(per_run, 1e-6)))))
+    if math.isfinite(cfg.deadline) and per_run > 0:  # less the peak-memory run
+        fit = int((cfg.deadline - time.monotonic()) / per_run) - 1
+        reps = max(cfg.min_reps, min(reps, fit))
     # Inputs too small to leave the L2 by rotation alone: overwrite a buffer larger than it
     # before each run (outside the timed region), as triton.testing.do_bench does.
     flush = None
@@ -345,26 +391,43 @@ def run_contender(case: Case, contender: Contender, sets: list[InputSet], refere
                   device: torch.device, cfg: TimingConfig) -> dict:
     record = {"name": contender.name, "role": contender.role, "note": contender.note,
               "status": "skipped", "reason": None, "check": None, "modes": {}}
-    if time.monotonic() > cfg.deadline:
-        record["reason"] = "the run's time budget was spent before this contender started"
-        return record
     why = contender.unavailable(device)
     if why:
         record["reason"] = why
         return record
+    if time.monotonic() > cfg.deadline:
+        record["reason"] = f"the run's {TIME_BUDGET} was spent before this contender started"
+        return record
     try:
+        started = time.perf_counter()
         record["check"] = check(case, contender, sets[0], reference)
+        check_s = time.perf_counter() - started  # one fwd+bwd, compiles included
         record["status"] = "ok" if record["check"]["passed"] else "wrong"
+        out_of_time = None  # a mode that did not fit: the later ones cost no less
         for mode in case.modes:
-            if time.monotonic() > cfg.deadline:
-                record["modes"][mode] = {"status": "skipped",
-                                         "reason": "the run's time budget was spent"}
+            if out_of_time is None and time.monotonic() > cfg.deadline:
+                out_of_time = {"status": "skipped", "reason": f"the run's {TIME_BUDGET} was spent"}
+            if out_of_time is None:
+                try:
+                    timing = time_mode(case, contender, sets, mode, device, cfg, check_s)
+                except OutOfTime as exc:
+                    out_of_time = {"status": "skipped", "reason": str(exc),
+                                   "estimate_s": exc.estimate_s}
+            if out_of_time is not None:
+                record["modes"][mode] = dict(out_of_time)
                 continue
-            timing = time_mode(case, contender, sets, mode, device, cfg)
             peak, peak_why = peak_memory(case, contender, sets[0], mode, device)
             record["modes"][mode] = {"status": "ok", "time_s": timing,
                                      "peak_memory_bytes": peak,
                                      "peak_memory_reason": peak_why}
+        late = [m for m, v in record["modes"].items() if v["status"] == "skipped"]
+        if late:
+            record["modes_skipped_for_time"] = late
+        if late and len(late) == len(case.modes) and record["status"] == "ok":
+            # Checked, never timed: not "ok" (a report would show it as a result).
+            record.update(status="skipped", reason=(
+                f"{TIME_BUDGET}: passed its check, but no mode was timed "
+                f"({record['modes'][late[0]]['reason']})"))
     except Unavailable as exc:
         record.update(status="skipped", reason=str(exc))
     except Exception as exc:  # recorded, never silently dropped
@@ -472,16 +535,18 @@ def run_case(case: Case, device: torch.device, cfg: TimingConfig, ceilings: dict
 
     progress()
 
+    # Excluded contenders never run (an exclusion outranks any other reason for a skip).
+    excluded = {c.name: f"{EXCLUDED} ({p!r})" for c in case.contenders
+                if (p := excluded_by(c.name, cfg.exclude))}
     why = case.unavailable(device)
-    if why:
-        record["contenders"] += [_skipped(c, why) for c in case.contenders]
-        log(f"  {case.suite}/{case.name} skipped: {why}")
-        return progress()
-    if time.monotonic() > cfg.deadline:
+    if why is None and time.monotonic() > cfg.deadline:
         # Nothing is built: inputs and a higher-precision reference can cost seconds.
-        reason = "the run's time budget was spent before this case started"
-        record["contenders"] += [_skipped(c, reason) for c in case.contenders]
-        log(f"  {case.suite}/{case.name} skipped: {reason}")
+        why = f"the run's {TIME_BUDGET} was spent before this case started"
+    if why is None and len(excluded) == len(case.contenders):
+        why = EXCLUDED
+    if why:
+        record["contenders"] += [_skipped(c, excluded.get(c.name, why)) for c in case.contenders]
+        log(f"  {case.suite}/{case.name} skipped: {why}")
         return progress()
     try:
         sets = make_sets(case, cfg)
@@ -501,6 +566,11 @@ def run_case(case: Case, device: torch.device, cfg: TimingConfig, ceilings: dict
             raise ContextLost(record["stopped"], record) from exc
         return progress()
     for i, contender in enumerate(case.contenders):
+        if contender.name in excluded:
+            record["contenders"].append(_skipped(contender, excluded[contender.name]))
+            log(_one_line(case, record["contenders"][-1]))
+            progress()
+            continue
         result = run_contender(case, contender, sets, reference, device, cfg)
         record["contenders"].append(result)
         log(_one_line(case, result))
@@ -542,6 +612,6 @@ def _one_line(case: Case, result: dict) -> str:
     head = f"  {case.suite}/{case.name} {result['name']:<22}"
     if result["status"] in ("skipped", "error"):
         return f"{head} {result['status']}: {result['reason']}"
-    times = " ".join(f"{mode}={m['time_s']['median'] * 1e3:.3f}ms"
-                     for mode, m in result["modes"].items() if m.get("status") == "ok")
+    times = " ".join(f"{mode}={m['time_s']['median'] * 1e3:.3f}ms" if m.get("status") == "ok"
+                     else f"{mode}=skipped" for mode, m in result["modes"].items())
     return f"{head} {result['status']} {times}"

@@ -5,11 +5,15 @@
 For each (preset, device) the latest result is reported: a header with the device,
 versions, commit and ceilings, then per suite a table whose rows are (case, mode) and whose
 columns are the contenders. A cell is the median time with its spread, the speedup over
-torch-eager (its median / this median) and the fraction of the physical floor; ✗ marks a contender
-whose output failed the check against the reference. Quantities a case measures besides
-time (the packing suite's padding efficiency, the step suite's tokens per step) get a table
-of their own; skips and errors are listed with their reasons under each table. Plots: one PNG per (suite, mode, sizes other than N) for
-time, and one for peak memory where it was measured (GPU).
+torch-eager (its median / this median) and the fraction of the physical floor; ✗ marks a
+contender whose output failed the check against the reference (also in the speedup table,
+beside a baseline that failed it), and "skipped (time)" a mode the time budget left out. A
+run whose plan the budget cut short is flagged as such in its header line. Quantities a case
+measures besides time (the packing suite's padding efficiency, the step suite's tokens per
+step) get a table of their own; each contender's note (what it runs, what to know beside
+its numbers) is listed under the table; skips and errors are listed with their reasons
+under each table. Plots: one PNG per (suite, mode, sizes other than N) for time, and one
+for peak memory where it was measured (GPU).
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ def _cell(contender: dict, mode: str) -> str:
         return contender["status"]
     m = contender["modes"].get(mode)
     if not m or m.get("status") != "ok":
+        if _for_time(m):
+            return "skipped (time)"
         return (m or {}).get("status", "—")
     t = m["time_s"]
     # Spread as half the interquartile range over the median: "±3%".
@@ -114,14 +120,28 @@ def _header(path: Path, r: dict, out: Path) -> list[str]:
     return lines + [""]
 
 
+def _for_time(entry: dict | None) -> bool:
+    """A contender or mode left out by the time budget (every such reason says so)."""
+    return "time budget" in ((entry or {}).get("reason") or "")
+
+
 def _run_line(r: dict) -> str:
     """Whether the run finished, against its budget: an incomplete run (killed by a time
-    limit, or stopped by a CUDA fault) is flagged, with the reason it recorded."""
+    limit, or stopped by a CUDA fault) is flagged, with the reason it recorded, and so is a
+    finished run whose plan the budget cut short (what it left out, counted)."""
     took = f"{r.get('seconds', 0):.0f} s of a {r.get('budget_s', 0):.0f} s budget"
-    skipped = sum(1 for body in r.get("suites", {}).values() for case in body.get("cases", [])
-                  for c in case["contenders"]
-                  if c["status"] == "skipped" and "budget" in (c.get("reason") or ""))
-    late = f"; {skipped} contender(s) skipped for time" if skipped else ""
+    counts = r.get("skipped_for_time")
+    if counts is None:  # files written before the runner counted them
+        counts = {"contenders": sum(
+            1 for body in r.get("suites", {}).values() for case in body.get("cases", [])
+            for c in case["contenders"] if c["status"] == "skipped" and _for_time(c)),
+            "modes": 0}
+    late = ""
+    if counts["contenders"] or counts["modes"]:
+        late = (f"; **BUDGET EXHAUSTED**: {counts['contenders']} contender(s) and "
+                f"{counts['modes']} mode(s) of timed contenders skipped for time")
+    if r.get("exclude"):
+        late += f"; excluded (--exclude): {', '.join(r['exclude'])}"
     stages = r.get("plan") or []
     ran = [st["stage"] for st in stages if st.get("cases")]
     plan = f"; plan stages run: {', '.join(ran) or 'none'}" if stages else ""
@@ -144,7 +164,8 @@ def _suite_table(suite: str, body: dict) -> list[str]:
     eager = f" ×speedup over {EAGER}," if EAGER in names else ""
     lines = [f"### {suite}", "",
              f"Cell: median time ±half the interquartile range,{eager} (% of the physical "
-             "floor); ✗ = failed the check against the reference.", "",
+             "floor); ✗ = failed the check against the reference; skipped (time) = left out "
+             "by the time budget.", "",
              "| case | mode | " + " | ".join(names) + " |",
              "|---|---|" + "---|" * len(names)]
     memory_rows, notes, measured = [], [], []
@@ -164,13 +185,28 @@ def _suite_table(suite: str, body: dict) -> list[str]:
                 errs = ", ".join(f"{k} {v:.2e}" if v is not None else f"{k} NaN/missing"
                                  for k, v in c["check"]["rel_err"].items())
                 notes.append(f"- {case['case']} / {c['name']}: failed the check ({errs})")
+            late = [(mode, m) for mode, m in c["modes"].items() if _for_time(m)]
+            if late and c["status"] in ("ok", "wrong"):
+                notes.append(f"- {case['case']} / {c['name']}: "
+                             f"{', '.join(mode for mode, _ in late)} skipped for time: "
+                             f"{late[0][1]['reason']}")
         for key, value in (case.get("metrics") or {}).items():
             shown = f"{value:.4g}" if isinstance(value, float) else str(value)
             measured.append(f"| {case['case']} | {key} | {shown} |")
+    # What each contender runs, and what to know beside its numbers (e.g. CCE's gradient
+    # filtering, Liger's bf16 grad_weight): each one's note, the first case's.
+    described: dict[str, str] = {}
+    for case in cases:
+        for c in case["contenders"]:
+            if c.get("note") and c["name"] not in described:
+                described[c["name"]] = c["note"]
+    if described:
+        lines += ["", "Contenders:", "", *(f"- {n}: {note}" for n, note in described.items())]
     speed_rows = _speedup_rows(cases)
     if speed_rows:
         lines += ["", "Speedup of each alignfuse contender over each baseline "
-                  "(baseline median / its median; memory: its peak / the baseline's):", "",
+                  "(baseline median / its median; memory: its peak / the baseline's; "
+                  "✗ = that contender failed its check):", "",
                   "| case | mode | contender | speedup | memory |", "|---|---|---|---|---|",
                   *speed_rows]
     if measured:  # what a suite measures besides time (padding efficiency, tokens/step)
@@ -189,17 +225,26 @@ def _suite_table(suite: str, body: dict) -> list[str]:
 
 
 def _speedup_rows(cases: list[dict]) -> list[str]:
+    """One row per timed subject and mode; ✗ beside a name (the subject's or a baseline's)
+    that failed its check: a speedup over a wrong result is no speedup."""
     rows = []
     for case in cases:
+        wrong = {c["name"] for c in case["contenders"] if c["status"] == "wrong"}
+
+        def named(name: str) -> str:
+            return f"{name} ✗" if name in wrong else name
+
         for c in case["contenders"]:
             if c["role"] != "subject":
                 continue
             for mode, m in c["modes"].items():
                 if m.get("status") != "ok" or not m.get("speedup_vs"):
                     continue
-                speed = ", ".join(f"×{v:.3g} vs {k}" for k, v in m["speedup_vs"].items())
-                mem = ", ".join(f"{v:.3g} of {k}" for k, v in m.get("memory_ratio_vs", {}).items())
-                rows.append(f"| {case['case']} | {mode} | {c['name']} | {speed} | {mem or '—'} |")
+                speed = ", ".join(f"×{v:.3g} vs {named(k)}" for k, v in m["speedup_vs"].items())
+                mem = ", ".join(f"{v:.3g} of {named(k)}"
+                                for k, v in m.get("memory_ratio_vs", {}).items())
+                rows.append(f"| {case['case']} | {mode} | {named(c['name'])} | {speed} | "
+                            f"{mem or '—'} |")
     return rows
 
 

@@ -16,7 +16,7 @@ import torch
 
 from . import ceilings as ceilings_mod
 from .environment import environment
-from .harness import ContextLost, run_case
+from .harness import TIME_BUDGET, ContextLost, TimingConfig, excluded_by, run_case
 from .presets import PRESETS, Stage
 from .schema import SCHEMA_VERSION, validate
 
@@ -47,9 +47,10 @@ def default_plan(suites: tuple[str, ...]) -> list[Stage]:
 
 def run(preset_name: str, suites: tuple[str, ...] = SUITES, out_dir: Path = RESULTS,
         budget_s: float | None = None, argv: list[str] | None = None,
-        log: Callable[[str], None] = print) -> Path:
+        log: Callable[[str], None] = print, exclude: tuple[str, ...] = ()) -> Path:
     """Measure the ceilings, then the preset's plan (by default every case of `suites`);
-    returns the result file's path. The file is rewritten after every contender."""
+    returns the result file's path. The file is rewritten after every contender.
+    `exclude`: contenders never run, recorded as skipped (see harness.excluded_by)."""
     if preset_name not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset_name!r}")
     unknown = [s for s in suites if s not in SUITES]
@@ -65,10 +66,12 @@ def run(preset_name: str, suites: tuple[str, ...] = SUITES, out_dir: Path = RESU
         torch.set_num_threads(1)
     started = time.monotonic()
     budget = preset.budget_s if budget_s is None else budget_s
-    cfg = replace(preset.timing, deadline=started + budget)
+    exclude = tuple(exclude)
+    cfg = replace(preset.timing, deadline=started + budget, exclude=exclude)
 
     result = {"schema_version": SCHEMA_VERSION, "preset": preset.name,
               "budget_s": budget, **environment(device, argv)}
+    result["exclude"] = list(exclude)
     result["seconds"] = 0.0
     log(f"bench: preset {preset.name} on {result['device']['name']} "
         f"(commit {str(result['alignfuse']['commit'])[:10]}, dirty={result['alignfuse']['dirty']})")
@@ -92,6 +95,9 @@ def run(preset_name: str, suites: tuple[str, ...] = SUITES, out_dir: Path = RESU
 
     def write() -> None:
         result["seconds"] = time.monotonic() - started
+        result["skipped_for_time"] = skipped_for_time(result)
+        # The process may finish (complete) with its plan cut short: said apart.
+        result["budget_exhausted"] = any(result["skipped_for_time"].values())
         _write(path, result)
 
     stopped = None
@@ -153,8 +159,63 @@ def run(preset_name: str, suites: tuple[str, ...] = SUITES, out_dir: Path = RESU
     else:
         result["complete"], result["incomplete_reason"] = True, None
     write()
+    if result["budget_exhausted"]:
+        late = result["skipped_for_time"]
+        log(f"bench: time budget exhausted: {late['contenders']} contender(s) and "
+            f"{late['modes']} mode(s) of timed contenders skipped for time")
     log(f"bench: wrote {path} ({result['seconds']:.1f} s)")
     return path
+
+
+def skipped_for_time(result: dict) -> dict:
+    """How much of the plan the time budget (the run's, or a stage's share of it) left out:
+    contenders skipped whole, and modes skipped of contenders that were timed in others."""
+    contenders = modes = 0
+    for body in result.get("suites", {}).values():
+        for case in body.get("cases", []):
+            for c in case["contenders"]:
+                if c["status"] == "skipped" and TIME_BUDGET in (c.get("reason") or ""):
+                    contenders += 1
+                elif c["status"] in ("ok", "wrong"):
+                    modes += sum(1 for m in c["modes"].values()
+                                 if TIME_BUDGET in (m.get("reason") or ""))
+    return {"contenders": contenders, "modes": modes}
+
+
+def preflight(pattern: str, log: Callable[[str], None] = print) -> int:
+    """One tiny logprobs case (fwd+bwd: check, warm-up, two timed runs) with only the
+    contenders `pattern` names, on the GPU if there is one (bf16), else on the CPU
+    (float32, Triton interpreted). bench/gpu_session.sh runs it in a process of its own
+    under a timeout for each risky family (a first compile, or a kernel that never returns,
+    would otherwise stall the main run) and excludes from the main run what fails.
+
+    Returns 0 when each ran (a failed check included: the main run records it as wrong) or
+    cannot run here (the main run skips it too), 1 when one raised or broke the CUDA
+    context, 2 when `pattern` names no logprobs contender."""
+    from .suites import logprobs
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    if not cuda:
+        torch.set_num_threads(1)
+    N, H, V = (1024, 256, 4099) if cuda else (19, 16, 131)
+    case = logprobs.case(N, H, V, torch.bfloat16 if cuda else torch.float32, device)
+    case.contenders = [c for c in case.contenders if excluded_by(c.name, (pattern,))]
+    if not case.contenders:
+        log(f"preflight {pattern}: names no logprobs contender")
+        return 2
+    case.modes = ("fwd+bwd",)
+    cfg = TimingConfig(warmup=1, min_reps=2, max_reps=2, target_s=0.0, rotate_bytes=1,
+                       max_sets=2)
+    try:
+        record = run_case(case, device, cfg, None, log)
+    except ContextLost as exc:
+        log(f"preflight {pattern}: the CUDA context broke: {exc.reason}")
+        return 1
+    # (each contender's line, with its reason, was logged by run_case above)
+    log(f"preflight {pattern}: " + ", ".join(f"{c['name']} {c['status']}"
+                                             for c in record["contenders"]))
+    return 1 if any(c["status"] == "error" for c in record["contenders"]) else 0
 
 
 def _prepare(case, stage: Stage, modes: tuple[str, ...] | None):

@@ -4,9 +4,17 @@ A result file (one run of one preset):
 
     schema_version, preset, budget_s, created_utc, command, seconds,
     complete    (false while the run is going, the file being rewritten after every
-                 contender, and in the end if a CUDA fault stopped it)
+                 contender, and in the end if a CUDA fault stopped it; true: the process
+                 finished, which says nothing of what its time budget left out: see
+                 budget_exhausted)
     incomplete_reason  (optional; null once complete: why not, "in progress" in a file
                  left by a killed run)
+    budget_exhausted  (optional, absent from older files) true when the time budget (the
+                 run's, or a plan stage's share of it) left something out; then
+    skipped_for_time  (optional) {contenders: skipped whole, modes: skipped of contenders
+                 timed in other modes} count it (every such reason says "time budget")
+    exclude     (optional) the `--exclude` patterns: those contenders are recorded as
+                 skipped, "excluded by --exclude (pattern)"
     plan        (optional) [{stage, suite, budget_s, seconds, cases}]: the stages run
     device      {type, name, ...}                      (GPU: capability, multiprocessors, L2)
     host        {platform, cpu, cores}
@@ -19,13 +27,17 @@ A result file (one run of one preset):
 
     case        {suite, case, sizes, modes, notes, tolerances, contenders [contender],
                  stopped (optional: the CUDA context broke in this case, why)}
-    contender   {name, role: subject|baseline, status: ok|wrong|skipped|error, reason,
+    contender   {name, role: subject|baseline, status: ok|wrong|skipped|error, reason
+                 (a contender checked but timed in no mode for time is "skipped"),
                  check {passed, rel_err {quantity: err, null when NaN or missing},
                         tolerance, failed} (ok/wrong),
                  modes {<mode> mode}, metrics (suite-specific, optional),
                  context_lost (optional: true for the contender whose error broke the
-                 CUDA context)}
-    mode        {status, time_s {median, q1, q3, iqr, p10, p90, min, max, mean, stddev, rounds,
+                 CUDA context),
+                 modes_skipped_for_time (optional: the modes the time budget left out)}
+    mode        (skipped: {status, reason, estimate_s (optional: the seconds its runs
+                 were estimated to need, when that did not fit in the time left)}; ok:)
+                {status, time_s {median, q1, q3, iqr, p10, p90, min, max, mean, stddev, rounds,
                                   l2_flushed},
                  peak_memory_bytes (null on CPU; for bwd and fwd+bwd the measured run
                  includes the forward), peak_memory_reason,

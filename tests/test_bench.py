@@ -664,3 +664,275 @@ def test_gpu_session_tests_part_rehearses_dry_and_reports(tmp_path):
     bad = subprocess.run(["bash", "bench/gpu_session.sh"], cwd=ROOT, capture_output=True,
                          text=True, env={**env, "ALIGNFUSE_SESSION_PART": "bench"}, timeout=60)
     assert bad.returncode == 2 and "ALIGNFUSE_SESSION_PART must be main or tests" in bad.stdout
+
+
+# ---------------------------------------------------------------------------------------
+# --exclude, the preflight, skips for time and what the report says of them
+
+
+def _slow(seconds: float, backward: bool = False):
+    """3 * x, sleeping `seconds` in the forward (or only in the backward)."""
+
+    class Sleep(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return 3 * x
+
+        @staticmethod
+        def backward(ctx, g):
+            import time
+
+            time.sleep(seconds)
+            return 3 * g
+
+    def run(t):
+        if not backward:
+            import time
+
+            time.sleep(seconds)
+        return {"out": Sleep.apply(t["x"])}
+
+    return run
+
+
+def test_excluded_contenders_never_run_and_say_so():
+    ran = []
+
+    def tracked(name):
+        def run(t):
+            ran.append(name)
+            return {"out": 3 * t["x"]}
+        return run
+
+    case = _scale_case([Contender("eager", "baseline", tracked("eager")),
+                        Contender("cce", "baseline", tracked("cce")),
+                        Contender("alignfuse/cuda", "subject", tracked("alignfuse/cuda")),
+                        Contender("liger-chunked", "baseline", tracked("liger-chunked"))])
+    cfg = replace(FAST, exclude=("cce", "*/cuda", "liger"))  # a name, a pattern, a prefix
+    record = harness.run_case(case, CPU, cfg, ceilings=None, log=lambda line: None)
+    got = _by_name(record)
+    assert set(ran) == {"eager"}
+    for name, pattern in (("cce", "cce"), ("alignfuse/cuda", "*/cuda"),
+                          ("liger-chunked", "liger")):
+        assert got[name]["status"] == "skipped"
+        assert got[name]["reason"] == f"excluded by --exclude ({pattern!r})"
+    assert got["eager"]["status"] == "ok"
+    # A case whose contenders are all excluded builds nothing.
+    case.make_inputs = lambda seed: (_ for _ in ()).throw(AssertionError("built"))
+    case.contenders = case.contenders[1:]
+    record = harness.run_case(case, CPU, cfg, ceilings=None, log=lambda line: None)
+    assert all(c["reason"].startswith("excluded by --exclude") for c in record["contenders"])
+
+
+def test_bench_run_passes_exclude_on(monkeypatch, tmp_path):
+    from bench import runner
+    from bench.__main__ import main
+
+    seen = {}
+
+    def fake_run(preset, suites, out, budget_s, argv=None, exclude=()):
+        seen["exclude"] = exclude
+        path = tmp_path / "r.json"
+        path.write_text(json.dumps({"complete": True}))
+        return path
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    assert main(["run", "--exclude", " cce, ,*/cuda,liger"]) == 0
+    assert seen["exclude"] == ("cce", "*/cuda", "liger")
+    assert main(["run", "--exclude", ""]) == 0 and seen["exclude"] == ()
+
+
+def test_a_mode_that_cannot_fit_before_the_deadline_is_skipped_with_its_estimate():
+    import time
+
+    case = _scale_case([Contender("slow", "subject", _slow(0.1))])
+    sets = [case.make_inputs(0)]
+    cfg = replace(FAST, deadline=time.monotonic() + 0.05)
+    with pytest.raises(harness.OutOfTime) as info:
+        harness.time_mode(case, case.contenders[0], sets, "fwd", CPU, cfg)
+    # the first warm-up measured ~0.1 s; it, 3 timed runs and the memory run: ~0.4 s
+    assert "time budget" in str(info.value) and info.value.estimate_s >= 0.4
+    # Time left for the fewest runs, not for max_reps: the timed runs are capped to it.
+    cfg = replace(FAST, min_reps=2, max_reps=50, target_s=100.0,
+                  deadline=time.monotonic() + 1.0)
+    stats = harness.time_mode(case, case.contenders[0], sets, "fwd", CPU, cfg)
+    assert 2 <= stats["rounds"] < 20
+
+
+def test_a_contender_timed_in_no_mode_is_skipped_not_ok():
+    import time
+
+    case = _scale_case([Contender("slow", "subject", _slow(0.1))])
+    cfg = replace(FAST, deadline=time.monotonic() + 0.15)
+    record = harness.run_case(case, CPU, cfg, ceilings=None, log=lambda line: None)
+    (c,) = record["contenders"]
+    assert c["check"]["passed"] and c["status"] == "skipped"
+    assert "time budget" in c["reason"]
+    assert c["modes_skipped_for_time"] == list(harness.MODES)
+    assert all(m["status"] == "skipped" for m in c["modes"].values())
+
+
+@pytest.fixture
+def late_run(monkeypatch, tmp_path):
+    """A run through the runner in which the time budget leaves out the bwd and fwd+bwd
+    modes of one contender (faked: its time_mode raises OutOfTime), a baseline fails its
+    check, and a contender is excluded."""
+    from types import SimpleNamespace
+
+    from bench import runner
+    from bench.presets import PRESETS, Stage
+
+    monkeypatch.setattr(runner.ceilings_mod, "measure", _stub_ceilings)
+    real = harness.time_mode
+
+    def time_mode(case, contender, sets, mode, device, cfg, estimate=None):
+        if contender.name == "slow" and mode != "fwd":
+            raise harness.OutOfTime("time budget: 5 more runs of ~2 s do not fit", 10.0)
+        return real(case, contender, sets, mode, device, cfg, estimate)
+
+    monkeypatch.setattr(harness, "time_mode", time_mode)
+
+    def cases(preset, device):
+        return [_scale_case([Contender("eager", "baseline", lambda t: {"out": 3.01 * t["x"]}),
+                             Contender("fast", "subject", lambda t: {"out": 3 * t["x"]}),
+                             Contender("slow", "subject", lambda t: {"out": 3 * t["x"]}),
+                             Contender("cce", "baseline", lambda t: {"out": 3 * t["x"]})])]
+
+    monkeypatch.setattr(runner, "_suite_module",
+                        {"logprobs": SimpleNamespace(cases=cases)}.__getitem__)
+    monkeypatch.setitem(PRESETS, "late", replace(
+        PRESETS["cpu"], name="late", timing=FAST, modes=None, plan=[Stage("logprobs")]))
+    path = runner.run("late", out_dir=tmp_path, log=lambda line: None, exclude=("cce",))
+    return path, json.loads(path.read_text())
+
+
+def test_a_budget_cut_run_finishes_but_says_what_it_left_out(late_run, tmp_path):
+    path, r = late_run
+    assert schema.validate(r) == []
+    # complete: the process finished its plan; budget_exhausted: the plan was cut
+    assert r["complete"] is True and r["budget_exhausted"] is True
+    assert r["skipped_for_time"] == {"contenders": 0, "modes": 2}
+    assert r["exclude"] == ["cce"]
+    got = _by_name(r["suites"]["logprobs"]["cases"][0])
+    assert got["slow"]["status"] == "ok"
+    assert got["slow"]["modes_skipped_for_time"] == ["bwd", "fwd+bwd"]
+    assert got["slow"]["modes"]["bwd"]["estimate_s"] == 10.0
+    assert got["cce"]["reason"] == "excluded by --exclude ('cce')"
+    render([path], tmp_path / "report")
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "**BUDGET EXHAUSTED**: 0 contender(s) and 2 mode(s)" in report
+    assert "excluded (--exclude): cce" in report
+    assert "| skipped (time) |" in report
+    assert "bwd, fwd+bwd skipped for time: time budget" in report
+    # the speedup table marks the baseline that failed its check
+    assert "vs eager ✗" in report
+
+
+def test_a_run_with_nothing_cut_is_not_flagged(stopped_run):
+    _, r, _ = stopped_run
+    assert r["budget_exhausted"] is False and r["skipped_for_time"] == {"contenders": 0,
+                                                                        "modes": 0}
+
+
+def test_preflight_runs_one_family_alone(monkeypatch, capsys):
+    from bench import runner
+    from bench.suites import logprobs
+
+    assert runner.preflight("torch-eager") == 0
+    out = capsys.readouterr().out
+    assert "preflight torch-eager: torch-eager ok" in out and "liger" not in out
+    assert runner.preflight("no-such-contender") == 2
+
+    def boom(t, softcap=None):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(logprobs, "_eager", boom)
+    assert runner.preflight("torch-eager") == 1
+
+
+def test_torch_rowwise_matches_the_reference_in_chunks(monkeypatch):
+    from bench.suites import logprobs
+
+    monkeypatch.setattr(logprobs, "ROWWISE_ROWS", 5)  # several chunks of 37 rows
+    for dtype in (torch.bfloat16, torch.float32):
+        case = logprobs.case(37, 16, 1031, dtype, CPU)
+        (rowwise,) = [c for c in case.contenders if c.name == "torch-rowwise"]
+        assert rowwise.role == "baseline"
+        s = case.make_inputs(1)
+        check = harness.check(case, rowwise, s, case.reference(s))
+        assert check["passed"], (dtype, check)
+        assert set(check["rel_err"]) == {"logps", "grad_hidden", "grad_weight"}
+
+
+def test_step_floor_leaves_out_an_untied_input_embedding(monkeypatch):
+    from alignfuse.engine import tiny
+
+    from bench.presets import PRESETS
+    from bench.suites import step
+
+    cfg = PRESETS["cpu"].step
+    total, matmul = step._count_params(cfg)
+    assert total - matmul == cfg["vocab"] * cfg["hidden"]  # the embedding table
+    case = step.step_case("grpo", cfg, torch.float32, CPU)
+    assert case.flops_per_token == 6 * matmul and case.sizes["params"] == total
+    # Tied to the LM head, it is the head's weight: counted once, and kept.
+    real = tiny.tiny_config
+    monkeypatch.setattr(tiny, "tiny_config",
+                        lambda *a, **k: real(*a, **{**k, "tie_word_embeddings": True}))
+    tied_total, tied_matmul = step._count_params(cfg)
+    assert tied_matmul == tied_total == total - cfg["vocab"] * cfg["hidden"]
+
+
+def test_a_step_model_that_cannot_be_configured_is_a_recorded_skip(monkeypatch):
+    from bench.presets import PRESETS
+    from bench.suites import step
+
+    def broken(cfg):
+        raise ImportError("libcudart.so.13: cannot open shared object file")
+
+    monkeypatch.setattr(step, "_count_params", broken)
+    records = step.run(PRESETS["cpu"], CPU, FAST, None, lambda line: None)
+    assert len(records) == 2
+    for record in records:
+        for c in record["contenders"]:
+            assert c["status"] == "skipped" and "libcudart.so.13" in c["reason"]
+
+
+def test_loss_op_floors_write_the_gradients_in_backward_modes():
+    from bench.suites import losses
+
+    S, T = 3, 11
+    case = losses.policy_loss_case(S, T, CPU)
+    assert case.work("fwd+bwd")["bytes"] - case.work("fwd")["bytes"] == S * T * 4
+    assert case.work("bwd")["bytes"] == case.work("fwd+bwd")["bytes"]
+    dpo = losses.dpo_loss_case(7, CPU)
+    assert dpo.work("fwd+bwd")["bytes"] - dpo.work("fwd")["bytes"] == 2 * 7 * 4
+
+
+def test_the_gpu_plan_leaves_packing_to_the_cpu_and_fits_its_device_calls():
+    from bench.presets import GPU_PLAN, PRESETS
+    from bench.runner import _prepare
+    from bench.suites import logprobs
+
+    assert "packing" not in {stage.suite for stage in GPU_PLAN}
+    assert PRESETS["gpu-full"].budget_s <= 540  # one device call is 600 s at most
+    # torch-rowwise (a second eager baseline) is timed in the headline case only
+    with_rowwise = set()
+    for i, stage in enumerate(GPU_PLAN):
+        if stage.suite != "logprobs":
+            continue
+        for c in logprobs.cases(PRESETS["gpu"], CPU):
+            c = _prepare(c, stage, PRESETS["gpu"].modes)
+            if c is not None and "torch-rowwise" in [x.name for x in c.contenders]:
+                with_rowwise.add((i, c.name, c.modes))
+    assert with_rowwise == {(0, "N=16384,H=4096,V=128256,bfloat16", harness.MODES)}
+
+
+def test_report_lists_each_contenders_note(late_run, tmp_path):
+    path, r = late_run
+    case = r["suites"]["logprobs"]["cases"][0]
+    case["contenders"][1]["note"] = "skips gradient tiles below filter_eps"
+    (tmp_path / "noted.json").write_text(json.dumps(r))
+    render([tmp_path / "noted.json"], tmp_path / "report")
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "- fast: skips gradient tiles below filter_eps" in report

@@ -13,13 +13,22 @@ Contenders, each in its own documented form:
   ones.
 - linear_cross_entropy/triton: alignfuse's SFT op with reduction="none", negated: the
   same computation as the two cross-entropy baselines below.
-- torch-eager: what a training loop does without fused kernels (TRL's
-  `selective_log_softmax` path): logits = h @ W.T in the model dtype, upcast to float32,
-  log_softmax, gather. Holds [N, V] logits several times over.
+- torch-eager: naive eager: bf16 logits (h @ W.T in the model dtype), a float32
+  log_softmax of all of them, gather. At the backward's peak it holds about 12 B x N x V
+  (bf16 logits and their gradient, the float32 log-softmax and its float32 gradient).
+- torch-rowwise: a careful eager version (in the spirit of TRL's `selective_log_softmax`,
+  written here from its description): for half-precision logits, log_softmax in the logits'
+  own dtype one chunk of rows at a time (a sequence's worth, `ROWWISE_ROWS`), then gather;
+  for float32 logits, logit - logsumexp. No float32 copy of the [N, V] logits. Timed in the
+  headline case only in the `gpu` plan.
 - liger: Liger-Kernel's `LigerFusedLinearCrossEntropyLoss(reduction="none")`, which gives
-  -logp per token (negated here). It computes gradients during its forward.
+  -logp per token (negated here). With reduction="none" (0.8.5) it defers the gradient work
+  to its backward (ctx.defer_grads: the logits are recomputed there), and it accumulates
+  grad_weight in the weight's dtype (bf16 here; alignfuse accumulates in float32).
 - cce: cut-cross-entropy's `linear_cross_entropy(e, c, targets, reduction="none")`
-  (impl "cce", its defaults, including its gradient filtering), negated.
+  (impl "cce", its defaults), negated. Its backward skips gradient tiles whose values are
+  all below a threshold (filter_eps="high": bf16 eps / 32), so its backward time depends on
+  the logit distribution (here: unit-scale random logits, softmax spread thin over V).
 
 Reference: float32 on GPU (float64 on CPU) of the same inputs, in row chunks so that the
 largest sizes fit, with the analytic gradient dL/dz = g · (onehot(t) - softmax(z)).
@@ -104,6 +113,25 @@ def _eager(t, softcap: float | None = None):
     return {"logps": logps}
 
 
+ROWWISE_ROWS = 1024  # rows per log_softmax in torch-rowwise: one sequence of ~1k tokens
+
+
+def _rowwise(t, softcap: float | None = None):
+    """Half precision: log_softmax in the logits' dtype, `ROWWISE_ROWS` rows at a time, then
+    gather (no float32 copy of the [N, V] logits); float32: the target's logit minus the
+    row's logsumexp."""
+    logits = t["hidden"] @ t["weight"].T
+    if softcap is not None:  # as transformers' Gemma-2 does, in the model dtype
+        logits = torch.tanh(logits / softcap) * softcap
+    targets = t["targets"][:, None]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logps = torch.cat([chunk.log_softmax(-1).gather(-1, rows).squeeze(-1) for chunk, rows in
+                           zip(logits.split(ROWWISE_ROWS), targets.split(ROWWISE_ROWS))])
+    else:
+        logps = logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, -1)
+    return {"logps": logps}
+
+
 def _liger(softcap: float | None = None):
     loss_fn = {}
 
@@ -124,8 +152,10 @@ def _liger(softcap: float | None = None):
     return Contender("liger", "baseline", run, unavailable,
                      note="LigerFusedLinearCrossEntropyLoss(reduction='none'"
                           + (", softcap=)" if softcap is not None else ")")
-                          + ", negated; it may do "
-                          "gradient work in its forward: compare fwd+bwd")
+                          + ", negated; it defers its gradient work to the backward "
+                          "(reduction='none': the logits are recomputed there) and "
+                          "accumulates grad_weight in the weight's dtype (bf16 on GPU; "
+                          "alignfuse: float32)")
 
 
 def _cce_unavailable(device: torch.device) -> str | None:
@@ -181,8 +211,8 @@ def reference(s: InputSet, budget_bytes: int = 1 << 30,
 def case(N: int, H: int, V: int, dtype: torch.dtype, device: torch.device,
          softcap: float | None = None) -> Case:
     """One size; `softcap` (Gemma-2's final logit soft-capping, e.g. 30) gives the capped
-    variant: logits of std ~softcap / 2 so that the cap matters, and the contenders that
-    support it (the fused triton strategies do not)."""
+    variant: logits of std ~softcap / 2 so that the cap matters, every contender applying
+    the cap."""
     size = torch.tensor([], dtype=dtype).element_size()
     # Logits of unit scale, as a trained LM head gives: W ~ N(0, 1/H); soft-capped models
     # have raw logits of tens (the cap exists for them).
@@ -213,22 +243,30 @@ def case(N: int, H: int, V: int, dtype: torch.dtype, device: torch.device,
                 "out_bytes": N * 4 + grads_out}
 
     # Order = priority when the time budget runs out (a contender that does not start in
-    # time is recorded as skipped): the default path and the three baselines first, then
-    # the alternatives that decide defaults, the torch backend (chunked, not meant to be
-    # fast on GPU), and the compiled CUDA backend last: a fault there (illegal memory
-    # access) breaks the CUDA context for every contender after it.
-    eager_note = "logits = h @ W.T (model dtype), float32 log_softmax, gather"
-    cce_note = "cut_cross_entropy.linear_cross_entropy(reduction='none'), negated"
-    if softcap is not None:
-        eager_note = ("logits = h @ W.T, then softcap * tanh(logits / softcap) (model dtype, "
-                      "as transformers' Gemma-2), float32 log_softmax, gather")
-        cce_note = "cut_cross_entropy.linear_cross_entropy(reduction='none', softcap=), negated"
+    # time is recorded as skipped): the default path and the baselines (eager, Liger, CCE,
+    # row-wise eager) first, then the alternatives that decide defaults, the torch backend
+    # (chunked, not meant to be fast on GPU), and the compiled CUDA backend last: a fault
+    # there (illegal memory access) breaks the CUDA context for every contender after it.
+    capping = ("" if softcap is None else
+               ", then softcap * tanh(logits / softcap) in the model dtype (as transformers' "
+               "Gemma-2)")
+    eager_note = (f"naive eager: logits = h @ W.T (model dtype){capping}, float32 "
+                  "log_softmax, gather")
+    rowwise_note = (f"logits = h @ W.T (model dtype){capping}; half precision: log_softmax in "
+                    f"that dtype, {ROWWISE_ROWS} rows at a time, gather; float32: logit - "
+                    "logsumexp")
+    cce_note = ("cut_cross_entropy.linear_cross_entropy(reduction='none'"
+                + (", softcap=" if softcap is not None else "") + "), negated; its backward "
+                "skips gradient tiles below filter_eps (bf16 eps / 32), so its speed depends "
+                "on the logit distribution")
     contenders = [_alignfuse("triton", softcap=softcap),
                   Contender("torch-eager", "baseline",
                             functools.partial(_eager, softcap=softcap), note=eager_note),
                   _liger(softcap),
                   Contender("cce", "baseline", functools.partial(_cce, softcap=softcap),
-                            _cce_unavailable, note=cce_note)]
+                            _cce_unavailable, note=cce_note),
+                  Contender("torch-rowwise", "baseline",
+                            functools.partial(_rowwise, softcap=softcap), note=rowwise_note)]
     contenders += [_alignfuse("triton", "fused", softcap), _alignfuse("triton", "fused-forward",
                                                                        softcap)]
     contenders += [_cross_entropy("triton", softcap), _alignfuse("torch", softcap=softcap),

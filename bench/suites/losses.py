@@ -5,7 +5,8 @@ Per-op cases (`policy_loss`, `group_advantages`, `dpo_loss`, `kto_loss`):
   same op's `backend="torch"`, the readable reference every backend is tested against.
 - Reference values: that torch backend evaluated in float64 on the same inputs.
 - Floor: these are elementwise, so bytes only (each input read once, each output written
-  once); at these sizes launch overhead dominates, which is what fusing removes.
+  once, and in the modes with a backward each input gradient written once); at these
+  sizes launch overhead dominates, which is what fusing removes.
 
 Linear + loss cases. `linear_dpo`: sigmoid DPO from policy and reference hidden states,
 against eager and Liger's `LigerFusedLinearDPOLoss` (see `linear_dpo_case`).
@@ -16,6 +17,9 @@ reference with beta=0.04) from the LM head's input:
 - torch-eager: logits, float32 log_softmax, gather, then `policy_loss(backend="torch")`;
 - liger: `LigerFusedLinearGRPOLoss(loss_type="bnpo")`, the same token-mean formula
   (sum over valid tokens of -min(r·A, clip(r)·A) + beta·k3, divided by their count).
+  Liger's chunked losses (GRPO here, DPO below) compute the gradients chunk by chunk in
+  their forward (torch.func), so their bwd is nearly free (compare fwd+bwd), and
+  accumulate grad_weight in the weight's dtype (bf16 on GPU; alignfuse in float32).
 """
 
 from __future__ import annotations
@@ -58,7 +62,10 @@ def _torch_reference(op_call, grads: tuple[str, ...], grad_output: str | None):
 
 
 def _op_case(op: str, name: str, sizes: dict, make_inputs, call, grads: tuple[str, ...],
-             grad_output: str | None, nbytes: int, dtype: torch.dtype) -> Case:
+             grad_output: str | None, nbytes: int, dtype: torch.dtype,
+             grad_bytes: int = 0) -> Case:
+    """`nbytes`: the inputs read and outputs written once; `grad_bytes`: the input
+    gradients a backward writes (added in bwd and fwd+bwd)."""
     def contender(cname: str, role: str, backend: str) -> Contender:
         return Contender(cname, role, lambda t: call(t, backend),
                          lambda device: backend_unavailable(op, backend, device))
@@ -71,9 +78,12 @@ def _op_case(op: str, name: str, sizes: dict, make_inputs, call, grads: tuple[st
     tol = tolerance(dtype) if dtype != torch.float32 else 1e-5
     return Case(SUITE, name, sizes, make_inputs, _torch_reference(call, grads, grad_output),
                 contenders, {"*": tol}, modes=modes, grad_inputs=grads,
-                grad_output=grad_output, work=lambda mode: {"flops": 0, "bytes": nbytes},
+                grad_output=grad_output,
+                work=lambda mode: {"flops": 0,
+                                   "bytes": nbytes + (grad_bytes if mode != "fwd" else 0)},
                 notes="eager baseline: the op's backend='torch' reference; floor: bytes only "
-                      "(inputs read once, outputs written once), same for every mode",
+                      "(inputs read once, outputs written once, plus the input gradients "
+                      "written once in bwd and fwd+bwd)",
                 unavailable=lambda device: backend_unavailable(op, "torch", device))
 
 
@@ -99,7 +109,8 @@ def policy_loss_case(S: int, T: int, device: torch.device) -> Case:
 
     nbytes = S * T * (4 * 3 + 1) + S * 4
     return _op_case("policy_loss", f"policy_loss,S={S},T={T}", {"S": S, "T": T, "N": S * T},
-                    make_inputs, call, ("logps",), "loss", nbytes, torch.float32)
+                    make_inputs, call, ("logps",), "loss", nbytes, torch.float32,
+                    grad_bytes=S * T * 4)
 
 
 def group_advantages_case(S: int, G: int, device: torch.device) -> Case:
@@ -136,7 +147,7 @@ def dpo_loss_case(S: int, device: torch.device) -> Case:
         return {"losses": losses, "chosen_rewards": chosen, "rejected_rewards": rejected}
 
     return _op_case("dpo_loss", f"dpo_loss,S={S}", {"S": S}, make_inputs, call,
-                    names[:2], "losses", S * 4 * 7, torch.float32)
+                    names[:2], "losses", S * 4 * 7, torch.float32, grad_bytes=2 * S * 4)
 
 
 def kto_loss_case(S: int, device: torch.device) -> Case:
@@ -157,7 +168,8 @@ def kto_loss_case(S: int, device: torch.device) -> Case:
         return {"losses": losses, "rewards": rewards}
 
     return _op_case("kto_loss", f"kto_loss,S={S}", {"S": S}, make_inputs, call,
-                    ("policy_logps",), "losses", S * (4 * 4 + 1), torch.float32)
+                    ("policy_logps",), "losses", S * (4 * 4 + 1), torch.float32,
+                    grad_bytes=S * 4)
 
 
 # ---------------------------------------------------------------------------------------
@@ -279,7 +291,8 @@ def linear_grpo_case(S: int, T: int, H: int, V: int, dtype: torch.dtype,
                   lambda device: triton_baseline_unavailable("liger_kernel", "liger-kernel",
                                                              device),
                   note="LigerFusedLinearGRPOLoss(loss_type='bnpo', beta=0.04); it computes "
-                       "gradients in its forward, so its bwd is nearly free: compare fwd+bwd"),
+                       "gradients in its forward, so its bwd is nearly free: compare fwd+bwd; "
+                       "grad_weight accumulated in the weight's dtype (bf16 on GPU)"),
         two_ops("triton"), fused("torch"), two_ops("torch"), fused("cuda"), two_ops("cuda"),
     ]
     tol = tolerance(dtype)
@@ -397,7 +410,8 @@ def linear_dpo_case(P: int, T: int, H: int, V: int, dtype: torch.dtype,
                             lambda device: triton_baseline_unavailable("liger_kernel",
                                                                        "liger-kernel", device),
                             note="LigerFusedLinearDPOLoss(beta=0.1, sum of log-probs); it "
-                                 "computes gradients in its forward: compare fwd+bwd"),
+                                 "computes gradients in its forward: compare fwd+bwd; "
+                                 "grad_weight accumulated in the weight's dtype (bf16 on GPU)"),
                   two_ops("torch"), two_ops("cuda")]
     return Case(SUITE, f"linear_dpo,P={P},T={T},H={H},V={V},{dtype_name(dtype)}",
                 {"P": P, "T": T, "N": N, "H": H, "V": V, "dtype": dtype_name(dtype)},

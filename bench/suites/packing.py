@@ -13,7 +13,9 @@ data. Recorded per case:
   Each contender's output is checked: every sequence appears once with all its tokens.
 
 Packing is host work: it is timed with perf_counter on the CPU in every preset, and it has
-no physical floor (the floor fields are null).
+no physical floor (the floor fields are null). So it is not in the GPU session's plan (a GPU
+adds nothing to it); run it on a CPU: `python -m bench run --preset cpu --suites packing`
+(or, at the `gpu` preset's sizes, `--preset gpu-full --suites packing` on a GPU machine).
 """
 
 from __future__ import annotations

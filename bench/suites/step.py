@@ -18,7 +18,10 @@ measured with every model's gradients freed first. The check compares each conte
 loss with the eager path run on a float32 (GPU) / float64 (CPU) copy of the models;
 gradients are not compared here (the logprobs and losses suites check them op by op).
 Floor: 6 · (parameters) · tokens for the policy (forward + backward) plus 2 · params ·
-tokens for the reference forward, attention FLOPs ignored; bytes are not modelled.
+tokens for the reference forward, attention FLOPs ignored; bytes are not modelled. The
+parameters counted are those of matmuls: an untied input embedding is a lookup and does no
+FLOPs (42% of the tiny Qwen2's parameters), so it is left out; a tied one is the LM head's
+weight too and counts once.
 """
 
 from __future__ import annotations
@@ -127,6 +130,13 @@ def _unavailable(kind: str):
 
 def step_case(kind: str, cfg: dict, dtype: torch.dtype, device: torch.device) -> Case:
     why = _unavailable(kind)(device)
+    params = matmul_params = None
+    if why is None:
+        try:
+            params, matmul_params = _count_params(cfg)
+        except Exception as exc:  # e.g. a broken build or transformers: a skip, not a crash
+            text = f"{type(exc).__name__}: {exc}".strip()[:400]
+            why = f"the model cannot be configured here ({text})"
     models: dict = {}
 
     def get_models():
@@ -220,13 +230,12 @@ def step_case(kind: str, cfg: dict, dtype: torch.dtype, device: torch.device) ->
             for model in pair:
                 model.zero_grad(set_to_none=True)
 
-    params = sum(p.numel() for p in _count_model(cfg))
-
     name = f"{kind},{cfg['family']},H={cfg['hidden']},L={cfg['layers']},V={cfg['vocab']}," \
            f"S={cfg['batch']},T={cfg['T']},{dtype_name(dtype)}"
     case = Case(SUITE, name, {"S": cfg["batch"], "T": cfg["T"], "H": cfg["hidden"],
                               "layers": cfg["layers"], "V": cfg["vocab"],
-                              "params": params, "dtype": dtype_name(dtype)},
+                              "params": params, "matmul_params": matmul_params,
+                              "dtype": dtype_name(dtype)},
                 make_inputs, reference,
                 [Contender("alignfuse", "subject", alignfuse_run),
                  Contender("torch-eager", "baseline", eager_with("eager"),
@@ -236,18 +245,25 @@ def step_case(kind: str, cfg: dict, dtype: torch.dtype, device: torch.device) ->
                 unavailable=lambda device: why, reset=reset,
                 notes=("one training step; tokens/s counts real tokens (no padding); loss "
                        "checked against the eager path on a higher-precision model copy"))
-    case.flops_per_token = (6 + (2 if kind == "dpo" else 0)) * params
+    case.flops_per_token = (None if matmul_params is None
+                            else (6 + (2 if kind == "dpo" else 0)) * matmul_params)
     return case
 
 
-def _count_model(cfg: dict):
-    """Parameter count of the configured model, without building its weights."""
+def _count_params(cfg: dict) -> tuple[int, int]:
+    """(all parameters, those of matmuls) of the configured model, without building its
+    weights: the input embedding is a lookup, left out unless tied to the LM head."""
     from alignfuse.engine.tiny import tiny_config
     from transformers import AutoModelForCausalLM
 
     config = tiny_config(cfg["family"], cfg["vocab"], **_shape(cfg))
     with torch.device("meta"):
-        return list(AutoModelForCausalLM.from_config(config).parameters())
+        model = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())  # a tied weight is listed once
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is embedding
+    return total, total - (0 if tied else embedding.numel())
 
 
 def run(preset, device, cfg, ceilings, log, on_progress=None) -> list[dict]:
@@ -272,7 +288,7 @@ def run(preset, device, cfg, ceilings, log, on_progress=None) -> list[dict]:
         case.make_inputs = counting
         flops_per_token = case.flops_per_token
         case.work = lambda mode, n=mean_tokens, f=flops_per_token: (
-            {"flops": f * n(), "bytes": 0} if n() is not None else None)
+            {"flops": f * n(), "bytes": 0} if n() is not None and f is not None else None)
         # run_case builds nothing once the deadline has passed (all skipped for time).
         record = run_case(case, device, cfg, ceilings, log, on_progress=on_progress)
         n = mean_tokens()
