@@ -137,6 +137,27 @@ def _lora_deltas(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return found
 
 
+def _saved_module_names(model: torch.nn.Module) -> dict[str, str | None]:
+    """PEFT's `modules_to_save` (a module trained whole beside the adapters: an embedding
+    after added tokens, a head): each wrapper holds the frozen `original_module` and one
+    trained copy per adapter under `modules_to_save.<adapter>`. Returns, per training-name
+    prefix of those, the prefix its weights are synced under (the module's own name) for the
+    copy the model runs (the active adapter's, or the original with adapters disabled), and
+    None for the others, which are not synced."""
+    rules: dict[str, str | None] = {}
+    for path, module in model.named_modules():
+        copies = getattr(module, "modules_to_save", None)
+        if not (hasattr(module, "original_module") and isinstance(copies, torch.nn.ModuleDict)):
+            continue
+        active = getattr(module, "active_adapters", None) or [getattr(module, "active_adapter", None)]
+        live = None if getattr(module, "disable_adapters", False) else next(
+            (a for a in active if a in copies), None)
+        rules[f"{path}.original_module."] = f"{path}." if live is None else None
+        for adapter in copies:
+            rules[f"{path}.modules_to_save.{adapter}."] = f"{path}." if adapter == live else None
+    return rules
+
+
 def _full(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor of an FSDP2/DTensor shard (an all-gather), else the tensor itself."""
     try:
@@ -151,12 +172,20 @@ def hf_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield `(hf_name, tensor)` for every weight of `model`, one at a time.
 
     Sharded (DTensor) parameters are gathered just before they are yielded, so at most one
-    full parameter exists beside the shards. LoRA deltas are merged into their base weight.
+    full parameter exists beside the shards. LoRA deltas are merged into their base weight;
+    of a PEFT `modules_to_save` module, the copy the model runs is yielded under the
+    module's own name.
     """
     lora = _lora_deltas(model)
+    saved = _saved_module_names(model)
     for name, tensor in model.state_dict(keep_vars=True).items():
         if _LORA_PARAM.search(name):
             continue
+        prefix = next((p for p in saved if name.startswith(p)), None)
+        if prefix is not None:
+            if saved[prefix] is None:
+                continue  # the frozen original, or another adapter's copy
+            name = saved[prefix] + name[len(prefix):]
         value = _full(tensor.detach())
         layer = lora.get(name)
         if layer is not None:

@@ -8,6 +8,7 @@ engines agree to ~5e-7 (measured); the tolerance is 1e-5 absolute per token.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -400,3 +401,34 @@ def test_gpu_sync_time_close_to_a_device_copy():
     # The sync adds vLLM's own load_weights (q/k/v and gate/up fusion) over a plain copy.
     assert rollout.stats["sync_s"] < max(50 * copy_s, 0.5)
     rollout.close()
+
+
+@pytest.mark.parametrize("saved", [None, ["embed_tokens", "lm_head"]])
+def test_hf_weights_of_a_real_peft_model(saved):
+    """A PEFT model (LoRA on every linear layer; with `modules_to_save`, the embedding and
+    the head trained whole beside the adapters): the synced weights carry the bare model's
+    names and reproduce the PEFT model's logits in a plain model, with the adapters on and
+    with them disabled (then the base's)."""
+    import peft
+
+    model = tiny_model("llama", 128, seed=2)
+    bare = set(model.state_dict())
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                             init_lora_weights=False, modules_to_save=saved)
+    policy = peft.get_peft_model(model, config)
+    with torch.no_grad():  # trained copies that differ from their originals
+        for name, p in policy.named_parameters():
+            if ".modules_to_save." in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    ids = torch.randint(3, 100, (2, 9))
+    for disabled in (False, True):
+        with policy.disable_adapter() if disabled else contextlib.nullcontext():
+            got = dict(hf_weights(policy))
+            with torch.no_grad():
+                expected = policy(input_ids=ids).logits
+        assert set(got) == bare
+        plain = tiny_model("llama", 128, seed=99)
+        plain.load_state_dict(got)
+        with torch.no_grad():
+            torch.testing.assert_close(plain(input_ids=ids).logits, expected,
+                                       atol=1e-5, rtol=1e-5)
