@@ -440,35 +440,40 @@ def test_demo_at_reduced_size(tmp_path, capsys):
 
 @pytest.mark.parametrize("algorithm", ["sft", "sft-alpaca", "rm", "rm-pointwise",
                                        "rm-listwise", "kto", "orpo", "simpo"])
-def test_every_algorithm_trains_from_the_command_line(tmp_path, algorithm):
-    extra = []
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_every_algorithm_trains_from_the_command_line(tmp_path, algorithm, lora):
+    extra = ["lora_r=2"] if lora else []
     if algorithm == "sft-alpaca":  # SFT's own records: instruction, input, output
         data = tmp_path / "sft.jsonl"
         data.write_text("".join(f'{{"instruction": "add", "input": "{a}+{b}=", '
                                 f'"output": "{a + b}"}}\n' for a in range(4) for b in range(3)))
-        algorithm, extra = "sft", [f"data={data}"]
+        algorithm, extra = "sft", [*extra, f"data={data}"]
     if algorithm == "rm-pointwise":
         data = tmp_path / "scored.jsonl"
         data.write_text("".join(f'{{"prompt": "{a}+1=", "completion": "{a + 1 + b}", '
                                 f'"score": {1.0 - b}}}\n' for a in range(5) for b in range(2)))
-        algorithm, extra = "rm", [f"data={data}", "rm_kind=pointwise"]
+        algorithm, extra = "rm", [*extra, f"data={data}", "rm_kind=pointwise"]
     if algorithm == "rm-listwise":
         data = tmp_path / "ranked.jsonl"
         data.write_text("".join(f'{{"prompt": "{a}+2=", "responses": ["{a + 2}", "{a + 3}", '
                                 f'"{a + 9}"]}}\n' for a in range(6)))
-        algorithm, extra = "rm", [f"data={data}", "rm_kind=listwise"]
+        algorithm, extra = "rm", [*extra, f"data={data}", "rm_kind=listwise"]
     if algorithm == "kto":
         data = tmp_path / "kto.jsonl"
         data.write_text("".join(
             f'{{"instruction": "{a}+{b}=", "output": "{a + b + (a % 2)}", '
             f'"kto_tag": {"true" if a % 2 == 0 else "false"}}}\n'
             for a in range(4) for b in range(3)))
-        extra = [f"data={data}"]
+        extra = [*extra, f"data={data}"]
     rc = main(["train", algorithm, f"out_dir={tmp_path / 'run'}", "steps=2", *SMALL, *extra])
     assert rc == 0
     rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2]
     assert all(r["loss"] is not None for r in rows)
+    assert (tmp_path / "run" / "adapter").is_dir() == lora
+    if lora:  # the adapters alone (and a reward model's head) were trained and saved
+        state = ckpt.load_checkpoint(tmp_path / "run" / "checkpoints", restore_rng=False)
+        assert all(".lora_" in n or ".reward_head." in n for n in state["model"])
 
 
 def test_a_model_that_runs_padded_is_packed_padded_everywhere(tmp_path, monkeypatch):
