@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 
@@ -41,6 +42,13 @@ def fresh_seed() -> int:
     """A seed for a test's own torch.Generator, drawn from torch's global generator, which
     conftest seeds per test (so ALIGNFUSE_TEST_SEED reproduces it; torch.seed() would not)."""
     return int(torch.randint(0, 2**31, ()))
+
+
+def fresh_rng() -> np.random.Generator:
+    """A numpy Generator seeded from fresh_seed(). np.random.default_rng() with no seed reads
+    the OS entropy, which np.random.seed (conftest's) does not reach, so its draws could not be
+    replayed with ALIGNFUSE_TEST_SEED."""
+    return np.random.default_rng(fresh_seed())
 
 
 def preference_pairs(gen: torch.Generator, vocab: int, num_pairs: int,

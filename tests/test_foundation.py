@@ -229,6 +229,21 @@ def test_no_triton():
                                  "*mark it @pytest.mark.cpu_only*"])
 
 
+def test_every_random_draw_of_the_suite_replays_from_its_seed():
+    """conftest seeds torch, random and numpy's legacy generator per test; a generator made
+    without a seed reads OS entropy instead, and the seed printed on failure would not draw the
+    failing inputs again (a CI flake in test_packing went unreproducible that way)."""
+    import re
+    unseeded = re.compile(r"default_rng\(\s*\)|torch\.seed\(\s*\)|random\.Random\(\s*\)"
+                          r"|torch\.Generator\([^)]*\)\.seed\(\s*\)")
+    found = [f"{path.name}:{n}: {line.strip()}"
+             for path in sorted((ROOT / "tests").rglob("*.py"))
+             for n, line in enumerate(path.read_text().splitlines(), 1)
+             if unseeded.search(line.split("#")[0]) and '"""' not in line]
+    assert not found, "unseeded generators (use helpers.fresh_seed / fresh_rng):\n" + \
+        "\n".join(found)
+
+
 def test_cuda_backend_cases_carry_their_marker(request):
     """conftest marks every case that runs csrc/cuda `cuda_backend` (the GPU session selects
     them with -m "gpu or cuda_backend"): backend="cuda" (or linear_backend, kernels), and the

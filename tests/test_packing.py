@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import fresh_rng
+
 from alignfuse.engine.packing import (PackedBatch, _host_module, pack, padding_efficiency,
                                       plan_micro_batches)
 
@@ -41,7 +43,7 @@ def _naive_best_fit_decreasing(lengths: list[int], max_tokens: int) -> set[froze
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bins_fit_and_hold_every_sequence_once(backend):
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     for num_ranks in (1, 3, 8):
         lengths = rng.integers(1, 200, size=1031)
         plan = plan_micro_batches(lengths, max_tokens=257, num_ranks=num_ranks, backend=backend)
@@ -54,7 +56,7 @@ def test_bins_fit_and_hold_every_sequence_once(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_single_rank_plan_is_best_fit_decreasing(backend):
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     for _ in range(20):
         max_tokens = int(rng.integers(10, 80))
         lengths = rng.integers(1, max_tokens + 1, size=int(rng.integers(1, 120)))
@@ -74,7 +76,7 @@ def test_hand_computed_plan():
 
 @pytest.mark.skipif(not HAS_CPP, reason="alignfuse.engine._host lacks plan_bins")
 def test_cpp_and_python_plans_are_identical():
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     compared = 0
     for trial in range(200):
         max_tokens = int(rng.integers(4, 90))
@@ -131,7 +133,7 @@ def test_padded_plan_budgets_the_padded_rows(backend):
     """With `padded=True`, sequences x the longest stay within max_tokens in every
     micro-batch (what a model that runs on padded rows allocates), groups stay together,
     every rank gets as many micro-batches, and one rank's plan is next-fit decreasing."""
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     planned = 0
     for trial in range(30):
         max_tokens = int(rng.integers(40, 300))
@@ -188,7 +190,7 @@ def test_padded_pack_bounds_what_a_padded_forward_allocates():
     """One long document among many short ones: token-budgeted, the padded rows of a
     micro-batch hold many times its tokens; padded, they stay within max_tokens and
     little of them is padding."""
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     lengths = [1000] + rng.integers(5, 40, size=300).tolist()
     sequences = [rng.integers(3, 90, size=n).tolist() for n in lengths]
     by_tokens = pack(sequences, max_tokens=2048)
@@ -202,7 +204,7 @@ def test_padded_pack_bounds_what_a_padded_forward_allocates():
 
 
 def test_karmarkar_karp_balances_better_than_round_robin():
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     attention_cost = 1 / 2048
     lengths = np.clip(rng.lognormal(6, 1, 3000).astype(np.int64), 1, 4096)
     cost = _costs(lengths, attention_cost)
@@ -225,7 +227,7 @@ def test_karmarkar_karp_balances_better_than_round_robin():
 def test_balancing_uses_the_attention_cost():
     # Balanced on tokens alone, ranks with the long documents do more attention work; the
     # workload model with the quadratic term evens out the true cost.
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     lengths = np.clip(rng.lognormal(6, 1.2, 400).astype(np.int64), 1, 4096)
     attention_cost = 1 / 256
     true_cost = _costs(lengths, attention_cost)
@@ -234,7 +236,11 @@ def test_balancing_uses_the_attention_cost():
         plan = plan_micro_batches(lengths, max_tokens=4096, num_ranks=4, attention_cost=model)
         per_rank = np.array([sum(true_cost[b].sum() for b in rank) for rank in plan])
         imbalance[model] = per_rank.max() / per_rank.mean() - 1
-    assert imbalance[attention_cost] < 1e-3 < imbalance[0.0]
+    # Ranks are whole micro-batches of a few hundred heavy-tailed documents, so the model's
+    # imbalance has a granularity floor (over 400 seeds: median 6e-5, worst 4e-3); tokens alone
+    # leave 6e-3..8e-2, at least 22x more on every seed.
+    assert imbalance[attention_cost] < 1e-2
+    assert imbalance[attention_cost] < imbalance[0.0] / 5
 
 
 def test_too_few_units_for_equal_counts_raises():
@@ -247,7 +253,7 @@ def test_too_few_units_for_equal_counts_raises():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_groups_stay_together_contiguous_and_in_order(backend):
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     num_groups, size = 61, 4
     lengths = rng.integers(1, 40, size=num_groups * size)
     sequences = [rng.integers(0, 1000, size=n).tolist() for n in lengths]
@@ -268,7 +274,7 @@ def test_groups_stay_together_contiguous_and_in_order(backend):
 
 
 def test_pairs_give_chosen_even_and_rejected_odd():
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     pairs = 23
     sequences = [rng.integers(0, 50, size=int(rng.integers(2, 30))).tolist()
                  for _ in range(2 * pairs)]
@@ -298,7 +304,7 @@ def _check_batch(batch: PackedBatch, sequences, prompt_lengths):
 
 
 def test_targets_positions_and_cu_seqlens():
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     sequences = [rng.integers(0, 97, size=int(rng.integers(1, 50))).tolist() for _ in range(37)]
     prompt_lengths = [int(rng.integers(0, len(s) + 1)) for s in sequences]
     batches = pack(sequences, max_tokens=101, prompt_lengths=prompt_lengths)
@@ -311,7 +317,7 @@ def test_targets_positions_and_cu_seqlens():
 
 
 def test_loss_masks_equal_prompt_lengths():
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     sequences = [rng.integers(0, 97, size=int(rng.integers(1, 30))) for _ in range(19)]
     prompts = [int(rng.integers(0, len(s) + 1)) for s in sequences]
     masks = [np.arange(len(s)) >= p for s, p in zip(sequences, prompts)]
@@ -327,7 +333,7 @@ def test_loss_masks_equal_prompt_lengths():
 
 
 def test_unpack_and_to_padded_round_trip():
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     sequences = [torch.randint(0, 100, (int(rng.integers(1, 20)),)) for _ in range(29)]
     for batch in pack(sequences, max_tokens=45):
         pieces = batch.unpack(batch.input_ids)
@@ -419,7 +425,7 @@ def test_one_million_sequences_plan_fast():
 
 
 def test_padding_efficiency_on_lognormal_lengths():
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     lengths = np.clip(rng.lognormal(5.5, 1, 5000).astype(np.int64), 1, 2048)
     report = padding_efficiency(lengths, max_tokens=4096)
     print(f"packed {report.packed:.3f} vs padded {report.padded:.3f} "
@@ -439,7 +445,7 @@ def test_padding_efficiency_on_lognormal_lengths():
 
 
 def test_lists_arrays_and_tensors_pack_the_same(monkeypatch):
-    rng = np.random.default_rng()
+    rng = fresh_rng()
     lists = [rng.integers(0, 500, size=int(rng.integers(1, 40))).tolist() for _ in range(53)]
     forms = [lists, [np.asarray(s, dtype=np.int32) for s in lists],
              [torch.tensor(s) for s in lists]]
