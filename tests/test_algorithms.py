@@ -187,7 +187,10 @@ def test_base_reference_is_the_lora_policys_base_without_a_copy():
         model.zero_grad()
         results.append((DPO(model, ref, beta=0.5).step(batch), grads(model)))
     (copied, copied_grads), (based, based_grads) = results
-    assert abs(copied["rewards/margin"]) > 1e-3  # the policy is not its base
+    # The policy is not its base. (Not the DPO margin: chosen minus rejected can cancel to
+    # ~0 on some draws of the adapters; the largest token gap was >= 0.41 over 202 draws.)
+    gap = (policy_before - token_logprobs(frozen, batch)).abs().max()
+    assert gap > 0.1, gap
     for key, value in copied.items():
         assert based[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
     assert copied_grads.keys() == based_grads.keys() and copied_grads

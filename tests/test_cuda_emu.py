@@ -65,7 +65,10 @@ def test_block_sum_is_the_sum(emu, threads):
     x = torch.randn(blocks, threads)
     out = torch.empty(blocks)
     emu.emu_selftest_block_sums(x.data_ptr(), out.data_ptr(), blocks, threads, threads)
-    torch.testing.assert_close(out, x.sum(1), rtol=1e-5, atol=1e-5)
+    # fp32 summation order differs from torch's: the error scales with the terms' magnitudes,
+    # not with a sum that may cancel to ~0 (rtol * |sum| came within 0.92 of failing).
+    bound = 1e-6 * x.abs().sum(1) + 1e-7
+    assert ((out - x.sum(1)).abs() <= bound).all(), (out, x.sum(1))
 
 
 def test_a_barrier_some_threads_skip_is_an_error(emu):

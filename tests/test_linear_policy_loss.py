@@ -123,8 +123,11 @@ def check_against_reference(batch, backend, *, tol=2e-5, layout="padded", **kwar
         assert not metrics[name].requires_grad
         bound = tol * (scale if name == "pg_loss" else max(abs(float(want)), 1.0))
         assert abs(got - float(want)) <= bound, f"{name}: {got} vs {float(want)}"
+    # The bias gradient sums d loss / d logits over every token, whose signed terms can cancel
+    # (its relative error has a heavy tail: in bf16 with softcap up to 0.86 of 10 * tol over
+    # 105 draws), so it gets twice the bound of the other gradients.
     for name, g, w in zip(("grad_hidden", "grad_weight", "grad_bias"), grads, want_grads):
-        assert_rel_close(g, w, 10 * tol, name)
+        assert_rel_close(g, w, (20 if name == "grad_bias" else 10) * tol, name)
     return want_metrics
 
 
