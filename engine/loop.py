@@ -290,7 +290,8 @@ def build_config(config_class: type, values: dict[str, Any] | None,
 def check_knobs(cfg, given) -> None:
     """ConfigError for each key of `given` (the keys the user set) that is an algorithm knob
     of `type(cfg).KNOBS` not read by `cfg.algorithm`, or a key of `type(cfg).NEEDS` whose
-    switch is off (lora_alpha with lora_r=0); whatever its value, the default too.
+    switch is off (lora_alpha with lora_r=0; a switch may also be a pair (property, what
+    makes it true)); whatever its value, the default too.
     Keys left out are never refused: their defaults apply to every algorithm."""
     knobs, algorithms = type(cfg).KNOBS, type(cfg).ALGORITHMS
     if cfg.algorithm not in algorithms:
@@ -303,7 +304,11 @@ def check_knobs(cfg, given) -> None:
             raise ConfigError(f"{key} is not used by algorithm={cfg.algorithm} (only {names} "
                               f"it); remove it")
         switch = getattr(type(cfg), "NEEDS", {}).get(key)
-        if switch is not None and not getattr(cfg, switch):
+        if isinstance(switch, tuple):  # (a property of the config, what makes it true)
+            attribute, condition = switch
+            if not getattr(cfg, attribute):
+                raise ConfigError(f"{key} is read only with {condition}; remove it")
+        elif switch is not None and not getattr(cfg, switch):
             raise ConfigError(f"{key} is not used with {switch}={getattr(cfg, switch)!r} "
                               f"(it is read only when {switch} is set); remove it or set "
                               f"{switch}")
@@ -326,23 +331,32 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
 # Model, data, algorithm
 
 
+TINY_MODELS = ("tiny-llama", "tiny-qwen2")
+
+
 def load_model_and_tokenizer(cfg: TrainConfig):
+    return load_model(cfg.model, seed=cfg.seed, dtype=cfg.dtype, device=cfg.device)
+
+
+def load_model(name: str, *, seed: int, dtype: str = "float32", device: str = "cpu"):
+    """(model, tokenizer) of a `model=` key: an embedded tiny model (initialised from `seed`)
+    or a local Hugging Face model folder."""
     from .tiny import tiny_model, tiny_tokenizer
 
-    dtype = getattr(torch, cfg.dtype)
-    if cfg.model in ("tiny-llama", "tiny-qwen2"):
+    torch_dtype = getattr(torch, dtype)
+    if name in TINY_MODELS:
         tokenizer = tiny_tokenizer()
-        model = tiny_model(cfg.model.split("-", 1)[1], len(tokenizer), seed=cfg.seed, dtype=dtype)
+        model = tiny_model(name.split("-", 1)[1], len(tokenizer), seed=seed, dtype=torch_dtype)
     else:
-        if not Path(cfg.model).is_dir():
+        if not Path(name).is_dir():
             raise ConfigError(f"model must be tiny-llama, tiny-qwen2 or a local model folder; "
-                              f"{cfg.model!r} is none of these")
+                              f"{name!r} is none of these")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype,
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype,
                                                      attn_implementation="sdpa")
-    return model.to(cfg.device), tokenizer
+    return model.to(device), tokenizer
 
 
 def load_records(cfg: TrainConfig, source: str, *, evaluation: bool):
@@ -587,12 +601,15 @@ def open_run(cfg, *, resume: bool, resumable: tuple[str, ...]
         # /abs/r) and wherever the folder was moved since.
         # Nor a knob the algorithm does not read (a checkpoint made before such knobs were
         # refused may hold one with another value): it does not change the numbers either.
+        # A key the checkpoint's config lacks (added to alignfuse since) counts as its
+        # default: that run had that behaviour.
         knobs = type(cfg).KNOBS
+        saved = {f.name: f.default for f in dataclasses.fields(cfg)} | state["config"]
         changed = [k for k, v in dataclasses.asdict(cfg).items()
-                   if k not in resumable and k != "out_dir" and state["config"].get(k) != v
+                   if k not in resumable and k != "out_dir" and saved.get(k) != v
                    and cfg.algorithm in knobs.get(k, (cfg.algorithm,))]
         if changed:
-            values = ", ".join(f"{k}: {state['config'].get(k)!r} -> {getattr(cfg, k)!r}"
+            values = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}"
                                for k in changed)
             raise ConfigError(f"resume: the config differs from the checkpoint's in {changed} "
                               f"({values}); only {', '.join(resumable)} may change")

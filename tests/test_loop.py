@@ -407,6 +407,16 @@ def test_resume_refuses_a_changed_config(tmp_path, monkeypatch):
     summary = train(dataclasses.replace(make_config(overrides=common), gamma=0.9,
                                         rm_kind="listwise"), resume=True)
     assert summary["train"] == {}
+    # A checkpoint made before a key existed (its config lacks it) had that key's default
+    # behaviour: it resumes with the default, and is refused with another value.
+    state_file = max((tmp_path / "checkpoints").glob("step-*")) / "state.pt"
+    state = torch.load(state_file, weights_only=False)
+    del state["config"]["disable_dropout"]
+    torch.save(state, state_file)
+    assert train(make_config(overrides=common), resume=True)["train"] == {}
+    with pytest.raises(ConfigError, match=r"in \['disable_dropout'\] "
+                                          r"\(disable_dropout: True -> False\)"):
+        train(make_config(overrides=[*common, "disable_dropout=false"]), resume=True)
     # The same folder, spelled otherwise, is the same run.
     monkeypatch.chdir(tmp_path.parent)
     for spelling in (tmp_path.name, f"./{tmp_path.name}"):
