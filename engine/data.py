@@ -20,6 +20,9 @@ Record shapes:
 - `load_scored` -> `ScoredRecord`: `prompt` str, `completion` str, `score` finite number.
 - `load_ranked` -> `RankedRecord`: `prompt` str, `responses` list of >= 2 str (best first),
   `ranks` list of int (optional).
+- `load_prompts` -> `PromptRecord` (online GRPO/PPO): `prompt` str, or `instruction` +
+  `input` (optional); every other field (e.g. `answer`) goes to the reward function as a
+  keyword. No `completion` field: the reward's completion is the sampled one.
 
 - The prompt of an instruction record is `instruction + ("\\n" + input if input)`.
 - `ranks` (ranked lists): `ranks[k]` is the rank of `responses[k]`, 0 = best, a permutation
@@ -115,6 +118,13 @@ class ScoredRecord:
     prompt: str
     completion: str
     score: float
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """A prompt of online RL, and the fields its reward function gets as keywords."""
+    prompt: str
+    fields: dict = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
@@ -338,6 +348,36 @@ def load_scored(source) -> list[ScoredRecord]:
     return _load(source, parse)
 
 
+def load_prompts(source) -> list[PromptRecord]:
+    """Prompts for online GRPO/PPO from JSONL or a Dataset: `prompt` (str), or `instruction`
+    and `input` (optional) as in `load_sft`. The record's other fields (`answer`, test
+    cases, ...) reach the reward function as keywords; `completion` is refused (the reward
+    gets the sampled completion under that name)."""
+    def parse(r: _Fields) -> PromptRecord:
+        if r.has("prompt") and r.has("instruction"):
+            r.fail(None, "both 'prompt' and 'instruction': expected one of them")
+        if r.has("prompt"):
+            prompt, used = r.text("prompt"), {"prompt"}
+        elif r.has("instruction"):
+            prompt = instruction_prompt(r.text("instruction"),
+                                        r.text("input", optional=True, default=""))
+            used = {"instruction", "input"}
+        else:
+            r.fail("prompt", "missing (a prompt record has prompt, or instruction and input "
+                             "(optional); its other fields go to the reward function)")
+        if r.has("completion"):
+            r.fail("completion", "a prompt record's fields go to the reward function as "
+                                 "keywords, and its completion is the sampled one; rename "
+                                 "this field (e.g. reference)")
+        bad = [k for k in r.row if not isinstance(k, str) or not k.isidentifier()]
+        if bad:
+            r.fail(bad[0], "not a Python identifier, so it cannot reach the reward function "
+                           "as a keyword; rename it")
+        return PromptRecord(prompt, {k: v for k, v in r.row.items()
+                                     if k not in used and v is not None})
+    return _load(source, parse)
+
+
 def load_ranked(source) -> list[RankedRecord]:
     """Ranked lists from JSONL or a Dataset: `prompt`, `responses` (>= 2 strings, best first
     unless `ranks` says otherwise, the same number K in every record), optional `ranks`
@@ -375,8 +415,7 @@ def encode_prompt_completion(tokenizer, prompt: str,
     """Token ids of a prompt and its completion (see the module docstring for the format)."""
     if getattr(tokenizer, "chat_template", None):
         user = [{"role": "user", "content": prompt}]
-        prompt_text = tokenizer.apply_chat_template(user, add_generation_prompt=True,
-                                                    tokenize=False)
+        prompt_text = _chat_prompt(tokenizer, prompt)
         full_text = tokenizer.apply_chat_template(
             user + [{"role": "assistant", "content": completion}], tokenize=False)
         if not full_text.startswith(prompt_text):
@@ -391,6 +430,21 @@ def encode_prompt_completion(tokenizer, prompt: str,
                         "a completion cannot be marked")
     return (tokenizer(prompt)["input_ids"],
             tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+
+
+def _chat_prompt(tokenizer, prompt: str) -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                         add_generation_prompt=True, tokenize=False)
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """The token ids of a prompt to generate from: exactly the prompt ids of
+    `encode_prompt_completion` (the chat template up to the assistant turn, or the prompt
+    with the tokenizer's own special tokens), so online RL samples from the prompts the
+    offline algorithms train on."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer(_chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt)["input_ids"]
 
 
 @dataclass

@@ -16,30 +16,45 @@ when it is installed (weights synced in place every iteration), else transformer
 The reward reported before and after is the mean reward of `eval_samples` fresh samples per
 prompt, at the training temperature, over every prompt of the task: exactly the objective
 GRPO maximises.
+
+On your own model, prompts and reward (`model=<folder> task=<prompts.jsonl>
+reward=<file.py:function>`): the prompts are `engine/data.py` `load_prompts` records,
+rendered as the offline loaders render prompts (the chat template when the tokenizer has
+one), gone through in a fresh order each epoch; the reward gets each record's own prompt
+text, the decoded completion and the record's other fields as keywords (`OnlineTask`).
+`lora_r > 0` trains adapters only: the KL reference is their base (`BaseReference`), the
+rollout receives the merged weights at every sync (`rollout.hf_weights`), checkpoints hold
+the adapters, and the run ends with `out_dir/adapter` beside the merged `out_dir/model`.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import io
 import json
+import math
 import random
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 
 from . import checkpoint as ckpt
-from .loop import (ConfigError, _check_type, build_config, check_bounds, check_max_grad_norm,
-                   open_run)
+from .data import PromptRecord
+from .lora import (BaseReference, add_lora, load_trainable_state, lora_targets, merge,
+                   trainable_state)
+from .loop import (TINY_MODELS, ConfigError, _check_type, build_config, check_bounds,
+                   check_max_grad_norm, data_fingerprint, load_model, open_run)
 from .metrics import MetricsLogger, plot_metrics, pyplot, read_metrics
 from .packing import pack
 from .rollout import HFRollout, Rollout, SamplingConfig, VLLMRollout, vllm_available
 from .tasks import addition_prompts, arithmetic_reward, solve
-from .tiny import tiny_model, tiny_tokenizer
 
 ONLINE_ALGORITHMS = ("grpo", "ppo")
+BUILTIN_TASK = "builtin:addition"
 # Keys that may change between a run and its resumption (they do not change the numbers).
 RESUMABLE_CHANGES = ("iterations", "crash_after_iterations", "save_every", "tensorboard",
                      "keep_checkpoints", "num_threads")
@@ -70,17 +85,46 @@ class OnlineConfig:
     # Not fields (no annotation): what `build_config`/`check_knobs` check given keys against.
     ALGORITHMS = ONLINE_ALGORITHMS
     KNOBS = ONLINE_ALGORITHM_KNOBS
+    # Keys read only when another is on (`check_knobs`): given while it is off, refused.
+    NEEDS = {"lora_alpha": "lora_r", "lora_targets": "lora_r",
+             **{key: ("builtin_task", f"task={BUILTIN_TASK}")
+                for key in ("max_operand", "sft_examples", "sft_lr")}}
+
+    @property
+    def builtin_task(self) -> bool:
+        return self.task == BUILTIN_TASK
 
     algorithm: str = "grpo"
-    model: str = "tiny-llama"        # tiny-llama / tiny-qwen2 (the task needs their tokenizer)
-    task: str = "builtin:addition"   # the built-in verifiable-reward task (the only one yet)
-    max_operand: int = 4             # prompts "a+b=" with a, b in 0..max_operand
+    # tiny-llama / tiny-qwen2 (the embedded default), or a local Hugging Face model folder
+    # (with a task of your own: the built-in one needs the embedded tokenizer).
+    model: str = "tiny-llama"
+    # "builtin:addition" (the verifiable-reward task of engine/tasks.py), or your prompts: a
+    # JSONL file or saved dataset folder of `prompt` records (engine/data.py `load_prompts`;
+    # their other fields, e.g. `answer`, reach the reward function as keywords).
+    task: str = "builtin:addition"
+    # Your task's reward: "module:function" or "path/to/file.py:function", called as
+    # function(prompt, completion, **fields) -> float (prompt: the record's text, before any
+    # chat template). The built-in task has its own (arithmetic_reward) and takes none.
+    reward: str | None = None
+    eval_task: str | None = None     # prompts to evaluate on (default: the task's own)
+    eval_prompts: int = 64           # at most this many of them (a fixed draw)
+    max_operand: int = 4             # built-in task: prompts "a+b=" with a, b in 0..max_operand
     out_dir: str = "runs/online"
     seed: int = 0
     rollout: str = "auto"            # "auto" (vLLM when installed), "vllm" or "hf"
-    sft_warmup_steps: int = 30       # SFT on right answers first (a fresh model has no format)
+    # SFT on right answers first (a fresh model has no format): the built-in task only (None:
+    # 30 there, 0 for a task of yours, which has no right answers to learn).
+    sft_warmup_steps: int | None = None
     sft_examples: int = 64
     sft_lr: float = 3e-3
+    # LoRA (engine/lora.py), as in `alignfuse train`: lora_r > 0 trains rank-r adapters and
+    # freezes the model; the KL reference is then the base itself (BaseReference, no copy),
+    # vLLM gets the merged weights at each sync, and the run ends with out_dir/adapter.
+    lora_r: int = 0
+    lora_alpha: float = 16.0         # only with lora_r > 0
+    lora_targets: str = "all-linear"  # only with lora_r > 0
+    # At the end, the trained policy and its tokenizer as a Hugging Face folder, out_dir/model.
+    export_model: bool = True
     iterations: int = 60             # generation batches
     prompts_per_iteration: int = 25
     group_size: int = 16             # samples per prompt
@@ -125,20 +169,53 @@ class OnlineConfig:
         if self.algorithm not in ONLINE_ALGORITHMS:
             raise ConfigError(f"algorithm must be one of {ONLINE_ALGORITHMS}, "
                               f"got {self.algorithm!r}")
-        if self.model not in ("tiny-llama", "tiny-qwen2"):
-            raise ConfigError(f"model must be tiny-llama or tiny-qwen2, got {self.model!r}: the "
-                              "built-in addition task uses the embedded character tokenizer "
-                              "(your own model, prompts and reward: GRPO/PPO in your loop)")
-        if self.task != "builtin:addition":
-            raise ConfigError(f"task must be 'builtin:addition', got {self.task!r}")
+        if self.builtin_task:
+            if self.model not in TINY_MODELS:
+                raise ConfigError(f"model={self.model!r} needs a task of yours (task=prompts."
+                                  f"jsonl reward=module:function): task={BUILTIN_TASK} runs on "
+                                  "tiny-llama or tiny-qwen2, whose character tokenizer it uses")
+            if self.reward is not None:
+                raise ConfigError(f"reward: task={BUILTIN_TASK} has its own reward "
+                                  "(arithmetic_reward); remove reward=, or give task= your "
+                                  "prompts")
+            if self.sft_warmup_steps is None:
+                self.sft_warmup_steps = 30
+        else:
+            if self.task.startswith("builtin:"):
+                raise ConfigError(f"task: unknown built-in task {self.task!r} (have: "
+                                  f"{BUILTIN_TASK}, or a prompts file)")
+            for key in ("task", "eval_task"):
+                source = getattr(self, key)
+                if source is not None and not Path(source).exists():
+                    raise ConfigError(f"{key}: {source} does not exist (a JSONL file or a "
+                                      "saved dataset folder of prompt records)")
+            if self.model not in TINY_MODELS and not Path(self.model).is_dir():
+                raise ConfigError(f"model must be tiny-llama, tiny-qwen2 or a local model "
+                                  f"folder; {self.model!r} is none of these")
+            if self.reward is None:
+                raise ConfigError(f"reward: task={self.task!r} needs a reward function, "
+                                  "reward=module:function or reward=path/to/file.py:function")
+            if self.sft_warmup_steps is None:
+                self.sft_warmup_steps = 0
+            elif self.sft_warmup_steps:
+                raise ConfigError(f"sft_warmup_steps={self.sft_warmup_steps}: the warm-up "
+                                  f"learns {BUILTIN_TASK}'s right answers, and a task of yours "
+                                  "has none; warm up with `alignfuse train sft` and pass its "
+                                  "out_dir/model as model=")
+        if self.eval_task is not None and self.builtin_task:
+            raise ConfigError(f"eval_task: task={BUILTIN_TASK} evaluates on all of its prompts; "
+                              "remove eval_task")
+        if self.reward is not None and ":" not in self.reward:
+            raise ConfigError(f"reward must look like module:function or path/to/file.py:"
+                              f"function, got {self.reward!r}")
         if self.rollout not in ("auto", "vllm", "hf"):
             raise ConfigError(f"rollout must be auto, vllm or hf, got {self.rollout!r}")
         check_bounds(self, at_least_one=("iterations", "prompts_per_iteration", "group_size",
                                          "max_new_tokens", "eval_samples", "sft_examples",
                                          "ppo_epochs", "mini_batches", "keep_checkpoints",
-                                         "num_threads", "max_tokens"),
-                     non_negative=("sft_warmup_steps", "save_every"),
-                     positive=("lr", "sft_lr", "temperature"))
+                                         "num_threads", "max_tokens", "eval_prompts"),
+                     non_negative=("sft_warmup_steps", "save_every", "lora_r"),
+                     positive=("lr", "sft_lr", "temperature", "lora_alpha"))
         if not 0 <= self.max_operand <= 99:
             raise ConfigError(f"max_operand must be in [0, 99], got {self.max_operand!r}")
         check_max_grad_norm(self.max_grad_norm)
@@ -183,8 +260,136 @@ def make_online_config(values: dict[str, Any] | None = None,
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
-    # A bos anchors position 0, as in every chat-formatted prompt.
+    """A built-in task's prompt: a bos anchors position 0, as in every chat-formatted prompt."""
     return [tokenizer.bos_token_id] + tokenizer.encode(text, add_special_tokens=False)
+
+
+# The mapping key under which a prompt's own text rides along to the reward (GRPO/PPO hand
+# the reward the prompt as decoded from its tokens, chat template included).
+_PROMPT_TEXT = "_alignfuse_prompt_text"
+
+
+@dataclass
+class OnlineTask:
+    """What a run samples and scores: its prompts (text and the reward's fields), their token
+    ids, the reward function, the tokens that end a completion and the evaluation prompts."""
+
+    prompts: list[PromptRecord]
+    eval_prompts: list[PromptRecord]
+    reward: Callable[..., float]
+    tokenizer: Any
+    encode: Callable[[str], list[int]]
+    stop_token_ids: list[int]
+    builtin: bool
+    _ids: dict[str, list[int]] = dataclasses.field(default_factory=dict, repr=False)
+
+    def ids(self, prompt: str) -> list[int]:
+        if prompt not in self._ids:
+            self._ids[prompt] = self.encode(prompt)
+        return self._ids[prompt]
+
+    def batch(self, records: Sequence[PromptRecord]) -> list[dict]:
+        """GRPO/PPO's prompts: token ids, with the text and fields the reward gets."""
+        return [{"prompt": self.ids(r.prompt), _PROMPT_TEXT: r.prompt, **r.fields}
+                for r in records]
+
+    def score(self, prompt, completion: str, **fields) -> float:
+        """The reward GRPO/PPO call: the user's function on the record's own prompt text."""
+        return self.reward(fields.pop(_PROMPT_TEXT), completion, **fields)
+
+    def longest_prompt(self) -> int:
+        return max(len(self.ids(r.prompt)) for r in (*self.prompts, *self.eval_prompts))
+
+
+def load_reward(spec: str) -> Callable[..., float]:
+    """The function named by `reward=`: "module:function" (importable) or
+    "path/to/file.py:function". ConfigError naming `reward` when it cannot be had."""
+    import importlib
+    import importlib.util
+    import sys
+
+    target, _, name = spec.rpartition(":")
+    if not target or not name:
+        raise ConfigError(f"reward must look like module:function or path/to/file.py:"
+                          f"function, got {spec!r}")
+    try:
+        if target.endswith(".py") or "/" in target or "\\" in target:
+            path = Path(target)
+            if not path.is_file():
+                raise ConfigError(f"reward: {target} is not a file")
+            module_spec = importlib.util.spec_from_file_location(
+                f"_alignfuse_reward_{path.stem}", path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.path.insert(0, str(path.resolve().parent))  # its own helper modules
+            try:
+                module_spec.loader.exec_module(module)
+            finally:
+                sys.path.remove(str(path.resolve().parent))
+        else:
+            module = importlib.import_module(target)
+    except ConfigError:
+        raise
+    except Exception as exc:  # the user's module: any error, named and chained
+        raise ConfigError(f"reward: importing {target} failed: {type(exc).__name__}: "
+                          f"{exc}") from exc
+    function = getattr(module, name, None)
+    if function is None:
+        import difflib
+
+        close = difflib.get_close_matches(name, [n for n in vars(module) if not n.startswith("_")])
+        raise ConfigError(f"reward: {target} has no {name!r}"
+                          + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    if not callable(function):
+        raise ConfigError(f"reward: {target}:{name} is a {type(function).__name__}, not a "
+                          "function")
+    return function
+
+
+def load_task_records(cfg: OnlineConfig) -> tuple[list[PromptRecord], list[PromptRecord] | None]:
+    """(the task's prompts, the evaluation prompts or None for the task's own), validated
+    before any model loads. The built-in task's are every "a+b=" prompt."""
+    if cfg.builtin_task:
+        return [PromptRecord(p) for p in addition_prompts(cfg.max_operand)], None
+    from .data import load_prompts
+
+    return (load_prompts(cfg.task),
+            load_prompts(cfg.eval_task) if cfg.eval_task is not None else None)
+
+
+def make_task(cfg: OnlineConfig, model, tokenizer, records: list[PromptRecord],
+              eval_records: list[PromptRecord] | None) -> OnlineTask:
+    """The run's task over loaded records: the built-in one (its encoding and reward), or
+    the user's prompts (encoded as `engine/data.py` encodes prompts: the chat template when
+    the tokenizer has one) and `reward=`."""
+    if cfg.builtin_task:
+        return OnlineTask(records, records, arithmetic_reward, tokenizer,
+                          lambda text: encode_prompt(tokenizer, text),
+                          [tokenizer.eos_token_id], builtin=True)
+    from .data import encode_prompt as encode_user_prompt
+
+    if eval_records is None:  # a fixed draw of the task's own prompts
+        eval_records = list(records)
+        if len(eval_records) > cfg.eval_prompts:
+            eval_records = random.Random(cfg.seed + 3).sample(eval_records, cfg.eval_prompts)
+    eval_records = eval_records[:cfg.eval_prompts]
+    return OnlineTask(records, eval_records, load_reward(cfg.reward), tokenizer,
+                      lambda text: encode_user_prompt(tokenizer, text),
+                      end_token_ids(model, tokenizer), builtin=False)
+
+
+def end_token_ids(model, tokenizer) -> list[int]:
+    """The tokens that end a completion: the tokenizer's eos and the model's generation
+    config's (an instruct model's end of turn, e.g. <|eot_id|>, is often only there)."""
+    ids = []
+    for value in (tokenizer.eos_token_id,
+                  getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        for token in (value if isinstance(value, (list, tuple)) else [value]):
+            if token is not None and int(token) not in ids:
+                ids.append(int(token))
+    if not ids:
+        raise ConfigError("model: neither its tokenizer nor its generation config has an eos "
+                          "token, so a completion could never end")
+    return ids
 
 
 def sft_warmup(model, tokenizer, cfg: OnlineConfig) -> list[float]:
@@ -215,17 +420,23 @@ def sft_warmup(model, tokenizer, cfg: OnlineConfig) -> list[float]:
     return losses
 
 
-def mean_reward(rollout: Rollout, model, tokenizer, cfg: OnlineConfig, seed: int) -> float:
-    """Mean reward of `eval_samples` fresh samples on every prompt of the task."""
-    prompts = addition_prompts(cfg.max_operand)
+def mean_reward(rollout: Rollout, model, task: OnlineTask, cfg: OnlineConfig,
+                seed: int) -> float:
+    """Mean reward of `eval_samples` fresh samples on every evaluation prompt."""
     rollout.sync_weights(model)
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                              seed=seed, stop_token_ids=[tokenizer.eos_token_id])
-    samples = rollout.generate([encode_prompt(tokenizer, p) for p in prompts], cfg.eval_samples,
-                               sampling)
-    rewards = [arithmetic_reward(prompts[s.prompt_index],
-                                 tokenizer.decode(s.completion_token_ids, skip_special_tokens=True))
-               for s in samples]
+                              seed=seed, stop_token_ids=task.stop_token_ids)
+    records = task.eval_prompts
+    samples = rollout.generate([task.ids(r.prompt) for r in records], cfg.eval_samples, sampling)
+    rewards = []
+    for s in samples:
+        record = records[s.prompt_index]
+        value = float(task.reward(record.prompt, task.tokenizer.decode(
+            s.completion_token_ids, skip_special_tokens=True), **record.fields))
+        if not math.isfinite(value):
+            raise ValueError(f"the reward function returned {value} on the evaluation prompt "
+                             f"{record.prompt!r:.60}")
+        rewards.append(value)
     return sum(rewards) / len(rewards)
 
 
@@ -237,11 +448,10 @@ def make_rollout(kind: str, model, max_model_len: int = 128) -> Rollout:
     return HFRollout(model)
 
 
-def rollout_length(cfg: OnlineConfig, tokenizer) -> int:
+def rollout_length(cfg: OnlineConfig, task: OnlineTask) -> int:
     """vLLM's max_model_len for the task: its longest prompt + max_new_tokens, at least 128
     (what the KV cache is sized for anyway)."""
-    longest = max(len(encode_prompt(tokenizer, p)) for p in addition_prompts(cfg.max_operand))
-    return max(128, longest + cfg.max_new_tokens)
+    return max(128, task.longest_prompt() + cfg.max_new_tokens)
 
 
 def needs_reference(cfg: OnlineConfig) -> bool:
@@ -250,25 +460,40 @@ def needs_reference(cfg: OnlineConfig) -> bool:
     return (cfg.beta if cfg.algorithm == "grpo" else cfg.kl_coef) > 0
 
 
-def make_online_algorithm(cfg: OnlineConfig, model, rollout: Rollout, tokenizer, ref_model):
+def make_online_algorithm(cfg: OnlineConfig, model, rollout: Rollout, task: OnlineTask,
+                          ref_model):
     from .algorithms.grpo import GRPO
     from .algorithms.ppo import PPO
 
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                              stop_token_ids=[tokenizer.eos_token_id])
-    common = dict(tokenizer=tokenizer, sampling=sampling, clip_low=cfg.clip_low,
+                              stop_token_ids=task.stop_token_ids)
+    common = dict(tokenizer=task.tokenizer, sampling=sampling, clip_low=cfg.clip_low,
                   clip_high=cfg.clip_high, loss_agg=cfg.loss_agg, tis_cap=cfg.tis_cap,
                   ppo_epochs=cfg.ppo_epochs, mini_batches=cfg.mini_batches,
                   max_tokens=cfg.max_tokens)
     if cfg.algorithm == "grpo":
-        return GRPO(model, rollout, arithmetic_reward, group_size=cfg.group_size,
+        return GRPO(model, rollout, task.score, group_size=cfg.group_size,
                     estimator=cfg.estimator, scale=cfg.scale, beta=cfg.beta,
                     ref_model=ref_model if cfg.beta > 0 else None,
                     importance_level=cfg.importance_level, **common)
-    return PPO(model, rollout, arithmetic_reward, group_size=cfg.group_size,
+    return PPO(model, rollout, task.score, group_size=cfg.group_size,
                kl_coef=cfg.kl_coef, target_kl=cfg.target_kl,
                ref_model=ref_model if cfg.kl_coef > 0 else None, gamma=cfg.gae_gamma,
                lam=cfg.gae_lambda, vf_coef=cfg.vf_coef, **common)
+
+
+def iteration_prompts(cfg: OnlineConfig, task: OnlineTask, iteration: int) -> list[PromptRecord]:
+    """The prompts of an iteration, a function of (seed, iteration) alone (an exact resume
+    needs nothing else): the built-in task draws with replacement; a task of yours goes
+    through its prompts in a fresh order each epoch (`loop.records_for_step`)."""
+    if task.builtin:
+        rng = random.Random(cfg.seed * 1_000_003 + iteration)
+        return rng.choices(task.prompts, k=cfg.prompts_per_iteration)
+    from .loop import records_for_step
+
+    return [task.prompts[i] for i in records_for_step(len(task.prompts),
+                                                      cfg.prompts_per_iteration, cfg.seed,
+                                                      iteration)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -284,33 +509,70 @@ def train_online(cfg: OnlineConfig, *, resume: bool = False, rollout: Rollout | 
         built on a model of the same architecture, and is synced from the new model first.
     """
     cfg.validate()
+    # The user's prompts and reward function are checked before anything is written.
+    records, eval_records = load_task_records(cfg)
+    if not cfg.builtin_task:
+        load_reward(cfg.reward)
+        if cfg.prompts_per_iteration > len(records):
+            raise ConfigError(f"prompts_per_iteration={cfg.prompts_per_iteration} is more than "
+                              f"the task's {len(records)} prompts; lower it (group_size "
+                              "samples each prompt several times)")
     out, ckpt_root, state = open_run(cfg, resume=resume, resumable=RESUMABLE_CHANGES)
+    # A resumed run must draw from the prompts the checkpoint's run drew from.
+    fingerprints = {key: data_fingerprint(getattr(cfg, key)) for key in ("task", "eval_task")}
+    for key, digest in fingerprints.items():
+        saved = (state or {}).get("data_sha256", {}).get(key)
+        if saved is not None and saved != digest:
+            raise ConfigError(f"resume: {key}={getattr(cfg, key)!r} changed since the "
+                              f"checkpoint (sha256 {saved[:12]}... then, {str(digest)[:12]}... "
+                              "now); restore it, or start a new out_dir")
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     start_time = time.perf_counter()
-    tokenizer = tiny_tokenizer()
-    model = tiny_model(cfg.model.split("-", 1)[1], len(tokenizer), seed=cfg.seed)  # validated
-    sft_losses = sft_warmup(model, tokenizer, cfg) if state is None else []
-    # The reference (for the KL terms) is the model after warm-up.
+    model, tokenizer = load_model(cfg.model, seed=cfg.seed)
+    task = make_task(cfg, model, tokenizer, records, eval_records)
+    if cfg.lora_r:
+        try:
+            lora_targets(model, cfg.lora_targets)  # before the warm-up's time is spent
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    sft_losses = (sft_warmup(model, tokenizer, cfg)
+                  if state is None and cfg.sft_warmup_steps else [])
+    # The reference (for the KL terms) is the model after warm-up; under LoRA adapters it is
+    # their frozen base, kept in out_dir/reference.pt when a warm-up changed it (a LoRA
+    # checkpoint holds the adapters alone).
     ref_model = None
-    if needs_reference(cfg):
-        import copy
-
+    if cfg.lora_r and cfg.sft_warmup_steps:
+        base_path = out / "reference.pt"
+        if state is None:
+            buffer = io.BytesIO()
+            torch.save(model.state_dict(), buffer)
+            ckpt.atomic_write_bytes(base_path, buffer.getvalue())
+        else:
+            model.load_state_dict(torch.load(base_path, map_location="cpu"))
+    if needs_reference(cfg) and not cfg.lora_r:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         if state is not None:
             ref_model.load_state_dict(state["reference"])
+    if cfg.lora_r:
+        model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, targets=cfg.lora_targets)
+        if needs_reference(cfg):
+            ref_model = BaseReference(model)
     own_rollout = rollout is None
-    rollout = rollout or make_rollout(cfg.rollout, model, rollout_length(cfg, tokenizer))
-    algorithm = make_online_algorithm(cfg, model, rollout, tokenizer, ref_model)
+    rollout = rollout or make_rollout(cfg.rollout, model, rollout_length(cfg, task))
+    algorithm = make_online_algorithm(cfg, model, rollout, task, ref_model)
     params = [p for p in (algorithm.parameters() if hasattr(algorithm, "critic")
                           else model.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
     start = 0
     summary: dict[str, Any] = {"rollout": type(rollout).__name__}
     if state is not None:
-        model.load_state_dict(state["model"])
+        if cfg.lora_r:
+            load_trainable_state(model, state["model"])
+        else:
+            model.load_state_dict(state["model"])
         if "critic" in state:
             algorithm.critic.load_state_dict(state["critic"])
         optimizer.load_state_dict(state["optimizer"])
@@ -322,11 +584,12 @@ def train_online(cfg: OnlineConfig, *, resume: bool = False, rollout: Rollout | 
         if "kl_controller" in state:  # the adaptive coefficient's next update starts from it
             algorithm.kl_controller.load_state_dict(state["kl_controller"])
     else:
-        summary["reward_before"] = mean_reward(rollout, model, tokenizer, cfg, seed=cfg.seed + 1)
-    if sft_losses:
-        progress(f"alignfuse {cfg.algorithm}: {summary['rollout']}; SFT warm-up "
-                 f"{cfg.sft_warmup_steps} steps (loss {sft_losses[0]:.2f} -> "
-                 f"{sft_losses[-1]:.2f}); reward before {summary['reward_before']:.3f}")
+        summary["reward_before"] = mean_reward(rollout, model, task, cfg, seed=cfg.seed + 1)
+    if state is None:
+        warmup = (f"SFT warm-up {cfg.sft_warmup_steps} steps (loss {sft_losses[0]:.2f} -> "
+                  f"{sft_losses[-1]:.2f}); " if sft_losses else "")
+        progress(f"alignfuse {cfg.algorithm}: {summary['rollout']}; {warmup}reward before "
+                 f"{summary['reward_before']:.3f}")
     # Its evaluations are at 0 and after the last checkpoint: a resumed run logs the final
     # one again, at the end (the checkpoint's iteration, or a later one when extended).
     logger = MetricsLogger(out, tensorboard=cfg.tensorboard,
@@ -336,9 +599,10 @@ def train_online(cfg: OnlineConfig, *, resume: bool = False, rollout: Rollout | 
         logger.log(0, {"reward": summary["reward_before"]}, split="eval")
 
     def save(iteration: int) -> None:
-        payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        payload = {"model": trainable_state(model) if cfg.lora_r else model.state_dict(),
+                   "optimizer": optimizer.state_dict(), "data_sha256": fingerprints,
                    "config": dataclasses.asdict(cfg), "reward_before": summary["reward_before"]}
-        if ref_model is not None:
+        if ref_model is not None and not cfg.lora_r:
             payload["reference"] = ref_model.state_dict()
         if hasattr(algorithm, "critic"):
             payload["critic"] = algorithm.critic.state_dict()
@@ -347,12 +611,9 @@ def train_online(cfg: OnlineConfig, *, resume: bool = False, rollout: Rollout | 
                 payload["kl_controller"] = algorithm.kl_controller.state_dict()
         ckpt.save_checkpoint(ckpt_root, iteration, payload, keep=cfg.keep_checkpoints)
 
-    prompts = addition_prompts(cfg.max_operand)
     for iteration in range(start, cfg.iterations):
         # The prompts and the sampling seed of an iteration depend only on (seed, iteration).
-        rng = random.Random(cfg.seed * 1_000_003 + iteration)
-        batch = [encode_prompt(tokenizer, p)
-                 for p in rng.choices(prompts, k=cfg.prompts_per_iteration)]
+        batch = task.batch(iteration_prompts(cfg, task, iteration))
         algorithm.sampling.seed = cfg.seed * 100_003 + iteration
         metrics = algorithm.train_iteration(batch, optimizer, max_grad_norm=cfg.max_grad_norm)
         done = iteration + 1
@@ -367,9 +628,17 @@ def train_online(cfg: OnlineConfig, *, resume: bool = False, rollout: Rollout | 
         if cfg.crash_after_iterations is not None and done == cfg.crash_after_iterations:
             raise RuntimeError(f"crash_after_iterations={done}: injected crash (testing aid)")
     save(cfg.iterations)
-    summary["reward_after"] = mean_reward(rollout, model, tokenizer, cfg, seed=cfg.seed + 2)
+    summary["reward_after"] = mean_reward(rollout, model, task, cfg, seed=cfg.seed + 2)
     logger.log(cfg.iterations, {"reward": summary["reward_after"]}, split="eval")
     logger.close()
+    if own_rollout and hasattr(rollout, "close"):
+        rollout.close()
+    if cfg.lora_r:
+        if cfg.export_model:
+            summary["adapter"] = str(ckpt.export_pretrained(model, tokenizer, out / "adapter"))
+        model = merge(model)  # after the last use of the adapters
+    if cfg.export_model:
+        summary["export"] = str(ckpt.export_pretrained(model, tokenizer, out / "model"))
     summary["seconds"] = time.perf_counter() - start_time
     summary["reward_curve"] = [row["reward"] for row in read_metrics(logger.path)
                                if row["split"] == "train"]
@@ -380,10 +649,8 @@ def train_online(cfg: OnlineConfig, *, resume: bool = False, rollout: Rollout | 
         json.dump({k: v for k, v in summary.items()}, f, indent=2)
     progress(f"alignfuse {cfg.algorithm}: reward {summary['reward_before']:.3f} -> "
              f"{summary['reward_after']:.3f} (mean over {cfg.eval_samples} samples x "
-             f"{len(prompts)} prompts) in {summary['seconds']:.0f} s")
+             f"{len(task.eval_prompts)} prompts) in {summary['seconds']:.0f} s")
     summary["model"] = model
-    if own_rollout and hasattr(rollout, "close"):
-        rollout.close()
     return summary
 
 

@@ -4,6 +4,7 @@ masking through packing, and malformed records named by file, line and field."""
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import pytest
@@ -12,8 +13,9 @@ import torch
 from alignfuse.engine.data import (DataError, DataFormatError, DataWarning, KTORecord,
                                    PreferenceRecord,
                                    RankedRecord, ScoredRecord, SFTRecord,
-                                   encode_prompt_completion, load_dpo, load_kto, load_ranked,
-                                   load_scored, load_sft, tokenize_records)
+                                   PromptRecord, encode_prompt, encode_prompt_completion,
+                                   load_dpo, load_kto, load_prompts, load_ranked, load_scored,
+                                   load_sft, tokenize_records)
 from alignfuse.engine.tiny import tiny_tokenizer
 
 DPO_ROWS = [
@@ -132,6 +134,38 @@ def test_chat_template_is_used():
         [{"role": "user", "content": "2+2="}, {"role": "assistant", "content": "4"}],
         tokenize=False)
     assert tokenizer(full, add_special_tokens=False)["input_ids"] == prompt_ids + completion_ids
+
+
+@pytest.mark.parametrize("template", [True, False])
+def test_online_prompts_encode_as_the_offline_prompts(template):
+    """encode_prompt (what online RL generates from) gives exactly encode_prompt_completion's
+    prompt ids (what the offline algorithms train on), with and without a chat template."""
+    tokenizer = tiny_tokenizer()
+    if not template:
+        tokenizer.chat_template = None
+    for prompt in ("2+2=", "say hi\nplease", ""):
+        assert encode_prompt(tokenizer, prompt) == \
+            encode_prompt_completion(tokenizer, prompt, "x")[0]
+
+
+def test_load_prompts_keeps_the_other_fields_for_the_reward(tmp_path):
+    rows = [{"prompt": "2+2=", "answer": "4", "tests": [1, 2]},
+            {"instruction": "Add", "input": "3+4", "answer": "7"},
+            {"instruction": "Say hi", "hint": None}]
+    assert load_prompts(write_jsonl(tmp_path / "p.jsonl", rows)) == [
+        PromptRecord("2+2=", {"answer": "4", "tests": [1, 2]}),
+        PromptRecord("Add\n3+4", {"answer": "7"}),
+        PromptRecord("Say hi", {})]
+    for bad_row, field, problem in [
+            ({"answer": "4"}, "prompt", "missing"),
+            ({"prompt": "a", "instruction": "b"}, None, "both 'prompt' and 'instruction'"),
+            ({"prompt": "a", "completion": "b"}, "completion", "rename this field"),
+            ({"prompt": "a", "my-answer": "b"}, "my-answer", "not a Python identifier"),
+            ({"prompt": 3}, "prompt", "expected a string")]:
+        path = write_jsonl(tmp_path / "bad.jsonl", [rows[0], bad_row])
+        with pytest.raises(DataFormatError, match=re.escape(problem)) as info:
+            load_prompts(path)
+        assert (info.value.line, info.value.field) == (2, field), bad_row
 
 
 def test_plain_concatenation_without_chat_template():

@@ -558,7 +558,14 @@ def test_train_iteration_refuses_an_optimizer_missing_parameters_and_bad_clippin
     ("ppo", "kl_coef=-1", "ppo: kl_coef must be >= 0"),
     ("ppo", "target_kl=0", "ppo: target_kl and kl_horizon must be > 0"),
     ("ppo", "target_kl=0.01", "ppo: target_kl=0.01 adapts kl_coef, which is 0 here"),
-    ("grpo", "model=/some/folder", "model must be tiny-llama or tiny-qwen2"),
+    ("grpo", "model=/some/folder", "model='/some/folder' needs a task of yours"),
+    ("grpo", "reward=mod:fn", "reward: task=builtin:addition has its own reward"),
+    ("grpo", "task=builtin:bogus", "task: unknown built-in task 'builtin:bogus'"),
+    ("grpo", "task=/no/such/prompts.jsonl", "task: /no/such/prompts.jsonl does not exist"),
+    ("grpo", "eval_task=prompts.jsonl", "eval_task: task=builtin:addition evaluates on all"),
+    ("grpo", "lora_alpha=8", "lora_alpha is not used with lora_r=0"),
+    ("ppo", "lora_r=-1", "lora_r must be >= 0"),
+    ("grpo", "eval_prompts=0", "eval_prompts must be >= 1"),
 ])
 def test_online_config_refuses_bad_values_before_any_work(tmp_path, capsys, algorithm, setting,
                                                            message):
@@ -759,11 +766,11 @@ def test_online_knob_table_is_what_the_loop_reads(monkeypatch):
                 "group_size": 7, "clip_low": 0.0789, "clip_high": 0.0891, "loss_agg":
                 "seq-mean-token-sum", "tis_cap": 0.0912, "ppo_epochs": 5, "mini_batches": 6,
                 "max_tokens": 1234}
-    tokenizer = SimpleNamespace(eos_token_id=0)
+    task = SimpleNamespace(tokenizer=None, stop_token_ids=[0], score=parity_reward)
     read = {}
     for algorithm in ("grpo", "ppo"):
         make_online_algorithm(OnlineConfig(algorithm=algorithm, **distinct), None, None,
-                              tokenizer, ref_model=None)
+                              task, ref_model=None)
         passed = list(calls[algorithm].values())
         read[algorithm] = {key for key, value in distinct.items()
                            if any(type(p) is type(value) and p == value for p in passed)}
@@ -804,3 +811,181 @@ def test_grpo_kl_to_the_base_of_a_lora_policy_without_a_copy():
     for b in batches:
         assert_rel_close(b.ref_logps, grpo._token_logps(frozen, b.packed), 1e-6, "reference")
         assert not torch.allclose(b.ref_logps, b.old_logps)
+
+
+# ---------------------------------------------------------------------------------------
+# The ready loop on your own model, prompts and reward function
+
+REWARD_PY = '''
+def starts_with_a_digit(prompt, completion, kind):
+    # The record's own text (no chat template) and its other fields arrive here.
+    if not prompt.startswith("note ") or kind != "digit":
+        raise AssertionError(f"the reward got prompt={prompt!r} kind={kind!r}")
+    return float(completion[:1].isdigit())
+
+NOT_A_FUNCTION = 3
+'''
+
+
+def _user_task(root, num_prompts=12):
+    """A model folder (the tiny llama, saved with its chat-templated tokenizer), a prompts
+    file whose records carry a field for the reward, and the reward's file."""
+    from alignfuse.engine.tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    model_dir = root / "base"
+    tiny_model("llama", len(tokenizer), seed=5).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "note {i}", "kind": "digit"}}\n'
+                               for i in range(num_prompts)))
+    (root / "reward.py").write_text(REWARD_PY)
+    return [f"model={model_dir}", f"task={prompts}",
+            f"reward={root / 'reward.py'}:starts_with_a_digit"]
+
+
+def test_online_loop_on_your_model_prompts_and_reward_raises_it(tmp_path):
+    """`alignfuse train grpo model=<folder> task=<prompts.jsonl> reward=<file.py:fn>`: the
+    prompts go through the model's chat template, the reward gets each record's own text and
+    fields, the reward rises, and the run ends with the trained model as a folder."""
+    from transformers import AutoModelForCausalLM
+
+    from alignfuse.engine.online_loop import make_online_config, train_online
+
+    args = _user_task(tmp_path) + [
+        f"out_dir={tmp_path / 'run'}", "rollout=hf", "iterations=12", "prompts_per_iteration=6",
+        "group_size=8", "max_new_tokens=2", "lr=3e-3", "eval_samples=8", "tensorboard=false"]
+    seen = []
+    summary = train_online(make_online_config(None, args), progress=seen.append)
+    assert "SFT warm-up" not in seen[0]  # a task of yours has no warm-up
+    # ~10 digits of ~90 tokens at the start.
+    assert summary["reward_before"] < 0.35 and summary["reward_after"] > 0.7, summary
+    exported = AutoModelForCausalLM.from_pretrained(summary["export"])
+    for (name, a), b in zip(summary["model"].state_dict().items(),
+                            exported.state_dict().values()):
+        assert torch.equal(a, b), name
+    # Twelve prompts, six per iteration: each epoch (two iterations) sees every prompt once.
+    from alignfuse.engine.online_loop import iteration_prompts, load_task_records, make_task
+    from alignfuse.engine.tiny import tiny_tokenizer
+
+    cfg = make_online_config(None, args)
+    task = make_task(cfg, summary["model"], tiny_tokenizer(), *load_task_records(cfg))
+    epoch = [r.prompt for it in (2, 3) for r in iteration_prompts(cfg, task, it)]
+    assert sorted(epoch) == sorted(f"note {i}" for i in range(12))
+    # The chat template renders the prompt (as engine/data.py does for offline data).
+    ids = task.batch(task.prompts[:1])[0]["prompt"]
+    assert task.tokenizer.decode(ids) == "<|user|>note 0<|assistant|>"
+    assert task.eval_prompts == task.prompts  # at most eval_prompts=64 of the task's own
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_online_lora_run_keeps_the_base_and_resumes_exactly(tmp_path, algorithm):
+    """lora_r > 0 online: only the adapters train (the KL reference is the base itself), a
+    checkpoint holds them alone, a crashed run resumes to the uninterrupted one's adapters,
+    and the run ends with out_dir/adapter and the merged model."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    from alignfuse.engine.online_loop import make_online_config, train_online
+
+    kl = "beta=0.05" if algorithm == "grpo" else "kl_coef=0.05"
+    args = _user_task(tmp_path) + [
+        f"algorithm={algorithm}", kl, "rollout=hf", "iterations=3", "prompts_per_iteration=4",
+        "group_size=4", "max_new_tokens=2", "lr=1e-2", "eval_samples=2", "tensorboard=false",
+        "save_every=1", "lora_r=4", "lora_targets=q_proj,v_proj"]
+    quiet = lambda *a: None  # noqa: E731
+    full = train_online(make_online_config(None, [*args, f"out_dir={tmp_path / 'a'}"]),
+                        progress=quiet)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        train_online(make_online_config(None, [*args, f"out_dir={tmp_path / 'b'}",
+                                               "crash_after_iterations=1"]), progress=quiet)
+    state = torch.load(tmp_path / "b" / "checkpoints" / "step-000001" / "state.pt",
+                       weights_only=False)
+    assert state["model"] and all(".lora_" in name for name in state["model"])
+    resumed = train_online(make_online_config(None, [*args, f"out_dir={tmp_path / 'b'}"]),
+                           resume=True, progress=quiet)
+    for (name, a), b in zip(full["model"].state_dict().items(),
+                            resumed["model"].state_dict().values()):
+        assert torch.equal(a, b), name
+    assert full["reward_curve"] == resumed["reward_curve"]
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    merged = full["model"]
+    moved = []
+    for (name, b), m in zip(base.state_dict().items(), merged.state_dict().values()):
+        if name.endswith(("q_proj.weight", "v_proj.weight")):
+            moved.append(not torch.equal(b, m))
+        else:
+            assert torch.equal(b, m), f"{name} is not an adapter target, yet it changed"
+    assert any(moved)
+    adapted = peft.PeftModel.from_pretrained(base, full["adapter"])
+    ids = torch.tensor([[1, 20, 30, 40]])
+    torch.testing.assert_close(adapted(ids).logits, merged(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_online_task_of_yours_refuses_bad_input_before_any_work(tmp_path, capsys):
+    """Each problem with a task of yours is an error naming the key (or the record's line),
+    exit status 2, before anything is written or loaded."""
+    from alignfuse.engine.cli import main
+
+    args = _user_task(tmp_path)
+    model, task, reward = args
+    (tmp_path / "broken.py").write_text("1 / 0\n")
+    bad_record = tmp_path / "bad.jsonl"
+    bad_record.write_text('{"prompt": "a"}\n{"prompt": "b", "completion": "c"}\n')
+    capsys.readouterr()  # the model folder's save progress
+    cases = [
+        ([model, task], "reward: task="),
+        ([model, task, "reward=nocolon"], "reward must look like module:function"),
+        ([model, task, f"reward={tmp_path / 'reward.py'}:starts_with_a_digt"],
+         "has no 'starts_with_a_digt' (did you mean starts_with_a_digit?)"),
+        ([model, task, f"reward={tmp_path / 'nothing.py'}:f"], "nothing.py is not a file"),
+        ([model, task, f"reward={tmp_path / 'broken.py'}:f"],
+         "broken.py failed: ZeroDivisionError"),
+        ([model, task, f"reward={tmp_path / 'reward.py'}:NOT_A_FUNCTION"],
+         "is a int, not a function"),
+        ([model, task, reward, "reward=no_such_module_here:f"],
+         "importing no_such_module_here failed: ModuleNotFoundError"),
+        ([model, task, reward, "sft_warmup_steps=5"], "sft_warmup_steps=5: the warm-up"),
+        ([model, task, reward, "max_operand=3"],
+         "max_operand is read only with task=builtin:addition"),
+        ([model, task, reward, "sft_lr=0.1"], "sft_lr is read only with task=builtin:addition"),
+        (["model=/no/folder", task, reward],
+         "model must be tiny-llama, tiny-qwen2 or a local model folder"),
+        ([model, task, reward, f"eval_task={tmp_path / 'none.jsonl'}"],
+         "eval_task: " + str(tmp_path / "none.jsonl") + " does not exist"),
+        ([model, f"task={bad_record}", reward],
+         f"{bad_record}: line 2: field 'completion'"),
+        ([model, task, reward, "prompts_per_iteration=13"],
+         "prompts_per_iteration=13 is more than the task's 12 prompts"),
+        ([model, task, reward, "prompts_per_iteration=4", "lora_r=2",
+          "lora_targets=q_proj,vproj"],
+         "lora_targets: 'vproj' matches no module of the model (did you mean v_proj"),
+    ]
+    for extra, message in cases:
+        out = tmp_path / "run"
+        assert main(["train", "grpo", f"out_dir={out}", "rollout=hf", *extra]) == 2, extra
+        last = capsys.readouterr().err.strip().splitlines()[-1]  # after loading bars
+        assert last.startswith("alignfuse: ") and message in last, (extra, last)
+        assert not out.exists() or not any(out.rglob("*.pt")), extra
+
+
+@pytest.mark.vllm
+@needs_vllm
+def test_online_lora_run_samples_from_the_merged_weights_in_vllm(tmp_path):
+    """The hybrid switch under LoRA: each iteration syncs base + adapters, merged, into the
+    vLLM engine, so vLLM samples from the policy being trained: its log-probs equal the
+    trainer's (tis_weight_mean 1 to fp32 rounding) after the adapters have moved."""
+    from alignfuse.engine.metrics import read_metrics
+    from alignfuse.engine.online_loop import make_online_config, train_online
+
+    args = _user_task(tmp_path) + [
+        f"out_dir={tmp_path / 'run'}", "rollout=vllm", "iterations=3", "prompts_per_iteration=4",
+        "group_size=4", "max_new_tokens=3", "lr=1e-2", "eval_samples=2", "tensorboard=false",
+        "lora_r=4", "beta=0.05"]
+    summary = train_online(make_online_config(None, args), progress=lambda *a: None)
+    assert summary["rollout"] == "VLLMRollout"
+    rows = [row for row in read_metrics(summary["metrics"]) if row["split"] == "train"]
+    assert len(rows) == 3
+    for row in rows:
+        assert abs(row["tis_weight_mean"] - 1.0) < 1e-3, row
+    assert rows[-1]["kl"] > 0  # the adapters moved the policy off its base by then
