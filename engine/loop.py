@@ -584,6 +584,59 @@ RESUMABLE_CHANGES = ("crash_after_steps", "progress", "save_every", "eval_every"
                      "export_model", "gradient_checkpointing")
 
 
+def check_data_unchanged(cfg, state: dict[str, Any] | None,
+                         keys: tuple[str, ...]) -> dict[str, str | None]:
+    """The sha256 of each data file named by `keys` of `cfg` (what a checkpoint records as
+    `data_sha256`); ConfigError when resuming from a checkpoint (`state`) whose run read
+    another file: the resumed run would not see the batches the run saw."""
+    fingerprints = {key: data_fingerprint(getattr(cfg, key)) for key in keys}
+    for key, digest in fingerprints.items():
+        saved = (state or {}).get("data_sha256", {}).get(key)
+        if saved is not None and saved != digest:
+            raise ConfigError(f"resume: {key}={getattr(cfg, key)!r} changed since the "
+                              f"checkpoint (sha256 {saved[:12]}... then, {str(digest)[:12]}... "
+                              "now); a resumed run would not see the batches the run saw: "
+                              "restore it, or start a new out_dir")
+    return fingerprints
+
+
+def check_lora_targets(cfg, model) -> None:
+    """With `cfg.lora_r`, a ConfigError for `lora_targets` that do not fit `model`, before
+    any warm-up time is spent."""
+    if cfg.lora_r:
+        try:
+            lora_targets(model, cfg.lora_targets)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+def keep_warmed_model(out: Path, model, *, resumed: bool, device: str = "cpu") -> None:
+    """The model after warm-up (a reference, or the frozen base under LoRA adapters whose
+    checkpoints hold the adapters alone): written atomically to out/reference.pt by a fresh
+    run, loaded back into `model` by a resumed one (the checkpoint's weights follow)."""
+    path = out / "reference.pt"
+    if not resumed:
+        buffer = io.BytesIO()
+        torch.save(model.state_dict(), buffer)
+        ckpt.atomic_write_bytes(path, buffer.getvalue())
+    else:
+        model.load_state_dict(torch.load(path, map_location=device))
+
+
+def export_run_model(cfg, model, tokenizer, out: Path, summary: dict[str, Any]):
+    """The end of a run (`cfg.export_model`): out/model, a Hugging Face folder of the trained
+    model, and under LoRA (`cfg.lora_r`) out/adapter beside it, with the adapters merged into
+    the model first. Records the paths in `summary`; returns the model (merged: `model` is
+    consumed under LoRA, after the last use of its adapters)."""
+    if cfg.lora_r:
+        if cfg.export_model:
+            summary["adapter"] = str(ckpt.export_pretrained(model, tokenizer, out / "adapter"))
+        model = merge(model)
+    if cfg.export_model:
+        summary["export"] = str(ckpt.export_pretrained(model, tokenizer, out / "model"))
+    return model
+
+
 def open_run(cfg, *, resume: bool, resumable: tuple[str, ...]
              ) -> tuple[Path, Path, dict[str, Any] | None]:
     """Create `cfg.out_dir` and, when resuming, load its latest checkpoint (RNG not yet
@@ -628,14 +681,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     records = load_records(cfg, cfg.data, evaluation=False)  # data errors before the model
     # A resumed run must see the data the checkpoint's run saw (the order is a function of
     # the step, over the records as they were).
-    fingerprints = {key: data_fingerprint(getattr(cfg, key)) for key in ("data", "eval_data")}
-    for key, digest in fingerprints.items():
-        saved = (state or {}).get("data_sha256", {}).get(key)
-        if saved is not None and saved != digest:
-            raise ConfigError(f"resume: {key}={getattr(cfg, key)!r} changed since the "
-                              f"checkpoint (sha256 {saved[:12]}... then, {str(digest)[:12]}... "
-                              "now); a resumed run would not see the batches the run saw: "
-                              "restore it, or start a new out_dir")
+    fingerprints = check_data_unchanged(cfg, state, ("data", "eval_data"))
     model, tokenizer = load_model_and_tokenizer(cfg)
     from .forward import disable_dropout, runs_padded
 
@@ -653,22 +699,12 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     needs_reference = cfg.algorithm in ("dpo", "kto")
     # The model after warm-up: the reference, and the frozen base under LoRA adapters (a
     # LoRA checkpoint holds the adapters alone).
-    base_path = out / "reference.pt"
     ref_model = None
-    if cfg.lora_r:
-        try:
-            lora_targets(model, cfg.lora_targets)  # before the warm-up's time is spent
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+    check_lora_targets(cfg, model)
     if state is None and cfg.sft_warmup_steps:
         sft_warmup(cfg, model, records, tokenizer)
     if needs_reference or (cfg.lora_r and cfg.sft_warmup_steps):
-        if state is None:
-            buffer = io.BytesIO()
-            torch.save(model.state_dict(), buffer)
-            ckpt.atomic_write_bytes(base_path, buffer.getvalue())
-        else:  # the run's model after warm-up (without adapters, the checkpoint's follows)
-            model.load_state_dict(torch.load(base_path, map_location=cfg.device))
+        keep_warmed_model(out, model, resumed=state is not None, device=cfg.device)
     if needs_reference and not cfg.lora_r:
         ref_model = copy.deepcopy(model)
         ref_model.eval().requires_grad_(False)
@@ -773,12 +809,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     if eval_dataset is not None:
         summary["after"] = evaluate(algorithm, eval_dataset, cfg.max_tokens)
         logger.log(cfg.steps, summary["after"], split="eval")
-    if cfg.lora_r:
-        if cfg.export_model:
-            summary["adapter"] = str(ckpt.export_pretrained(model, tokenizer, out / "adapter"))
-        model = merge(model)  # after the last use of the adapters
-    if cfg.export_model:
-        summary["export"] = str(ckpt.export_pretrained(model, tokenizer, out / "model"))
+    model = export_run_model(cfg, model, tokenizer, out, summary)
     logger.close()
     summary["train"] = train_metrics
     summary["metrics"] = str(logger.path)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import io
 import json
 import math
 import random
@@ -44,10 +43,10 @@ import torch
 
 from . import checkpoint as ckpt
 from .data import PromptRecord
-from .lora import (BaseReference, add_lora, load_trainable_state, lora_targets, merge,
-                   trainable_state)
+from .lora import BaseReference, add_lora, load_trainable_state, trainable_state
 from .loop import (TINY_MODELS, ConfigError, _check_type, build_config, check_bounds,
-                   check_max_grad_norm, data_fingerprint, load_model, open_run)
+                   check_data_unchanged, check_lora_targets, check_max_grad_norm,
+                   export_run_model, keep_warmed_model, load_model, open_run)
 from .metrics import MetricsLogger, plot_metrics, pyplot, read_metrics
 from .packing import pack
 from .rollout import HFRollout, Rollout, SamplingConfig, VLLMRollout, vllm_available
@@ -519,13 +518,7 @@ def train_online(cfg: OnlineConfig, *, resume: bool = False, rollout: Rollout | 
                               "samples each prompt several times)")
     out, ckpt_root, state = open_run(cfg, resume=resume, resumable=RESUMABLE_CHANGES)
     # A resumed run must draw from the prompts the checkpoint's run drew from.
-    fingerprints = {key: data_fingerprint(getattr(cfg, key)) for key in ("task", "eval_task")}
-    for key, digest in fingerprints.items():
-        saved = (state or {}).get("data_sha256", {}).get(key)
-        if saved is not None and saved != digest:
-            raise ConfigError(f"resume: {key}={getattr(cfg, key)!r} changed since the "
-                              f"checkpoint (sha256 {saved[:12]}... then, {str(digest)[:12]}... "
-                              "now); restore it, or start a new out_dir")
+    fingerprints = check_data_unchanged(cfg, state, ("task", "eval_task"))
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
@@ -533,11 +526,7 @@ def train_online(cfg: OnlineConfig, *, resume: bool = False, rollout: Rollout | 
     start_time = time.perf_counter()
     model, tokenizer = load_model(cfg.model, seed=cfg.seed)
     task = make_task(cfg, model, tokenizer, records, eval_records)
-    if cfg.lora_r:
-        try:
-            lora_targets(model, cfg.lora_targets)  # before the warm-up's time is spent
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+    check_lora_targets(cfg, model)
     sft_losses = (sft_warmup(model, tokenizer, cfg)
                   if state is None and cfg.sft_warmup_steps else [])
     # The reference (for the KL terms) is the model after warm-up; under LoRA adapters it is
@@ -545,13 +534,7 @@ def train_online(cfg: OnlineConfig, *, resume: bool = False, rollout: Rollout | 
     # checkpoint holds the adapters alone).
     ref_model = None
     if cfg.lora_r and cfg.sft_warmup_steps:
-        base_path = out / "reference.pt"
-        if state is None:
-            buffer = io.BytesIO()
-            torch.save(model.state_dict(), buffer)
-            ckpt.atomic_write_bytes(base_path, buffer.getvalue())
-        else:
-            model.load_state_dict(torch.load(base_path, map_location="cpu"))
+        keep_warmed_model(out, model, resumed=state is not None)
     if needs_reference(cfg) and not cfg.lora_r:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         if state is not None:
@@ -633,12 +616,7 @@ def train_online(cfg: OnlineConfig, *, resume: bool = False, rollout: Rollout | 
     logger.close()
     if own_rollout and hasattr(rollout, "close"):
         rollout.close()
-    if cfg.lora_r:
-        if cfg.export_model:
-            summary["adapter"] = str(ckpt.export_pretrained(model, tokenizer, out / "adapter"))
-        model = merge(model)  # after the last use of the adapters
-    if cfg.export_model:
-        summary["export"] = str(ckpt.export_pretrained(model, tokenizer, out / "model"))
+    model = export_run_model(cfg, model, tokenizer, out, summary)
     summary["seconds"] = time.perf_counter() - start_time
     summary["reward_curve"] = [row["reward"] for row in read_metrics(logger.path)
                                if row["split"] == "train"]
