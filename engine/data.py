@@ -423,12 +423,12 @@ def encode_prompt_completion(tokenizer, prompt: str,
                              "the generation prompt followed by the answer; cannot split the "
                              "prompt from the completion")
         # Encoded apart, so the prompt length is exact; the template carries the specials.
-        return (tokenizer(prompt_text, add_special_tokens=False)["input_ids"],
+        return (encode_prompt(tokenizer, prompt),
                 tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"])
     if tokenizer.eos_token_id is None:
         raise DataError("tokenizer has neither a chat template nor an eos token: the end of "
                         "a completion cannot be marked")
-    return (tokenizer(prompt)["input_ids"],
+    return (encode_prompt(tokenizer, prompt),
             tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
 
 
@@ -438,10 +438,10 @@ def _chat_prompt(tokenizer, prompt: str) -> str:
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """The token ids of a prompt to generate from: exactly the prompt ids of
-    `encode_prompt_completion` (the chat template up to the assistant turn, or the prompt
-    with the tokenizer's own special tokens), so online RL samples from the prompts the
-    offline algorithms train on."""
+    """The token ids of a prompt: the chat template rendered up to the assistant turn, or the
+    prompt with the tokenizer's own special tokens. The prompt ids of
+    `encode_prompt_completion` and what online RL generates from, so online RL samples from
+    the prompts the offline algorithms train on."""
     if getattr(tokenizer, "chat_template", None):
         return tokenizer(_chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
     return tokenizer(prompt)["input_ids"]

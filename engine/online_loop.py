@@ -258,7 +258,7 @@ def make_online_config(values: dict[str, Any] | None = None,
 # The task
 
 
-def encode_prompt(tokenizer, text: str) -> list[int]:
+def encode_builtin_prompt(tokenizer, text: str) -> list[int]:
     """A built-in task's prompt: a bos anchors position 0, as in every chat-formatted prompt."""
     return [tokenizer.bos_token_id] + tokenizer.encode(text, add_special_tokens=False)
 
@@ -362,9 +362,9 @@ def make_task(cfg: OnlineConfig, model, tokenizer, records: list[PromptRecord],
     the tokenizer has one) and `reward=`."""
     if cfg.builtin_task:
         return OnlineTask(records, records, arithmetic_reward, tokenizer,
-                          lambda text: encode_prompt(tokenizer, text),
+                          lambda text: encode_builtin_prompt(tokenizer, text),
                           [tokenizer.eos_token_id], builtin=True)
-    from .data import encode_prompt as encode_user_prompt
+    from .data import encode_prompt
 
     if eval_records is None:  # a fixed draw of the task's own prompts
         eval_records = list(records)
@@ -372,7 +372,7 @@ def make_task(cfg: OnlineConfig, model, tokenizer, records: list[PromptRecord],
             eval_records = random.Random(cfg.seed + 3).sample(eval_records, cfg.eval_prompts)
     eval_records = eval_records[:cfg.eval_prompts]
     return OnlineTask(records, eval_records, load_reward(cfg.reward), tokenizer,
-                      lambda text: encode_user_prompt(tokenizer, text),
+                      lambda text: encode_prompt(tokenizer, text),
                       end_token_ids(model, tokenizer), builtin=False)
 
 
@@ -405,7 +405,7 @@ def sft_warmup(model, tokenizer, cfg: OnlineConfig) -> list[float]:
     for _ in range(cfg.sft_warmup_steps):
         seqs, prompt_lengths = [], []
         for text in rng.choices(prompts, k=cfg.sft_examples):
-            prompt = encode_prompt(tokenizer, text)
+            prompt = encode_builtin_prompt(tokenizer, text)
             answer = tokenizer.encode(str(solve(text)), add_special_tokens=False)
             seqs.append(prompt + answer + [tokenizer.eos_token_id])
             prompt_lengths.append(len(prompt))

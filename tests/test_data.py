@@ -136,16 +136,17 @@ def test_chat_template_is_used():
     assert tokenizer(full, add_special_tokens=False)["input_ids"] == prompt_ids + completion_ids
 
 
-@pytest.mark.parametrize("template", [True, False])
-def test_online_prompts_encode_as_the_offline_prompts(template):
-    """encode_prompt (what online RL generates from) gives exactly encode_prompt_completion's
-    prompt ids (what the offline algorithms train on), with and without a chat template."""
+def test_encode_prompt_renders_the_generation_prompt():
+    """encode_prompt (what online RL generates from, and the prompt ids offline records get):
+    the chat template up to the assistant turn, else the tokenizer's own specials (bos)."""
     tokenizer = tiny_tokenizer()
-    if not template:
-        tokenizer.chat_template = None
     for prompt in ("2+2=", "say hi\nplease", ""):
-        assert encode_prompt(tokenizer, prompt) == \
-            encode_prompt_completion(tokenizer, prompt, "x")[0]
+        assert tokenizer.decode(encode_prompt(tokenizer, prompt)) == \
+            f"<|user|>{prompt}<|assistant|>"
+        assert encode_prompt(tokenizer, prompt) == encode_prompt_completion(tokenizer, prompt,
+                                                                            "x")[0]
+    tokenizer.chat_template = None
+    assert encode_prompt(tokenizer, "2+2=") == tokenizer("2+2=")["input_ids"]
 
 
 def test_load_prompts_keeps_the_other_fields_for_the_reward(tmp_path):
