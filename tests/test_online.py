@@ -630,6 +630,30 @@ def test_grpo_main_job_raises_the_reward(tmp_path):
     assert (tmp_path / "metrics.jsonl").exists() and (tmp_path / "summary.json").exists()
 
 
+def _crash_and_resume_equals_uninterrupted(args, tmp_path):
+    """Run `args` uninterrupted in tmp_path/a, and in tmp_path/b crashed after iteration 1
+    then resumed; assert the same final weights and reward curve. Returns (the full run's
+    summary, the state of the checkpoint the resume started from)."""
+    from alignfuse.engine.online_loop import make_online_config, train_online
+
+    quiet = lambda *a: None  # noqa: E731
+    full = train_online(make_online_config(None, [*args, f"out_dir={tmp_path / 'a'}"]),
+                        progress=quiet)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        train_online(make_online_config(None, [*args, f"out_dir={tmp_path / 'b'}",
+                                               "crash_after_iterations=1"]), progress=quiet)
+    # The checkpoint the resume starts from (later ones rotate it away).
+    crashed = torch.load(tmp_path / "b" / "checkpoints" / "step-000001" / "state.pt",
+                         weights_only=False)
+    resumed = train_online(make_online_config(None, [*args, f"out_dir={tmp_path / 'b'}"]),
+                           resume=True, progress=quiet)
+    for (name, a), b in zip(full["model"].state_dict().items(),
+                            resumed["model"].state_dict().values()):
+        assert torch.equal(a, b), name
+    assert full["reward_curve"] == resumed["reward_curve"]
+    return full, crashed
+
+
 @pytest.mark.parametrize("algorithm", ["grpo", "ppo-adaptive-kl"])
 def test_online_loop_resumes_exactly(tmp_path, algorithm):
     """`alignfuse train grpo --resume` after a crash ends with the uninterrupted run's weights
@@ -644,20 +668,9 @@ def test_online_loop_resumes_exactly(tmp_path, algorithm):
     if algorithm == "ppo-adaptive-kl":
         small += ["algorithm=ppo", "kl_coef=0.1", "target_kl=0.01"]
     quiet = lambda *a: None  # noqa: E731
-    full = train_online(make_online_config(None, [*small, f"out_dir={tmp_path / 'a'}"]),
-                        progress=quiet)
     # Crash after the first iteration: the controller's update in iteration 2 sets the
     # coefficient iteration 3 uses.
-    crash = make_online_config(None, [*small, f"out_dir={tmp_path / 'b'}",
-                                      "crash_after_iterations=1"])
-    with pytest.raises(RuntimeError, match="injected crash"):
-        train_online(crash, progress=quiet)
-    resumed = train_online(make_online_config(None, [*small, f"out_dir={tmp_path / 'b'}"]),
-                           resume=True, progress=quiet)
-    for (k, a), b in zip(full["model"].state_dict().items(),
-                         resumed["model"].state_dict().values()):
-        assert torch.equal(a, b), k
-    assert full["reward_curve"] == resumed["reward_curve"]
+    full, _ = _crash_and_resume_equals_uninterrupted(small, tmp_path)
     rows = [[{k: v for k, v in row.items() if k.startswith(("kl", "loss", "reward"))}
              for row in read_metrics(tmp_path / run / "metrics.jsonl")] for run in "ab"]
     assert rows[0] == rows[1]
@@ -886,28 +899,13 @@ def test_online_lora_run_keeps_the_base_and_resumes_exactly(tmp_path, algorithm)
     import peft
     from transformers import AutoModelForCausalLM
 
-    from alignfuse.engine.online_loop import make_online_config, train_online
-
     kl = "beta=0.05" if algorithm == "grpo" else "kl_coef=0.05"
     args = _user_task(tmp_path) + [
         f"algorithm={algorithm}", kl, "rollout=hf", "iterations=3", "prompts_per_iteration=4",
         "group_size=4", "max_new_tokens=2", "lr=1e-2", "eval_samples=2", "tensorboard=false",
         "save_every=1", "lora_r=4", "lora_targets=q_proj,v_proj"]
-    quiet = lambda *a: None  # noqa: E731
-    full = train_online(make_online_config(None, [*args, f"out_dir={tmp_path / 'a'}"]),
-                        progress=quiet)
-    with pytest.raises(RuntimeError, match="injected crash"):
-        train_online(make_online_config(None, [*args, f"out_dir={tmp_path / 'b'}",
-                                               "crash_after_iterations=1"]), progress=quiet)
-    state = torch.load(tmp_path / "b" / "checkpoints" / "step-000001" / "state.pt",
-                       weights_only=False)
+    full, state = _crash_and_resume_equals_uninterrupted(args, tmp_path)
     assert state["model"] and all(".lora_" in name for name in state["model"])
-    resumed = train_online(make_online_config(None, [*args, f"out_dir={tmp_path / 'b'}"]),
-                           resume=True, progress=quiet)
-    for (name, a), b in zip(full["model"].state_dict().items(),
-                            resumed["model"].state_dict().values()):
-        assert torch.equal(a, b), name
-    assert full["reward_curve"] == resumed["reward_curve"]
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
     merged = full["model"]
     moved = []
