@@ -34,15 +34,18 @@ def main(argv: list[str] | None = None) -> int:
                      help="start nothing new after this many seconds (default: the preset's)")
     run.add_argument("--exclude", default="",
                      help="comma-separated contender names, name prefixes or fnmatch patterns "
-                          "(e.g. cce,liger,*/cuda) never to run; recorded as skipped, "
+                          "(e.g. cce,liger,*/cuda), or CASES:CONTENDER for some cases only "
+                          "(linear_*:liger) never to run; recorded as skipped, "
                           "'excluded by --exclude'")
 
-    pre = sub.add_parser("preflight", help="one tiny check and timing of the logprobs "
-                         "contenders a name matches, alone (bench/gpu_session.sh runs it "
-                         "under a timeout before the main run); exit 1 if one raised")
+    pre = sub.add_parser("preflight", help="a tiny check and timing of the contenders a "
+                         "name matches, alone (bench/gpu_session.sh runs it under a timeout "
+                         "before the main run); exit 1 if one raised")
     pre.add_argument("--contender", required=True,
-                     help="a logprobs contender name, prefix or pattern (cce, liger, "
-                          "alignfuse/cuda)")
+                     help="a contender name, prefix or pattern (cce, liger, alignfuse/cuda)")
+    pre.add_argument("--suite", default="logprobs", choices=("logprobs", "losses"),
+                     help="logprobs: a linear_logprobs case; losses: the linear GRPO and DPO "
+                          "cases (Liger's chunked losses)")
 
     report = sub.add_parser("report", help="Markdown table and PNG plots from result files")
     report.add_argument("results", nargs="*", type=Path,
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "preflight":
         from .runner import preflight
 
-        return preflight(args.contender)
+        return preflight(args.contender, suite=args.suite)
     if args.command == "run":
         from .runner import run as run_preset
 

@@ -27,7 +27,8 @@
 #   (`-m "gpu or cuda_backend"`: ~10 gpu tests, real vocabularies at N=300, and the ~250
 #   small backend="cuda" cases that take `device`) <= 120 s (likely 40-90 s, Triton
 #   compiles included); preflight <= 65 s (likely 20-40 s): each risky contender family
-#   (cut-cross-entropy, Liger, alignfuse's CUDA backend) alone on a tiny case, in processes
+#   (cut-cross-entropy, Liger's logprobs, Liger's torch.compile'd chunked GRPO/DPO losses,
+#   alignfuse's CUDA backend) alone on tiny cases, in processes
 #   of their own at once, each under `timeout 60`: one that raises, crashes or hangs (CCE's
 #   kernels spin on locks and were never built with this Triton) is left out of the main
 #   run with --exclude (`python -m bench preflight`; the outcome is in session.log);
@@ -168,12 +169,18 @@ fi
 # or times out is excluded from the main run (recorded there as "excluded by --exclude").
 # DRY: the same on the CPU (CCE skips itself there; Liger runs interpreted).
 PRE_S=${ALIGNFUSE_PREFLIGHT_S:-60}; [ $(( TOTAL_S - $(elapsed) )) -lt 240 ] && [ "$PRE_S" -gt 45 ] && PRE_S=45
-stage "preflight: cce, liger, alignfuse/cuda (tiny case, in parallel, ${PRE_S}s each)"
+stage "preflight: cce, liger, alignfuse/cuda, liger's chunked losses (tiny cases, in parallel, ${PRE_S}s each)"
 EXCLUDE=""
-names=(cce liger alignfuse/cuda); patterns=(cce liger '*/cuda'); pids=()
-for name in "${names[@]}"; do
-  timeout -k 5 "$PRE_S" $PY -m bench preflight --contender "$name" \
-      > "/tmp/preflight-${name//\//-}.log" 2>&1 &
+# name (its log), suite, contender, what the main run excludes when it fails: Liger's
+# logprobs (Triton kernels) and its chunked GRPO/DPO losses (torch.compile'd chunks) fail
+# apart, so each is excluded only in its own cases (logprobs cases are named N=...).
+names=(cce liger alignfuse/cuda liger-chunked); suites=(logprobs logprobs logprobs losses)
+contenders=(cce liger alignfuse/cuda liger); patterns=(cce 'N=*:liger' '*/cuda' 'linear_*:liger')
+pids=()
+for i in "${!names[@]}"; do
+  name=${names[$i]}
+  timeout -k 5 "$PRE_S" $PY -m bench preflight --suite "${suites[$i]}" \
+      --contender "${contenders[$i]}" > "/tmp/preflight-${name//\//-}.log" 2>&1 &
   pids+=($!)
 done
 for i in "${!names[@]}"; do

@@ -145,14 +145,24 @@ class TimingConfig:
     max_sets: int = 4
     deadline: float = math.inf  # time.monotonic() after which nothing new starts
     # Contenders never run, only recorded as skipped (`--exclude`): names, name prefixes or
-    # fnmatch patterns ("cce", "liger", "*/cuda"); see `excluded_by`.
+    # fnmatch patterns ("cce", "liger", "*/cuda"), optionally only in some cases
+    # ("linear_*:liger"); see `excluded_by`.
     exclude: tuple[str, ...] = ()
 
 
-def excluded_by(name: str, patterns: tuple[str, ...]) -> str | None:
+def excluded_by(name: str, patterns: tuple[str, ...], case: str | None = None) -> str | None:
     """The first of `patterns` that names contender `name` (equal, a prefix of it, or an
-    fnmatch pattern matching it), or None."""
-    return next((p for p in patterns if p and (name.startswith(p) or fnmatch(name, p))), None)
+    fnmatch pattern matching it), or None. A pattern "CASES:CONTENDER" names the contender
+    only in cases whose name matches the fnmatch pattern CASES ("linear_*:liger": Liger's
+    chunked losses, not its logprobs); without a `case` it names nothing."""
+    def names(p: str) -> bool:
+        if ":" in p:
+            cases, _, p = p.partition(":")
+            if case is None or not fnmatch(case, cases):
+                return False
+        return bool(p) and (name.startswith(p) or fnmatch(name, p))
+
+    return next((p for p in patterns if p and names(p)), None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -537,7 +547,7 @@ def run_case(case: Case, device: torch.device, cfg: TimingConfig, ceilings: dict
 
     # Excluded contenders never run (an exclusion outranks any other reason for a skip).
     excluded = {c.name: f"{EXCLUDED} ({p!r})" for c in case.contenders
-                if (p := excluded_by(c.name, cfg.exclude))}
+                if (p := excluded_by(c.name, cfg.exclude, case.name))}
     why = case.unavailable(device)
     if why is None and time.monotonic() > cfg.deadline:
         # Nothing is built: inputs and a higher-precision reference can cost seconds.

@@ -182,40 +182,59 @@ def skipped_for_time(result: dict) -> dict:
     return {"contenders": contenders, "modes": modes}
 
 
-def preflight(pattern: str, log: Callable[[str], None] = print) -> int:
-    """One tiny logprobs case (fwd+bwd: check, warm-up, two timed runs) with only the
+PREFLIGHT_SUITES = ("logprobs", "losses")
+
+
+def preflight(pattern: str, log: Callable[[str], None] = print, suite: str = "logprobs") -> int:
+    """Tiny cases of `suite` (fwd+bwd: check, warm-up, two timed runs) with only the
     contenders `pattern` names, on the GPU if there is one (bf16), else on the CPU
-    (float32, Triton interpreted). bench/gpu_session.sh runs it in a process of its own
-    under a timeout for each risky family (a first compile, or a kernel that never returns,
-    would otherwise stall the main run) and excludes from the main run what fails.
+    (float32, Triton interpreted): for logprobs one `linear_logprobs` case; for losses the
+    linear GRPO and DPO cases (Liger's chunked losses, torch.compiled on a GPU).
+    bench/gpu_session.sh runs it in a process of its own under a timeout for each risky
+    family (a first compile, or a kernel that never returns, would otherwise stall the main
+    run) and excludes from the main run what fails.
 
     Returns 0 when each ran (a failed check included: the main run records it as wrong) or
     cannot run here (the main run skips it too), 1 when one raised or broke the CUDA
-    context, 2 when `pattern` names no logprobs contender."""
-    from .suites import logprobs
+    context, 2 when `pattern` names no contender of the suite's tiny cases."""
+    from .suites import logprobs, losses
 
+    if suite not in PREFLIGHT_SUITES:
+        raise ValueError(f"suite must be one of {PREFLIGHT_SUITES}, got {suite!r}")
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     if not cuda:
         torch.set_num_threads(1)
-    N, H, V = (1024, 256, 4099) if cuda else (19, 16, 131)
-    case = logprobs.case(N, H, V, torch.bfloat16 if cuda else torch.float32, device)
-    case.contenders = [c for c in case.contenders if excluded_by(c.name, (pattern,))]
-    if not case.contenders:
-        log(f"preflight {pattern}: names no logprobs contender")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    if suite == "logprobs":
+        N, H, V = (1024, 256, 4099) if cuda else (19, 16, 131)
+        cases = [logprobs.case(N, H, V, dtype, device)]
+    else:
+        S, T, H, V = (4, 128, 256, 4099) if cuda else (2, 5, 16, 131)
+        cases = [losses.linear_grpo_case(S, T, H, V, dtype, device),
+                 losses.linear_dpo_case(max(1, S // 2), T, H, V, dtype, device)]
+    for case in cases:
+        case.contenders = [c for c in case.contenders if excluded_by(c.name, (pattern,))]
+        case.modes = ("fwd+bwd",)
+    cases = [case for case in cases if case.contenders]
+    if not cases:
+        log(f"preflight {pattern}: names no {suite} contender")
         return 2
-    case.modes = ("fwd+bwd",)
     cfg = TimingConfig(warmup=1, min_reps=2, max_reps=2, target_s=0.0, rotate_bytes=1,
                        max_sets=2)
-    try:
-        record = run_case(case, device, cfg, None, log)
-    except ContextLost as exc:
-        log(f"preflight {pattern}: the CUDA context broke: {exc.reason}")
-        return 1
-    # (each contender's line, with its reason, was logged by run_case above)
-    log(f"preflight {pattern}: " + ", ".join(f"{c['name']} {c['status']}"
-                                             for c in record["contenders"]))
-    return 1 if any(c["status"] == "error" for c in record["contenders"]) else 0
+    failed = False
+    for case in cases:
+        try:
+            record = run_case(case, device, cfg, None, log)
+        except ContextLost as exc:
+            log(f"preflight {pattern}: the CUDA context broke: {exc.reason}")
+            return 1
+        # (each contender's line, with its reason, was logged by run_case above)
+        where = f"{case.name.split(',', 1)[0]} " if suite != "logprobs" else ""
+        log(f"preflight {pattern}: " + ", ".join(f"{where}{c['name']} {c['status']}"
+                                                 for c in record["contenders"]))
+        failed |= any(c["status"] == "error" for c in record["contenders"])
+    return 1 if failed else 0
 
 
 def _prepare(case, stage: Stage, modes: tuple[str, ...] | None):

@@ -724,6 +724,55 @@ def test_excluded_contenders_never_run_and_say_so():
     assert all(c["reason"].startswith("excluded by --exclude") for c in record["contenders"])
 
 
+def test_a_case_qualified_exclusion_names_the_contender_in_those_cases_only():
+    from bench.harness import excluded_by
+
+    patterns = ("linear_*:liger",)
+    assert excluded_by("liger", patterns, "linear_grpo,S=2,T=5") == "linear_*:liger"
+    assert excluded_by("liger", patterns, "N=19,H=16,V=131,float32") is None
+    assert excluded_by("liger", patterns) is None            # no case: names nothing
+    assert excluded_by("torch-eager", patterns, "linear_dpo,P=1") is None
+    assert excluded_by("liger", ("N=*:liger", "cce"), "N=19,H=16") == "N=*:liger"
+    ran = []
+
+    def tracked(name):
+        def run(t):
+            ran.append(name)
+            return {"out": 3 * t["x"]}
+        return run
+
+    case = _scale_case([Contender("eager", "baseline", tracked("eager")),
+                        Contender("liger", "baseline", tracked("liger"))])
+    for case_name, excluded in ((case.name, True), ("other", False)):
+        ran.clear()
+        cfg = replace(FAST, exclude=(f"{case_name}:liger",))
+        record = harness.run_case(case, CPU, cfg, ceilings=None, log=lambda line: None)
+        assert ("liger" not in ran) == excluded and "eager" in ran
+        assert (_by_name(record)["liger"]["status"] == "skipped") == excluded
+
+
+def test_preflight_of_the_linear_losses_runs_their_cases(monkeypatch, capsys):
+    """`--suite losses`: the linear GRPO and DPO cases with only the named contender (on the
+    CPU, Liger's chunked losses run uncompiled); a raise in one case fails the preflight."""
+    import alignfuse.kernels
+    from bench import runner
+
+    assert runner.preflight("liger", suite="losses") == 0
+    out = capsys.readouterr().out
+    assert "linear_grpo liger ok" in out and "linear_dpo liger ok" in out
+    assert "torch-eager" not in out
+    assert runner.preflight("cce", suite="losses") == 2
+    with pytest.raises(ValueError, match="suite must be one of"):
+        runner.preflight("liger", suite="step")
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("compile exploded")
+
+    monkeypatch.setattr(alignfuse.kernels, "dpo_loss", boom)  # the DPO case only
+    assert runner.preflight("torch-eager", suite="losses") == 1
+    assert "linear_grpo torch-eager ok" in capsys.readouterr().out
+
+
 def test_bench_run_passes_exclude_on(monkeypatch, tmp_path):
     from bench import runner
     from bench.__main__ import main
