@@ -15,7 +15,8 @@ from .algorithms.ppo import PPO  # noqa: E402,F401
 from .forward import (ModelCheckError, disable_dropout,  # noqa: E402,F401
                       final_hidden_states, precompute_reference_logps, runs_padded,
                       token_logprobs, verify_packed_model)
-from .algorithms import DPO, KTO, ORPO, SFT, RewardModel, SimPO  # noqa: E402,F401
+from .algorithms import (DPO, KTO, ORPO, SFT, RewardModel, SimPO,  # noqa: E402,F401
+                         TextRewardModel, load_reward_model)
 from .loop import TrainConfig, make_config, train  # noqa: E402,F401
 from .precision import MasterWeights  # noqa: E402,F401
 from .tasks import addition_preferences, arithmetic_problems, arithmetic_reward  # noqa: E402,F401

@@ -392,3 +392,102 @@ def test_a_kto_dataset_of_one_record_is_a_data_error():
 
     with pytest.raises(DataError, match="needs >= 2 records"):
         kto_dataset(TokenizedDataset([[5]], [[6]], [0], {"desirable": [True]}))
+
+
+# ---------------------------------------------------------------------------------------
+# A trained reward model on texts (TextRewardModel / load_reward_model): GRPO/PPO's reward
+
+
+def _texts(n):
+    """Prompts and completions of varied lengths from a fresh draw (their characters are in
+    the tiny tokenizer's alphabet)."""
+    from helpers import fresh_rng
+
+    rng = fresh_rng()
+    letters = "abcdefghij0123456789+= "
+    word = lambda: "".join(rng.choice(list(letters), size=int(rng.integers(1, 13))))  # noqa: E731
+    return [word() for _ in range(n)], [word() for _ in range(n)]
+
+
+def test_a_saved_reward_model_scores_texts_as_its_model_did(tmp_path):
+    """`load_reward_model` on an exported reward model (`alignfuse train rm`'s out_dir/model:
+    the causal LM with `reward_head` in its weights) gives, for each (prompt, completion) in
+    a batch packed over several micro-batches, the score of its head on the last token of
+    that pair alone, rendered by the folder's tokenizer as the training data was."""
+    from alignfuse.engine import checkpoint as ckpt
+    from alignfuse.engine.algorithms import load_reward_model
+    from alignfuse.engine.algorithms.reward_model import attach_reward_head
+    from alignfuse.engine.data import encode_prompt_completion
+    from alignfuse.engine.tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama", len(tokenizer), seed=21)
+    head = attach_reward_head(model)
+    torch.nn.init.normal_(head.weight, std=0.5)
+    torch.nn.init.normal_(head.bias, std=0.5)
+    ckpt.export_pretrained(model, tokenizer, tmp_path / "rm")
+    scorer = load_reward_model(tmp_path / "rm", max_tokens=48)
+    prompts, completions = _texts(23)
+    scores = scorer.score_batch(prompts, completions)
+    assert scores.shape == (23,) and scores.dtype == torch.float32
+    expected = []
+    with torch.no_grad():
+        for p, c in zip(prompts, completions):
+            ids = sum(encode_prompt_completion(tokenizer, p, c), [])
+            hidden = model.model(torch.tensor([ids])).last_hidden_state[0, -1]
+            expected.append(float(head(hidden)))
+    assert_rel_close(scores, torch.tensor(expected), 1e-5, "scores")
+    assert scores.std() > 0.1
+    assert scorer(prompts[3], completions[3]) == pytest.approx(expected[3], rel=1e-5)
+
+
+def test_a_one_label_sequence_classifier_is_a_reward_model_too(tmp_path):
+    """A Hugging Face `*ForSequenceClassification` with one label: batched on right-padded
+    rows of at most max_tokens padded tokens, each score equals the model's logit on that
+    sequence alone."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from alignfuse.engine.algorithms import load_reward_model
+    from alignfuse.engine.data import encode_prompt_completion
+    from alignfuse.engine.tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(22)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForSequenceClassification(config).eval()
+    model.save_pretrained(tmp_path / "cls")
+    tokenizer.save_pretrained(tmp_path / "cls")
+    scorer = load_reward_model(tmp_path / "cls", max_tokens=64)
+    prompts, completions = _texts(19)
+    scores = scorer.score_batch(prompts, completions)
+    with torch.no_grad():
+        expected = [float(model(torch.tensor([sum(encode_prompt_completion(tokenizer, p, c),
+                                                  [])])).logits[0, 0])
+                    for p, c in zip(prompts, completions)]
+    assert_rel_close(scores, torch.tensor(expected), 1e-5, "classifier scores")
+    assert scores.std() > 0
+
+
+def test_a_folder_that_is_not_a_reward_model_is_refused_saying_why(tmp_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from alignfuse.engine import checkpoint as ckpt
+    from alignfuse.engine.algorithms import load_reward_model
+    from alignfuse.engine.algorithms.reward_model import check_reward_model_folder
+    from alignfuse.engine.tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    ckpt.export_pretrained(tiny_model("llama", len(tokenizer), seed=1), tokenizer,
+                           tmp_path / "lm")
+    with pytest.raises(ValueError, match="has no reward_head in its weights: it is a "
+                                         "language model"):
+        load_reward_model(tmp_path / "lm")
+    LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_labels=2)).save_pretrained(tmp_path / "two")
+    with pytest.raises(ValueError, match="sequence classifier with 2 labels"):
+        check_reward_model_folder(tmp_path / "two")
+    with pytest.raises(ValueError, match="no config.json"):
+        check_reward_model_folder(tmp_path)

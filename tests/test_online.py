@@ -233,6 +233,41 @@ def test_grpo_scores_with_a_reward_model():
     assert scores.std() > 0
 
 
+def test_a_batched_reward_is_called_once_per_batch_and_checked():
+    """An object with `score_batch(prompts, completions, fields)` is called once for all the
+    samples (a reward model or a remote verifier batches), with what a function would get;
+    a wrong count or a NaN is refused."""
+    calls = []
+
+    class Batched:
+        def __init__(self, result=None):
+            self.result = result
+
+        def score_batch(self, prompts, completions, fields):
+            calls.append((list(prompts), list(completions), list(fields)))
+            if self.result is not None:
+                return self.result
+            return torch.tensor([float(len(c)) + (f["bonus"] if f else 0.0)
+                                 for c, f in zip(completions, fields)])
+
+    policy = tiny_model("llama", 128, seed=10)
+    prompts = [{"prompt": PROMPTS[0], "bonus": 10.0}, PROMPTS[1]]
+    grpo = GRPO(policy, HFRollout(policy), Batched(), group_size=2, sampling=sampling(seed=4))
+    samples, _ = grpo.generate(prompts)
+    scores = grpo.score(samples, prompts)
+    assert len(calls) == 1 and len(calls[0][0]) == len(samples) == 4
+    for s, score, fields in zip(samples, scores, calls[0][2]):
+        bonus = 10.0 if s.prompt_index == 0 else 0.0
+        assert fields == ({"bonus": 10.0} if s.prompt_index == 0 else {})
+        assert float(score) == len(s.completion_token_ids) + bonus
+    for bad, message in (([1.0], "expected 4 floats, one per sample"),
+                         ([1.0, 2.0, float("nan"), 0.0], "NaN or inf"),
+                         (["a", "b", "c", "d"], "returned str")):
+        grpo.reward = Batched(bad)
+        with pytest.raises((ValueError, TypeError), match=message):
+            grpo.score(samples, prompts)
+
+
 @pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
 def test_reward_gets_the_prompt_as_given_and_its_fields(algorithm):
     """A string prompt reaches the reward function as the caller wrote it (not decoded back

@@ -7,7 +7,7 @@ from .base import Algorithm
 from .dpo import DPO
 from .kto import KTO, kto_sequences
 from .reference_free import ORPO, SimPO
-from .reward_model import RewardModel
+from .reward_model import RewardModel, TextRewardModel, load_reward_model
 from .sft import SFT
 
-__all__ = ["Algorithm", "SFT", "RewardModel", "DPO", "KTO", "kto_sequences", "ORPO", "SimPO"]
+__all__ = ["Algorithm", "SFT", "RewardModel", "TextRewardModel", "load_reward_model", "DPO", "KTO", "kto_sequences", "ORPO", "SimPO"]

@@ -135,8 +135,10 @@ class OnlineAlgorithm(Algorithm):
         if not isinstance(rollout, Rollout):
             raise TypeError(f"rollout must be a Rollout (VLLMRollout or HFRollout), got "
                             f"{type(rollout).__name__}")
-        if not callable(reward) and not hasattr(reward, "scores"):
-            raise TypeError("reward must be a callable (prompt, completion) -> float or a "
+        if not (callable(reward) or hasattr(reward, "scores")
+                or hasattr(reward, "score_batch")):
+            raise TypeError("reward must be a callable (prompt, completion) -> float, an "
+                            "object with score_batch(prompts, completions, fields) or a "
                             f"RewardModel, got {type(reward).__name__}")
         self.rollout = rollout
         self.reward = reward
@@ -270,7 +272,8 @@ class OnlineAlgorithm(Algorithm):
     def score(self, samples: Sequence[Sample], prompts: Sequence | None = None) -> torch.Tensor:
         """`[S]` float32 rewards: the user's function per sample (given `prompts`, those
         `generate` was given: a string prompt reaches it as given, and a mapping's other
-        keys as keywords), or a `RewardModel`."""
+        keys as keywords), an object's `score_batch(prompts, completions, fields)` once for
+        all samples (e.g. `TextRewardModel`), or a `RewardModel` on the token ids."""
         if hasattr(self.reward, "scores"):
             scores = torch.zeros(len(samples))
             device = model_device(self.reward.model)
@@ -278,25 +281,37 @@ class OnlineAlgorithm(Algorithm):
                                       runs_padded(self.reward.model, device)):
                 scores[batch.seq_index.cpu()] = self.reward.scores(batch).float().cpu()
             return scores
-        values = []
-        for k, s in enumerate(samples):
-            given, fields = (self._prompt_of(prompts, s.prompt_index) if prompts is not None
-                             else (None, {}))
+        texts, completions, fields = [], [], []
+        for s in samples:
+            given, extra = (self._prompt_of(prompts, s.prompt_index) if prompts is not None
+                            else (None, {}))
             prompt, completion = s.prompt_token_ids, s.completion_token_ids
             if self.tokenizer is not None:
                 prompt = self.tokenizer.decode(prompt, skip_special_tokens=True)
                 completion = self.tokenizer.decode(completion, skip_special_tokens=True)
-            if isinstance(given, str):
-                prompt = given
-            value = self.reward(prompt, completion, **fields)
+            texts.append(given if isinstance(given, str) else prompt)
+            completions.append(completion)
+            fields.append(extra)
+        if hasattr(self.reward, "score_batch"):
+            values = self.reward.score_batch(texts, completions, fields)
+            if isinstance(values, torch.Tensor):
+                values = values.reshape(-1).tolist() if values.dim() <= 1 else values
+            if not isinstance(values, Sequence) or len(values) != len(samples):
+                raise ValueError(f"reward.score_batch returned {type(values).__name__} "
+                                 f"{values!r:.60}; expected {len(samples)} floats, one per "
+                                 "sample")
+        else:
+            values = [self.reward(p, c, **f) for p, c, f in zip(texts, completions, fields)]
+        checked = []
+        for k, (s, value) in enumerate(zip(samples, values)):
             if isinstance(value, torch.Tensor) and value.numel() == 1:
                 value = value.item()
             if not isinstance(value, numbers.Real):  # bools and numpy scalars pass
                 raise TypeError(f"the reward function returned {type(value).__name__} "
                                 f"{value!r:.40} for sample {k} (prompt {s.prompt_index}); "
                                 "expected a float")
-            values.append(float(value))
-        rewards = torch.tensor(values, dtype=torch.float32)
+            checked.append(float(value))
+        rewards = torch.tensor(checked, dtype=torch.float32)
         if not bool(torch.isfinite(rewards).all()):
             raise ValueError("the reward function returned NaN or inf")
         return rewards
@@ -449,7 +464,10 @@ class GRPO(OnlineAlgorithm):
     model: the policy (HF causal LM, optionally wrapped); the caller owns the optimizer.
     rollout: a `VLLMRollout` or `HFRollout` built on the same model.
     reward: `reward(prompt, completion) -> float` (texts when `tokenizer` is given, else
-        token-id lists), or a `RewardModel` whose `scores` rate prompt + completion.
+        token-id lists); an object with `score_batch(prompts, completions, fields)`, called
+        once per batch of samples (`load_reward_model(folder)`: a trained reward model on
+        the texts, through its own tokenizer); or a `RewardModel` whose `scores` rate
+        prompt + completion token ids (the policy's tokenizer).
     ref_model: frozen reference for the KL term; needed when `beta > 0`. For a PEFT policy,
         `BaseReference(model)` (its base, adapters off) needs no copy.
     group_size: samples per prompt (G).

@@ -86,7 +86,8 @@ class PPO(OnlineAlgorithm):
 
     model: the policy; critic: a causal LM to put a `value_head` on (default: a deep copy of
         the policy). The caller's optimizer must cover `ppo.parameters()` (policy + critic).
-    reward: `reward(prompt, completion) -> float` or a `RewardModel` (the sample's score).
+    reward: `reward(prompt, completion) -> float`, an object with `score_batch` (e.g.
+        `load_reward_model(folder)`) or a `RewardModel` (the sample's score; see `GRPO`).
     ref_model: frozen reference; needed when `kl_coef > 0` (`BaseReference(model)` for a
         PEFT policy's base).
     gamma, lam: GAE discount and lambda; whiten: standardise the advantages over the batch.
