@@ -22,6 +22,9 @@ reward=<file.py:function>`): the prompts are `engine/data.py` `load_prompts` rec
 rendered as the offline loaders render prompts (the chat template when the tokenizer has
 one), gone through in a fresh order each epoch; the reward gets each record's own prompt
 text, the decoded completion and the record's other fields as keywords (`OnlineTask`).
+`reward_model=<folder>` scores with a trained reward model instead (`alignfuse train rm`'s
+out_dir/model, or a one-label sequence classifier: `TextRewardModel`, batched, through its
+own tokenizer), which makes SFT -> reward model -> PPO a pipeline of three commands.
 `lora_r > 0` trains adapters only: the KL reference is their base (`BaseReference`), the
 rollout receives the merged weights at every sync (`rollout.hf_weights`), checkpoints hold
 the adapters, and the run ends with `out_dir/adapter` beside the merged `out_dir/model`.
@@ -105,6 +108,10 @@ class OnlineConfig:
     # function(prompt, completion, **fields) -> float (prompt: the record's text, before any
     # chat template). The built-in task has its own (arithmetic_reward) and takes none.
     reward: str | None = None
+    # Or a trained reward model: `alignfuse train rm`'s out_dir/model, or a one-label Hugging
+    # Face *ForSequenceClassification folder. It scores the record's prompt text and the
+    # completion, rendered by its own tokenizer as its training data was, in batches.
+    reward_model: str | None = None
     eval_task: str | None = None     # prompts to evaluate on (default: the task's own)
     eval_prompts: int = 64           # at most this many of them (a fixed draw)
     max_operand: int = 4             # built-in task: prompts "a+b=" with a, b in 0..max_operand
@@ -173,10 +180,11 @@ class OnlineConfig:
                 raise ConfigError(f"model={self.model!r} needs a task of yours (task=prompts."
                                   f"jsonl reward=module:function): task={BUILTIN_TASK} runs on "
                                   "tiny-llama or tiny-qwen2, whose character tokenizer it uses")
-            if self.reward is not None:
-                raise ConfigError(f"reward: task={BUILTIN_TASK} has its own reward "
-                                  "(arithmetic_reward); remove reward=, or give task= your "
-                                  "prompts")
+            for key in ("reward", "reward_model"):
+                if getattr(self, key) is not None:
+                    raise ConfigError(f"{key}: task={BUILTIN_TASK} has its own reward "
+                                      f"(arithmetic_reward); remove {key}=, or give task= "
+                                      "your prompts")
             if self.sft_warmup_steps is None:
                 self.sft_warmup_steps = 30
         else:
@@ -191,9 +199,17 @@ class OnlineConfig:
             if self.model not in TINY_MODELS and not Path(self.model).is_dir():
                 raise ConfigError(f"model must be tiny-llama, tiny-qwen2 or a local model "
                                   f"folder; {self.model!r} is none of these")
-            if self.reward is None:
-                raise ConfigError(f"reward: task={self.task!r} needs a reward function, "
-                                  "reward=module:function or reward=path/to/file.py:function")
+            if self.reward is None and self.reward_model is None:
+                raise ConfigError(f"reward: task={self.task!r} needs a reward: a function, "
+                                  "reward=module:function or reward=path/to/file.py:function, "
+                                  "or a trained reward model, reward_model=<folder>")
+            if self.reward is not None and self.reward_model is not None:
+                raise ConfigError("reward_model: give reward= (a function) or reward_model= "
+                                  "(a trained reward model), not both")
+            if self.reward_model is not None and not Path(self.reward_model).is_dir():
+                raise ConfigError(f"reward_model: {self.reward_model} is not a folder (a "
+                                  "reward model: `alignfuse train rm`'s out_dir/model, or a "
+                                  "Hugging Face sequence classifier)")
             if self.sft_warmup_steps is None:
                 self.sft_warmup_steps = 0
             elif self.sft_warmup_steps:
@@ -271,11 +287,12 @@ _PROMPT_TEXT = "_alignfuse_prompt_text"
 @dataclass
 class OnlineTask:
     """What a run samples and scores: its prompts (text and the reward's fields), their token
-    ids, the reward function, the tokens that end a completion and the evaluation prompts."""
+    ids, the reward (a function, or a `TextRewardModel`), the tokens that end a completion
+    and the evaluation prompts. It is GRPO's/PPO's reward (`score_batch`)."""
 
     prompts: list[PromptRecord]
     eval_prompts: list[PromptRecord]
-    reward: Callable[..., float]
+    reward: Callable[..., float] | Any
     tokenizer: Any
     encode: Callable[[str], list[int]]
     stop_token_ids: list[int]
@@ -292,9 +309,16 @@ class OnlineTask:
         return [{"prompt": self.ids(r.prompt), _PROMPT_TEXT: r.prompt, **r.fields}
                 for r in records]
 
-    def score(self, prompt, completion: str, **fields) -> float:
-        """The reward GRPO/PPO call: the user's function on the record's own prompt text."""
-        return self.reward(fields.pop(_PROMPT_TEXT), completion, **fields)
+    def score_batch(self, prompts: Sequence[str], completions: Sequence[str],
+                    fields: Sequence[dict]) -> list[float] | torch.Tensor:
+        """The rewards of a batch (what GRPO/PPO call): the user's function per sample, or
+        the reward model once, on each record's own prompt text (the `_PROMPT_TEXT` field
+        of `batch`'s prompts, else the prompt given)."""
+        texts = [f.get(_PROMPT_TEXT, p) for p, f in zip(prompts, fields)]
+        fields = [{k: v for k, v in f.items() if k != _PROMPT_TEXT} for f in fields]
+        if hasattr(self.reward, "score_batch"):
+            return self.reward.score_batch(texts, completions, fields)
+        return [self.reward(t, c, **f) for t, c, f in zip(texts, completions, fields)]
 
     def longest_prompt(self) -> int:
         return max(len(self.ids(r.prompt)) for r in (*self.prompts, *self.eval_prompts))
@@ -371,7 +395,14 @@ def make_task(cfg: OnlineConfig, model, tokenizer, records: list[PromptRecord],
         if len(eval_records) > cfg.eval_prompts:
             eval_records = random.Random(cfg.seed + 3).sample(eval_records, cfg.eval_prompts)
     eval_records = eval_records[:cfg.eval_prompts]
-    return OnlineTask(records, eval_records, load_reward(cfg.reward), tokenizer,
+    if cfg.reward_model is not None:
+        from .algorithms.reward_model import load_reward_model
+
+        reward = load_reward_model(cfg.reward_model, device=next(model.parameters()).device,
+                                   max_tokens=cfg.max_tokens)
+    else:
+        reward = load_reward(cfg.reward)
+    return OnlineTask(records, eval_records, reward, tokenizer,
                       lambda text: encode_prompt(tokenizer, text),
                       end_token_ids(model, tokenizer), builtin=False)
 
@@ -427,15 +458,16 @@ def mean_reward(rollout: Rollout, model, task: OnlineTask, cfg: OnlineConfig,
                               seed=seed, stop_token_ids=task.stop_token_ids)
     records = task.eval_prompts
     samples = rollout.generate([task.ids(r.prompt) for r in records], cfg.eval_samples, sampling)
-    rewards = []
-    for s in samples:
-        record = records[s.prompt_index]
-        value = float(task.reward(record.prompt, task.tokenizer.decode(
-            s.completion_token_ids, skip_special_tokens=True), **record.fields))
+    chosen = [records[s.prompt_index] for s in samples]
+    values = task.score_batch(
+        [r.prompt for r in chosen],
+        [task.tokenizer.decode(s.completion_token_ids, skip_special_tokens=True)
+         for s in samples], [r.fields for r in chosen])
+    rewards = [float(v) for v in values]
+    for record, value in zip(chosen, rewards):
         if not math.isfinite(value):
-            raise ValueError(f"the reward function returned {value} on the evaluation prompt "
+            raise ValueError(f"the reward returned {value} on the evaluation prompt "
                              f"{record.prompt!r:.60}")
-        rewards.append(value)
     return sum(rewards) / len(rewards)
 
 
@@ -471,11 +503,11 @@ def make_online_algorithm(cfg: OnlineConfig, model, rollout: Rollout, task: Onli
                   ppo_epochs=cfg.ppo_epochs, mini_batches=cfg.mini_batches,
                   max_tokens=cfg.max_tokens)
     if cfg.algorithm == "grpo":
-        return GRPO(model, rollout, task.score, group_size=cfg.group_size,
+        return GRPO(model, rollout, task, group_size=cfg.group_size,
                     estimator=cfg.estimator, scale=cfg.scale, beta=cfg.beta,
                     ref_model=ref_model if cfg.beta > 0 else None,
                     importance_level=cfg.importance_level, **common)
-    return PPO(model, rollout, task.score, group_size=cfg.group_size,
+    return PPO(model, rollout, task, group_size=cfg.group_size,
                kl_coef=cfg.kl_coef, target_kl=cfg.target_kl,
                ref_model=ref_model if cfg.kl_coef > 0 else None, gamma=cfg.gae_gamma,
                lam=cfg.gae_lambda, vf_coef=cfg.vf_coef, **common)
@@ -511,7 +543,15 @@ def train_online(cfg: OnlineConfig, *, resume: bool = False, rollout: Rollout | 
     # The user's prompts and reward function are checked before anything is written.
     records, eval_records = load_task_records(cfg)
     if not cfg.builtin_task:
-        load_reward(cfg.reward)
+        if cfg.reward is not None:
+            load_reward(cfg.reward)
+        else:
+            from .algorithms.reward_model import check_reward_model_folder
+
+            try:
+                check_reward_model_folder(cfg.reward_model)
+            except ValueError as exc:
+                raise ConfigError(f"reward_model: {exc}") from None
         if cfg.prompts_per_iteration > len(records):
             raise ConfigError(f"prompts_per_iteration={cfg.prompts_per_iteration} is more than "
                               f"the task's {len(records)} prompts; lower it (group_size "

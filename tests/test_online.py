@@ -926,6 +926,53 @@ def test_online_loop_on_your_model_prompts_and_reward_raises_it(tmp_path):
     assert task.eval_prompts == task.prompts  # at most eval_prompts=64 of the task's own
 
 
+def _train_reward_model(root, base):
+    """`alignfuse train rm` on pairs preferring a digit to a letter after "note i": its
+    out_dir/model, the reward model folder."""
+    from alignfuse.engine.cli import main
+
+    pairs = root / "pairs.jsonl"
+    pairs.write_text("".join(f'{{"instruction": "note {i}", "input": "", "chosen": "{i % 10}", '
+                             f'"rejected": "{chr(97 + i % 26)}"}}\n' for i in range(40)))
+    assert main(["train", "rm", f"model={base}", f"data={pairs}", f"out_dir={root / 'rm'}",
+                 "steps=30", "lr=3e-3", "tensorboard=false", "progress=false",
+                 "num_threads=1"]) == 0
+    return root / "rm" / "model"
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_online_loop_with_a_reward_model_you_trained_raises_its_score(tmp_path, algorithm):
+    """SFT -> reward model -> RL as commands: `alignfuse train rm` writes out_dir/model, and
+    `alignfuse train grpo|ppo ... reward_model=<that folder>` optimises its score (batched,
+    on the texts, through its own tokenizer): the evaluated score rises, and the rewards the
+    loop trained on are the reward model's scores of the samples."""
+    from alignfuse.engine.algorithms import load_reward_model
+    from alignfuse.engine.online_loop import make_online_config, train_online
+
+    model, task, _ = _user_task(tmp_path)
+    rm = _train_reward_model(tmp_path, model.split("=", 1)[1])
+    args = [model, task, f"reward_model={rm}", f"algorithm={algorithm}",
+            f"out_dir={tmp_path / 'run'}", "rollout=hf", "iterations=12",
+            "prompts_per_iteration=6", "group_size=8", "max_new_tokens=2", "lr=3e-3",
+            "eval_samples=8", "tensorboard=false"]
+    summary = train_online(make_online_config(None, args), progress=lambda line: None)
+    # Measured (seed 0): GRPO -2.8 -> 3.7.
+    assert summary["reward_after"] > summary["reward_before"] + 2.0, summary
+    curve = summary["reward_curve"]
+    assert sum(curve[-3:]) / 3 > sum(curve[:3]) / 3 + 1.0, curve
+    # What the run scored with is the folder's reward model, on the record's own text.
+    from alignfuse.engine.online_loop import load_task_records, make_task
+    from alignfuse.engine.tiny import tiny_tokenizer
+
+    cfg = make_online_config(None, args)
+    run_task = make_task(cfg, summary["model"], tiny_tokenizer(), *load_task_records(cfg))
+    alone = load_reward_model(rm)
+    batch = run_task.batch(run_task.prompts[:3])
+    got = run_task.score_batch(["<ignored>"] * 3, ["7", "q", "12"], batch)
+    want = alone.score_batch([r.prompt for r in run_task.prompts[:3]], ["7", "q", "12"])
+    assert torch.equal(torch.as_tensor(got), want) and want[0] > want[1]
+
+
 @pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
 def test_online_lora_run_keeps_the_base_and_resumes_exactly(tmp_path, algorithm):
     """lora_r > 0 online: only the adapters train (the KL reference is the base itself), a
@@ -967,7 +1014,7 @@ def test_online_task_of_yours_refuses_bad_input_before_any_work(tmp_path, capsys
     bad_record.write_text('{"prompt": "a"}\n{"prompt": "b", "completion": "c"}\n')
     capsys.readouterr()  # the model folder's save progress
     cases = [
-        ([model, task], "reward: task="),
+        ([model, task], "needs a reward: a function, reward=module:function"),
         ([model, task, "reward=nocolon"], "reward must look like module:function"),
         ([model, task, f"reward={tmp_path / 'reward.py'}:starts_with_a_digt"],
          "has no 'starts_with_a_digt' (did you mean starts_with_a_digit?)"),
@@ -988,6 +1035,14 @@ def test_online_task_of_yours_refuses_bad_input_before_any_work(tmp_path, capsys
          "eval_task: " + str(tmp_path / "none.jsonl") + " does not exist"),
         ([model, f"task={bad_record}", reward],
          f"{bad_record}: line 2: field 'completion'"),
+        ([model, task, reward, f"reward_model={tmp_path}"],
+         "reward_model: give reward= (a function) or reward_model="),
+        ([model, task, f"reward_model={tmp_path / 'none'}"],
+         "reward_model: " + str(tmp_path / "none") + " is not a folder"),
+        ([model, task, model.replace("model=", "reward_model=")],
+         "has no reward_head in its weights: it is a language model, not a reward model"),
+        (["model=tiny-llama", f"reward_model={tmp_path}"],
+         "reward_model: task=builtin:addition has its own reward"),
         ([model, task, reward, "prompts_per_iteration=13"],
          "prompts_per_iteration=13 is more than the task's 12 prompts"),
         ([model, task, reward, "prompts_per_iteration=4", "lora_r=2",
