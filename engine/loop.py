@@ -153,13 +153,7 @@ class TrainConfig:
 
         if self.ties not in TIES:
             raise ConfigError(f"ties must be one of {TIES}, got {self.ties!r}")
-        if self.dtype == "float16":
-            raise ConfigError("dtype=float16 cannot train here: its gradients need loss "
-                              "scaling, which this loop does not do (the weights overflow "
-                              "within a step); use bfloat16 (computed in bf16, updated in "
-                              "fp32) or float32")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        check_dtype(self.dtype)
         try:
             device = torch.device(self.device)
         except RuntimeError:
@@ -211,6 +205,18 @@ def check_bounds(cfg, *, at_least_one: tuple[str, ...] = (), non_negative: tuple
             value = getattr(cfg, key)
             if value is not None and not ok(value):
                 raise ConfigError(f"{key} must be {rule}, got {value!r}")
+
+
+def check_dtype(dtype: str) -> None:
+    """The training dtypes of the ready loops: float32, or bfloat16 (bf16 weights and
+    compute, fp32 master weights for the optimizer, `engine/precision.py`)."""
+    if dtype == "float16":
+        raise ConfigError("dtype=float16 cannot train here: its gradients need loss "
+                          "scaling, which this loop does not do (the weights overflow "
+                          "within a step); use bfloat16 (computed in bf16, updated in "
+                          "fp32) or float32")
+    if dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"dtype must be float32 or bfloat16, got {dtype!r}")
 
 
 def check_max_grad_norm(value: float | None) -> None:

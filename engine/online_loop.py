@@ -48,10 +48,11 @@ from . import checkpoint as ckpt
 from .data import PromptRecord
 from .lora import BaseReference, add_lora, load_trainable_state, trainable_state
 from .loop import (TINY_MODELS, ConfigError, _check_type, build_config, check_bounds,
-                   check_data_unchanged, check_lora_targets, check_max_grad_norm,
+                   check_data_unchanged, check_dtype, check_lora_targets, check_max_grad_norm,
                    export_run_model, keep_warmed_model, load_model, open_run)
 from .metrics import MetricsLogger, plot_metrics, pyplot, read_metrics
 from .packing import pack
+from .precision import MasterWeights
 from .rollout import HFRollout, Rollout, SamplingConfig, VLLMRollout, vllm_available
 from .tasks import addition_prompts, arithmetic_reward, solve
 
@@ -59,7 +60,7 @@ ONLINE_ALGORITHMS = ("grpo", "ppo")
 BUILTIN_TASK = "builtin:addition"
 # Keys that may change between a run and its resumption (they do not change the numbers).
 RESUMABLE_CHANGES = ("iterations", "crash_after_iterations", "save_every", "tensorboard",
-                     "keep_checkpoints", "num_threads")
+                     "keep_checkpoints", "num_threads", "gradient_checkpointing")
 # The algorithm knobs: each key only one of GRPO and PPO reads (`make_online_algorithm`,
 # `needs_reference`), and who reads it. Given for the other one, it is a ConfigError
 # (`engine/loop.py::check_knobs`), not silently ignored. The other keys both read.
@@ -131,6 +132,13 @@ class OnlineConfig:
     lora_targets: str = "all-linear"  # only with lora_r > 0
     # At the end, the trained policy and its tokenizer as a Hugging Face folder, out_dir/model.
     export_model: bool = True
+    # bfloat16: the policy (and its reference copy, PPO's critic) computed in bf16 and updated
+    # through fp32 master weights (engine/precision.py), as `alignfuse train` does; LoRA
+    # adapters stay fp32. The rollout samples in its own dtype (vLLM: float32 on a CPU) from
+    # the synced weights; tis_cap corrects for the difference.
+    dtype: str = "float32"
+    # Recompute each layer's activations in the backward (non-reentrant): less memory.
+    gradient_checkpointing: bool = False
     iterations: int = 60             # generation batches
     prompts_per_iteration: int = 25
     group_size: int = 16             # samples per prompt
@@ -234,6 +242,7 @@ class OnlineConfig:
         if not 0 <= self.max_operand <= 99:
             raise ConfigError(f"max_operand must be in [0, 99], got {self.max_operand!r}")
         check_max_grad_norm(self.max_grad_norm)
+        check_dtype(self.dtype)
         for key in ("gae_gamma", "gae_lambda"):
             if not 0 <= getattr(self, key) <= 1:
                 raise ConfigError(f"{key} must be in [0, 1], got {getattr(self, key)!r}")
@@ -429,7 +438,8 @@ def sft_warmup(model, tokenizer, cfg: OnlineConfig) -> list[float]:
 
     rng = random.Random(cfg.seed + 7)
     prompts = addition_prompts(cfg.max_operand)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr)
+    master = MasterWeights(list(model.parameters()))  # fp32 updates of a bf16 model
+    optimizer = torch.optim.AdamW(master.masters, lr=cfg.sft_lr)
     sft = SFT(model)
     padded = runs_padded(model)
     losses = []
@@ -445,8 +455,10 @@ def sft_warmup(model, tokenizer, cfg: OnlineConfig) -> list[float]:
         total = sum(sft.num_units(b) for b in batches)
         for batch in batches:
             losses.append(sft.step(batch, loss_scale=sft.num_units(batch) / total)["loss"])
+        master.gradients_in()
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        master.weights_out()
+        master.zero_grad()
     return losses
 
 
@@ -564,7 +576,7 @@ def train_online(cfg: OnlineConfig, *, resume: bool = False, rollout: Rollout | 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     start_time = time.perf_counter()
-    model, tokenizer = load_model(cfg.model, seed=cfg.seed)
+    model, tokenizer = load_model(cfg.model, seed=cfg.seed, dtype=cfg.dtype)
     task = make_task(cfg, model, tokenizer, records, eval_records)
     check_lora_targets(cfg, model)
     sft_losses = (sft_warmup(model, tokenizer, cfg)
@@ -583,12 +595,15 @@ def train_online(cfg: OnlineConfig, *, resume: bool = False, rollout: Rollout | 
         model = add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, targets=cfg.lora_targets)
         if needs_reference(cfg):
             ref_model = BaseReference(model)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     own_rollout = rollout is None
     rollout = rollout or make_rollout(cfg.rollout, model, rollout_length(cfg, task))
     algorithm = make_online_algorithm(cfg, model, rollout, task, ref_model)
     params = [p for p in (algorithm.parameters() if hasattr(algorithm, "critic")
                           else model.parameters()) if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr)
+    master = MasterWeights(params)  # bf16 parameters get fp32 masters; fp32 ones are their own
+    optimizer = torch.optim.AdamW(master.masters, lr=cfg.lr)
     start = 0
     summary: dict[str, Any] = {"rollout": type(rollout).__name__}
     if state is not None:
@@ -598,6 +613,7 @@ def train_online(cfg: OnlineConfig, *, resume: bool = False, rollout: Rollout | 
             model.load_state_dict(state["model"])
         if "critic" in state:
             algorithm.critic.load_state_dict(state["critic"])
+        master.load_state_dict(state.get("master"))
         optimizer.load_state_dict(state["optimizer"])
         ckpt.set_rng_state(state["rng"])
         start = state["step"]
@@ -623,7 +639,7 @@ def train_online(cfg: OnlineConfig, *, resume: bool = False, rollout: Rollout | 
 
     def save(iteration: int) -> None:
         payload = {"model": trainable_state(model) if cfg.lora_r else model.state_dict(),
-                   "optimizer": optimizer.state_dict(), "data_sha256": fingerprints,
+                   "master": master.state_dict(), "optimizer": optimizer.state_dict(), "data_sha256": fingerprints,
                    "config": dataclasses.asdict(cfg), "reward_before": summary["reward_before"]}
         if ref_model is not None and not cfg.lora_r:
             payload["reference"] = ref_model.state_dict()
@@ -638,7 +654,8 @@ def train_online(cfg: OnlineConfig, *, resume: bool = False, rollout: Rollout | 
         # The prompts and the sampling seed of an iteration depend only on (seed, iteration).
         batch = task.batch(iteration_prompts(cfg, task, iteration))
         algorithm.sampling.seed = cfg.seed * 100_003 + iteration
-        metrics = algorithm.train_iteration(batch, optimizer, max_grad_norm=cfg.max_grad_norm)
+        metrics = algorithm.train_iteration(batch, optimizer, max_grad_norm=cfg.max_grad_norm,
+                                            master_weights=master)
         done = iteration + 1
         logger.log(done, metrics)
         if iteration % 5 == 0 or done == cfg.iterations:

@@ -1002,6 +1002,54 @@ def test_online_lora_run_keeps_the_base_and_resumes_exactly(tmp_path, algorithm)
     torch.testing.assert_close(adapted(ids).logits, merged(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_online_bf16_run_updates_through_fp32_masters_and_resumes_exactly(tmp_path, algorithm):
+    """dtype=bfloat16 online: the policy (and PPO's critic) stay bf16, each is its fp32
+    master rounded, the checkpoint holds the masters, and a crashed run resumes to the
+    uninterrupted one's weights bit for bit."""
+    args = _user_task(tmp_path) + [
+        f"algorithm={algorithm}", "dtype=bfloat16", "rollout=hf", "iterations=3",
+        "prompts_per_iteration=4", "group_size=4", "max_new_tokens=2", "lr=1e-3",
+        "eval_samples=2", "tensorboard=false", "save_every=1"]
+    full, state = _crash_and_resume_equals_uninterrupted(args, tmp_path)
+    model = full["model"]
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    masters = state["master"]
+    trained = len(list(model.parameters())) * (2 if algorithm == "ppo" else 1) + (
+        2 if algorithm == "ppo" else 0)  # PPO: the critic's copy and its value head
+    assert len(masters) == trained and all(m.dtype == torch.float32 for m in masters)
+    for (name, p), m in zip(state["model"].items(), masters):
+        assert torch.equal(p, m.to(torch.bfloat16)), name
+    final = torch.load(tmp_path / "a" / "checkpoints" / "step-000003" / "state.pt",
+                       weights_only=False)
+    moved = sum(not torch.equal(a, b) for a, b in zip(final["master"], masters))
+    assert moved > len(masters) // 2
+
+
+def test_online_gradient_checkpointing_changes_memory_not_the_run(tmp_path):
+    """gradient_checkpointing=true recomputes activations in the backward: the same rewards
+    and weights as without (fp32), and a run may resume with it switched."""
+    from alignfuse.engine.online_loop import make_online_config, train_online
+
+    args = _user_task(tmp_path) + [
+        "rollout=hf", "iterations=3", "prompts_per_iteration=4", "group_size=4",
+        "max_new_tokens=2", "lr=1e-3", "eval_samples=2", "tensorboard=false"]
+    quiet = lambda *a: None  # noqa: E731
+    runs = [train_online(make_online_config(None, [*args, f"out_dir={tmp_path / str(on)}",
+                                                   f"gradient_checkpointing={on}"]),
+                         progress=quiet) for on in ("false", "true")]
+    assert runs[1]["model"].is_gradient_checkpointing
+    assert runs[0]["reward_curve"] == pytest.approx(runs[1]["reward_curve"], abs=1e-6)
+    for (name, a), b in zip(runs[0]["model"].state_dict().items(),
+                            runs[1]["model"].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    resumed = train_online(make_online_config(None, [*args, "iterations=4",
+                                                     f"out_dir={tmp_path / 'true'}",
+                                                     "gradient_checkpointing=false"]),
+                           resume=True, progress=quiet)
+    assert len(resumed["reward_curve"]) == 4
+
+
 def test_online_task_of_yours_refuses_bad_input_before_any_work(tmp_path, capsys):
     """Each problem with a task of yours is an error naming the key (or the record's line),
     exit status 2, before anything is written or loaded."""
@@ -1043,6 +1091,7 @@ def test_online_task_of_yours_refuses_bad_input_before_any_work(tmp_path, capsys
          "has no reward_head in its weights: it is a language model, not a reward model"),
         (["model=tiny-llama", f"reward_model={tmp_path}"],
          "reward_model: task=builtin:addition has its own reward"),
+        ([model, task, reward, "dtype=float16"], "dtype=float16 cannot train here"),
         ([model, task, reward, "prompts_per_iteration=13"],
          "prompts_per_iteration=13 is more than the task's 12 prompts"),
         ([model, task, reward, "prompts_per_iteration=4", "lora_r=2",
