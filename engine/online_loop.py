@@ -155,6 +155,9 @@ class OnlineConfig:
     clip_low: float = 0.2
     clip_high: float = 0.2
     tis_cap: float | None = 2.0      # truncated importance sampling (sampler vs trainer)
+    # Subtracted from the reward of a completion cut at max_new_tokens (in training and in the
+    # evaluated reward): a reward model would score it as if it had ended. None: off.
+    missing_eos_penalty: float | None = None
     # GRPO only (a ConfigError when given with algorithm=ppo)
     estimator: str = "grpo"
     scale: str = "group"
@@ -258,7 +261,7 @@ class OnlineConfig:
         common = dict(group_size=self.group_size, clip_low=self.clip_low,
                       clip_high=self.clip_high, loss_agg=self.loss_agg, tis_cap=self.tis_cap,
                       ppo_epochs=self.ppo_epochs, mini_batches=self.mini_batches,
-                      max_tokens=self.max_tokens)
+                      max_tokens=self.max_tokens, missing_eos_penalty=self.missing_eos_penalty)
         try:
             if self.algorithm == "grpo":
                 GRPO.check_options(estimator=self.estimator, scale=self.scale, beta=self.beta,
@@ -475,7 +478,8 @@ def mean_reward(rollout: Rollout, model, task: OnlineTask, cfg: OnlineConfig,
         [r.prompt for r in chosen],
         [task.tokenizer.decode(s.completion_token_ids, skip_special_tokens=True)
          for s in samples], [r.fields for r in chosen])
-    rewards = [float(v) for v in values]
+    penalty = cfg.missing_eos_penalty or 0.0
+    rewards = [float(v) - penalty * (s.finish_reason != "stop") for v, s in zip(values, samples)]
     for record, value in zip(chosen, rewards):
         if not math.isfinite(value):
             raise ValueError(f"the reward returned {value} on the evaluation prompt "
@@ -513,7 +517,7 @@ def make_online_algorithm(cfg: OnlineConfig, model, rollout: Rollout, task: Onli
     common = dict(tokenizer=task.tokenizer, sampling=sampling, clip_low=cfg.clip_low,
                   clip_high=cfg.clip_high, loss_agg=cfg.loss_agg, tis_cap=cfg.tis_cap,
                   ppo_epochs=cfg.ppo_epochs, mini_batches=cfg.mini_batches,
-                  max_tokens=cfg.max_tokens)
+                  max_tokens=cfg.max_tokens, missing_eos_penalty=cfg.missing_eos_penalty)
     if cfg.algorithm == "grpo":
         return GRPO(model, rollout, task, group_size=cfg.group_size,
                     estimator=cfg.estimator, scale=cfg.scale, beta=cfg.beta,

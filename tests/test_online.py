@@ -268,6 +268,19 @@ def test_a_batched_reward_is_called_once_per_batch_and_checked():
             grpo.score(samples, prompts)
 
 
+def test_missing_eos_penalty_lowers_the_reward_of_cut_completions_only():
+    policy = tiny_model("llama", 128, seed=10)
+    grpo = GRPO(policy, HFRollout(policy), parity_reward, group_size=4,
+                sampling=sampling(seed=4, max_new_tokens=3), missing_eos_penalty=0.75)
+    samples, _ = grpo.generate(PROMPTS)
+    cut = [s.finish_reason != "stop" for s in samples]
+    assert any(cut) and not all(cut)  # this draw (fixed seeds) has both kinds
+    penalised = grpo.score(samples, PROMPTS)
+    grpo.missing_eos_penalty = None
+    plain = grpo.score(samples, PROMPTS)
+    assert torch.equal(penalised, plain - 0.75 * torch.tensor(cut, dtype=torch.float32))
+
+
 @pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
 def test_reward_gets_the_prompt_as_given_and_its_fields(algorithm):
     """A string prompt reaches the reward function as the caller wrote it (not decoded back
@@ -601,6 +614,8 @@ def test_train_iteration_refuses_an_optimizer_missing_parameters_and_bad_clippin
     ("grpo", "lora_alpha=8", "lora_alpha is not used with lora_r=0"),
     ("ppo", "lora_r=-1", "lora_r must be >= 0"),
     ("grpo", "eval_prompts=0", "eval_prompts must be >= 1"),
+    ("ppo", "missing_eos_penalty=-1", "ppo: missing_eos_penalty must be a finite number >= 0"),
+    ("grpo", "dtype=float64", "dtype must be float32 or bfloat16"),
 ])
 def test_online_config_refuses_bad_values_before_any_work(tmp_path, capsys, algorithm, setting,
                                                            message):
@@ -1048,6 +1063,28 @@ def test_online_gradient_checkpointing_changes_memory_not_the_run(tmp_path):
                                                      "gradient_checkpointing=false"]),
                            resume=True, progress=quiet)
     assert len(resumed["reward_curve"]) == 4
+
+
+def test_the_evaluated_reward_carries_the_missing_eos_penalty(tmp_path):
+    """The evaluation measures what training maximises: with missing_eos_penalty=1 the mean
+    reward drops by the fraction of evaluation samples cut at max_new_tokens."""
+    from alignfuse.engine.loop import load_model
+    from alignfuse.engine.online_loop import (load_task_records, make_online_config, make_task,
+                                              mean_reward)
+
+    args = _user_task(tmp_path) + ["rollout=hf", "max_new_tokens=1", "eval_samples=4"]
+    model, tokenizer = load_model(args[0].split("=", 1)[1], seed=0)
+    rollout = HFRollout(model)
+    means = []
+    for extra in ([], ["missing_eos_penalty=1"]):
+        cfg = make_online_config(None, args + extra)
+        task = make_task(cfg, model, tokenizer, *load_task_records(cfg))
+        means.append(mean_reward(rollout, model, task, cfg, seed=3))
+    sampled = rollout.generate([task.ids(r.prompt) for r in task.eval_prompts], 4,
+                               SamplingConfig(max_new_tokens=1, temperature=1.0, seed=3,
+                                              stop_token_ids=task.stop_token_ids))
+    cut = sum(s.finish_reason != "stop" for s in sampled) / len(sampled)
+    assert cut > 0.5 and means[0] - means[1] == pytest.approx(cut, abs=1e-9)
 
 
 def test_online_task_of_yours_refuses_bad_input_before_any_work(tmp_path, capsys):

@@ -26,6 +26,7 @@ optimizer steps.
 
 from __future__ import annotations
 
+import math
 import numbers
 import time
 from dataclasses import dataclass, field
@@ -114,6 +115,11 @@ def pack_samples(samples: Sequence[Sample], max_tokens: int,
     return [b.to(device) for b in batches]
 
 
+def unfinished(samples: Sequence[Sample]) -> torch.Tensor:
+    """`[S]` float32: 1 for each sample that did not stop (cut at max_new_tokens), else 0."""
+    return torch.tensor([float(s.finish_reason != "stop") for s in samples])
+
+
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -127,7 +133,8 @@ class OnlineAlgorithm(Algorithm):
                  sampling: SamplingConfig | None = None, clip_low: float = 0.2,
                  clip_high: float = 0.2, dual_clip: float | None = None,
                  loss_agg: str = "token-mean", tis_cap: float | None = None,
-                 ppo_epochs: int = 1, mini_batches: int = 1, max_tokens: int = 4096):
+                 ppo_epochs: int = 1, mini_batches: int = 1, max_tokens: int = 4096,
+                 missing_eos_penalty: float | None = None):
         sampling = sampling or SamplingConfig()
         super().__init__(model, temperature=sampling.temperature)
         # The options are checked by the subclass's `check_options` (which runs this class's
@@ -153,13 +160,15 @@ class OnlineAlgorithm(Algorithm):
         self.ppo_epochs = ppo_epochs
         self.mini_batches = mini_batches
         self.max_tokens = max_tokens
+        self.missing_eos_penalty = missing_eos_penalty
 
     @staticmethod
     def check_options(*, group_size: int = 1, clip_low: float = 0.2, clip_high: float = 0.2,
                       dual_clip: float | None = None, loss_agg: str = "token-mean",
                       tis_cap: float | None = None, ppo_epochs: int = 1, mini_batches: int = 1,
                       max_tokens: int = 4096, kl_estimator: str = "k3",
-                      importance_level: str = "token") -> None:
+                      importance_level: str = "token",
+                      missing_eos_penalty: float | None = None) -> None:
         """Raises what the constructor and the loss kernel (`policy_loss`'s own checks, run on
         one dummy sequence) raise for these options, without a model or a rollout: a bad
         value stops a config when it is read, not after warm-up and a first generation."""
@@ -171,6 +180,12 @@ class OnlineAlgorithm(Algorithm):
             raise ValueError(f"loss_agg must be one of {LOSS_AGG_MODES}, got {loss_agg!r}")
         if tis_cap is not None and not (isinstance(tis_cap, (int, float)) and tis_cap > 0):
             raise ValueError(f"tis_cap must be > 0 or None, got {tis_cap!r}")
+        if missing_eos_penalty is not None and not (
+                isinstance(missing_eos_penalty, (int, float))
+                and not isinstance(missing_eos_penalty, bool)
+                and 0 <= missing_eos_penalty < math.inf):
+            raise ValueError(f"missing_eos_penalty must be a finite number >= 0 or None, got "
+                             f"{missing_eos_penalty!r}")
         x = torch.zeros(2)
         policy_loss(x, x, x, cu_seqlens=torch.tensor([0, 2], dtype=torch.int32),
                     clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
@@ -273,7 +288,14 @@ class OnlineAlgorithm(Algorithm):
         """`[S]` float32 rewards: the user's function per sample (given `prompts`, those
         `generate` was given: a string prompt reaches it as given, and a mapping's other
         keys as keywords), an object's `score_batch(prompts, completions, fields)` once for
-        all samples (e.g. `TextRewardModel`), or a `RewardModel` on the token ids."""
+        all samples (e.g. `TextRewardModel`), or a `RewardModel` on the token ids; less
+        `missing_eos_penalty` for each sample that did not stop (cut at max_new_tokens)."""
+        rewards = self._rewards(samples, prompts)
+        if self.missing_eos_penalty:
+            rewards = rewards - self.missing_eos_penalty * unfinished(samples)
+        return rewards
+
+    def _rewards(self, samples: Sequence[Sample], prompts: Sequence | None) -> torch.Tensor:
         if hasattr(self.reward, "scores"):
             scores = torch.zeros(len(samples))
             device = model_device(self.reward.model)
@@ -478,6 +500,8 @@ class GRPO(OnlineAlgorithm):
         The ratio's denominator is the trainer's own log-probs before the update
         (`make_experience` runs one no-grad forward for them).
     tis_cap: truncated importance sampling cap C (e.g. 2.0); None = off.
+    missing_eos_penalty: subtracted from the reward of each sample cut at max_new_tokens
+        (a reward model scores a cut completion as if it had ended); None = off.
     ppo_epochs, mini_batches: optimizer passes per generation batch (`train_iteration`).
     max_tokens: token budget of one packed micro-batch.
     """

@@ -119,7 +119,7 @@ class TextRewardModel:
       token that is not its pad token); one sequence at a time when it has no pad token.
 
     A completion cut at max_new_tokens is scored as if it had ended (the rendering closes
-    it); penalise unfinished ones in a reward function of your own if that matters.
+    it); GRPO's/PPO's `missing_eos_penalty` lowers the reward of such completions.
     """
 
     def __init__(self, model: nn.Module, tokenizer, *, max_tokens: int = 4096):
