@@ -695,15 +695,20 @@ def _slow(seconds: float, backward: bool = False):
     return run
 
 
-def test_excluded_contenders_never_run_and_say_so():
-    ran = []
-
+def _tracking(ran: list):
+    """tracked(name): a contender's run (out = 3 * x) that appends `name` to `ran`."""
     def tracked(name):
         def run(t):
             ran.append(name)
             return {"out": 3 * t["x"]}
         return run
 
+    return tracked
+
+
+def test_excluded_contenders_never_run_and_say_so():
+    ran = []
+    tracked = _tracking(ran)
     case = _scale_case([Contender("eager", "baseline", tracked("eager")),
                         Contender("cce", "baseline", tracked("cce")),
                         Contender("alignfuse/cuda", "subject", tracked("alignfuse/cuda")),
@@ -734,13 +739,7 @@ def test_a_case_qualified_exclusion_names_the_contender_in_those_cases_only():
     assert excluded_by("torch-eager", patterns, "linear_dpo,P=1") is None
     assert excluded_by("liger", ("N=*:liger", "cce"), "N=19,H=16") == "N=*:liger"
     ran = []
-
-    def tracked(name):
-        def run(t):
-            ran.append(name)
-            return {"out": 3 * t["x"]}
-        return run
-
+    tracked = _tracking(ran)
     case = _scale_case([Contender("eager", "baseline", tracked("eager")),
                         Contender("liger", "baseline", tracked("liger"))])
     for case_name, excluded in ((case.name, True), ("other", False)):
