@@ -35,7 +35,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import random
 import time
 from dataclasses import dataclass, fields
@@ -45,6 +44,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import checkpoint as ckpt
+from .algorithms.grpo import checked_rewards, unfinished
 from .data import PromptRecord
 from .lora import BaseReference, add_lora, load_trainable_state, trainable_state
 from .loop import (TINY_MODELS, ConfigError, _check_type, build_config, check_bounds,
@@ -474,17 +474,13 @@ def mean_reward(rollout: Rollout, model, task: OnlineTask, cfg: OnlineConfig,
     records = task.eval_prompts
     samples = rollout.generate([task.ids(r.prompt) for r in records], cfg.eval_samples, sampling)
     chosen = [records[s.prompt_index] for s in samples]
-    values = task.score_batch(
+    rewards = checked_rewards(task.score_batch(
         [r.prompt for r in chosen],
         [task.tokenizer.decode(s.completion_token_ids, skip_special_tokens=True)
-         for s in samples], [r.fields for r in chosen])
-    penalty = cfg.missing_eos_penalty or 0.0
-    rewards = [float(v) - penalty * (s.finish_reason != "stop") for v, s in zip(values, samples)]
-    for record, value in zip(chosen, rewards):
-        if not math.isfinite(value):
-            raise ValueError(f"the reward returned {value} on the evaluation prompt "
-                             f"{record.prompt!r:.60}")
-    return sum(rewards) / len(rewards)
+         for s in samples], [r.fields for r in chosen]), samples)
+    if cfg.missing_eos_penalty:
+        rewards = rewards - cfg.missing_eos_penalty * unfinished(samples)
+    return float(rewards.double().mean())
 
 
 def make_rollout(kind: str, model, max_model_len: int = 128) -> Rollout:

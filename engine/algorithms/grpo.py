@@ -120,6 +120,30 @@ def unfinished(samples: Sequence[Sample]) -> torch.Tensor:
     return torch.tensor([float(s.finish_reason != "stop") for s in samples])
 
 
+def checked_rewards(values, samples: Sequence[Sample]) -> torch.Tensor:
+    """`[S]` float32 rewards from what a reward returned for `samples` (a sequence or a 1-D
+    tensor of numbers, one per sample), or the error saying which sample is wrong: a wrong
+    count, a value that is not a number, NaN or inf."""
+    if isinstance(values, torch.Tensor) and values.dim() <= 1:
+        values = values.reshape(-1).tolist()
+    if not isinstance(values, Sequence) or len(values) != len(samples):
+        raise ValueError(f"the reward returned {type(values).__name__} {values!r:.60}; "
+                         f"expected {len(samples)} floats, one per sample")
+    checked = []
+    for k, (s, value) in enumerate(zip(samples, values)):
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if not isinstance(value, numbers.Real):  # bools and numpy scalars pass
+            raise TypeError(f"the reward function returned {type(value).__name__} "
+                            f"{value!r:.40} for sample {k} (prompt {s.prompt_index}); "
+                            "expected a float")
+        if not math.isfinite(value):
+            raise ValueError(f"the reward function returned NaN or inf ({value}) for sample "
+                             f"{k} (prompt {s.prompt_index})")
+        checked.append(float(value))
+    return torch.tensor(checked, dtype=torch.float32)
+
+
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -315,28 +339,9 @@ class OnlineAlgorithm(Algorithm):
             completions.append(completion)
             fields.append(extra)
         if hasattr(self.reward, "score_batch"):
-            values = self.reward.score_batch(texts, completions, fields)
-            if isinstance(values, torch.Tensor):
-                values = values.reshape(-1).tolist() if values.dim() <= 1 else values
-            if not isinstance(values, Sequence) or len(values) != len(samples):
-                raise ValueError(f"reward.score_batch returned {type(values).__name__} "
-                                 f"{values!r:.60}; expected {len(samples)} floats, one per "
-                                 "sample")
-        else:
-            values = [self.reward(p, c, **f) for p, c, f in zip(texts, completions, fields)]
-        checked = []
-        for k, (s, value) in enumerate(zip(samples, values)):
-            if isinstance(value, torch.Tensor) and value.numel() == 1:
-                value = value.item()
-            if not isinstance(value, numbers.Real):  # bools and numpy scalars pass
-                raise TypeError(f"the reward function returned {type(value).__name__} "
-                                f"{value!r:.40} for sample {k} (prompt {s.prompt_index}); "
-                                "expected a float")
-            checked.append(float(value))
-        rewards = torch.tensor(checked, dtype=torch.float32)
-        if not bool(torch.isfinite(rewards).all()):
-            raise ValueError("the reward function returned NaN or inf")
-        return rewards
+            return checked_rewards(self.reward.score_batch(texts, completions, fields), samples)
+        return checked_rewards([self.reward(p, c, **f)
+                                for p, c, f in zip(texts, completions, fields)], samples)
 
     def packed_models(self) -> list[nn.Module]:
         """The models that run on the packed rollout batches: if one runs on padded rows
