@@ -451,6 +451,15 @@ def plain_values(ppo, prompt, completion):
     return values[len(prompt) - 1:-1]
 
 
+def value_terms_size(ppo, prompt, completion):
+    """Σ|w_i h_i| of the value head's dot product at each position `plain_values` returns:
+    the scale its float32 rounding errors follow (however much the sum cancels)."""
+    ids = torch.tensor([prompt + completion])
+    hidden = ppo.critic.model(input_ids=ids).last_hidden_state[0].double()
+    weight = ppo.critic.value_head.weight.double().reshape(-1)
+    return (hidden.abs() * weight.abs()).sum(-1)[len(prompt) - 1:-1]
+
+
 def reference_gae(rewards, values, gamma, lam):
     adv = torch.zeros_like(rewards)
     running = 0.0
@@ -482,7 +491,11 @@ def test_ppo_loss_matches_unfused(kl_in_reward):
     old = [plain_logps(model, p, c).detach() for p, c in pairs]
     ref_lp = [plain_logps(ref, p, c).detach() for p, c in pairs]
     for got, (p, c) in zip(per_sequence(batch, "values"), pairs):
-        assert_rel_close(got, plain_values(ppo, p, c), 1e-4, "values")
+        # Bounded by the size of the value head's terms, not by the values' norm: a value
+        # is a dot product that may nearly cancel (the norm bound failed on 1 in ~100 draws;
+        # this ratio was at most 1.5e-7 over 150).
+        error = (got.double() - plain_values(ppo, p, c)).abs()
+        assert bool((error <= 1e-6 * value_terms_size(ppo, p, c)).all()), "values"
     # From here on the batch's own values (packed and unpacked fp32 forwards differ by
     # ~1e-6, which whitening by a small std can amplify past any tight tolerance).
     old_values = per_sequence(batch, "values")
