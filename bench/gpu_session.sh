@@ -41,6 +41,17 @@
 #   likely session gets through the model shapes or further; a worst-case one through the
 #   loss ops; what does not fit is recorded as skipped for time (the result's
 #   budget_exhausted, and the report's run line, say so).
+# A third call, if device time is still left (a fresh machine starts in ~30 s; the build is
+# redone, ~80 s):
+#   run(command="ALIGNFUSE_SESSION_PART=followup ALIGNFUSE_SESSION_S=<left - 60> \
+#       ALIGNFUSE_SESSION_SUITES=step,losses ALIGNFUSE_SESSION_FILES='test_algorithms ...' \
+#       ALIGNFUSE_GIT_COMMIT=<sha> ALIGNFUSE_GIT_DIRTY=0 bash bench/gpu_session.sh",
+#       carry=[".whl"], timeout_s=<left - 30>)
+# builds, runs `bench run --preset gpu-full --suites $ALIGNFUSE_SESSION_SUITES` (no plan:
+# every case, mode and contender of those suites, for ALIGNFUSE_SESSION_BENCH_S, default
+# 200 s: what the first call skipped for time) into its own result JSON, then the test
+# files the second call did not reach (ALIGNFUSE_SESSION_FILES, names without .py) in
+# what is left.
 # A second call, if the session has device time left (status): within the machine's 30 s
 # of warmth, so the build is still there (else it is redone),
 #   run(command="ALIGNFUSE_SESSION_PART=tests bash bench/gpu_session.sh", timeout_s=600)
@@ -74,7 +85,7 @@ fi
 DRY="${ALIGNFUSE_SESSION_DRY:-0}"
 PRESET=gpu; [ "$DRY" = 1 ] && PRESET=cpu
 PART="${ALIGNFUSE_SESSION_PART:-main}"   # main: build, GPU tests, benchmarks; tests: see above
-case "$PART" in main|tests) ;; *) echo "ALIGNFUSE_SESSION_PART must be main or tests, got $PART"; exit 2 ;; esac
+case "$PART" in main|tests|followup) ;; *) echo "ALIGNFUSE_SESSION_PART must be main, tests or followup, got $PART"; exit 2 ;; esac
 
 stage "machine"
 {
@@ -126,7 +137,18 @@ if [ "$DRY" != 1 ] && ! $PY -c "import alignfuse.kernels._cuda" 2>/dev/null; the
   echo "!! CUDA MODULE MISSING: backend='cuda' tests and */cuda contenders are skipped (build.log says why)" | tee -a "$LOG"
 fi
 
-if [ "$PART" = tests ]; then
+if [ "$PART" = followup ]; then
+  SUITES="${ALIGNFUSE_SESSION_SUITES:-step,losses}"
+  BENCH_S="${ALIGNFUSE_SESSION_BENCH_S:-200}"
+  [ "$DRY" = 1 ] && BENCH_S=60
+  stage "benchmarks: preset gpu-full, suites $SUITES, budget ${BENCH_S}s"
+  FULL=gpu-full; [ "$DRY" = 1 ] && FULL=cpu
+  timeout $(( BENCH_S + 60 )) $PY -m bench run --preset "$FULL" --suites "$SUITES" \
+      --budget-s "$BENCH_S" --out "$OUT" 2>&1 | tee "$OUT/bench.log"
+  echo "bench exit ${PIPESTATUS[0]}" | tee -a "$LOG"
+fi
+
+if [ "$PART" = tests ] || [ "$PART" = followup ]; then
   # Kernel tests first (what a GPU can newly break), then the engine's; SIGINT, not KILL,
   # at the deadline, so pytest reports what ran. DRY: the flow on CPU, two small files.
   FILES="test_foundation test_logprobs test_linear_cross_entropy test_linear_policy_loss
@@ -134,9 +156,10 @@ if [ "$PART" = tests ]; then
     test_reward_model test_triton_sm90 test_packing test_forward test_algorithms test_rollout
     test_data test_loop test_online test_multiprocess test_bench test_cuda_emu"
   [ "$DRY" = 1 ] && FILES="test_advantages test_reward_model"
+  [ "$PART" = followup ] && FILES="${ALIGNFUSE_SESSION_FILES:-$FILES}"
   ARGS=(); for f in $FILES; do ARGS+=("tests/$f.py"); done
-  # any test file not named above still runs, last
-  [ "$DRY" = 1 ] || for f in tests/test_*.py; do
+  # any test file not named above still runs, last (the followup runs only those named)
+  [ "$DRY" = 1 ] || [ "$PART" = followup ] || for f in tests/test_*.py; do
     [[ " ${ARGS[*]} " == *" $f "* ]] || ARGS+=("$f")
   done
   LEFT=$(( TOTAL_S - $(elapsed) - 20 ))
