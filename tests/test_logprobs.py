@@ -429,8 +429,8 @@ def test_bad_inputs():
         linear_logprobs(hidden, weight, targets, backend="cudnn")
 
 
-def test_unknown_linear_strategy_is_refused(monkeypatch):
-    hidden, weight, _, targets = make_inputs(N=5, H=8, V=11)
+def test_unknown_linear_strategy_is_refused(monkeypatch, device):
+    hidden, weight, _, targets = make_inputs(N=5, H=8, V=11, device=device)
     monkeypatch.setenv("ALIGNFUSE_LINEAR_STRATEGY", "tiles")
     with pytest.raises(ValueError, match="ALIGNFUSE_LINEAR_STRATEGY must be one of"):
         linear_logprobs(hidden, weight, targets, backend="triton")
