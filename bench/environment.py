@@ -27,23 +27,30 @@ def _git(*args: str) -> str | None:
 
 
 def commit() -> dict:
-    """HEAD and whether tracked files differ from it.
+    """The alignfuse commit measured, and whether tracked files differ from it.
 
-    A copy of the tree without .git (the device machine may get one) falls back to
-    ALIGNFUSE_GIT_COMMIT / ALIGNFUSE_GIT_DIRTY, which bench/gpu_session.sh documents.
-    """
+    ALIGNFUSE_GIT_COMMIT / ALIGNFUSE_GIT_DIRTY (bench/gpu_session.sh documents them) win over
+    git when set: the device machine gets the working tree with a copy of .git taken when
+    the session began, so after a commit made during the session its git sees the old HEAD
+    and the new commit's changes as dirty paths (seen on an H100: d0c4206 + 4 "dirty" files
+    that were commit bc32825). What git saw there is kept beside it."""
     head = (_git("rev-parse", "HEAD") or "").strip()
+    paths = []
     if head:
         changed = _git("status", "--porcelain", "--untracked-files=no") or ""
         paths = [line[3:] for line in changed.splitlines() if line.strip()]
-        return {"commit": head, "dirty": bool(paths), "dirty_paths": paths[:50],
-                "source": "git"}
-    env_head = os.environ.get("ALIGNFUSE_GIT_COMMIT")
+    env_head = os.environ.get("ALIGNFUSE_GIT_COMMIT", "").strip()
     if env_head:
         dirty = os.environ.get("ALIGNFUSE_GIT_DIRTY", "unknown").lower()
-        return {"commit": env_head,
-                "dirty": {"1": True, "true": True, "0": False, "false": False}.get(dirty),
-                "dirty_paths": [], "source": "environment (ALIGNFUSE_GIT_COMMIT)"}
+        out = {"commit": env_head,
+               "dirty": {"1": True, "true": True, "0": False, "false": False}.get(dirty),
+               "dirty_paths": [], "source": "environment (ALIGNFUSE_GIT_COMMIT)"}
+        if head and head != env_head:
+            out["git_saw"] = {"commit": head, "dirty_paths": paths[:50]}
+        return out
+    if head:
+        return {"commit": head, "dirty": bool(paths), "dirty_paths": paths[:50],
+                "source": "git"}
     return {"commit": None, "dirty": None, "dirty_paths": [],
             "source": "unknown: no git checkout and ALIGNFUSE_GIT_COMMIT unset"}
 

@@ -20,7 +20,7 @@ A result file (one run of one preset):
     host        {platform, cpu, cores}
     versions    {python, torch, triton, cuda, driver, driver_reason, transformers,
                  liger_kernel, cut_cross_entropy, alignfuse}    (null where absent)
-    alignfuse   {commit, dirty, dirty_paths, source}            (git rev-parse HEAD + status)
+    alignfuse   {commit, dirty, dirty_paths, source[, git_saw]} (ALIGNFUSE_GIT_COMMIT, else git)
     triton_interpreter                          (true: CPU smoke, times mean nothing)
     ceilings    {matmul {dtype, flops_per_s, time_s}, copy {bytes_per_s, time_s}}
     suites      {<suite> {seconds, budget_s, error (null, or why the suite broke), cases [case]}}

@@ -663,7 +663,46 @@ def test_gpu_session_tests_part_rehearses_dry_and_reports(tmp_path):
     assert listed[:2] == ["test_foundation", "test_logprobs"]
     bad = subprocess.run(["bash", "bench/gpu_session.sh"], cwd=ROOT, capture_output=True,
                          text=True, env={**env, "ALIGNFUSE_SESSION_PART": "bench"}, timeout=60)
-    assert bad.returncode == 2 and "ALIGNFUSE_SESSION_PART must be main or tests" in bad.stdout
+    assert bad.returncode == 2 and "ALIGNFUSE_SESSION_PART must be main, tests or followup" in bad.stdout
+
+
+@pytest.mark.slow
+def test_gpu_session_followup_part_runs_the_named_suites_then_the_named_files(tmp_path):
+    """The third call (`ALIGNFUSE_SESSION_PART=followup`), rehearsed on CPU: a result JSON of
+    the named suites only, then pytest on the named files only."""
+    import xml.etree.ElementTree as ElementTree
+
+    env = {**os.environ, "OUT": str(tmp_path), "ALIGNFUSE_SESSION_DRY": "1",
+           "ALIGNFUSE_SESSION_PART": "followup", "ALIGNFUSE_SESSION_SUITES": "step",
+           "ALIGNFUSE_SESSION_FILES": "test_reward_model", "PY": sys.executable}
+    env.pop("ALIGNFUSE_TEST_DEVICE", None)
+    proc = subprocess.run(["bash", "bench/gpu_session.sh"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = (tmp_path / "session.log").read_text()
+    assert "bench exit 0" in log and "pytest exit 0" in log
+    [result] = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
+    assert list(result["suites"]) == ["step"] and result["complete"]
+    suite = ElementTree.parse(tmp_path / "pytest_gpu_all.xml").getroot().find("testsuite")
+    files = {c.get("classname").split(".")[1] for c in suite.iter("testcase")}
+    assert files == {"test_reward_model"} and suite.get("failures") == suite.get("errors") == "0"
+
+
+def test_an_explicit_commit_wins_over_a_stale_git_copy(monkeypatch):
+    """The device machine's .git is a copy from the session's start: the commit passed in
+    ALIGNFUSE_GIT_COMMIT is the one recorded, and what git saw is kept beside it."""
+    from bench import environment
+
+    monkeypatch.delenv("ALIGNFUSE_GIT_COMMIT", raising=False)
+    head = environment.commit()
+    assert head["source"] == "git" and len(head["commit"]) == 40
+    monkeypatch.setenv("ALIGNFUSE_GIT_COMMIT", "f" * 40)
+    monkeypatch.setenv("ALIGNFUSE_GIT_DIRTY", "0")
+    got = environment.commit()
+    assert got["commit"] == "f" * 40 and got["dirty"] is False
+    assert got["git_saw"]["commit"] == head["commit"]
+    monkeypatch.setenv("ALIGNFUSE_GIT_COMMIT", head["commit"])
+    assert "git_saw" not in environment.commit()
 
 
 # ---------------------------------------------------------------------------------------
