@@ -248,6 +248,99 @@ def _speedup_rows(cases: list[dict]) -> list[str]:
     return rows
 
 
+# The issue's goals for GPU numbers (reported against, never asserted): the log-prob op's
+# default contender at the headline size and across the logprobs cases, and the loss ops.
+GOAL_SUBJECT = "alignfuse/triton"      # the default strategy, timed in every logprobs case
+LOSS_OPS = ("policy_loss", "group_advantages", "dpo_loss", "kto_loss")
+
+
+def _mode(case: dict, name: str, mode: str) -> dict | None:
+    for c in case["contenders"]:
+        if c["name"] == name and c["status"] == "ok":
+            m = c["modes"].get(mode)
+            return m if m and m.get("status") == "ok" else None
+    return None
+
+
+def goals(results: list[tuple[Path, dict]]) -> list[str]:
+    """One line per goal, each computed from the latest GPU results that measured it, with
+    met / NOT MET. Nothing here is typed by hand: rerun the report on new results."""
+    gpu = sorted((pr for pr in results if pr[1]["device"]["type"] == "cuda"),
+                 key=lambda pr: pr[1]["created_utc"], reverse=True)
+
+    def cases_of(suite: str) -> tuple[str, list[dict]]:
+        for path, r in gpu:
+            cases = r["suites"].get(suite, {}).get("cases", [])
+            if cases:
+                return path.name, cases
+        return "", []
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "**NOT MET**"
+
+    lines = []
+    src, cases = cases_of("logprobs")
+    if cases:
+        head = cases[0]  # the headline comes first in every GPU preset
+        m = _mode(head, GOAL_SUBJECT, "fwd+bwd")
+        if m and m.get("floor", {}).get("fraction_of_floor"):
+            x = 1 / m["floor"]["fraction_of_floor"]
+            lines.append(f"- linear_logprobs fwd+bwd within 1.25× of the matmul floor "
+                         f"({GOAL_SUBJECT}, {head['case']}): {x:.2f}× — {verdict(x <= 1.25)}. "
+                         "The floor is 6·N·H·V FLOPs; a method that keeps no logits "
+                         "recomputes them in the backward (8·N·H·V), 1.33× at best.")
+        for rival in ("liger", "cce"):
+            ratios, wrong = [], 0
+            for case in cases:
+                mine, theirs = _mode(case, GOAL_SUBJECT, "fwd+bwd"), None
+                for c in case["contenders"]:
+                    if c["name"] == rival and c["status"] == "wrong":
+                        wrong += 1
+                if mine:
+                    theirs = _mode(case, rival, "fwd+bwd")
+                if mine and theirs:
+                    ratios.append(theirs["time_s"]["median"] / mine["time_s"]["median"])
+            if ratios:
+                ahead = sum(r > 1 for r in ratios)
+                lines.append(f"- ahead of {rival} (fwd+bwd, {GOAL_SUBJECT}): in {ahead} of "
+                             f"{len(ratios)} cases where both passed the check, ×"
+                             f"{min(ratios):.2f} to ×{max(ratios):.2f}"
+                             + (f"; {rival} failed its check in {wrong} more" if wrong else "")
+                             + f" — {verdict(ahead == len(ratios))}")
+        extra = m.get("extra_memory_bytes") if m else None
+        logits = head["sizes"].get("logits_bytes")
+        if extra is not None and logits:
+            share = extra / logits
+            lines.append(f"- extra memory under 1% of the materialized logits ({GOAL_SUBJECT}, "
+                         f"{head['case']}, fwd+bwd): {100 * share:.3g}% ({extra / 2**20:.0f} "
+                         f"of {logits / 2**20:.0f} MiB) — {verdict(share < 0.01)}")
+    src_losses, loss_cases = cases_of("losses")
+    best = None
+    for case in loss_cases:
+        if not case["case"].startswith(LOSS_OPS):
+            continue
+        for c in case["contenders"]:
+            if c["role"] != "subject" or c["status"] != "ok":
+                continue
+            for mode, m in c["modes"].items():
+                f = (m.get("floor") or {}).get("fraction_of_floor") if m.get("status") == "ok" \
+                    else None
+                if f is not None and (best is None or f > best[0]):
+                    best = (f, case["case"], c["name"], mode, m["floor"].get("bytes"))
+    if best:
+        f, case, name, mode, moved = best
+        lines.append(f"- loss kernels at 80% or more of the copy bandwidth: the best is "
+                     f"{100 * f:.2g}% ({name}, {case}, {mode}, {moved / 1e6:.2g} MB moved) — "
+                     f"{verdict(f >= 0.8)}"
+                     + ("; at these sizes launches and host work, not bytes, set the time"
+                        if moved is not None and moved < 64e6 else ""))
+    if not lines:
+        return []
+    used = sorted({n for n in (src, src_losses) if n})
+    return ["Goals (reported, not asserted; computed from " + ", ".join(used) + "):", "",
+            *lines, ""]
+
+
 def _dedupe(items: list[str]) -> list[str]:
     seen, out = set(), []
     for item in items:
@@ -336,9 +429,12 @@ README_END = "<!-- bench:latest-gpu end -->"
 
 
 def update_readme(readme: Path, paths: list[Path]) -> bool:
-    """Put the latest GPU result's logprobs table (with a link to its JSON) between the
-    README's bench markers. Returns False when there is no GPU result to show."""
-    gpu = [pr for pr in latest(load(paths)) if pr[1]["device"]["type"] == "cuda"]
+    """Put the logprobs table of the latest GPU result that has one (with a link to its JSON)
+    between the README's bench markers: a later run of other suites only (a session's
+    follow-up call, `--suites step,losses`) does not blank it. Returns False when there is
+    no GPU result to show."""
+    gpu = [pr for pr in latest(load(paths)) if pr[1]["device"]["type"] == "cuda"
+           and pr[1]["suites"].get("logprobs", {}).get("cases")]
     if not gpu:
         return False
     path, r = max(gpu, key=lambda pr: pr[1]["created_utc"])
@@ -350,7 +446,8 @@ def update_readme(readme: Path, paths: list[Path]) -> bool:
     header = _header(path, r, readme.parent)
     table = _suite_table("logprobs", r["suites"].get("logprobs", {"cases": []}))
     body = "\n".join(["Latest GPU results (the headline suite; all suites and plots: "
-                      "`python -m bench report`):", "", *header[2:], *table])
+                      "`python -m bench report`):", "", *header[2:],
+                      *goals(latest(load(paths))), *table])
     readme.write_text(text[:start] + body + "\n" + text[end:])
     return True
 
@@ -366,7 +463,7 @@ def render(paths: list[Path], out: Path) -> list[Path]:
              "Generated by `python -m bench report` from the result files linked below "
              "(fields: bench/schema.py). Speedup = torch-eager median / contender median; "
              "% = physical floor (FLOPs / measured matmul rate or bytes / measured copy "
-             "bandwidth, the larger) / median.", ""]
+             "bandwidth, the larger) / median.", "", *goals(chosen)]
     made = []
     for path, r in chosen:
         problems = validate(r)

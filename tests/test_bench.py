@@ -279,6 +279,52 @@ def test_readme_gets_the_latest_gpu_table(cpu_result, tmp_path):
     text = readme.read_text()
     assert "old" not in text and "## after" in text and text.count(README_END) == 1
     assert "[gpu.json](results/gpu.json)" in text and "| case | mode |" in text
+    # a later GPU run of other suites only (a follow-up call) keeps the logprobs table
+    later = {**gpu, "preset": "gpu-full", "created_utc": "9999-01-01T00:00:00+00:00",
+             "suites": {"step": gpu["suites"]["step"]}}
+    (tmp_path / "results" / "later.json").write_text(json.dumps(later))
+    assert update_readme(readme, [tmp_path / "results"]) is True
+    text = readme.read_text()
+    assert "[gpu.json](results/gpu.json)" in text and "later.json" not in text
+
+
+def test_goals_are_computed_from_the_results_with_their_verdicts():
+    """Each goal of the issue gets a line with its number and met / NOT MET, from the latest
+    GPU result that measured it: here a made-up one whose every number is known."""
+    from bench.report import goals
+
+    def mode(median, fraction=None, extra=None, moved=None):
+        return {"status": "ok", "time_s": {"median": median}, "extra_memory_bytes": extra,
+                "floor": {"fraction_of_floor": fraction, "bytes": moved}}
+
+    def contender(name, role, status="ok", **modes):
+        return {"name": name, "role": role, "status": status,
+                "modes": {k.replace("_", "+"): v for k, v in modes.items()}}
+
+    logits = 1000 * 2**20
+    head = {"case": "N=16,H=4,V=8", "sizes": {"logits_bytes": logits}, "contenders": [
+        contender("alignfuse/triton", "subject", fwd_bwd=mode(2.0, 0.9, 0.005 * logits)),
+        contender("liger", "baseline", fwd_bwd=mode(3.0)),
+        contender("cce", "baseline", status="wrong", fwd_bwd=mode(1.0))]}
+    other = {"case": "N=32,H=4,V=8", "sizes": {}, "contenders": [
+        contender("alignfuse/triton", "subject", fwd_bwd=mode(2.0)),
+        contender("liger", "baseline", fwd_bwd=mode(1.0))]}
+    loss = {"case": "policy_loss,S=4,T=8", "sizes": {}, "contenders": [
+        contender("alignfuse/cuda", "subject", fwd=mode(1e-3, 0.85, moved=1e8)),
+        contender("torch-eager", "baseline", fwd=mode(1e-3, 0.99, moved=1e8))]}
+    result = {"device": {"type": "cuda"}, "created_utc": "2026-01-01",
+              "suites": {"logprobs": {"cases": [head, other]}, "losses": {"cases": [loss]}}}
+    text = "\n".join(goals([(Path("r.json"), result)]))
+    assert "r.json" in text
+    assert "1.11× — met" in text                                    # 1 / 0.9
+    assert "ahead of liger (fwd+bwd, alignfuse/triton): in 1 of 2 cases" in text
+    assert "×0.50 to ×1.50 — **NOT MET**" in text
+    assert "ahead of cce" not in text                               # it never passed
+    assert "0.5% (5 of 1000 MiB) — met" in text
+    # the best alignfuse loss op, not the eager baseline's 99%
+    assert "the best is 85% (alignfuse/cuda, policy_loss,S=4,T=8, fwd, 1e+02 MB moved) — met" \
+        in text
+    assert goals([(Path("c.json"), {**result, "device": {"type": "cpu"}})]) == []
 
 
 def test_memory_cell_gives_the_share_of_the_logits():
