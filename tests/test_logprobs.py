@@ -436,6 +436,43 @@ def test_unknown_linear_strategy_is_refused(monkeypatch, device):
         linear_logprobs(hidden, weight, targets, backend="triton")
 
 
+def test_chunk_budget_is_the_forwards_and_refuses_a_bad_value(monkeypatch, device):
+    """ALIGNFUSE_CHUNK_BUDGET_MIB caps the backward's logits block as it was at the forward
+    (the backward may run after the caller has restored the environment), with the same
+    result; a value that is not a whole number of MiB is refused, naming the variable."""
+    from alignfuse.kernels.fused import chunked
+    from alignfuse.kernels.logprobs import linear_chunked
+
+    blocks = []
+    real = linear_chunked.logits_into
+    monkeypatch.setattr(linear_chunked, "logits_into",
+                        lambda z, *a: blocks.append(z.shape[1]) or real(z, *a))
+    # ~480 counted rows: 1 MiB holds a 512-column fp32 block and its gradient, the default
+    # (256 MiB on CPU, 2 GiB on CUDA) all 1031 columns at once
+    hidden, weight, bias, targets = make_inputs(N=600, H=16, V=1031, device=device)
+    expected = [x.detach().double().requires_grad_() for x in (hidden, weight, bias)]
+    linear_logprobs(expected[0], expected[1], targets, bias=expected[2],
+                    backend="torch").sum().backward()
+    grads = {}
+    for budget in (None, "1"):
+        for x in (hidden, weight, bias):
+            x.grad = None
+        if budget:
+            monkeypatch.setenv(chunked.BUDGET_ENV, budget)
+        logp = linear_logprobs(hidden, weight, targets, bias=bias, backend="triton")
+        monkeypatch.delenv(chunked.BUDGET_ENV, raising=False)
+        blocks.clear()  # the forward's chunks over tokens; count the backward's blocks
+        logp.sum().backward()
+        grads[budget] = list(blocks)
+        for x, ref, what in zip((hidden, weight, bias), expected, ("hidden", "weight", "bias")):
+            assert_rel_close(x.grad.double(), ref.grad, 1e-5, f"grad_{what} at budget {budget}")
+    assert grads[None] == [1031] and grads["1"] == [512, 512, 7]
+    for bad in ("0", "1.5", "lots"):
+        monkeypatch.setenv(chunked.BUDGET_ENV, bad)
+        with pytest.raises(ValueError, match="ALIGNFUSE_CHUNK_BUDGET_MIB must be a whole"):
+            linear_logprobs(hidden, weight, targets, backend="triton")
+
+
 @pytest.mark.parametrize("strategy, calls", [
     ("chunked", ["linear_chunked.linear_forward", "linear_chunked.linear_backward"]),
     ("fused", ["triton_forward.linear_forward", "triton_backward.linear_backward"]),

@@ -33,6 +33,8 @@ multiply of the stored gradients by the (scalar) incoming gradient (`autograd.fu
 
 from __future__ import annotations
 
+import os
+
 from typing import Callable
 
 import torch
@@ -57,7 +59,22 @@ WEIGHT_GRAD_ROWS = 16384
 CUDA_MAX_BUDGET_BYTES = 2 << 30
 
 
+# The user's cap on the logits block, in MiB, on any device: less memory for more, smaller
+# GEMMs (measured on an H100 at the defaults: 2.2 GiB extra for linear_logprobs' backward at
+# N=16384, V=128256, 56% of the bf16 logits; bench/'s budget contenders time smaller caps).
+BUDGET_ENV = "ALIGNFUSE_CHUNK_BUDGET_MIB"
+
+
 def budget_cap(device: torch.device) -> int:
+    """Bytes a fused LM-head op may spend on its logits block: ALIGNFUSE_CHUNK_BUDGET_MIB when
+    set, else CUDA_MAX_BUDGET_BYTES on CUDA and MAX_BUDGET_BYTES elsewhere."""
+    raw = os.environ.get(BUDGET_ENV, "").strip()
+    if raw:
+        mib = int(raw) if raw.isdigit() else 0
+        if mib < 1:
+            raise ValueError(f"{BUDGET_ENV} must be a whole number of MiB, at least 1; "
+                             f"got {raw!r}")
+        return mib << 20
     return CUDA_MAX_BUDGET_BYTES if device.type == "cuda" else MAX_BUDGET_BYTES
 
 
@@ -166,7 +183,7 @@ class FusedLinearLoss:
         # CUDA_MAX_BUDGET_BYTES). Without it (linear_logprobs' forward, a loss without a
         # weight gradient) MAX_BUDGET_BYTES suffices: ~500 rows at V = 128k, and a chunk's
         # GEMM does C FLOPs per byte of W it reads, past an H100's ~240. Reasoned, not measured.
-        cap = budget_cap(device) if need_w else MAX_BUDGET_BYTES
+        cap = budget_cap(device) if need_w else min(MAX_BUDGET_BYTES, budget_cap(device))
         rows_per_chunk = chunk_rows(max(self.num_rows, 1), V, bytes_per_logit // 2,
                                     V * H * 4, cap)
         z_buf = torch.empty(rows_per_chunk, V, **f32)

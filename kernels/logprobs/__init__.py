@@ -208,7 +208,8 @@ def _fused_pair():
     from .triton_forward import linear_forward
     return (lambda h, w, b, t, temperature, _ignore, softcap:
                 linear_forward(h, w, b, t, temperature, softcap),
-            lambda *args, ignore_index, softcap: linear_backward(*args, softcap=softcap))
+            lambda *args, ignore_index, softcap, budget=None:  # no logits block
+                linear_backward(*args, softcap=softcap))
 
 
 class _LinearLogprobsKernel(torch.autograd.Function):
@@ -227,6 +228,8 @@ class _LinearLogprobsKernel(torch.autograd.Function):
         ctx.save_for_backward(h, w, b, targets, valid, lse, entropy if want_entropy else None)
         ctx.temperature, ctx.ignore_index, ctx.softcap = temperature, ignore_index, softcap
         ctx.backend, ctx.strategy = backend, strategy
+        from ..fused.chunked import budget_cap
+        ctx.budget = budget_cap(hidden.device)  # ALIGNFUSE_CHUNK_BUDGET_MIB as of the forward
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return _kernel_outputs(logp, entropy if want_entropy else None, valid, hidden.dtype)
 
@@ -240,7 +243,7 @@ class _LinearLogprobsKernel(torch.autograd.Function):
         grads = backward(h, w, b, targets, lse, entropy, _incoming(g_logp, valid),
                          _incoming(g_entropy if entropy is not None else None, valid),
                          ctx.temperature, need, ignore_index=ctx.ignore_index,
-                         softcap=ctx.softcap)
+                         softcap=ctx.softcap, budget=ctx.budget)
         grads = [None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)]
         return (None, *grads, None, None, None, None, None)
 
