@@ -35,6 +35,9 @@ kernel family, plus checks, 2 warm-ups, 5+ timed runs and a peak-memory run per 
      the headline's record, every mode (~10-20 s): the numbers that decide linear_logprobs'
      default and "auto". Not first, because a fault there (illegal memory access) breaks
      the CUDA context and stops the run; not last, because it matters more than 4-6.
+  Then: alignfuse/triton with its logits block capped at 256 MiB, 512 MiB and 1 GiB
+     (ALIGNFUSE_CHUNK_BUDGET_MIB) at the headline, fwd+bwd (~10 s): the first H100 run
+     measured 2.2 GiB of extra memory at the 2 GiB default; these say what less costs.
   7. logprobs with Gemma-2-9B's soft-capped head, fwd+bwd (~20-40 s).
   8. the other */cuda contenders, added to the losses cases' records (~10-20 s).
   9. alignfuse/torch at the headline, fwd+bwd only (~13 s), if time is left.
@@ -81,11 +84,13 @@ class Stage:
 
 
 _SLOW_ON_GPU = ("alignfuse/torch", "*/cuda")   # see the module docstring
-_HEADLINE_ONLY = ("torch-rowwise",)             # a second eager baseline: the headline only
+_BUDGETS = ("alignfuse/triton-budget=*",)       # the logits block's cap: the headline only
+# a second eager baseline and the budget sweep: the headline only
+_HEADLINE_ONLY = ("torch-rowwise", *_BUDGETS)
 _LINEAR = ("linear_*",)
 _OPS = ("policy_loss,*", "group_advantages,*", "dpo_loss,*", "kto_loss,*")
 GPU_PLAN = [
-    Stage("logprobs", cases=(_HEADLINE_CASE,), exclude=_SLOW_ON_GPU, weight=5.0,
+    Stage("logprobs", cases=(_HEADLINE_CASE,), exclude=_SLOW_ON_GPU + _BUDGETS, weight=5.0,
           name="logprobs headline"),
     Stage("losses", cases=_OPS, exclude=("*/cuda",), weight=1.0, name="losses ops"),
     Stage("logprobs", cases=tuple(f"N={n},H=4096,V=128256,*" for n in (4096, 8192, 32768)),
@@ -96,6 +101,10 @@ GPU_PLAN = [
     # just before, so a fault is unlikely; if one comes, what ran so far is kept).
     Stage("logprobs", cases=(_HEADLINE_CASE,), only=("*/cuda",), weight=1.0,
           name="logprobs headline */cuda"),
+    # What a smaller logits block (less extra memory: 2.2 GiB at the default, measured)
+    # costs the backward: decides CUDA_MAX_BUDGET_BYTES (~3 contenders x ~3 s).
+    Stage("logprobs", cases=(_HEADLINE_CASE,), modes=("fwd+bwd",), only=_BUDGETS, weight=0.7,
+          name="logprobs headline budgets"),
     Stage("logprobs", cases=("N=16384,H=896,V=151936,*", "N=16384,H=4096,V=32000,*",
                              "N=16384,H=8192,V=128256,*"),
           modes=("fwd+bwd",), exclude=_SLOW_ON_GPU + _HEADLINE_ONLY, weight=2.5,

@@ -652,6 +652,34 @@ def test_the_gpu_plan_runs_the_headline_first_and_cuda_after_the_n_sweep():
     assert {i for i, _, _, names in runs if "alignfuse/torch" in names} == {len(GPU_PLAN) - 1}
 
 
+def test_the_gpu_plan_sweeps_the_logits_budget_at_the_headline_only():
+    """On CUDA the logprobs cases carry alignfuse/triton with the logits block capped at
+    each of BUDGETS_MIB; the plan times them in one stage of their own, at the headline, in
+    fwd+bwd (the peak memory they trade), and nowhere else. Building the cases touches no
+    GPU."""
+    from bench.presets import GPU_PLAN, PRESETS
+    from bench.runner import _prepare
+    from bench.suites import logprobs
+
+    gpu, cuda = PRESETS["gpu"], torch.device("cuda")
+    budgets = [f"alignfuse/triton-budget={mib}MiB" for mib in logprobs.BUDGETS_MIB]
+    runs = []
+    for i, stage in enumerate(GPU_PLAN):
+        if stage.suite != "logprobs":
+            continue
+        for c in logprobs.cases(gpu, cuda):
+            c = _prepare(c, stage, gpu.modes)
+            if c is not None:
+                runs.append((stage.name, c.name, c.modes, [x.name for x in c.contenders]))
+    swept = [(st, name, modes) for st, name, modes, names in runs if set(budgets) & set(names)]
+    assert [(st, name.split(",")[:3], modes) for st, name, modes in swept] == [
+        ("logprobs headline budgets", ["N=16384", "H=4096", "V=128256"], ("fwd+bwd",))]
+    assert next(names for st, _, _, names in runs if st == "logprobs headline budgets") == budgets
+    assert not set(budgets) & {x.name for x in logprobs.cases(gpu, CPU)[0].contenders}
+    note = {x.name: x.note for x in logprobs.cases(gpu, cuda)[0].contenders}[budgets[1]]
+    assert note == "ALIGNFUSE_CHUNK_BUDGET_MIB=512"
+
+
 def test_a_later_stage_adds_contenders_and_modes_to_the_same_record():
     eager = Contender("eager", "baseline", lambda t: {"out": t["x"] * 3})
     fast = Contender("fast", "subject", lambda t: {"out": t["x"] + t["x"] + t["x"]})

@@ -53,39 +53,48 @@ from .common import (alignfuse_op, backend_unavailable, dtype_name, generator,
 SUITE = "logprobs"
 
 
-def _alignfuse(backend: str, strategy: str | None = None, softcap: float | None = None
-               ) -> Contender:
-    """`strategy` (triton only): ALIGNFUSE_LINEAR_STRATEGY for the call; None: the default.
-    The forward records it for its backward, so only the forward call needs it set."""
+# Caps (MiB) on the chunked backward's logits block timed beside the default (2 GiB on
+# CUDA) at the headline: what a smaller, cheaper-in-memory block costs in time.
+BUDGETS_MIB = (256, 512, 1024)
+
+
+def _alignfuse(backend: str, strategy: str | None = None, softcap: float | None = None,
+               budget_mib: int | None = None) -> Contender:
+    """`strategy` (triton only): ALIGNFUSE_LINEAR_STRATEGY for the call; `budget_mib`:
+    ALIGNFUSE_CHUNK_BUDGET_MIB; None: the defaults. The forward records both for its
+    backward, so only the forward call needs them set."""
+    settings = {"ALIGNFUSE_LINEAR_STRATEGY": strategy,
+                "ALIGNFUSE_CHUNK_BUDGET_MIB": None if budget_mib is None else str(budget_mib)}
+
     def run(t):
         fn = alignfuse_op("kernels", "linear_logprobs")
-        with _linear_strategy(strategy):
+        with _environment(settings):
             return {"logps": fn(t["hidden"], t["weight"], t["targets"], backend=backend,
                                 **_cap(softcap))}
 
-    name = f"alignfuse/{backend}" + (f"-{strategy}" if strategy else "")
+    name = (f"alignfuse/{backend}" + (f"-{strategy}" if strategy else "")
+            + (f"-budget={budget_mib}MiB" if budget_mib else ""))
     notes = {"triton": "default strategy (chunked: cuBLAS GEMMs + Triton logits kernels)",
              "cuda": "cuBLAS GEMMs + CUDA logits kernels (csrc/cuda/logprobs.cu)"}
-    note = f"ALIGNFUSE_LINEAR_STRATEGY={strategy}" if strategy else notes.get(backend, "")
+    note = ", ".join(f"{k}={v}" for k, v in settings.items() if v) or notes.get(backend, "")
     return Contender(name, "subject", run,
                      lambda device: backend_unavailable("linear_logprobs", backend, device),
                      note=note)
 
 
 @contextlib.contextmanager
-def _linear_strategy(strategy: str | None):
-    if strategy is None:
-        yield
-        return
-    before = os.environ.get("ALIGNFUSE_LINEAR_STRATEGY")
-    os.environ["ALIGNFUSE_LINEAR_STRATEGY"] = strategy
+def _environment(settings: dict[str, str | None]):
+    """Set the variables whose value is not None for the block, then restore them."""
+    before = {k: os.environ.get(k) for k, v in settings.items() if v is not None}
+    os.environ.update({k: v for k, v in settings.items() if v is not None})
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop("ALIGNFUSE_LINEAR_STRATEGY")
-        else:
-            os.environ["ALIGNFUSE_LINEAR_STRATEGY"] = before
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
 
 
 def _cap(softcap: float | None) -> dict:
@@ -271,6 +280,9 @@ def case(N: int, H: int, V: int, dtype: torch.dtype, device: torch.device,
                                                                        softcap)]
     contenders += [_cross_entropy("triton", softcap), _alignfuse("torch", softcap=softcap),
                    _alignfuse("cuda", softcap=softcap)]
+    if device.type == "cuda":  # the budget changes nothing at the CPU preset's sizes
+        contenders += [_alignfuse("triton", softcap=softcap, budget_mib=mib)
+                       for mib in BUDGETS_MIB]
     tol = tolerance(dtype)
     capped = "" if softcap is None else f"softcap={softcap:g},"
     sizes = {"N": N, "H": H, "V": V, "dtype": dtype_name(dtype), "logits_bytes": N * V * size}
