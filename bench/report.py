@@ -329,8 +329,9 @@ def goals(results: list[tuple[Path, dict]]) -> list[str]:
                     best = (f, case["case"], c["name"], mode, m["floor"].get("bytes"))
     if best:
         f, case, name, mode, moved = best
+        size = "" if moved is None else f", {moved / 1e6:.2g} MB moved"
         lines.append(f"- loss kernels at 80% or more of the copy bandwidth: the best is "
-                     f"{100 * f:.2g}% ({name}, {case}, {mode}, {moved / 1e6:.2g} MB moved) — "
+                     f"{100 * f:.2g}% ({name}, {case}, {mode}{size}) — "
                      f"{verdict(f >= 0.8)}"
                      + ("; at these sizes launches and host work, not bytes, set the time"
                         if moved is not None and moved < 64e6 else ""))

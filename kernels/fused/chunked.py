@@ -34,7 +34,6 @@ multiply of the stored gradients by the (scalar) incoming gradient (`autograd.fu
 from __future__ import annotations
 
 import os
-
 from typing import Callable
 
 import torch
