@@ -453,7 +453,7 @@ def test_chunk_budget_is_the_forwards_and_refuses_a_bad_value(monkeypatch, devic
     expected = [x.detach().double().requires_grad_() for x in (hidden, weight, bias)]
     linear_logprobs(expected[0], expected[1], targets, bias=expected[2],
                     backend="torch").sum().backward()
-    grads = {}
+    widths = {}  # the backward's block widths at each budget
     for budget in (None, "1"):
         for x in (hidden, weight, bias):
             x.grad = None
@@ -463,10 +463,10 @@ def test_chunk_budget_is_the_forwards_and_refuses_a_bad_value(monkeypatch, devic
         monkeypatch.delenv(chunked.BUDGET_ENV, raising=False)
         blocks.clear()  # the forward's chunks over tokens; count the backward's blocks
         logp.sum().backward()
-        grads[budget] = list(blocks)
+        widths[budget] = list(blocks)
         for x, ref, what in zip((hidden, weight, bias), expected, ("hidden", "weight", "bias")):
             assert_rel_close(x.grad.double(), ref.grad, 1e-5, f"grad_{what} at budget {budget}")
-    assert grads[None] == [1031] and grads["1"] == [512, 512, 7]
+    assert widths[None] == [1031] and widths["1"] == [512, 512, 7]
     for bad in ("0", "1.5", "lots"):
         monkeypatch.setenv(chunked.BUDGET_ENV, bad)
         with pytest.raises(ValueError, match="ALIGNFUSE_CHUNK_BUDGET_MIB must be a whole"):

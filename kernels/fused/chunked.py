@@ -182,7 +182,9 @@ class FusedLinearLoss:
         # CUDA_MAX_BUDGET_BYTES). Without it (linear_logprobs' forward, a loss without a
         # weight gradient) MAX_BUDGET_BYTES suffices: ~500 rows at V = 128k, and a chunk's
         # GEMM does C FLOPs per byte of W it reads, past an H100's ~240. Reasoned, not measured.
-        cap = budget_cap(device) if need_w else min(MAX_BUDGET_BYTES, budget_cap(device))
+        cap = budget_cap(device)
+        if not need_w:
+            cap = min(cap, MAX_BUDGET_BYTES)
         rows_per_chunk = chunk_rows(max(self.num_rows, 1), V, bytes_per_logit // 2,
                                     V * H * 4, cap)
         z_buf = torch.empty(rows_per_chunk, V, **f32)

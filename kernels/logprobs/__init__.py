@@ -208,7 +208,7 @@ def _fused_pair():
     from .triton_forward import linear_forward
     return (lambda h, w, b, t, temperature, _ignore, softcap:
                 linear_forward(h, w, b, t, temperature, softcap),
-            lambda *args, ignore_index, softcap, budget=None:  # no logits block
+            lambda *args, ignore_index, softcap, budget:  # no logits block: budget unused
                 linear_backward(*args, softcap=softcap))
 
 

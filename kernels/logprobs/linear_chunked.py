@@ -36,7 +36,7 @@ from typing import Callable
 
 import torch
 
-from ..fused.chunked import FusedLinearLoss, accumulate_fp32, mm_fp32, budget_cap, logits_into
+from ..fused.chunked import FusedLinearLoss, accumulate_fp32, mm_fp32, logits_into
 from .reference import chunk_rows
 
 # (logits_forward, logits_backward) of a backend: see the module docstring
@@ -80,13 +80,12 @@ def linear_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 def linear_backward(hidden, weight, bias, targets, lse, entropy, g_logp, g_entropy,
                     temperature: float, need: tuple[bool, bool, bool], ignore_index: int, *,
-                    kernels: RowKernels, softcap: float | None = None,
-                    budget: int | None = None):
+                    kernels: RowKernels, budget: int, softcap: float | None = None):
     """Gradients (hidden, weight, bias) from g_logp / g_entropy `[N]` fp32 (0 where ignored);
     the same contract as `triton_backward.linear_backward`. With `softcap`, the kernel caps
     each logit as it reads it and chains the gradient through the cap. `budget`: bytes for
-    the logits block (the forward's `budget_cap`, so that the backward follows the
-    ALIGNFUSE_CHUNK_BUDGET_MIB the forward ran under); None: `budget_cap` now.
+    the logits block, the forward's `budget_cap` (so that the backward follows the
+    ALIGNFUSE_CHUNK_BUDGET_MIB the forward ran under).
 
     Blocked over the VOCABULARY, not over tokens: with each row's lse (and entropy) saved,
     a logit's gradient needs only its own column, so a block of Vb columns for all M
@@ -112,8 +111,7 @@ def linear_backward(hidden, weight, bias, targets, lse, entropy, g_logp, g_entro
     grad_b = torch.zeros(V, **f32) if need_b else None
     # an fp32 block of logits, and a half-precision gradient block for half inputs
     bytes_per_logit = 4 + (weight.element_size() if half else 0)
-    cap = budget_cap(hidden.device) if budget is None else budget
-    cols = chunk_rows(V, max(M, 1), bytes_per_logit // 2, V * H * 4, cap)
+    cols = chunk_rows(V, max(M, 1), bytes_per_logit // 2, V * H * 4, budget)
     if 256 < cols < V:
         cols -= cols % 256  # whole GEMM tiles per block (not when one block holds all of V)
     # flat buffers, viewed as a contiguous [M, width] per block (the last may be narrower)
